@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only (see flows/pipeline.py)."""

@@ -1,0 +1,476 @@
+"""The one typed schema of ``pipelines.yaml``.
+
+``load_pipelines(path)`` reads the file and validates every pipeline before any work starts.
+Errors name the YAML key path and what was expected, e.g.::
+
+    pipelines.demo.training.lora.r: must be > 0 (got 0)
+
+``resolve_pipeline(name, overrides=[...])`` applies ``key.path=value`` overrides (the CLI's
+``--set`` and the Prefect flow's ``overrides`` parameter) and re-validates.
+
+Relative paths in the file are relative to the file's own folder, so the repo runs from any cwd.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """pipelines.yaml (or an override) is invalid; the message names the key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- sources / ingest
+class SourceConfig(_Section):
+    """One input dataset."""
+
+    name: str = Field(min_length=1, description="source name, recorded in every row's `source`")
+    path: Optional[str] = Field(None, description="file, glob or datasets.save_to_disk folder")
+    hub: Optional[str] = Field(None, description="hub dataset id (needs a reachable hub)")
+    hub_split: str = "train"
+    format: Literal["auto", "alpaca", "dolly", "human_assistant", "messages", "self_instruct"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="rename map: file column -> expected column")
+    weight: Optional[float] = Field(None, gt=0, description="relative sampling weight in the mixture")
+    max_rows: Optional[int] = Field(None, gt=0, description="cap on rows taken from this source")
+    category: Optional[str] = Field(None, description="category for rows that carry none")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "SourceConfig":
+        if bool(self.path) == bool(self.hub):
+            raise ValueError("give exactly one of `path` or `hub`")
+        return self
+
+
+class IngestConfig(_Section):
+    """Ingestion limits."""
+
+    max_quarantine_fraction: float = Field(0.2, ge=0, le=1)
+    max_record_chars: int = Field(50_000, gt=0, description="longer rows are quarantined as absurdly long")
+    mixture_seed: int = 0
+
+
+# --------------------------------------------------------------------------- validation
+class ValidationConfig(_Section):
+    """Bounds of the Great Expectations suite."""
+
+    min_prompt_chars: int = Field(1, ge=0)
+    min_response_chars: int = Field(1, ge=0)
+    max_chars: int = Field(20_000, gt=0)
+    max_tokens: Optional[int] = Field(2048, gt=0, description="token bound, counted with the base model's tokenizer")
+    max_non_printable_fraction: float = Field(0.01, ge=0, le=1)
+    max_suite_failure_fraction: float = Field(0.2, ge=0, le=1, description="fail the stage above this bad-row fraction")
+    data_docs: bool = True
+
+
+# --------------------------------------------------------------------------- dedup
+class ExactDedupConfig(_Section):
+    enabled: bool = True
+    key: Literal["prompt", "prompt_response", "response"] = "prompt_response"
+    lowercase: bool = True
+    unicode_normalize: bool = True
+    strip_punctuation: bool = True
+    collapse_whitespace: bool = True
+
+
+class NearDedupConfig(_Section):
+    enabled: bool = True
+    key: Literal["prompt", "prompt_response", "response"] = "prompt_response"
+    shingle: Literal["word", "char"] = "word"
+    ngram: int = Field(5, gt=0)
+    num_perm: int = Field(128, gt=0)
+    threshold: float = Field(0.8, gt=0, le=1)
+    bands: Optional[int] = Field(None, gt=0)
+    rows: Optional[int] = Field(None, gt=0)
+    verify: Literal["exact", "estimate"] = "exact"
+    seed: int = 1
+
+
+class SemanticDedupConfig(_Section):
+    enabled: bool = False
+    model: str = "all-MiniLM-L6-v2"
+    threshold: float = Field(0.95, gt=0, le=1)
+
+
+class DedupConfig(_Section):
+    enabled: bool = True
+    exact: ExactDedupConfig = ExactDedupConfig()
+    near: NearDedupConfig = NearDedupConfig()
+    semantic: SemanticDedupConfig = SemanticDedupConfig()
+    keep: Literal["longest_response", "first", "source_priority"] = "longest_response"
+    source_priority: list[str] = Field(default_factory=list)
+    cross_split: Literal["move", "drop"] = "move"
+
+
+# --------------------------------------------------------------------------- split
+class SplitConfig(_Section):
+    heldout_fraction: Optional[float] = Field(0.1, gt=0, lt=1)
+    heldout_size: Optional[int] = Field(None, gt=0, description="overrides heldout_fraction when set")
+    stratify_by: Optional[Literal["source", "category"]] = None
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- training
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingConfig(_Section):
+    """SFT hyper-parameters; defaults follow common SFT practice."""
+
+    method: Literal["lora", "dora", "rslora", "full", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    template: Optional[Literal["gemma", "chatml"]] = Field(
+        None, description="prompt template for models without a chat template (None: the model's own, else gemma)"
+    )
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
+    max_seq_len: int = Field(512, gt=8)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    packing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    neftune_alpha: Optional[float] = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: Optional[int] = Field(None, gt=0, description="steps between held-out eval losses")
+    early_stopping_patience: Optional[int] = Field(None, gt=0)
+    checkpoint_every: Optional[int] = Field(50, gt=0)
+    merge: bool = True
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- augmentation
+class CorpusConfig(_Section):
+    name: str = "unlabeled"
+    path: str
+    format: Literal["auto", "wikipedia_leads", "jsonl_text", "text_lines"] = "auto"
+    text_field: str = "text"
+
+
+class GenerationConfig(_Section):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(48, gt=0, le=1024)
+    batch_size: int = Field(16, gt=0)
+    seed: int = 0
+
+
+class CurationConfig(_Section):
+    model: Literal["forward", "base"] | str = Field("forward", description="forward (M0), base, or a model name/path")
+    threshold: float = Field(4.0, ge=1, le=5, description="keep pairs whose expected score >= threshold")
+    batch_size: int = Field(8, gt=0)
+
+
+class AugmentationConfig(_Section):
+    enabled: bool = False
+    corpus: Optional[CorpusConfig] = None
+    max_segments: int = Field(200, gt=0)
+    min_words: int = Field(20, ge=1)
+    max_words: int = Field(300, ge=1)
+    dedup_against_seed: bool = True
+    backward_training: dict[str, Any] = Field(default_factory=dict, description="training overrides for M_yx")
+    forward_training: dict[str, Any] = Field(default_factory=dict, description="training overrides for M0")
+    generation: GenerationConfig = GenerationConfig()
+    curation: CurationConfig = CurationConfig()
+    iterations: int = Field(1, ge=1, le=5)
+    seed_system_prompt: Optional[str] = "Answer in the style of an AI Assistant."
+    augmented_system_prompt: Optional[str] = "Answer with knowledge from web search."
+
+    @model_validator(mode="after")
+    def _corpus_when_enabled(self) -> "AugmentationConfig":
+        if self.enabled and self.corpus is None:
+            raise ValueError("augmentation.enabled is true but no `corpus` is given")
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        return self
+
+
+# --------------------------------------------------------------------------- evaluation / promotion
+class ExtraEvalSet(_Section):
+    name: str
+    path: str
+    format: Literal["auto", "alpaca", "dolly", "human_assistant", "messages", "self_instruct", "alpaca_eval"] = "auto"
+    max_rows: Optional[int] = Field(None, gt=0)
+
+
+class EvaluationConfig(_Section):
+    enabled: bool = True
+    max_examples: Optional[int] = Field(64, gt=0)
+    max_new_tokens: int = Field(128, gt=0, le=2048)
+    batch_size: int = Field(8, gt=0)
+    do_sample: bool = False
+    extra_sets: list[ExtraEvalSet] = Field(default_factory=list)
+    judge: bool = False
+    samples_in_table: int = Field(20, ge=0)
+
+
+class PromotionConfig(_Section):
+    enabled: bool = True
+    model_name: Optional[str] = Field(None, description="registered model name (default: sftflow-<pipeline>)")
+    metric: str = "rougeL"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    min_improvement: float = Field(0.0, ge=0)
+
+
+class ScheduleConfig(_Section):
+    cron: Optional[str] = None
+    timezone: str = "UTC"
+    skip_if_unchanged: bool = True
+
+
+class TrackingConfig(_Section):
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default: SQLite under $SFTFLOW_HOME)")
+    experiment: Optional[str] = Field(None, description="experiment name (default: sftflow-<pipeline>)")
+
+
+# --------------------------------------------------------------------------- pipeline
+class PipelineConfig(_Section):
+    """One named pipeline of pipelines.yaml."""
+
+    description: str = ""
+    base_model: str = Field("gemma-3-270m", description="embedded model name, local model dir, or hub id")
+    trust_remote_code: bool = False
+    seed: int = 0
+    sources: list[SourceConfig] = Field(min_length=1)
+    ingest: IngestConfig = IngestConfig()
+    validation: ValidationConfig = ValidationConfig()
+    dedup: DedupConfig = DedupConfig()
+    split: SplitConfig = SplitConfig()
+    augmentation: AugmentationConfig = AugmentationConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> "PipelineConfig":
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique; repeated: {dup}")
+        return self
+
+
+class PipelinesFile(_Section):
+    pipelines: dict[str, PipelineConfig] = Field(min_length=1)
+
+
+# --------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after",))
+        path = f"{prefix}.{loc}" if loc else prefix
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"].startswith("literal_error"):
+            msg = f"must be one of {msg.removeprefix('Input should be ')}"
+        elif e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            msg = msg.replace("Input should be ", "must be ")
+        elif msg.startswith("Input should be "):
+            msg = "must be " + msg.removeprefix("Input should be ")
+        got = e.get("input")
+        if e["type"] != "missing" and not isinstance(got, (dict, list)):
+            msg += f" (got {got!r})"
+        lines.append(f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make the file paths in one raw pipeline dict absolute (relative to pipelines.yaml)."""
+
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and p and not Path(p).expanduser().is_absolute():
+            return str((base_dir / p).resolve())
+        return p
+
+    raw = copy.deepcopy(raw)
+    for src in raw.get("sources") or []:
+        if isinstance(src, dict) and "path" in src:
+            src["path"] = fix(src["path"])
+    aug = raw.get("augmentation") or {}
+    if isinstance(aug, dict) and isinstance(aug.get("corpus"), dict) and "path" in aug["corpus"]:
+        aug["corpus"]["path"] = fix(aug["corpus"]["path"])
+    ev = raw.get("evaluation") or {}
+    if isinstance(ev, dict):
+        for s in ev.get("extra_sets") or []:
+            if isinstance(s, dict) and "path" in s:
+                s["path"] = fix(s["path"])
+    bm = raw.get("base_model")
+    if isinstance(bm, str) and (bm.startswith("./") or bm.startswith("../")):
+        raw["base_model"] = fix(bm)
+    return raw
+
+
+def _check_files(name: str, cfg: PipelineConfig) -> None:
+    """Refuse missing input files before any work, naming the key path."""
+    problems = []
+    for i, src in enumerate(cfg.sources):
+        if src.path and not _exists_or_glob(src.path):
+            problems.append(f"pipelines.{name}.sources.{i}.path: file not found: {src.path}")
+    if cfg.augmentation.enabled and cfg.augmentation.corpus and not _exists_or_glob(cfg.augmentation.corpus.path):
+        problems.append(f"pipelines.{name}.augmentation.corpus.path: file not found: {cfg.augmentation.corpus.path}")
+    for i, s in enumerate(cfg.evaluation.extra_sets):
+        if not _exists_or_glob(s.path):
+            problems.append(f"pipelines.{name}.evaluation.extra_sets.{i}.path: file not found: {s.path}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _exists_or_glob(p: str) -> bool:
+    path = Path(p)
+    if any(ch in p for ch in "*?["):
+        return any(Path(path.anchor).glob(str(path.relative_to(path.anchor))))
+    return path.exists()
+
+
+def default_pipelines_path() -> Path:
+    """``$SFTFLOW_PIPELINES`` or ``pipelines.yaml`` in the cwd, else the one next to the package."""
+    import os
+
+    env = os.environ.get("SFTFLOW_PIPELINES")
+    if env:
+        return Path(env).expanduser().resolve()
+    cwd = Path.cwd() / "pipelines.yaml"
+    if cwd.exists():
+        return cwd.resolve()
+    return (Path(__file__).resolve().parent.parent / "pipelines.yaml").resolve()
+
+
+def load_raw(path: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Read pipelines.yaml as plain data (no validation); returns (data, absolute path)."""
+    p = Path(path).expanduser().resolve() if path else default_pipelines_path()
+    if not p.exists():
+        raise ConfigError(f"{p}: pipelines file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or "pipelines" not in data:
+        raise ConfigError(f"{p}: expected a mapping with a top-level `pipelines:` key")
+    return data, p
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` (value as YAML: numbers, bools, lists work) into (keys, value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    key, _, value = item.partition("=")
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {item!r}: empty key path")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return keys, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] | None, *, prefix: str) -> dict[str, Any]:
+    """Return a copy of ``raw`` with overrides applied (list of ``k=v`` strings or dict of path->value)."""
+    raw = copy.deepcopy(raw)
+    if not overrides:
+        return raw
+    items: list[tuple[list[str], Any]]
+    if isinstance(overrides, dict):
+        items = [(k.split("."), (yaml.safe_load(v) if isinstance(v, str) else v)) for k, v in overrides.items()]
+    else:
+        items = [parse_override(o) for o in overrides]
+    for keys, value in items:
+        node: Any = raw
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                try:
+                    node = node[int(k)]
+                except (ValueError, IndexError):
+                    raise ConfigError(f"{prefix}.{'.'.join(keys[: i + 1])}: no such list item") from None
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"{prefix}.{'.'.join(keys[:i])}: is not a mapping, cannot set {'.'.join(keys)}")
+            node = node.setdefault(k, {})
+        last = keys[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = value
+            except (ValueError, IndexError):
+                raise ConfigError(f"{prefix}.{'.'.join(keys)}: no such list item") from None
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"{prefix}.{'.'.join(keys[:-1])}: is not a mapping, cannot set {'.'.join(keys)}")
+    return raw
+
+
+def validate_pipeline(name: str, raw: dict[str, Any], *, base_dir: Path, check_files: bool = True) -> PipelineConfig:
+    """Validate one raw pipeline dict; errors name ``pipelines.<name>.<key path>``."""
+    prefix = f"pipelines.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping")
+    try:
+        cfg = PipelineConfig.model_validate(_resolve_paths(raw, base_dir))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, prefix)) from None
+    if check_files:
+        _check_files(name, cfg)
+    return cfg
+
+
+def load_pipelines(path: str | Path | None = None, *, check_files: bool = True) -> dict[str, PipelineConfig]:
+    """Load and validate every pipeline in the file. Raises ConfigError naming the key path."""
+    data, p = load_raw(path)
+    unknown = sorted(set(data) - {"pipelines"})
+    if unknown:
+        raise ConfigError("\n".join(f"{k}: unknown top-level key (expected only `pipelines`)" for k in unknown))
+    pipes = data["pipelines"]
+    if not isinstance(pipes, dict) or not pipes:
+        raise ConfigError("pipelines: expected a non-empty mapping of pipeline name -> settings")
+    errors, out = [], {}
+    for name, raw in pipes.items():
+        try:
+            out[str(name)] = validate_pipeline(str(name), raw, base_dir=p.parent, check_files=check_files)
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return out
+
+
+def resolve_pipeline(
+    name: str,
+    *,
+    overrides: list[str] | dict[str, Any] | None = None,
+    path: str | Path | None = None,
+) -> PipelineConfig:
+    """Load one pipeline by name with overrides applied, validated; errors name the key path."""
+    data, p = load_raw(path)
+    pipes = data.get("pipelines") or {}
+    if name not in pipes:
+        raise ConfigError(f"pipelines.{name}: no such pipeline (have: {', '.join(sorted(pipes)) or 'none'})")
+    raw = apply_overrides(pipes[name], overrides, prefix=f"pipelines.{name}")
+    return validate_pipeline(name, raw, base_dir=p.parent)
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """sha256 of the resolved config (what a run is tagged with)."""
+    from sftflow.refs import sha256_json
+
+    return sha256_json(cfg.model_dump(mode="json"))

@@ -1,0 +1,79 @@
+"""Prefect glue shared by every stage's thin ``@task`` wrapper.
+
+Cache keys: a stage's inputs (small refs + its config section) and its source code, never the
+``ctx`` (run ids change every run). Results are persisted under ``$SFTFLOW_HOME/prefect`` so a
+second run with nothing changed is served from cache. Retries are for I/O stages only; training
+never retries (it resumes from its last checkpoint when the flow runs again).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sftflow import layout
+
+
+def stage_cache_policy() -> Any:
+    """INPUTS (minus ``ctx``) + TASK_SOURCE."""
+    from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+    return (INPUTS - "ctx") + TASK_SOURCE
+
+
+# Options for stages whose failures are I/O (files, stores) and safe to retry.
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+
+
+def configure_environment() -> None:
+    """Point Prefect at ``$SFTFLOW_HOME/prefect`` and turn telemetry off (call before importing prefect).
+
+    Values the user set explicitly are kept.
+    """
+    home = layout.prefect_home()
+    defaults = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
+        # Quieter, faster local runs.
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+        "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+
+
+def markdown_artifact(key: str, markdown: str, *, description: str = "") -> None:
+    """Create a Prefect markdown artifact when running inside a flow (no-op outside one)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return
+    create_markdown_artifact(key=_artifact_key(key), markdown=markdown, description=description or None)
+
+
+def table_artifact(key: str, rows: list[dict[str, Any]], *, description: str = "") -> None:
+    """Create a Prefect table artifact when running inside a flow (no-op outside one)."""
+    try:
+        from prefect.artifacts import create_table_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return
+    create_table_artifact(key=_artifact_key(key), table=rows, description=description or None)
+
+
+def _artifact_key(key: str) -> str:
+    # Prefect artifact keys: lowercase letters, numbers and dashes only.
+    return "".join(c if c.isalnum() else "-" for c in key.lower()).strip("-")[:100] or "artifact"
