@@ -134,7 +134,9 @@ class TrainingConfig(_Section):
     template: Optional[Literal["gemma", "chatml"]] = Field(
         None, description="prompt template for models without a chat template (None: the model's own, else gemma)"
     )
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: Optional[float] = Field(
+        None, gt=0, description="peak learning rate (None: 2e-4 for lora/dora/rslora/qlora, 2e-5 for full)"
+    )
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -152,6 +154,8 @@ class TrainingConfig(_Section):
     eval_every: Optional[int] = Field(None, gt=0, description="steps between held-out eval losses")
     early_stopping_patience: Optional[int] = Field(None, gt=0)
     checkpoint_every: Optional[int] = Field(50, gt=0)
+    keep_checkpoints: int = Field(1, gt=0, description="how many recent checkpoints to keep on disk")
+    log_every: int = Field(10, gt=0, description="steps between progress log lines")
     merge: bool = True
     seed: int = 0
 
@@ -170,6 +174,9 @@ class GenerationConfig(_Section):
     max_new_tokens: int = Field(48, gt=0, le=1024)
     batch_size: int = Field(16, gt=0)
     seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the backward/curation models run in for generation and scoring"
+    )
 
 
 class CurationConfig(_Section):
@@ -185,6 +192,9 @@ class AugmentationConfig(_Section):
     min_words: int = Field(20, ge=1)
     max_words: int = Field(300, ge=1)
     dedup_against_seed: bool = True
+    reject_truncated: bool = Field(
+        True, description="reject candidate instructions that hit generation.max_new_tokens without an end-of-turn"
+    )
     backward_training: dict[str, Any] = Field(default_factory=dict, description="training overrides for M_yx")
     forward_training: dict[str, Any] = Field(default_factory=dict, description="training overrides for M0")
     generation: GenerationConfig = GenerationConfig()
@@ -216,8 +226,14 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(128, gt=0, le=2048)
     batch_size: int = Field(8, gt=0)
     do_sample: bool = False
+    temperature: float = Field(0.7, gt=0, description="sampling temperature (only when do_sample)")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling (only when do_sample)")
+    seed: int = 0
     extra_sets: list[ExtraEvalSet] = Field(default_factory=list)
     judge: bool = False
+    judge_model: Optional[str] = Field(
+        None, description="model that scores responses 1-5 (embedded name or path; default: the pipeline's base model)"
+    )
     samples_in_table: int = Field(20, ge=0)
 
 

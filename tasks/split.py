@@ -1,0 +1,283 @@
+"""Split: a deterministic, leak-free train / held-out split of the clean dataset.
+
+1. Rows are put in a canonical order (by ``id``) and shuffled with ``split.seed``, so the split
+   depends only on the content and the seed, not on the input row order.
+2. The held-out set takes ``heldout_size`` rows (or ``heldout_fraction`` of them), optionally
+   stratified by ``source`` or ``category`` (each stratum gets its proportional share, largest
+   remainder first, every stratum with >= 2 rows keeps at least one training row).
+3. Leakage: a held-out row whose normalized prompt equals a training row's prompt is an exact
+   leak; a held-out row that near-duplicates a training row (``tasks.dedup.find_cross_duplicates``,
+   MinHash, when ``dedup.near.enabled``) is a near leak. Leaks follow ``dedup.cross_split``:
+   ``move`` puts the held-out row into train, ``drop`` removes it from both (written to
+   ``leaks.parquet``). Either way they are counted and reported; the held-out set may end up
+   smaller than asked, never contaminated.
+
+Accounting: rows in = train + held-out + dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from sftflow.config import DedupConfig, ExactDedupConfig, SplitConfig
+from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.records import prompt_text
+from sftflow.refs import DatasetRef, write_parquet
+from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+
+log = logging.getLogger(__name__)
+
+_WS = re.compile(r"\s+")
+_PUNCT = str.maketrans("", "", string.punctuation + "“”‘’«»…–—")
+
+
+class SplitError(ValueError):
+    """The dataset cannot be split as configured; the message names the config key."""
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """The two sides of the split.
+
+    Attributes:
+        train: training rows (``split/train.parquet``).
+        heldout: held-out rows (``split/heldout.parquet``).
+        leaks_moved: held-out rows that leaked into train (exact + near) and were moved or dropped.
+        leaks_exact: of those, rows whose normalized prompt equals a training prompt.
+        leaks_near: of those, near-duplicates found by MinHash.
+        dropped: rows removed (``cross_split: drop``), in ``split/leaks.parquet``.
+        report: path of ``split/report.json``.
+    """
+
+    train: DatasetRef
+    heldout: DatasetRef
+    leaks_moved: int
+    leaks_exact: int = 0
+    leaks_near: int = 0
+    dropped: int = 0
+    report: str = ""
+
+
+def normalize_prompt(text: str, cfg: ExactDedupConfig | None = None) -> str:
+    """The prompt key leakage is checked on (same switches as exact dedup's normalization)."""
+    cfg = cfg or ExactDedupConfig()
+    if cfg.unicode_normalize:
+        text = unicodedata.normalize("NFKC", text)
+    if cfg.lowercase:
+        text = text.lower()
+    if cfg.strip_punctuation:
+        text = text.translate(_PUNCT)
+    if cfg.collapse_whitespace:
+        text = _WS.sub(" ", text)
+    return text.strip()
+
+
+def heldout_count(n: int, cfg: SplitConfig) -> int:
+    """How many rows to hold out; raises SplitError naming the key when impossible."""
+    if n < 2:
+        raise SplitError(f"cannot split {n} row(s): need at least 2 (one train, one held-out)")
+    if cfg.heldout_size is not None:
+        if cfg.heldout_size >= n:
+            raise SplitError(f"split.heldout_size={cfg.heldout_size} must be smaller than the dataset ({n} rows)")
+        return cfg.heldout_size
+    if cfg.heldout_fraction is None:
+        raise SplitError("split: set heldout_fraction or heldout_size")
+    return int(min(max(round(cfg.heldout_fraction * n), 1), n - 1))
+
+
+def _quotas(sizes: dict[str, int], k: int) -> dict[str, int]:
+    """Proportional held-out quota per stratum (largest remainder), leaving >= 1 train row where possible."""
+    n = sum(sizes.values())
+    exact = {s: k * c / n for s, c in sizes.items()}
+    quota = {s: min(int(np.floor(v)), max(sizes[s] - 1, 0)) for s, v in exact.items()}
+    # Remaining rows go by largest remainder (name breaks ties); a stratum's last row only when unavoidable.
+    order = sorted(sizes, key=lambda s: (-(exact[s] - quota[s]), s))
+    for cap in (lambda s: sizes[s] - 1, lambda s: sizes[s]):
+        for s in order:
+            while sum(quota.values()) < k and quota[s] < cap(s) and quota[s] < np.ceil(exact[s]):
+                quota[s] += 1
+        for s in order:
+            while sum(quota.values()) < k and quota[s] < cap(s):
+                quota[s] += 1
+    return quota
+
+
+def choose_heldout(df: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
+    """Boolean mask of held-out rows (seeded; stratified when configured)."""
+    n = len(df)
+    k = heldout_count(n, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    # Canonical order first, so the same content + seed gives the same split whatever the input order.
+    canon = np.lexsort((np.arange(n), df["id"].astype(str).to_numpy()))
+    perm = canon[rng.permutation(n)]
+    mask = np.zeros(n, dtype=bool)
+    if cfg.stratify_by is None:
+        mask[perm[:k]] = True
+        return mask
+    if cfg.stratify_by not in df.columns:
+        raise SplitError(f"split.stratify_by={cfg.stratify_by!r}: no such column in the dataset")
+    strata = df[cfg.stratify_by].astype(str).to_numpy()
+    sizes = pd.Series(strata).value_counts().to_dict()
+    quota = _quotas({str(s): int(c) for s, c in sizes.items()}, k)
+    taken = {s: 0 for s in quota}
+    for i in perm:  # walk the seeded permutation, filling each stratum's quota
+        s = strata[i]
+        if taken[s] < quota[s]:
+            mask[i] = True
+            taken[s] += 1
+    return mask
+
+
+def _find_cross_duplicates() -> Callable[..., list[tuple[int, int, float]]] | None:
+    """The dedup stage's cross-set near-duplicate finder, when that module provides it."""
+    try:
+        from tasks.dedup import find_cross_duplicates
+    except ImportError:
+        return None
+    return find_cross_duplicates
+
+
+def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir: Path) -> SplitResult:
+    """Split ``dataset`` into train / held-out without prompt leakage.
+
+    Args:
+        dataset: clean canonical records (after dedup).
+        cfg: sizes, stratification and seed (pipelines.yaml ``split:``).
+        dedup: normalization switches (``exact``), near-duplicate settings (``near``) and what to
+            do with leaking held-out rows (``cross_split``: move | drop).
+        out_dir: the stage folder.
+    """
+    out_dir = Path(out_dir)
+    df = dataset.read().reset_index(drop=True)
+    mask = choose_heldout(df, cfg)
+    requested = int(mask.sum())
+    prompts = df["messages"].map(lambda m: normalize_prompt(prompt_text(list(m)), dedup.exact))
+
+    # Exact leaks: a held-out prompt that also appears on the train side.
+    train_prompts = set(prompts[~mask])
+    exact_idx = [i for i in np.flatnonzero(mask) if prompts.iloc[i] in train_prompts]
+    # (Held-out rows sharing a prompt among themselves do not leak into training; dedup handles those.)
+    leak_reason: dict[int, str] = {int(i): "exact: same normalized prompt as a training row" for i in exact_idx}
+
+    near_idx: list[int] = []
+    finder = _find_cross_duplicates() if (dedup.enabled and dedup.near.enabled) else None
+    if dedup.enabled and dedup.near.enabled and finder is None:
+        log.warning("split: tasks.dedup.find_cross_duplicates is not available; near-duplicate leakage not checked")
+    if finder is not None:
+        held_pos = [i for i in np.flatnonzero(mask) if int(i) not in leak_reason]
+        train_pos = np.flatnonzero(~mask)
+        if held_pos and len(train_pos):
+            pairs = finder(df.iloc[train_pos].reset_index(drop=True), df.iloc[held_pos].reset_index(drop=True), dedup.near)
+            best: dict[int, tuple[int, float]] = {}
+            for h, t, sim in pairs:
+                if h not in best or sim > best[h][1]:
+                    best[int(h)] = (int(t), float(sim))
+            for h, (t, sim) in sorted(best.items()):
+                i = int(held_pos[h])
+                near_idx.append(i)
+                leak_reason[i] = f"near: similarity {sim:.3f} with training row {df.iloc[train_pos[t]]['id']}"
+
+    leaks = sorted(leak_reason)
+    dropped_df = df.iloc[[]]
+    if leaks:
+        if dedup.cross_split == "move":
+            mask[leaks] = False
+        else:
+            dropped_df = df.iloc[leaks].assign(leak_reason=[leak_reason[i] for i in leaks])
+            keep = np.ones(len(df), dtype=bool)
+            keep[leaks] = False
+            mask[leaks] = False
+            df, mask, prompts = df[keep], mask[keep], prompts[keep]
+    train_df, held_df = df[~mask], df[mask]
+    if len(held_df) == 0:
+        raise SplitError(f"every held-out row leaked into train ({len(leaks)} leaks); "
+                         "the dataset has too many duplicate prompts — run dedup or raise split.heldout_size")
+
+    train = write_parquet(train_df, out_dir / "train.parquet", name="train")
+    heldout = write_parquet(held_df, out_dir / "heldout.parquet", name="heldout")
+    leaks_df = df_leaks(dataset, leak_reason, dedup.cross_split)
+    write_parquet(leaks_df, out_dir / "leaks.parquet", name="leaks")
+    rep = {
+        "rows_in": dataset.num_rows,
+        "train": train.num_rows,
+        "heldout": heldout.num_rows,
+        "heldout_requested": requested,
+        "leaks_exact": len(exact_idx),
+        "leaks_near": len(near_idx),
+        "near_checked": finder is not None,
+        "cross_split": dedup.cross_split,
+        "dropped": len(dropped_df),
+        "stratify_by": cfg.stratify_by,
+        "seed": cfg.seed,
+        "heldout_by_stratum": (held_df[cfg.stratify_by].astype(str).value_counts().sort_index().to_dict()
+                               if cfg.stratify_by else {}),
+        "train_by_stratum": (train_df[cfg.stratify_by].astype(str).value_counts().sort_index().to_dict()
+                             if cfg.stratify_by else {}),
+    }
+    assert rep["rows_in"] == rep["train"] + rep["heldout"] + rep["dropped"], rep  # nothing disappears
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(rep, indent=2, sort_keys=True))
+    return SplitResult(train=train, heldout=heldout, leaks_moved=len(leaks), leaks_exact=len(exact_idx),
+                       leaks_near=len(near_idx), dropped=len(dropped_df), report=str(report_path))
+
+
+def df_leaks(dataset: DatasetRef, reasons: dict[int, str], action: str) -> pd.DataFrame:
+    """The leaking held-out rows with the reason and what was done (for the report / MLflow)."""
+    df = dataset.read().reset_index(drop=True)
+    idx = sorted(reasons)
+    out = df.iloc[idx][["id", "source"]].copy()
+    out["reason"] = [reasons[i] for i in idx]
+    out["action"] = action
+    return out.reset_index(drop=True)
+
+
+@task(name="split", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES)
+def split_task(dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, *, ctx: StageContext) -> SplitResult:
+    """Prefect task: split in a nested MLflow run; log both sides, the leak counts and the report."""
+    import mlflow
+
+    with stage_run(ctx, "split"):
+        out_dir = ctx.stage_dir("split")
+        mlflow.log_params({"split.seed": cfg.seed, "split.heldout_fraction": cfg.heldout_fraction,
+                           "split.heldout_size": cfg.heldout_size, "split.stratify_by": cfg.stratify_by,
+                           "dedup.cross_split": dedup.cross_split})
+        log_dataset(dataset, context="split.input")
+        result = split(dataset=dataset, cfg=cfg, dedup=dedup, out_dir=out_dir)
+        rep = json.loads(Path(result.report).read_text())
+        mlflow.log_metrics({"rows_in": dataset.num_rows, "rows_train": result.train.num_rows,
+                            "rows_heldout": result.heldout.num_rows, "leaks_moved": result.leaks_moved,
+                            "leaks_exact": result.leaks_exact, "leaks_near": result.leaks_near,
+                            "rows_dropped": result.dropped})
+        log_dataset(result.train, context="training")
+        log_dataset(result.heldout, context="heldout")
+        log_json(rep, "split/report.json")
+        mlflow.log_artifact(str(out_dir / "leaks.parquet"), "split")
+        rows = [{"side": side, "stratum": s, "rows": c}
+                for side in ("train", "heldout") for s, c in rep[f"{side}_by_stratum"].items()]
+        if rows:
+            table_artifact("split-strata", rows, description=f"rows per {cfg.stratify_by}")
+        markdown_artifact("split-summary", _markdown(rep), description="train / held-out split")
+        ctx.layout.mark_done("split")
+        return result
+
+
+def _markdown(rep: dict[str, Any]) -> str:
+    return "\n".join([
+        "# Split", "",
+        f"- rows in: {rep['rows_in']} → train {rep['train']}, held-out {rep['heldout']} "
+        f"(asked {rep['heldout_requested']}), dropped {rep['dropped']}",
+        f"- leaks ({rep['cross_split']}): exact {rep['leaks_exact']}, near {rep['leaks_near']}"
+        + ("" if rep["near_checked"] else " (near-duplicate check not run)"),
+        f"- seed {rep['seed']}, stratified by {rep['stratify_by'] or 'nothing'}",
+    ])

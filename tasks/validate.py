@@ -1,0 +1,444 @@
+"""Validation: a Great Expectations (GX Core 1.x) suite over the canonical records.
+
+The canonical rows hold nested ``messages``; GX checks columns, so each row is first flattened
+into derived columns (``derive_frame``): turn counts, the role pattern, shortest user/assistant
+turn, character and token lengths, the non-printable fraction, plus the canonical scalar columns.
+``build_suite`` turns the bounds of ``ValidationConfig`` (pipelines.yaml ``validation:``) into
+expectations, each tagged in its ``meta`` with its level:
+
+* ``row``: a failing row goes to quarantine, the reason naming the failed expectation(s);
+* ``table``: schema / table facts; a failure fails the stage with the GX summary in the error;
+* ``info``: reported in the GX result and Data Docs, never blocking (duplicate ids: dedup removes
+  them in the next stage, with its own accounting).
+
+The stage also fails when more than ``max_suite_failure_fraction`` of the rows are bad. The GX
+validation result (JSON) and Data Docs (HTML, from a file-based GX context in the stage folder)
+are written next to the outputs and logged to MLflow.
+
+The same suite runs as a data contract in tests/data on real samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from sftflow.config import ValidationConfig
+from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.records import COLUMNS, ORIGINS, ROLES
+from sftflow.refs import DatasetRef, ModelRef, write_parquet
+from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+from tasks.ingest import RAW_PREVIEW_CHARS, quarantine_frame
+
+log = logging.getLogger(__name__)
+
+SUITE_NAME = "sftflow_canonical"
+ROLE_PATTERN = r"^S?(?:UA)+$"  # optional system turn, then user/assistant pairs, ending on assistant
+ID_PATTERN = r"^[0-9a-f]{16}$"
+SOURCE_PATTERN = r"^[^:]+:.+$"  # "<source name>:<file name>"
+SCALAR_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c != "messages")
+DERIVED_COLUMNS: tuple[str, ...] = (
+    "row", "field_types", "messages_shape", "n_turns", "role_pattern", "min_user_chars", "min_assistant_chars",
+    "prompt_chars", "response_chars", "total_chars", "n_tokens", "non_printable_fraction",
+)
+_ROLE_LETTER = {"system": "S", "user": "U", "assistant": "A"}
+
+
+class ValidationFailed(RuntimeError):
+    """The suite failed at table level or too many rows are bad; the message holds the GX summary."""
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    """What validation wrote.
+
+    Attributes:
+        valid: rows that passed every row-level expectation (canonical columns).
+        quarantine: rows that failed, with the failed expectation(s) as reason.
+        gx_result: path of the GX validation result JSON.
+        data_docs: path of the Data Docs ``index.html`` ("" when ``data_docs`` is off).
+    """
+
+    valid: DatasetRef
+    quarantine: DatasetRef
+    gx_result: str
+    data_docs: str
+
+
+# --------------------------------------------------------------------------- flattening
+def _non_printable(text: str) -> int:
+    # Control/format/unassigned/private-use characters, except ordinary whitespace.
+    return sum(1 for ch in text if ch not in "\n\t\r" and unicodedata.category(ch)[0] == "C")
+
+
+def _shape(msgs: Any) -> str:
+    """'ok' when ``messages`` is a list of {role, content} with str content and known roles, else why not."""
+    if msgs is None or isinstance(msgs, (str, bytes, dict)) or not hasattr(msgs, "__len__"):
+        return f"not a list ({type(msgs).__name__})"
+    if len(msgs) == 0:
+        return "empty list"
+    for m in msgs:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return "turn without role/content"
+        if m["role"] not in ROLES:
+            return f"unknown role {m['role']!r}"
+        if not isinstance(m["content"], str):
+            return f"content is {type(m['content']).__name__}"
+    return "ok"
+
+
+def _field_types(df: pd.DataFrame) -> list[str]:
+    """Per row: 'ok', or which of the string columns holds a non-string (e.g. 'category is int')."""
+    cols = [c for c in ("id", "source", "origin", "category") if c in df.columns]
+    out = []
+    for vals in zip(*(df[c] for c in cols)) if cols else [()] * len(df):
+        bad = [f"{c} is {type(v).__name__}" for c, v in zip(cols, vals) if not isinstance(v, str)]
+        out.append(", ".join(bad) or "ok")
+    return out
+
+
+def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
+    """Flatten canonical rows into the columns the suite checks (one output row per input row).
+
+    Args:
+        df: canonical records (``sftflow.records.COLUMNS``); extra/missing columns are passed
+            through as they are, so the schema expectation can see them.
+        tokenizer: a transformers tokenizer; when given, ``n_tokens`` counts every turn's content
+            tokens (no template), else it is NaN.
+    """
+    out = df.drop(columns=[c for c in ("messages",) if c in df.columns]).reset_index(drop=True).copy()
+    msgs_col = list(df["messages"]) if "messages" in df.columns else [None] * len(df)
+    rows = []
+    texts = []
+    for msgs in msgs_col:
+        shape = _shape(msgs)
+        if shape != "ok":
+            rows.append({"messages_shape": shape, "n_turns": 0, "role_pattern": "", "min_user_chars": 0,
+                         "min_assistant_chars": 0, "prompt_chars": 0, "response_chars": 0, "total_chars": 0,
+                         "non_printable_fraction": 0.0})
+            texts.append("")
+            continue
+        user = [m["content"] for m in msgs if m["role"] == "user"]
+        asst = [m["content"] for m in msgs if m["role"] == "assistant"]
+        joined = "\n".join(m["content"] for m in msgs)
+        rows.append({
+            "messages_shape": "ok",
+            "n_turns": len(msgs),
+            "role_pattern": "".join(_ROLE_LETTER[m["role"]] for m in msgs),
+            "min_user_chars": min((len(u.strip()) for u in user), default=0),
+            "min_assistant_chars": min((len(a.strip()) for a in asst), default=0),
+            "prompt_chars": sum(len(u) for u in user),
+            "response_chars": sum(len(a) for a in asst),
+            "total_chars": len(joined),
+            "non_printable_fraction": _non_printable(joined) / max(len(joined), 1),
+        })
+        texts.append(joined)
+    derived = pd.DataFrame(rows, index=out.index)
+    derived.insert(0, "row", np.arange(1, len(df) + 1, dtype="int64"))
+    derived["field_types"] = _field_types(df)
+    if tokenizer is not None and texts:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        derived["n_tokens"] = np.array([len(x) for x in ids], dtype="float64")
+    else:
+        derived["n_tokens"] = np.full(len(df), np.nan)
+    return pd.concat([out, derived[list(DERIVED_COLUMNS)]], axis=1)
+
+
+# --------------------------------------------------------------------------- the suite
+def build_suite(cfg: ValidationConfig, *, with_tokens: bool) -> list[Any]:
+    """The expectations (GX 1.x objects), bounds from ``cfg``; ``meta.level`` is row/table/info."""
+    import great_expectations as gx
+
+    E = gx.expectations
+
+    def row(e: Any, why: str) -> Any:
+        e.meta = {"level": "row", "why": why}
+        return e
+
+    def table(e: Any, why: str) -> Any:
+        e.meta = {"level": "table", "why": why}
+        return e
+
+    suite = [
+        table(E.ExpectTableColumnsToMatchSet(column_set=list(SCALAR_COLUMNS) + list(DERIVED_COLUMNS), exact_match=True),
+              "canonical schema: id, messages, source, origin, category, score (messages flattened)"),
+        table(E.ExpectTableRowCountToBeBetween(min_value=1), "a stage never hands on an empty dataset"),
+        table(E.ExpectColumnValuesToBeOfType(column="score", type_="float64"), "score is a float (NaN when unknown)"),
+        row(E.ExpectColumnValuesToNotBeNull(column="id"), "every row has an id"),
+        row(E.ExpectColumnValuesToMatchRegex(column="id", regex=ID_PATTERN), "id = 16 hex chars of sha256"),
+        row(E.ExpectColumnValuesToBeInSet(column="messages_shape", value_set=["ok"]),
+            "messages is a list of {role, content} with known roles and string content"),
+        row(E.ExpectColumnValuesToMatchRegex(column="role_pattern", regex=ROLE_PATTERN),
+            "optional system turn, then alternating user/assistant, ending on assistant"),
+        row(E.ExpectColumnValuesToBeBetween(column="min_user_chars", min_value=cfg.min_prompt_chars),
+            "no empty user turn"),
+        row(E.ExpectColumnValuesToBeBetween(column="min_assistant_chars", min_value=cfg.min_response_chars),
+            "no empty assistant turn"),
+        row(E.ExpectColumnValuesToBeBetween(column="total_chars", max_value=cfg.max_chars), "length bound in chars"),
+        row(E.ExpectColumnValuesToBeBetween(column="non_printable_fraction", max_value=cfg.max_non_printable_fraction),
+            "charset sanity: few control / unassigned characters"),
+        row(E.ExpectColumnValuesToBeInSet(column="origin", value_set=list(ORIGINS)), "origin is seed or backtranslated"),
+        row(E.ExpectColumnValuesToMatchRegex(column="source", regex=SOURCE_PATTERN), "source = '<name>:<file>'"),
+        row(E.ExpectColumnValuesToBeInSet(column="field_types", value_set=["ok"]),
+            "id, source, origin, category are strings"),
+        row(E.ExpectColumnValuesToBeUnique(column="id"), "duplicate ids"),
+    ]
+    # Duplicate ids are reported, not quarantined: dedup removes them next, keeping the best copy.
+    suite[-1].meta = {"level": "info", "why": "duplicate ids (exact duplicates); removed by dedup with accounting"}
+    if with_tokens and cfg.max_tokens:
+        suite.append(row(E.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=cfg.max_tokens),
+                         "length bound in tokens of the base model"))
+    return suite
+
+
+def _describe(exp: Any) -> str:
+    """A readable name for a failed expectation, e.g. ``expect_column_values_to_be_between(total_chars <= 20000)``."""
+    kw = exp.configuration.kwargs if hasattr(exp, "configuration") else exp.kwargs
+    col = kw.get("column")
+    bits = []
+    if kw.get("min_value") is not None:
+        bits.append(f">= {kw['min_value']:g}")
+    if kw.get("max_value") is not None:
+        bits.append(f"<= {kw['max_value']:g}")
+    if kw.get("regex"):
+        bits.append(f"~ {kw['regex']}")
+    if kw.get("value_set") is not None:
+        bits.append(f"in {list(kw['value_set'])}")
+    if kw.get("type_list") is not None:
+        bits.append(f"type in {list(kw['type_list'])}")
+    inner = " ".join([str(col)] + bits) if col else ", ".join(bits)
+    return f"{exp.type}({inner})"
+
+
+def run_suite(derived: pd.DataFrame, cfg: ValidationConfig, *, gx_dir: Path, with_tokens: bool) -> Any:
+    """Run the suite with a file-based GX context in ``gx_dir`` (rebuilt each run); returns the GX result."""
+    # GX phones home for analytics by default; this stage must stay offline and quiet.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    if gx_dir.exists():  # a retried stage starts from a clean GX project (names must be unique)
+        shutil.rmtree(gx_dir)
+    gx_dir.mkdir(parents=True)
+    context = gx.get_context(mode="file", project_root_dir=str(gx_dir))
+    context.variables.progress_bars = {"globally": False}
+    context.variables.save()
+    batch_def = (context.data_sources.add_pandas("canonical")
+                 .add_dataframe_asset("records").add_batch_definition_whole_dataframe("all_rows"))
+    suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME,
+                                                   expectations=build_suite(cfg, with_tokens=with_tokens)))
+    vdef = context.validation_definitions.add(gx.ValidationDefinition(name="canonical", data=batch_def, suite=suite))
+    actions = [UpdateDataDocsAction(name="data_docs")] if cfg.data_docs else []
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="validate", validation_definitions=[vdef], actions=actions,
+        result_format={"result_format": "COMPLETE", "partial_unexpected_count": 5},
+    ))
+    cp_result = checkpoint.run(batch_parameters={"dataframe": derived})
+    result = next(iter(cp_result.run_results.values()))
+    docs = ""
+    if cfg.data_docs:
+        index = gx_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+        docs = str(index) if index.exists() else ""
+    return result, docs
+
+
+# --------------------------------------------------------------------------- the stage
+def validate(
+    *,
+    dataset: DatasetRef,
+    cfg: ValidationConfig,
+    out_dir: Path,
+    tokenizer: Any = None,
+    stage: str = "validate",
+) -> ValidateResult:
+    """Validate ``dataset`` with the GX suite; split it into valid rows and quarantined rows.
+
+    Args:
+        dataset: canonical records.
+        cfg: bounds of the suite (pipelines.yaml ``validation:``).
+        out_dir: the stage folder (``valid.parquet``, ``quarantine.parquet``, ``gx_result.json``, ``gx/``).
+        tokenizer: a loaded transformers tokenizer for the token bound (None: no token check).
+        stage: stage name written in the quarantine rows.
+
+    Raises:
+        ValidationFailed: a table-level expectation failed (schema, empty table), an expectation
+            could not run, or more than ``max_suite_failure_fraction`` of the rows are bad. The
+            outputs (quarantine, GX result, Data Docs) are written first, for inspection.
+    """
+    out_dir = Path(out_dir)
+    df = dataset.read()
+    derived = derive_frame(df, tokenizer=tokenizer)
+    gx_result, docs = run_suite(derived, cfg, gx_dir=out_dir / "gx", with_tokens=tokenizer is not None)
+    result_path = out_dir / "gx_result.json"
+    result_path.write_text(json.dumps(gx_result.to_json_dict(), indent=2, default=str))
+
+    reasons: dict[int, list[str]] = {}
+    blocking: list[str] = []
+    summary: list[dict[str, Any]] = []
+    for r in gx_result.results:
+        exp = r.expectation_config
+        level = (exp.meta or {}).get("level", "row")
+        name = _describe(exp)
+        raised = _raised(r.exception_info or {})
+        idx = (r.result or {}).get("unexpected_index_list")
+        count = (r.result or {}).get("unexpected_count")
+        summary.append({"expectation": name, "level": level, "success": bool(r.success),
+                        "unexpected": int(count or 0), "observed": _short((r.result or {}).get("observed_value"))})
+        if r.success:
+            continue
+        if raised:
+            msg = _exception_message(r.exception_info)
+            blocking.append(f"{name}: could not run ({msg})")
+        elif level == "table":
+            blocking.append(f"{name}: observed {_short((r.result or {}).get('observed_value'))}")
+        elif level == "row":
+            if idx is None:
+                blocking.append(f"{name}: failed without row indices")
+                continue
+            for i in idx:
+                reasons.setdefault(int(i), []).append(name)
+    bad = sorted(reasons)
+    good_mask = np.ones(len(df), dtype=bool)
+    good_mask[bad] = False
+
+    q_rows = []
+    for i in bad:
+        rec = df.iloc[i]
+        raw = json.dumps({c: _jsonable(rec[c]) for c in df.columns}, ensure_ascii=False, default=str)
+        q_rows.append({"stage": stage, "source": str(rec.get("source", "")), "file": dataset.path, "row": i + 1,
+                       "reason": "; ".join(reasons[i]), "raw": raw[:RAW_PREVIEW_CHARS]})
+    quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name=f"{stage}_quarantine")
+    valid = write_parquet(df[good_mask], out_dir / "valid.parquet", name=f"{stage}_valid")
+    (out_dir / "summary.json").write_text(json.dumps(
+        {"rows": len(df), "valid": valid.num_rows, "quarantined": quarantine.num_rows, "expectations": summary,
+         "statistics": gx_result.statistics}, indent=2, default=str))
+
+    fraction = len(bad) / max(len(df), 1)
+    if fraction > cfg.max_suite_failure_fraction:
+        blocking.append(f"{len(bad)}/{len(df)} rows ({fraction:.1%}) fail row-level expectations "
+                        f"(> validation.max_suite_failure_fraction={cfg.max_suite_failure_fraction})")
+    if blocking:
+        failed = [s for s in summary if not s["success"]]
+        lines = "\n".join(f"  - {s['expectation']} [{s['level']}]: {s['unexpected']} unexpected" for s in failed)
+        raise ValidationFailed(
+            f"GX suite {SUITE_NAME!r} failed on {dataset.path} ({dataset.name}):\n  * " + "\n  * ".join(blocking)
+            + f"\nFailed expectations:\n{lines}\nGX result: {result_path}"
+            + (f"\nData Docs: {docs}" if docs else "") + f"\nQuarantine: {quarantine.path}"
+        )
+    return ValidateResult(valid=valid, quarantine=quarantine, gx_result=str(result_path), data_docs=docs)
+
+
+def _raised(info: dict) -> bool:
+    # GX puts {raised_exception, exception_message} at the top or one level down, keyed by metric.
+    if info.get("raised_exception"):
+        return True
+    return any(isinstance(v, dict) and v.get("raised_exception") for v in info.values())
+
+
+def _exception_message(info: dict) -> str:
+    if "exception_message" in info:
+        return str(info.get("exception_message"))[:200]
+    for v in info.values():
+        if isinstance(v, dict) and v.get("exception_message"):
+            return str(v["exception_message"])[:200]
+    return "unknown error"
+
+
+def _short(v: Any) -> Any:
+    s = json.dumps(v, default=str)
+    return v if len(s) <= 200 else s[:200] + "…"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, float) and np.isnan(v):
+        return None
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model (or of an adapter's base), without loading weights."""
+    from transformers import AutoTokenizer
+
+    path = Path(ref.path)
+    tok_dir = path if (path / "tokenizer_config.json").exists() or not ref.base else Path(ref.base)
+    return AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=trust_remote_code)
+
+
+@task(name="validate", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES)
+def validate_task(
+    dataset: DatasetRef,
+    cfg: ValidationConfig,
+    *,
+    tokenizer: ModelRef | None,
+    ctx: StageContext,
+    stage: str = "validate",
+) -> ValidateResult:
+    """Prefect task: run the GX suite in a nested MLflow run; log result JSON, Data Docs and accounting."""
+    import mlflow
+
+    with stage_run(ctx, stage):
+        out_dir = ctx.stage_dir(stage)
+        tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+        mlflow.log_params({"tokenizer": tokenizer.path if tokenizer else "none",
+                           **{f"validation.{k}": v for k, v in cfg.model_dump().items()}})
+        log_dataset(dataset, context=f"{stage}.input")
+        try:
+            result = validate(dataset=dataset, cfg=cfg, out_dir=out_dir, tokenizer=tok, stage=stage)
+        except ValidationFailed:
+            _log_outputs(out_dir, stage)  # the failed run still shows what failed and why
+            raise
+        mlflow.log_metrics({"rows_read": dataset.num_rows, "rows_valid": result.valid.num_rows,
+                            "rows_quarantined": result.quarantine.num_rows})
+        log_dataset(result.valid, context=f"{stage}.output")
+        if result.quarantine.num_rows:
+            log_dataset(result.quarantine, context=f"{stage}.quarantine")
+        _log_outputs(out_dir, stage)
+        summary = json.loads((out_dir / "summary.json").read_text())
+        table_artifact(f"{stage}-expectations", summary["expectations"],
+                       description=f"GX suite {SUITE_NAME}: {result.valid.num_rows} valid, "
+                                   f"{result.quarantine.num_rows} quarantined of {dataset.num_rows}")
+        run = mlflow.active_run()
+        markdown_artifact(f"{stage}-summary", _markdown(result, summary, run.info.run_id if run else ""),
+                          description="Great Expectations validation")
+        ctx.layout.mark_done(stage)
+        return result
+
+
+def _log_outputs(out_dir: Path, stage: str) -> None:
+    import mlflow
+
+    for name in ("gx_result.json", "summary.json", "quarantine.parquet"):
+        if (out_dir / name).exists():
+            mlflow.log_artifact(str(out_dir / name), stage)
+    docs = out_dir / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site"
+    if docs.exists():
+        mlflow.log_artifacts(str(docs), f"{stage}/data_docs")
+
+
+def _markdown(result: ValidateResult, summary: dict[str, Any], run_id: str) -> str:
+    lines = [f"# Validation (GX suite `{SUITE_NAME}`)", "",
+             f"{summary['valid']} valid, {summary['quarantined']} quarantined of {summary['rows']} rows.", "",
+             "| expectation | level | success | unexpected |", "|---|---|---|---|"]
+    for s in summary["expectations"]:
+        lines.append(f"| `{s['expectation']}` | {s['level']} | {'✅' if s['success'] else '❌'} | {s['unexpected']} |")
+    lines += ["", f"- GX result JSON: `{result.gx_result}`"]
+    if result.data_docs:
+        lines.append(f"- Data Docs: [{result.data_docs}](file://{result.data_docs})")
+    if run_id:
+        lines.append(f"- MLflow artifacts of run `{run_id}`: `validate/gx_result.json`, `validate/data_docs/index.html`")
+    return "\n".join(lines)
+

@@ -1,0 +1,135 @@
+"""Real Prefect + MLflow servers on loopback, with SQLite and with PostgreSQL backend stores.
+
+For each backend: the servers answer and fail clearly when absent; a served deployment carries
+the pipeline's cron schedule; two triggers of one pipeline run one after the other; the smoke
+pipeline triggered through the Prefect API (as the UI does) completes, and MLflow (queried over
+HTTP with MlflowClient) holds its runs, datasets, registered model and aliases; a scheduled-style
+run with unchanged sources skips retraining and says so.
+
+Run: ``python -m pytest tests/integration/test_services.py -m services`` (``.ci/run`` runs it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect import flow
+
+from sftflow import services
+from sftflow.config import load_pipelines
+from tests.integration.conftest import (
+    REPO,
+    SMOKE_DEPLOYMENT,
+    flow_run_logs,
+    prefect_api,
+    serve_process,
+    wait_for_flow_run,
+)
+
+pytestmark = [pytest.mark.services, pytest.mark.integration]
+
+SLEEPY_REF = "tests.integration.test_services:sleepy_flow"
+SLEEPY_DEPLOYMENT = "sftflow-sleepy/smoke"
+
+
+@flow(name="sftflow-sleepy")
+def sleepy_flow(pipeline: str = "demo", overrides: dict[str, Any] | None = None, pipelines_file: str | None = None,
+                skip_if_unchanged: bool = False) -> dict[str, Any]:
+    """Same parameters as the pipeline flow, but only sleeps: makes overlapping runs visible, fast."""
+    time.sleep(3.0)
+    return {"pipeline": pipeline}
+
+
+def test_servers_answer_and_absent_ones_fail_clearly(stack) -> None:
+    services.check_prefect_server(stack.prefect_api_url)
+    from sftflow.tracking import check_tracking_server
+
+    check_tracking_server(stack.mlflow_uri)
+    dead = f"http://127.0.0.1:{services.free_port()}"
+    with pytest.raises(services.ServiceError, match=f"Prefect server {dead}/api is unreachable.*infra/local/start.sh"):
+        services.check_prefect_server(f"{dead}/api", timeout=1)
+    with pytest.raises(RuntimeError, match=f"MLflow tracking server {dead} is unreachable"):
+        check_tracking_server(dead, timeout=1)
+    status = services.stack_status(state=stack.home / "services")
+    assert {s["healthy"] for s in status.values()} == {True}, status
+    if stack.backend == "postgres":
+        assert stack.stack.postgres is not None
+        assert (Path(stack.stack.postgres.data_dir) / "PG_VERSION").exists()
+        assert Path(stack.stack.postgres.data_dir).is_relative_to(stack.home)
+
+
+def test_deployment_has_schedule_and_runs_of_one_pipeline_are_serialised(stack) -> None:
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    smoke = load_pipelines(REPO / "pipelines.yaml")["smoke"]
+    with serve_process(stack, only="smoke", flow=SLEEPY_REF, deployment=SLEEPY_DEPLOYMENT), \
+            prefect_api(stack.prefect_api_url):
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(SLEEPY_DEPLOYMENT)
+        assert [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules] == [
+            (smoke.schedule.cron, smoke.schedule.timezone)]
+        assert dep.schedules[0].parameters == {"skip_if_unchanged": smoke.schedule.skip_if_unchanged}
+        assert dep.parameters["pipeline"] == "smoke"
+        assert dep.parameter_openapi_schema["properties"]["overrides"]  # typed form in the UI
+
+        # A "schedule" and a "manual" trigger at the same moment.
+        runs = [run_deployment(SLEEPY_DEPLOYMENT, timeout=0), run_deployment(SLEEPY_DEPLOYMENT, timeout=0)]
+        done = sorted((wait_for_flow_run(r.id, timeout=240) for r in runs), key=lambda r: r.start_time)
+    assert [r.state.name for r in done] == ["Completed", "Completed"]
+    # The second started only after the first ended: the per-pipeline limit held.
+    assert done[1].start_time >= done[0].end_time, [(r.start_time, r.end_time) for r in done]
+
+
+def test_smoke_pipeline_from_the_api_is_recorded_in_mlflow(stack, smoke_run) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
+    exp = client.get_experiment_by_name("sftflow-smoke")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("sftflow.kind") == "pipeline"]
+    assert len(parents) == 1, [r.data.tags for r in parents]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    # MLflow's parent run names the Prefect flow run that made it.
+    assert parent.data.tags["sftflow.prefect_flow_run_id"] == str(smoke_run.id)
+    assert parent.data.tags["sftflow.sources_digest"] and parent.data.tags["sftflow.config_hash"]
+    run_dir = Path(parent.data.tags["sftflow.run_dir"])
+    assert run_dir.is_relative_to(stack.home / "runs" / "smoke") and run_dir.is_dir()
+
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stages = {r.data.tags.get("sftflow.stage") for r in children}
+    assert {"ingest", "validate", "dedup", "split", "train", "promote"} <= stages, stages
+    assert all(r.info.status == "FINISHED" for r in children)
+    ingest = next(r for r in children if r.data.tags.get("sftflow.stage") == "ingest")
+    assert ingest.inputs.dataset_inputs and all(d.dataset.digest for d in ingest.inputs.dataset_inputs)
+
+    # Artifacts went through the server (its artifact store under this stack's home).
+    assert client.list_artifacts(parent.info.run_id, "config")
+
+    candidate = client.get_model_version_by_alias("sftflow-smoke", "candidate")
+    assert candidate.run_id in {r.info.run_id for r in runs}
+    model = client.get_registered_model("sftflow-smoke")
+    assert "candidate" in model.aliases
+
+
+def test_scheduled_run_with_unchanged_sources_skips_and_says_so(stack, smoke_run, smoke_served) -> None:
+    from mlflow.tracking import MlflowClient
+    from prefect.deployments import run_deployment
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    exp = client.get_experiment_by_name("sftflow-smoke")
+    before = client.search_runs([exp.experiment_id], filter_string="tags.`sftflow.kind` = 'pipeline'")
+    with prefect_api(stack.prefect_api_url):
+        # What the cron schedule passes (schedule parameters): skip_if_unchanged.
+        fr = run_deployment(SMOKE_DEPLOYMENT, parameters={"skip_if_unchanged": True}, timeout=0)
+        fr = wait_for_flow_run(fr.id, timeout=300)
+        logs = flow_run_logs(fr.id)
+    assert fr.state.is_completed(), logs[-4000:]
+    assert "Skipping retraining" in logs and "unchanged" in logs, logs[-4000:]
+    after = client.search_runs([exp.experiment_id], filter_string="tags.`sftflow.kind` = 'pipeline'")
+    assert len(after) == len(before)

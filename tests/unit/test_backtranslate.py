@@ -1,0 +1,269 @@
+"""Instruction backtranslation: corpus, filters, reversal, tagging, threshold, accounting, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, TrainingConfig
+from sftflow.records import frame_to_records, make_record, records_to_frame
+from sftflow.refs import write_parquet
+from tasks.backtranslate import (
+    BELOW,
+    FILTERED,
+    KEPT,
+    REJECTED,
+    Segment,
+    accounting,
+    backtranslate,
+    curated_records,
+    instruction_filter_reason,
+    load_corpus,
+    reverse_records,
+    segment_filter_reason,
+    select_by_threshold,
+    select_segments,
+    split_into_segments,
+    tag_records,
+    tag_seed,
+    training_with_overrides,
+)
+
+WIKI = {
+    "Photosynthesis": "Photosynthesis is the process by which green plants and some other organisms use sunlight "
+                      "to synthesize foods from carbon dioxide and water. It generally involves the green pigment "
+                      "chlorophyll and generates oxygen as a byproduct.",
+    "Paris": "Paris is the capital and most populous city of France. Since the 17th century Paris has been one of "
+             "the major centres of finance, diplomacy, commerce, culture, fashion and gastronomy.",
+}
+
+
+def _seed_records():
+    return [
+        make_record([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"},
+                     {"role": "assistant", "content": "The capital of France is Paris."}], source="s:a.json"),
+        make_record([{"role": "user", "content": "Who wrote Hamlet?"},
+                     {"role": "assistant", "content": "Hamlet was written by William Shakespeare around 1600."}],
+                    source="s:a.json", category="open_qa"),
+    ]
+
+
+# --------------------------------------------------------------------------- corpus
+def test_load_corpus_formats(tmp_path: Path):
+    wiki = tmp_path / "leads.json"
+    wiki.write_text(json.dumps({t: {"title": t, "extract": x, "description": ""} for t, x in WIKI.items()}))
+    segs = load_corpus(CorpusConfig(name="wiki", path=str(wiki)), max_words=300)
+    assert [s.id for s in segs] == ["Photosynthesis", "Paris"] and segs[0].source == "wiki:leads.json"
+
+    jl = tmp_path / "c4.jsonl"
+    jl.write_text(json.dumps({"body": "first doc text"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")
+    segs = load_corpus(CorpusConfig(name="c4", path=str(jl), text_field="body"), max_words=300)
+    assert [s.text for s in segs] == ["first doc text", "second"] and segs[1].id == "c4.jsonl:3"
+    with pytest.raises(ValueError, match=r"c4.jsonl:1: no string field 'text'"):
+        load_corpus(CorpusConfig(name="c4", path=str(jl)), max_words=300)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        load_corpus(CorpusConfig(name="b", path=str(bad)), max_words=300)
+
+    txt = tmp_path / "articles.txt"
+    txt.write_text("One article here.\n\nAnother one.\n")
+    segs = load_corpus(CorpusConfig(name="t", path=str(txt), format="text_lines"), max_words=300)
+    assert [s.text for s in segs] == ["One article here.", "Another one."]
+    with pytest.raises(FileNotFoundError, match="augmentation.corpus.path"):
+        load_corpus(CorpusConfig(name="t", path=str(tmp_path / "missing.json")), max_words=300)
+
+
+def test_split_into_segments_packs_paragraphs_and_cuts_sentences():
+    para = " ".join(f"Sentence number {i} is here." for i in range(30))  # 150 words, one paragraph
+    segs = split_into_segments(para + "\n\nShort tail.", max_words=40)
+    assert all(len(s.split()) <= 40 for s in segs)
+    assert " ".join(segs) == para + " Short tail."
+    assert split_into_segments("a b c\nd e", max_words=10) == ["a b c d e"]
+
+
+def test_real_wikipedia_leads_sample(shared_data: Path):
+    path = shared_data / "unlabeled" / "wikipedia_leads_10033.json"
+    segs = load_corpus(CorpusConfig(name="wiki", path=str(path), format="wikipedia_leads"), max_words=300)
+    assert len(segs) >= 10033 and all(s.text for s in segs)
+
+
+# --------------------------------------------------------------------------- segment filters
+@pytest.mark.parametrize("text,reason", [
+    ("too few words here", "too_short"),
+    (" ".join(["word"] * 50), "too_long"),
+    ("Please accept our cookie policy to continue reading this fine article about gardening today", "boilerplate"),
+    ("See https://a.example and https://b.example for all the details you need about the topic now", "url_heavy"),
+    ("12 34 56 78 90 11 22 33 44 55 66 77 88 99 00 a1 b2 c3 d4 e5", "non_prose"),
+])
+def test_segment_filter_reasons(text, reason):
+    assert segment_filter_reason(text, min_words=10, max_words=40)[0] == reason
+
+
+def test_select_segments_dedups_and_stops_at_max(tmp_path: Path):
+    good = [f"Topic {i} is a subject people write about for many good reasons in many places worldwide." for i in range(6)]
+    seed_resp = "The capital of France is Paris, a city known for its museums, art and food and many other things."
+    segments = [Segment(id=str(i), text=t, source="c") for i, t in enumerate(good)]
+    segments += [Segment(id="dup", text=good[0].upper(), source="c"), Segment(id="seed", text=seed_resp, source="c"),
+                 Segment(id="short", text="tiny", source="c")]
+    cfg = AugmentationConfig(max_segments=100, min_words=5, max_words=60)
+    accepted, rejected = select_segments(segments, seed_responses=[seed_resp], cfg=cfg, shuffle_seed=0)
+    assert sorted(s.id for s in accepted) == [str(i) for i in range(6)]
+    reasons = {seg.id: reason for seg, reason, _ in rejected}
+    assert reasons == {"dup": "duplicate_segment", "seed": "seed_duplicate", "short": "too_short"} or \
+        (reasons.get("0") == "duplicate_segment" and reasons["seed"] == "seed_duplicate")
+    # max_segments: stops once enough passed; the examined ones are all accounted for.
+    capped, rej = select_segments(segments, seed_responses=[seed_resp], cfg=cfg.model_copy(update={"max_segments": 2}),
+                                  shuffle_seed=0)
+    assert len(capped) == 2 and len(capped) + len(rej) <= len(segments)
+    # no dedup against the seed when disabled
+    off = cfg.model_copy(update={"dedup_against_seed": False})
+    acc, _ = select_segments(segments, seed_responses=[seed_resp], cfg=off, shuffle_seed=0)
+    assert "seed" in {s.id for s in acc}
+
+
+# --------------------------------------------------------------------------- reversal / overrides
+def test_reverse_records_swaps_roles_and_drops_system():
+    rev = reverse_records(_seed_records() + [{"messages": [{"role": "user", "content": "q"}], "source": "x"}])
+    assert len(rev) == 2
+    assert rev[0]["messages"] == [{"role": "user", "content": "The capital of France is Paris."},
+                                  {"role": "assistant", "content": "What is the capital of France?"}]
+    assert rev[1]["category"] == "open_qa" and rev[1]["source"] == "s:a.json"
+    assert rev[0]["id"] != _seed_records()[0]["id"]
+
+
+def test_training_overrides_merge_and_validate():
+    base = TrainingConfig(max_steps=100, lora={"r": 16, "alpha": 32})
+    cfg = training_with_overrides(base, {"max_steps": 5, "lora": {"r": 4}}, key="backward_training")
+    assert cfg.max_steps == 5 and cfg.lora.r == 4 and cfg.lora.alpha == 32 and cfg.merge is False
+    assert training_with_overrides(base, {"merge": True}, key="forward_training").merge is True
+    with pytest.raises(ConfigError, match=r"augmentation\.backward_training\.lora\.r"):
+        training_with_overrides(base, {"lora": {"r": 0}}, key="backward_training")
+    with pytest.raises(ConfigError, match=r"augmentation\.forward_training\.max_stepz: unknown key"):
+        training_with_overrides(base, {"max_stepz": 3}, key="forward_training")
+
+
+# --------------------------------------------------------------------------- instruction filters
+SEGMENT = ("Paris is the capital and most populous city of France. Since the 17th century Paris has been one of "
+           "the major centres of finance, diplomacy, commerce, culture, fashion and gastronomy.")
+
+
+@pytest.mark.parametrize("instruction,finished,reason", [
+    ("", True, "empty"),
+    ("  ?!  ", True, "empty"),
+    ("What is the capital of France and why is it", False, "truncated"),
+    ("Paris?", True, "too_short"),
+    ("Tell me tell me tell me tell me about Paris", True, "repetitive"),
+    ("What is Paris what is Paris what is Paris known for", True, "repetitive"),
+    ("Paris is the capital and most populous city of France.", True, "copies_segment"),
+    ("This text describes the city of Paris.", True, "meta_instruction"),
+    ("The passage is about the history of Paris.", True, "meta_instruction"),
+    ("Write a short paragraph about Paris.", True, "meta_instruction"),
+    ("Summarize the following text about the capital of France.", True, "meta_instruction"),
+    ("According to the passage, what is Paris known for?", True, "meta_instruction"),
+    ("This is a description of Paris and its history.", True, "meta_instruction"),
+    ("A summary of the history of Paris.", True, "meta_instruction"),
+    ("Here is a paragraph about Paris.", True, "meta_instruction"),
+])
+def test_instruction_filter_reasons(instruction, finished, reason):
+    why = instruction_filter_reason(instruction, SEGMENT, finished=finished)
+    assert why is not None and why[0] == reason, why
+
+
+@pytest.mark.parametrize("instruction", [
+    "What is the capital of France, and what is it known for?",
+    "Tell me about Paris.",
+    "Why has Paris been important since the 17th century?",
+    "Write a poem about the river Seine.",
+    "Give me an overview of Paris as a centre of fashion and gastronomy.",
+])
+def test_good_instructions_pass(instruction):
+    assert instruction_filter_reason(instruction, SEGMENT, finished=True) is None
+
+
+def test_truncated_can_be_allowed():
+    assert instruction_filter_reason("What is the capital of France and", SEGMENT, finished=False,
+                                     reject_truncated=False) is None
+
+
+# --------------------------------------------------------------------------- threshold / tagging / accounting
+def test_select_by_threshold():
+    assert select_by_threshold([4.0, 3.999, 5.0, math.nan, 1.0], 4.0) == [True, False, True, False, False]
+    assert select_by_threshold([], 3.0) == []
+
+
+def test_tagging(sftflow_home: Path):
+    recs = _seed_records()
+    tagged = tag_records(recs, "Answer in the style of an AI Assistant.", origin="seed")
+    assert tagged[0]["messages"][0] == {"role": "system", "content": "Answer in the style of an AI Assistant.\n\nBe brief."}
+    assert tagged[1]["messages"][0] == {"role": "system", "content": "Answer in the style of an AI Assistant."}
+    assert [r["origin"] for r in tagged] == ["seed", "seed"] and tagged[1]["id"] != recs[1]["id"]
+    # tagging twice does not stack the tag
+    assert tag_records(tagged, "Answer in the style of an AI Assistant.")[0]["messages"] == tagged[0]["messages"]
+    assert tag_records(recs, None)[1]["messages"] == recs[1]["messages"]
+
+    ref = write_parquet(records_to_frame(recs), sftflow_home / "seed.parquet", name="seed")
+    out = tag_seed(ref, "TAG", sftflow_home / "tagged.parquet")
+    rows = frame_to_records(out.read())
+    assert out.num_rows == 2 and all(r["messages"][0]["content"].startswith("TAG") for r in rows)
+
+    cur = curated_records([{"instruction": " What is Paris? ", "segment": SEGMENT, "source": "wiki:x.json",
+                            "expected": 4.5}], system_prompt="Answer with knowledge from web search.")
+    assert cur[0]["origin"] == "backtranslated" and cur[0]["score"] == 4.5
+    assert [m["role"] for m in cur[0]["messages"]] == ["system", "user", "assistant"]
+    assert cur[0]["messages"][1]["content"] == "What is Paris?" and cur[0]["messages"][2]["content"] == SEGMENT
+
+
+def test_accounting_identities_and_unknown_status():
+    frame = pd.DataFrame({"status": [FILTERED, FILTERED, REJECTED, BELOW, KEPT, KEPT]})
+    assert accounting(frame) == {"segments_in": 6, "segments_filtered": 2, "generated": 4, "rejected": 1,
+                                 "scored": 3, "kept": 2, "below_threshold": 1}
+    with pytest.raises(AssertionError, match="unknown candidate statuses"):
+        accounting(pd.DataFrame({"status": [KEPT, "lost"]}))
+
+
+# --------------------------------------------------------------------------- end to end (tiny model, real training)
+@pytest.mark.parametrize("threshold,iterations", [(1.0, 2), (5.0, 1)])
+def test_backtranslate_end_to_end_tiny(sftflow_home: Path, shared_data: Path, threshold: float, iterations: int):
+    from sftflow.models import build_tiny_model
+
+    base = build_tiny_model("tiny-gemma")
+    leads = json.loads((shared_data / "unlabeled" / "wikipedia_leads_10033.json").read_text())
+    corpus = sftflow_home / "leads.json"
+    corpus.write_text(json.dumps(dict(list(leads.items())[:14])))
+    seed_ref = write_parquet(records_to_frame(_seed_records() * 2), sftflow_home / "seed.parquet", name="seed")
+    cfg = AugmentationConfig(
+        enabled=True, corpus=CorpusConfig(name="wiki", path=str(corpus)), max_segments=6, min_words=20,
+        max_words=120, reject_truncated=False, iterations=iterations,
+        backward_training={"max_steps": 2}, forward_training={"max_steps": 2},
+        generation={"max_new_tokens": 8, "batch_size": 4}, curation={"threshold": threshold, "batch_size": 4},
+    )
+    training = TrainingConfig(batch_size=2, max_seq_len=128, lora={"r": 4, "alpha": 8}, precision="fp32",
+                              checkpoint_every=None, learning_rate=1e-3)
+    out = backtranslate(seed=seed_ref, base=base, cfg=cfg, training=training, out_dir=sftflow_home / "bt")
+    counts = dict(out.counts)
+    frame = pd.read_parquet(out.candidates.path)
+    assert counts["segments_in"] == len(frame) == counts["segments_filtered"] + counts["generated"]
+    assert counts["generated"] == counts["rejected"] + counts["scored"] <= 6
+    assert counts["scored"] == counts["kept"] + counts["below_threshold"] > 0
+    assert (frame.reason[frame.status != KEPT] != "").all()
+    scored = frame[frame.status.isin([KEPT, BELOW])]
+    assert scored.expected.between(1, 5).all() and scored.probs.map(lambda p: abs(sum(p) - 1) < 1e-4).all()
+    assert len(out.iteration_kept) == iterations
+    if iterations == 2:
+        assert "expected_iter2" in frame.columns and "curation_iter2" in Path(out.curation_model.path).parts
+    else:
+        assert "curation" in Path(out.curation_model.path).parts
+    curated = frame_to_records(out.curated.read())
+    assert len(curated) == counts["kept"] == (counts["scored"] if threshold == 1.0 else 0)
+    for r in curated:
+        assert r["origin"] == "backtranslated" and r["messages"][0]["content"] == cfg.augmented_system_prompt
+    seed_rows = frame_to_records(out.seed.read())
+    assert all(r["messages"][0]["content"].startswith(cfg.seed_system_prompt) for r in seed_rows)
+    rev = frame_to_records(out.reversed.read())
+    assert rev[0]["messages"][1]["content"] == "What is the capital of France?"
+    assert out.backward_model.kind == "adapter" and Path(out.backward_model.path).is_dir()

@@ -1,0 +1,212 @@
+"""Evaluation stage: metrics on known strings, the loss against transformers' own, a real run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
+from sftflow.records import make_record, records_to_frame
+from sftflow.refs import write_parquet
+from tasks.evaluate import (
+    EvalResult,
+    eval_key,
+    generation_metrics,
+    heldout_loss,
+    load_eval_set,
+    rouge_l,
+    split_prompt_reference,
+)
+
+
+# --------------------------------------------------------------------------- pure metrics
+def test_rouge_l_known_strings() -> None:
+    scores = rouge_l(
+        ["the cat sat on the mat", "the cat sat", "", "completely different words"],
+        ["the cat sat on the mat", "the cat sat on the mat", "anything", "the cat sat on the mat"],
+    )
+    assert scores[0] == pytest.approx(1.0)
+    # LCS = 3 tokens: precision 3/3, recall 3/6 -> F1 = 2*1*0.5/1.5
+    assert scores[1] == pytest.approx(2 / 3)
+    assert scores[2] == 0.0
+    assert scores[3] == 0.0
+
+
+def test_rouge_l_stems_and_checks_lengths() -> None:
+    # "running" and "runs" stem to "run": stemming is on.
+    assert rouge_l(["dogs running"], ["dog runs"])[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="2 predictions vs 1 references"):
+        rouge_l(["a", "b"], ["a"])
+
+
+def test_generation_metrics_rates() -> None:
+    m, per_row = generation_metrics(
+        outputs=["the cat sat", "   ", "a b c d", "the cat sat on the mat"],
+        references=["the cat sat on the mat"] * 4,
+        num_tokens=[3, 0, 4, 6],
+        finished=[True, True, False, False],
+    )
+    assert per_row[1] == 0.0 and per_row[3] == pytest.approx(1.0)
+    assert m["rougeL"] == pytest.approx((2 / 3 + 0 + 0 + 1) / 4)
+    assert m["empty_rate"] == pytest.approx(0.25)
+    assert m["runaway_rate"] == pytest.approx(0.5)
+    assert m["mean_new_tokens"] == pytest.approx(13 / 4)
+    assert m["mean_words"] == pytest.approx((3 + 0 + 4 + 6) / 4)
+
+
+def test_generation_metrics_empty_set_is_nan() -> None:
+    m, per_row = generation_metrics(outputs=[], references=[], num_tokens=[], finished=[])
+    assert per_row == [] and math.isnan(m["rougeL"])
+
+
+def test_split_prompt_reference() -> None:
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    prompt, ref = split_prompt_reference(msgs)
+    assert ref == "a2" and prompt == msgs[:4]
+    with pytest.raises(ValueError, match="no assistant turn"):
+        split_prompt_reference([{"role": "user", "content": "q"}])
+    with pytest.raises(ValueError, match="no user turn"):
+        split_prompt_reference([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}])
+
+
+# --------------------------------------------------------------------------- extra sets
+def test_load_real_eval_sets(shared_data: Path) -> None:
+    alpaca = load_eval_set(ExtraEvalSet(name="ae", path=str(shared_data / "eval/alpaca_eval_805_gpt4.json"),
+                                        format="alpaca_eval"), max_rows=5)
+    assert len(alpaca) == 5
+    assert alpaca[0]["messages"][0]["content"].startswith("What are the names of some famous actors")
+    si = load_eval_set(ExtraEvalSet(name="si", path=str(shared_data / "eval/self_instruct_user_oriented_252.jsonl")),
+                       max_rows=3)
+    assert len(si) == 3
+    # instruction + the first instance's input make the user turn; its output is the reference.
+    assert "Rewrite the sentence" in si[0]["messages"][0]["content"]
+    assert "If you have any questions about my rate" in si[0]["messages"][0]["content"]
+    assert si[0]["messages"][1]["role"] == "assistant"
+
+
+def test_load_eval_set_names_file_and_rows(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "", "output": "x"}) + "\n" + json.dumps({"foo": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl row 0: missing or empty `instruction`"):
+        load_eval_set(ExtraEvalSet(name="bad", path=str(bad), format="alpaca"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
+        load_eval_set(ExtraEvalSet(name="broken", path=str(broken)))
+    with pytest.raises(FileNotFoundError, match="extra_sets\\[gone\\]"):
+        load_eval_set(ExtraEvalSet(name="gone", path=str(tmp_path / "nope.json")))
+
+
+# --------------------------------------------------------------------------- model passes (tiny model)
+@pytest.fixture()
+def tiny(sftflow_home: Path):
+    from sftflow.models import build_tiny_model
+
+    return build_tiny_model("tiny-gemma")
+
+
+def _heldout(tmp: Path, n: int = 4):
+    recs = [
+        make_record([{"role": "user", "content": f"What is {i} plus {i}?"},
+                     {"role": "assistant", "content": f"It is {2 * i}."}], source="t:x")
+        for i in range(n)
+    ]
+    return write_parquet(records_to_frame(recs), tmp / "heldout.parquet", name="heldout")
+
+
+def test_heldout_loss_matches_transformers_loss(tiny) -> None:
+    import torch
+
+    from sftflow.formatting import encode_for_training, resolve_template
+    from sftflow.models import load_model
+
+    model, tok = load_model(tiny)
+    tmpl = resolve_template(tok, None)
+    convs = [
+        [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+        [{"role": "user", "content": "Count to three please."}, {"role": "assistant", "content": "One, two, three."}],
+    ]
+    got = heldout_loss(model, tok, convs, template=tmpl, max_len=128)
+    # Reference: transformers' own shifted, masked mean loss, token-weighted over both rows.
+    total, count = 0.0, 0
+    for c in convs:
+        ids, labels = encode_for_training(tok, c, template=tmpl, max_len=128)
+        n = sum(1 for x in labels[1:] if x != -100)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+        total += float(out.loss) * n
+        count += n
+    assert got["eval_tokens"] == count
+    assert got["eval_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_evaluate_task_logs_to_stage_and_parent(tiny, sftflow_home: Path, tmp_path: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sftflow.tracking import StageContext, ensure_experiment, resolve_tracking_uri
+    from tasks.evaluate import evaluate_task
+
+    heldout = _heldout(tmp_path)
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi!"},
+                                 {"instruction": "Say bye.", "output": "Bye!"}]))
+    cfg = EvaluationConfig(max_new_tokens=6, batch_size=3, judge=True,
+                           extra_sets=[ExtraEvalSet(name="extra", path=str(extra), format="alpaca_eval")])
+    uri = resolve_tracking_uri()
+    exp = ensure_experiment("sftflow-test", uri=uri)
+    client = MlflowClient(uri)
+    parent = client.create_run(exp, run_name="parent").info.run_id
+    ctx = StageContext(pipeline="test", run_id="r1", run_dir=str(sftflow_home / "runs/test/r1"),
+                       tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
+
+    result = evaluate_task.fn(tiny, heldout, cfg, label="base", ctx=ctx, training=TrainingConfig(max_seq_len=64))
+
+    assert isinstance(result, EvalResult) and result.label == "base"
+    m = result.metrics_dict()
+    for k in ("eval_loss", "perplexity", "rougeL", "mean_new_tokens", "empty_rate", "runaway_rate", "judge_score",
+              "extra/rougeL", "extra/eval_loss", "extra/judge_score"):
+        assert k in m, k
+    assert m["num_examples"] == 4 and m["extra/num_examples"] == 2
+    assert 0 <= m["runaway_rate"] <= 1 and 0 <= m["rougeL"] <= 1 and 1 <= m["judge_score"] <= 5
+    assert m["mean_new_tokens"] <= 6
+    assert result.metric("base/rougeL") == m["rougeL"]
+    assert result.heldout_sha256 == heldout.sha256
+    assert result.eval_key == eval_key(heldout=heldout, cfg=cfg, template="gemma", max_seq_len=64)
+
+    samples = pd.read_parquet(result.samples.path)
+    assert len(samples) == 6 and set(samples["set"]) == {"heldout", "extra"}
+    assert list(samples.columns[:6]) == ["set", "id", "prompt", "reference", "output", "rougeL"]
+    assert samples["judge"].between(1, 5).all()
+
+    # Metrics with the label prefix in the stage run AND the parent run.
+    assert client.get_run(parent).data.metrics["base/rougeL"] == pytest.approx(m["rougeL"])
+    stage_runs = mlflow.search_runs([exp], filter_string="tags.`sftflow.stage` = 'evaluate.base'", output_format="list")
+    assert len(stage_runs) == 1
+    stage = stage_runs[0]
+    assert stage.data.tags["mlflow.parentRunId"] == parent
+    assert stage.data.metrics["base/eval_loss"] == pytest.approx(m["eval_loss"])
+    assert {d.dataset.name for d in stage.inputs.dataset_inputs} == {"heldout", "eval_samples_base"}
+    files = {f.path for f in client.list_artifacts(stage.info.run_id, "eval")}
+    assert {"eval/samples_base.json", "eval/metrics_base.json", "eval/samples_base.parquet"} <= files
+    assert (Path(ctx.run_dir) / "evaluate.base" / "_SUCCESS").exists()
+
+
+def test_eval_key_changes_with_settings(tmp_path: Path) -> None:
+    h = _heldout(tmp_path, n=2)
+    a = eval_key(heldout=h, cfg=EvaluationConfig(), template=None, max_seq_len=512)
+    assert a == eval_key(heldout=h, cfg=EvaluationConfig(), template=None, max_seq_len=512)
+    assert a != eval_key(heldout=h, cfg=EvaluationConfig(max_new_tokens=64), template=None, max_seq_len=512)
+    h2 = _heldout(tmp_path / "other", n=3)
+    assert a != eval_key(heldout=h2, cfg=EvaluationConfig(), template=None, max_seq_len=512)

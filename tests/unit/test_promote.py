@@ -1,0 +1,273 @@
+"""Promotion gate: the pure decision, and the gate against a real SQLite model registry."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
+from sftflow.records import make_record, records_to_frame
+from sftflow.refs import write_parquet
+from tasks.evaluate import EvalResult
+from tasks.promote import (
+    CHAMPION,
+    TAG_DECISION,
+    TAG_EVAL_KEY,
+    TAG_EVAL_METRICS,
+    decide,
+    deltas,
+    metric_name,
+    promote,
+    side_by_side,
+)
+
+
+# --------------------------------------------------------------------------- pure decision
+def test_better_than_base_no_champion_is_promoted() -> None:
+    out = decide(metric="rougeL", direction="maximize", min_improvement=0.01, base=0.20, candidate=0.25, champion=None)
+    assert out.promote and "no champion yet" in out.reason
+    assert out.gain_over_base == pytest.approx(0.05) and out.gain_over_champion is None
+
+
+def test_worse_than_base_is_rejected() -> None:
+    out = decide(metric="rougeL", direction="maximize", min_improvement=0.0, base=0.30, candidate=0.25, champion=None)
+    assert not out.promote and out.gain_over_base == pytest.approx(-0.05)
+
+
+def test_equal_to_base_is_rejected_even_with_zero_margin() -> None:
+    out = decide(metric="rougeL", direction="maximize", min_improvement=0.0, base=0.3, candidate=0.3, champion=None)
+    assert not out.promote
+
+
+def test_within_margin_is_rejected() -> None:
+    out = decide(metric="rougeL", direction="maximize", min_improvement=0.05, base=0.20, candidate=0.22, champion=None)
+    assert not out.promote and "within the margin" in out.reason
+
+
+def test_minimize_direction() -> None:
+    good = decide(metric="eval_loss", direction="minimize", min_improvement=0.1, base=2.5, candidate=2.0, champion=2.2)
+    assert good.promote and good.gain_over_base == pytest.approx(0.5) and good.gain_over_champion == pytest.approx(0.2)
+    bad = decide(metric="eval_loss", direction="minimize", min_improvement=0.1, base=2.5, candidate=2.45, champion=None)
+    assert not bad.promote
+
+
+def test_champion_better_blocks_promotion() -> None:
+    out = decide(metric="rougeL", direction="maximize", min_improvement=0.0, base=0.2, candidate=0.3, champion=0.35)
+    assert not out.promote and "not the champion" in out.reason
+    tie = decide(metric="rougeL", direction="maximize", min_improvement=0.0, base=0.2, candidate=0.3, champion=0.3)
+    assert not tie.promote
+
+
+def test_champion_worse_is_replaced() -> None:
+    out = decide(metric="rougeL", direction="maximize", min_improvement=0.0, base=0.2, candidate=0.3, champion=0.25)
+    assert out.promote and out.gain_over_champion == pytest.approx(0.05)
+
+
+def test_nan_is_never_promoted() -> None:
+    assert not decide(metric="m", direction="maximize", min_improvement=0, base=0.1, candidate=math.nan,
+                      champion=None).promote
+    assert not decide(metric="m", direction="maximize", min_improvement=0, base=0.1, candidate=0.2,
+                      champion=math.nan).promote
+    with pytest.raises(ValueError, match="direction"):
+        decide(metric="m", direction="up", min_improvement=0, base=0.1, candidate=0.2, champion=None)
+
+
+def test_metric_name_strips_label_prefix() -> None:
+    assert metric_name(PromotionConfig(metric="tuned/rougeL")) == "rougeL"
+    assert metric_name(PromotionConfig(metric="eval_loss", direction="minimize")) == "eval_loss"
+
+
+# --------------------------------------------------------------------------- helpers for registry tests
+def _samples(tmp: Path, label: str, outputs: list[str], rouge: list[float]):
+    df = pd.DataFrame({"set": "heldout", "id": [f"id{i}" for i in range(len(outputs))],
+                       "prompt": [f"p{i}" for i in range(len(outputs))],
+                       "reference": [f"r{i}" for i in range(len(outputs))],
+                       "output": outputs, "rougeL": rouge, "num_tokens": 3, "finished": True, "judge": math.nan})
+    return write_parquet(df, tmp / f"samples_{label}.parquet", name=f"eval_samples_{label}")
+
+
+def _result(tmp: Path, label: str, rouge: float, *, key: str = "key-A", heldout_sha: str = "h") -> EvalResult:
+    s = _samples(tmp, label, [f"{label} out 0", f"{label} out 1"], [rouge, rouge])
+    return EvalResult(label=label, metrics=(("eval_loss", 2.0 - rouge), ("rougeL", rouge)), samples=s,
+                      heldout_sha256=heldout_sha, eval_key=key)
+
+
+def _register(client, name: str, *, model_path: str = "") -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass
+    from sftflow.tracking import ensure_experiment, resolve_tracking_uri
+
+    exp = ensure_experiment("sftflow-registry-test", uri=resolve_tracking_uri())
+    run = client.create_run(exp, tags={"sftflow.model_path": model_path} if model_path else None)
+    mv = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "candidate", mv.version)
+    return str(mv.version)
+
+
+@pytest.fixture()
+def client(sftflow_home: Path):
+    from mlflow import MlflowClient
+
+    from sftflow.tracking import configure, resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    configure(uri)
+    return MlflowClient(uri)
+
+
+def test_side_by_side_and_deltas(tmp_path: Path) -> None:
+    base = _result(tmp_path, "base", 0.2)
+    tuned = _result(tmp_path, "tuned", 0.5)
+    table = side_by_side(base, tuned)
+    assert list(table["base_output"]) == ["base out 0", "base out 1"]
+    assert list(table["tuned_output"]) == ["tuned out 0", "tuned out 1"]
+    assert table["delta_rougeL"].tolist() == pytest.approx([0.3, 0.3])
+    d = deltas(base, tuned)
+    assert d["rougeL"] == pytest.approx(0.3) and d["eval_loss"] == pytest.approx(-0.3)
+
+
+def test_gate_first_version_becomes_champion_then_worse_does_not(client, tmp_path: Path) -> None:
+    cfg = PromotionConfig(metric="rougeL", min_improvement=0.05)
+    name = "sftflow-gate"
+    v1 = _register(client, name)
+    base = _result(tmp_path, "base", 0.20)
+    d1, reeval = promote(base=base, tuned=_result(tmp_path, "tuned", 0.40), registered_name=name,
+                         registered_version=v1, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
+                         training=TrainingConfig(), out_dir=tmp_path, run_id="run-1", client=client)
+    assert d1.promoted and d1.champion_value is None and reeval is None
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
+    mv1 = client.get_model_version(name, v1)
+    assert mv1.tags[TAG_DECISION] == "promoted" and mv1.tags[TAG_EVAL_KEY] == "key-A"
+    assert json.loads(mv1.tags[TAG_EVAL_METRICS])["rougeL"] == pytest.approx(0.40)
+    assert "PROMOTED" in mv1.description and "0.4000" in mv1.description
+
+    # v2 beats the base by the margin but not the champion (same eval key: recorded value used).
+    v2 = _register(client, name)
+    d2, reeval = promote(base=base, tuned=_result(tmp_path, "tuned2", 0.30), registered_name=name,
+                         registered_version=v2, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
+                         training=TrainingConfig(), out_dir=tmp_path, run_id="run-2", client=client)
+    assert not d2.promoted and reeval is None
+    assert d2.champion_value == pytest.approx(0.40) and d2.champion_version == v1
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
+    assert client.get_model_version(name, v2).tags[TAG_DECISION] == "rejected"
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == v2
+
+    # v3 within the margin over the base: rejected before looking at the champion.
+    v3 = _register(client, name)
+    d3, _ = promote(base=base, tuned=_result(tmp_path, "tuned3", 0.22), registered_name=name, registered_version=v3,
+                    cfg=cfg, heldout=None, evaluation=EvaluationConfig(), training=TrainingConfig(),
+                    out_dir=tmp_path, run_id="run-3", client=client)
+    assert not d3.promoted and "within the margin" in d3.reason
+
+    # v4 beats both: champion moves.
+    v4 = _register(client, name)
+    d4, _ = promote(base=base, tuned=_result(tmp_path, "tuned4", 0.55), registered_name=name, registered_version=v4,
+                    cfg=cfg, heldout=None, evaluation=EvaluationConfig(), training=TrainingConfig(),
+                    out_dir=tmp_path, run_id="run-4", client=client)
+    assert d4.promoted and d4.champion_version == v1
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v4
+
+
+def test_gate_without_registered_version(tmp_path: Path) -> None:
+    d, _ = promote(base=_result(tmp_path, "base", 0.1), tuned=_result(tmp_path, "tuned", 0.9), registered_name="",
+                   registered_version="", cfg=PromotionConfig(), heldout=None, evaluation=EvaluationConfig(),
+                   training=TrainingConfig(), out_dir=tmp_path, client=object())
+    assert not d.promoted and "no registered model version" in d.reason
+
+
+def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tmp_path: Path) -> None:
+    """The champion's recorded eval key differs: it is loaded offline and evaluated on this held-out set."""
+    from sftflow.models import build_tiny_model
+    from tasks.evaluate import eval_key
+
+    import mlflow
+
+    from sftflow.refs import ModelRef
+    from tasks.promote import model_version_ref
+    from tasks.train import TrainOutput, log_model
+
+    tiny = build_tiny_model("tiny-gemma")
+    name = "sftflow-reeval"
+    # Register the champion exactly as the train stage does: a pyfunc wrapping the merged safetensors.
+    merged = ModelRef(path=tiny.path, sha256=tiny.sha256, kind="merged", name="tiny")
+    out = TrainOutput(model=merged, adapter=None, merged=merged, metrics=(("train_loss", 1.0),),
+                      out_dir=str(tmp_path), loss_curve="", template="gemma")
+    from sftflow.tracking import ensure_experiment, resolve_tracking_uri
+
+    # An experiment of ours: its artifacts live under $SFTFLOW_HOME (Default's would go to ./mlruns).
+    exp = ensure_experiment("sftflow-reeval", uri=resolve_tracking_uri())
+    with mlflow.start_run(experiment_id=exp):
+        _, _, v1 = log_model(out, register_as=name)
+    client.set_registered_model_alias(name, CHAMPION, v1)
+    ref = model_version_ref(client, client.get_model_version(name, v1), download_dir=tmp_path / "dl")
+    assert ref.kind == "merged" and ref.meta_dict()["template"] == "gemma"
+    assert (Path(ref.path) / "config.json").exists() and ref.path != tiny.path  # the logged copy, not the source
+    # Recorded on another held-out set: must not be trusted.
+    client.set_model_version_tag(name, v1, TAG_EVAL_KEY, "some-other-heldout")
+    client.set_model_version_tag(name, v1, TAG_EVAL_METRICS, json.dumps({"eval_loss": -100.0}))
+
+    recs = [make_record([{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}], source="t:x")
+            for w in ("yes", "no", "maybe")]
+    heldout = write_parquet(records_to_frame(recs), tmp_path / "heldout.parquet", name="heldout")
+    evaluation = EvaluationConfig(max_new_tokens=4, batch_size=3)
+    training = TrainingConfig(max_seq_len=64)
+    key = eval_key(heldout=heldout, cfg=evaluation, template="gemma", max_seq_len=64)
+    base = EvalResult(label="base", metrics=(("eval_loss", 50.0),), samples=_samples(tmp_path, "b", ["x"], [0.0]),
+                      heldout_sha256=heldout.sha256, eval_key=key)
+    tuned = EvalResult(label="tuned", metrics=(("eval_loss", 1.0),), samples=_samples(tmp_path, "t", ["y"], [0.0]),
+                       heldout_sha256=heldout.sha256, eval_key=key)
+    v2 = _register(client, name)
+    cfg = PromotionConfig(metric="eval_loss", direction="minimize", min_improvement=0.5)
+    d, champ = promote(base=base, tuned=tuned, registered_name=name, registered_version=v2, cfg=cfg, heldout=heldout,
+                       evaluation=evaluation, training=training, out_dir=tmp_path / "gate", client=client)
+    assert champ is not None and d.champion_reevaluated
+    # A random tiny model's loss is about ln(vocab) (> 1.0), so the candidate wins; -100 was ignored.
+    assert d.champion_value == pytest.approx(champ.metric("eval_loss")) and d.champion_value > 1.0
+    assert champ.heldout_sha256 == heldout.sha256 and champ.eval_key == key
+    assert d.promoted and str(client.get_model_version_by_alias(name, CHAMPION).version) == v2
+    assert "re-evaluated" in client.get_model_version(name, v2).description
+
+
+@dataclass(frozen=True)
+class _Train:
+    registered_name: str
+    registered_version: str
+
+
+def test_promote_task_records_table_deltas_and_decision(client, sftflow_home: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    from sftflow.tracking import StageContext, ensure_experiment, resolve_tracking_uri
+    from tasks.promote import promote_task
+
+    uri = resolve_tracking_uri()
+    exp = ensure_experiment("sftflow-promote-test", uri=uri)
+    parent = client.create_run(exp, run_name="parent").info.run_id
+    ctx = StageContext(pipeline="t", run_id="r1", run_dir=str(sftflow_home / "runs/t/r1"), tracking_uri=uri,
+                       experiment_id=exp, parent_run_id=parent)
+    name = "sftflow-task"
+    v1 = _register(client, name)
+    decision = promote_task.fn(_result(tmp_path, "base", 0.2), _result(tmp_path, "tuned", 0.3),
+                               _Train(name, v1), PromotionConfig(), ctx=ctx, heldout=None,
+                               evaluation=EvaluationConfig(), training=TrainingConfig())
+    assert decision.promoted
+    assert decision.summary()["deltas"]["rougeL"] == pytest.approx(0.1)
+    pr = client.get_run(parent)
+    assert pr.data.metrics["delta/rougeL"] == pytest.approx(0.1)
+    assert pr.data.tags["sftflow.gate.decision"] == "promoted"
+    parent_files = {f.path for f in client.list_artifacts(parent, "eval")}
+    assert {"eval/side_by_side.json", "eval/side_by_side.html", "eval/side_by_side.md"} <= parent_files
+    stage = mlflow.search_runs([exp], filter_string="tags.`sftflow.stage` = 'promote'", output_format="list")[0]
+    assert {f.path for f in client.list_artifacts(stage.info.run_id, "promotion")} == {"promotion/decision.json"}
+    table = json.loads(Path(client.download_artifacts(parent, "eval/side_by_side.json", str(tmp_path / "dl"))).read_text())
+    assert "tuned_output" in table["columns"] and len(table["data"]) == 2
+    assert client.get_model_version(name, v1).tags["sftflow.gate.run_id"] == stage.info.run_id
