@@ -141,7 +141,14 @@ class SyntheticCorpus(Sequence[str]):
 
 
 def rss_mb() -> float:
-    """Peak resident set size of this process, MiB."""
+    """Peak resident set size of this process, MiB (VmHWM: unlike ru_maxrss it is not inherited
+    from the parent across exec, so each scale run reports its own peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

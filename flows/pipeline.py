@@ -81,11 +81,16 @@ def sftflow_pipeline(
 
         if cfg.augmentation.enabled:
             aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx)
-            aug_valid = validate_task(aug.curated, cfg.validation, tokenizer=base, ctx=ctx, stage="validate_augmented")
-            # Curated pairs go through dedup like any other data, against the seed and the held-out set.
-            train_data = dedup_task([aug.seed, aug_valid.valid], cfg.dedup, ctx=ctx, stage="dedup_augmented",
-                                    heldout=split.heldout).kept
             summary["augmentation"] = {"candidates": aug.candidates.num_rows, "curated": aug.curated.num_rows}
+            train_data = aug.seed or split.train
+            if aug.curated.num_rows:
+                aug_valid = validate_task(aug.curated, cfg.validation, tokenizer=base, ctx=ctx,
+                                          stage="validate_augmented")
+                # Curated pairs go through dedup like any other data, against the seed and the held-out set.
+                train_data = dedup_task([train_data, aug_valid.valid], cfg.dedup, ctx=ctx, stage="dedup_augmented",
+                                        heldout=split.heldout).kept
+            else:
+                log.warning("Self-curation kept no candidate pairs; training on the seed data only.")
 
         model_name = cfg.promotion.model_name or f"sftflow-{pipeline}"
         trained = train_task(train_data, split.heldout, base, cfg.training, ctx=ctx, register_as=model_name)

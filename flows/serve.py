@@ -102,8 +102,8 @@ def build_deployments(*, pipelines_file: str | None = None, limit_concurrency: b
 # --------------------------------------------------------------------------- prefect.yaml
 WORK_POOL = "sftflow-docker"
 PREFECT_YAML_HEADER = """\
-# Production deployments of every pipeline in pipelines.yaml, to the Docker work pool `sftflow-docker`
-# (infra/production/README: docker compose up, then `prefect deploy --all` from the repo root).
+# Production deployments of every pipeline in pipelines.yaml, to the work pool `sftflow-docker`
+# (infra/README.md: docker compose up, then `prefect --no-prompt deploy --all` from the repo root).
 # GENERATED from pipelines.yaml by `python -m flows.serve --write-prefect-yaml`; a test fails when
 # the two disagree. Same flow, parameters, cron schedules and per-pipeline concurrency limit as
 # `sftflow serve`; the flow runs inside the sftflow image ($SFTFLOW_IMAGE, default sftflow:latest)
@@ -111,7 +111,7 @@ PREFECT_YAML_HEADER = """\
 """
 
 
-def prefect_yaml(*, pipelines_file: str | None = None) -> dict[str, Any]:
+def prefect_yaml(*, pipelines_file: str | None = None, work_pool: str = WORK_POOL) -> dict[str, Any]:
     """The content of ``prefect.yaml``: one deployment per pipeline for the production work pool."""
     import prefect
 
@@ -129,7 +129,7 @@ def prefect_yaml(*, pipelines_file: str | None = None) -> dict[str, Any]:
                  "parameters": {"skip_if_unchanged": cfg.schedule.skip_if_unchanged}}
             ] if cfg.schedule.cron else [],
             "concurrency_limit": {"limit": 1, "collision_strategy": "ENQUEUE"},
-            "work_pool": {"name": WORK_POOL, "work_queue_name": "default",
+            "work_pool": {"name": work_pool, "work_queue_name": "default",
                           "job_variables": {"image": "{{ $SFTFLOW_IMAGE }}"}},
         }
         deployments.append(dep)
@@ -143,12 +143,13 @@ def prefect_yaml(*, pipelines_file: str | None = None) -> dict[str, Any]:
     }
 
 
-def render_prefect_yaml(*, pipelines_file: str | None = None) -> str:
+def render_prefect_yaml(*, pipelines_file: str | None = None, work_pool: str = WORK_POOL) -> str:
     """``prefect.yaml`` as text (header comment + YAML)."""
     import yaml
 
-    return PREFECT_YAML_HEADER + yaml.safe_dump(prefect_yaml(pipelines_file=pipelines_file), sort_keys=False,
-                                                width=110)
+    header = PREFECT_YAML_HEADER.replace(f"work pool `{WORK_POOL}`", f"work pool `{work_pool}`")
+    return header + yaml.safe_dump(prefect_yaml(pipelines_file=pipelines_file, work_pool=work_pool),
+                                   sort_keys=False, width=110)
 
 
 def _use_recorded_servers() -> None:
@@ -179,13 +180,13 @@ def serve_all(*, pipelines_file: str | None = None, limit_concurrency: bool = Tr
     from sftflow.tracking import check_tracking_server
 
     _use_recorded_servers()
-    configure_environment()
     if not os.environ.get("PREFECT_API_URL"):
         raise ServiceError("sftflow serve needs a Prefect server (the embedded one runs no schedules): "
                            f"{START_HINT}, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.")
     check_prefect_server()
     if os.environ.get("MLFLOW_TRACKING_URI"):
         check_tracking_server(os.environ["MLFLOW_TRACKING_URI"])
+    configure_environment()  # before prefect is imported: it reads settings once
     from prefect import serve
 
     deployments = build_deployments(pipelines_file=pipelines_file, limit_concurrency=limit_concurrency,
@@ -202,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-concurrency-limit", action="store_true")
     ap.add_argument("--write-prefect-yaml", metavar="PATH", nargs="?", const="prefect.yaml", default=None,
                     help="(re)generate prefect.yaml from pipelines.yaml and exit")
+    ap.add_argument("--work-pool", default=WORK_POOL, help=f"work pool of the generated deployments (default {WORK_POOL})")
     args = ap.parse_args(argv)
     if args.write_prefect_yaml:
-        Path(args.write_prefect_yaml).write_text(render_prefect_yaml(pipelines_file=args.pipelines_file))
+        Path(args.write_prefect_yaml).write_text(render_prefect_yaml(pipelines_file=args.pipelines_file,
+                                                                     work_pool=args.work_pool))
         print(f"wrote {args.write_prefect_yaml}")
         return 0
     serve_all(pipelines_file=args.pipelines_file, limit_concurrency=not args.no_concurrency_limit,

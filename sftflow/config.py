@@ -109,6 +109,12 @@ class DedupConfig(_Section):
     source_priority: list[str] = Field(default_factory=list)
     cross_split: Literal["move", "drop"] = "move"
 
+    @model_validator(mode="after")
+    def _priority_when_needed(self) -> "DedupConfig":
+        if self.keep == "source_priority" and not self.source_priority:
+            raise ValueError("keep is `source_priority` but `source_priority` (a list of source names) is empty")
+        return self
+
 
 # --------------------------------------------------------------------------- split
 class SplitConfig(_Section):

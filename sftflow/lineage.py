@@ -40,8 +40,8 @@ TAG_PARENT = "mlflow.parentRunId"
 # Artifacts the lineage report names explicitly: (key, stage prefix, file-name pattern).
 NAMED_ARTIFACTS: tuple[tuple[str, str, str], ...] = (
     ("config", "", r"(^|/)config/.*\.(ya?ml|json)$"),
-    ("validation_result", "validate", r"(gx|great_expectations|validation|expectation).*\.json$"),
-    ("data_docs", "validate", r"(data_docs|datadocs).*index\.html$|(^|/)data_docs/"),
+    ("validation_result", "validate", r"(gx_result|great_expectations|validation|summary).*\.json$"),
+    ("data_docs", "validate", r"(^|/)data_docs/$"),
     ("dedup_report", "dedup", r"report.*\.(json|md|html)$"),
     ("backtranslation_candidates", "backtranslate", r"candidates.*\.(parquet|json|jsonl|csv)$"),
     ("eval_samples", "evaluate", r"samples.*\.(parquet|json)$"),
@@ -49,7 +49,8 @@ NAMED_ARTIFACTS: tuple[tuple[str, str, str], ...] = (
 )
 _MAX_ARTIFACTS_PER_RUN = 300
 # Folders whose content is model weights/checkpoints: listed as one entry, not walked.
-_OPAQUE_DIRS = re.compile(r"(^|/)(checkpoints?|checkpoint-\d+|model|merged|adapter|weights)$")
+# GX Data Docs (hundreds of static files) are one entry too; their index.html is what people open.
+_OPAQUE_DIRS = re.compile(r"(^|/)(checkpoints?|checkpoint-\d+|model|merged|adapter|weights|data_docs)$")
 
 
 class LineageError(LookupError):
@@ -285,7 +286,8 @@ def lineage(spec: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
         for key, prefix, pattern in NAMED_ARTIFACTS:
             if prefix and not stage.startswith(prefix):
                 continue
-            named[key].extend(a["uri"] for a in s["artifacts"] if re.search(pattern, a["path"]))
+            uris = [a["uri"] for a in s["artifacts"] if re.search(pattern, a["path"])]
+            named[key].extend(u + "/index.html" if key == "data_docs" else u for u in uris)
     # Files a stage wrote in the run directory but recorded only as a tag (e.g. local GX results).
     for s in stages:
         run_tags = {}

@@ -48,6 +48,8 @@ def configure_environment() -> None:
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
+    # Prefect's SQLite database cannot be created in a folder that does not exist yet.
+    layout.ensure(layout.Path(os.environ["PREFECT_HOME"]).expanduser())
 
 
 def markdown_artifact(key: str, markdown: str, *, description: str = "") -> None:

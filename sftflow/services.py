@@ -571,6 +571,10 @@ def stack_status(*, state: Path | None = None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- `sftflow ui`
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_ui(*, host: str = LOOPBACK, prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
     """Start a local Prefect server and MLflow UI (SQLite under ``$SFTFLOW_HOME``) until Ctrl-C.
 
@@ -584,7 +588,7 @@ def run_ui(*, host: str = LOOPBACK, prefect_port: int = 4200, mlflow_port: int =
         print(f"  export {k}={v}")
     print("Ctrl-C stops both.", flush=True)
     # Turn SIGTERM into the same clean path as Ctrl-C.
-    prev = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    prev = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while True:
             dead = [s for s in stack.services if not _alive(s.pid)]

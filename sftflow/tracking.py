@@ -204,7 +204,13 @@ def log_dataset(ref: DatasetRef, *, context: str, source: str | None = None, df:
     for col in flat.columns:
         if flat[col].dtype == object:
             flat[col] = flat[col].map(_flat_value)
-    ds = mlflow.data.from_pandas(flat, source=source or ref.path, name=ref.name, digest=ref.sha256[:36])
+    import warnings
+
+    with warnings.catch_warnings():
+        # MLflow registers LocalArtifactDatasetSource twice and warns about the ambiguity on every
+        # local path; the source it picks is the right one.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        ds = mlflow.data.from_pandas(flat, source=source or ref.path, name=ref.name, digest=ref.sha256[:36])
     mlflow.log_input(ds, context=context, tags={"sftflow.sha256": ref.sha256, "sftflow.rows": str(ref.num_rows),
                                                  "sftflow.path": ref.path})
 

@@ -320,6 +320,18 @@ def dedup(
         idx = np.flatnonzero(alive)
         heldout_df = heldout_df.reset_index(drop=True)
         leaks = find_cross_duplicates(df.iloc[idx], heldout_df, cfg.near)
+        # Equal normalised keys leak too, even when too short to have shingles (e.g. "Hi?").
+        held_keys: dict[str, int] = {}
+        for h, k in enumerate(normalize_for_exact(t, cfg.exact) for t in key_texts(heldout_df, cfg.exact.key)):
+            if k:
+                held_keys.setdefault(k, h)
+        for t, k in enumerate(normalize_for_exact(x, cfg.exact) for x in key_texts(df.iloc[idx], cfg.exact.key)):
+            if k in held_keys:
+                leaks.append((held_keys[k], t, 1.0))
+        strongest: dict[tuple[int, int], float] = {}
+        for h, t, s in leaks:
+            strongest[(h, t)] = max(s, strongest.get((h, t), 0.0))
+        leaks = sorted((h, t, s) for (h, t), s in strongest.items())
         hid = heldout_df["id"].astype(str).to_numpy()
         best: dict[int, tuple[float, int]] = {}
         for h, t, s in leaks:  # each leaking train row: its most similar held-out row

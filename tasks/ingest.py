@@ -54,6 +54,16 @@ from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
 
 log = logging.getLogger(__name__)
 
+
+def _logger() -> Any:
+    """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # MissingContextError outside a run
+        return log
+
 FORMATS: tuple[str, ...] = ("alpaca", "dolly", "human_assistant", "messages", "self_instruct")
 FILE_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
 # One quarantine schema for every stage that quarantines rows (ingest, validate).
@@ -77,6 +87,25 @@ class IngestError(ValueError):
 
 class RowError(ValueError):
     """One row is bad; its message is the quarantine reason."""
+
+
+def retry_unless(*errors: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
+    """A Prefect ``retry_condition_fn``: retry (I/O hiccups) unless the failure is one of ``errors``.
+
+    Bad data (too many quarantined rows, a failed GX suite) fails the same way every time, so
+    retrying it only delays the clear error.
+    """
+
+    def should_retry(task: Any, task_run: Any, state: Any) -> bool:
+        exc = getattr(state, "data", None)
+        if not isinstance(exc, BaseException):
+            try:
+                exc = state.result(raise_on_failure=False)
+            except Exception:
+                return True
+        return not isinstance(exc, errors)
+
+    return should_retry
 
 
 # --------------------------------------------------------------------------- results
@@ -526,7 +555,7 @@ def ingest_source(src: SourceConfig, cfg: IngestConfig) -> _SourceOut:
                 keys = sorted({k for o in objs[:50] if isinstance(o, dict) for k in o})[:20]
                 raise IngestError(f"{label}: unknown format (keys {keys}); expected one of {_EXPECTED}. "
                                   f"Set `format:` or map columns with `columns:` in the source {src.name!r}.")
-            log.info("source %s: %s detected as format %r", src.name, label, fmt)
+            _logger().info("source %s: %s detected as format %r", src.name, label, fmt)
         formats.append(fmt)
         convert = CONVERTERS[fmt]
         for r, o in zip(rows, objs):
@@ -552,7 +581,8 @@ def ingest_source(src: SourceConfig, cfg: IngestConfig) -> _SourceOut:
                     quarantine.append(_qrow(stage="ingest", source=source, file=label, row=r.row,
                                             reason=reason, raw=r.raw))
                     continue
-                records.append(make_record(msgs, source=source, category=cat or src.category or ""))
+                category = _SURROGATE.sub("\ufffd", cat or src.category or "")  # Parquet needs valid UTF-8
+                records.append(make_record(msgs, source=source, category=category))
     return _SourceOut(records=records, quarantine=quarantine, formats=formats, files=len(files), read=read)
 
 
@@ -637,15 +667,18 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path) -> 
     quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name="ingest_quarantine")
     dataset = write_parquet(records_to_frame(mixed), out_dir / "dataset.parquet", name="ingested")
     result = IngestResult(dataset=dataset, quarantine=quarantine, counts=tuple(counts))
+    for c in counts:
+        _logger().info("source %s (%s): read %d = kept %d + quarantined %d; mixed %d (%.1f%%)", c.source, c.formats,
+                       c.read, c.kept, c.quarantined, c.mixed, 100 * result.mixture()[c.source])
     (out_dir / "report.json").write_text(json.dumps(report(result), indent=2, sort_keys=True))
 
     too_bad = [c for c in counts if c.read and c.quarantined / c.read > cfg.max_quarantine_fraction]
     if too_bad:
         lines = [f"{c.source}: {c.quarantined}/{c.read} rows quarantined ({c.quarantined / c.read:.1%})" for c in too_bad]
-        reasons = pd.Series([q["reason"] for q in q_rows]).value_counts().head(5)
+        reasons = {k: int(v) for k, v in pd.Series([q["reason"] for q in q_rows]).value_counts().head(5).items()}
         raise IngestError(
             f"too many bad rows (ingest.max_quarantine_fraction={cfg.max_quarantine_fraction}): " + "; ".join(lines)
-            + f". Top reasons: {dict(reasons)}. Bad rows are in {quarantine.path}"
+            + f". Top reasons: {reasons}. Bad rows are in {quarantine.path}"
         )
     return result
 
@@ -662,7 +695,8 @@ def report(result: IngestResult) -> dict[str, Any]:
     }
 
 
-@task(name="ingest", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES)
+@task(name="ingest", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES,
+      retry_condition_fn=retry_unless(IngestError))
 def ingest_task(sources: list[SourceConfig], cfg: IngestConfig, *, ctx: StageContext) -> IngestResult:
     """Prefect task: run ``ingest`` in its own nested MLflow run and publish the accounting."""
     import mlflow
@@ -670,7 +704,14 @@ def ingest_task(sources: list[SourceConfig], cfg: IngestConfig, *, ctx: StageCon
     with stage_run(ctx, "ingest"):
         out_dir = ctx.stage_dir("ingest")
         mlflow.log_params({f"source.{s.name}": s.path or s.hub for s in sources})
-        result = ingest(sources=sources, cfg=cfg, out_dir=out_dir)
+        try:
+            result = ingest(sources=sources, cfg=cfg, out_dir=out_dir)
+        except IngestError:
+            # The failed stage run still carries the bad rows and the accounting, for the post-mortem.
+            for name in ("quarantine.parquet", "report.json"):
+                if (out_dir / name).exists():
+                    mlflow.log_artifact(str(out_dir / name), "ingest")
+            raise
         for c in result.counts:
             for k in ("read", "kept", "quarantined", "mixed", "not_sampled"):
                 mlflow.log_metric(f"{c.source}.{k}", getattr(c, k))

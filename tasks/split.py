@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import string
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,12 +32,19 @@ from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_pol
 from sftflow.records import prompt_text
 from sftflow.refs import DatasetRef, write_parquet
 from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+from tasks.ingest import retry_unless
 
 log = logging.getLogger(__name__)
 
-_WS = re.compile(r"\s+")
-_PUNCT = str.maketrans("", "", string.punctuation + "“”‘’«»…–—")
 
+def _logger() -> Any:
+    """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # MissingContextError outside a run
+        return log
 
 class SplitError(ValueError):
     """The dataset cannot be split as configured; the message names the config key."""
@@ -70,17 +74,10 @@ class SplitResult:
 
 
 def normalize_prompt(text: str, cfg: ExactDedupConfig | None = None) -> str:
-    """The prompt key leakage is checked on (same switches as exact dedup's normalization)."""
-    cfg = cfg or ExactDedupConfig()
-    if cfg.unicode_normalize:
-        text = unicodedata.normalize("NFKC", text)
-    if cfg.lowercase:
-        text = text.lower()
-    if cfg.strip_punctuation:
-        text = text.translate(_PUNCT)
-    if cfg.collapse_whitespace:
-        text = _WS.sub(" ", text)
-    return text.strip()
+    """The prompt key leakage is checked on: exact dedup's normalization, so both stages agree."""
+    from tasks.dedup import normalize_for_exact
+
+    return normalize_for_exact(text, cfg or ExactDedupConfig())
 
 
 def heldout_count(n: int, cfg: SplitConfig) -> int:
@@ -173,7 +170,7 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
     near_idx: list[int] = []
     finder = _find_cross_duplicates() if (dedup.enabled and dedup.near.enabled) else None
     if dedup.enabled and dedup.near.enabled and finder is None:
-        log.warning("split: tasks.dedup.find_cross_duplicates is not available; near-duplicate leakage not checked")
+        _logger().warning("split: tasks.dedup.find_cross_duplicates is not available; near-duplicate leakage not checked")
     if finder is not None:
         held_pos = [i for i in np.flatnonzero(mask) if int(i) not in leak_reason]
         train_pos = np.flatnonzero(~mask)
@@ -226,6 +223,8 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
                              if cfg.stratify_by else {}),
     }
     assert rep["rows_in"] == rep["train"] + rep["heldout"] + rep["dropped"], rep  # nothing disappears
+    _logger().info("split: train %d, held-out %d (asked %d); leaks exact %d, near %d (%s)", train.num_rows,
+                   heldout.num_rows, requested, len(exact_idx), len(near_idx), dedup.cross_split)
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(rep, indent=2, sort_keys=True))
     return SplitResult(train=train, heldout=heldout, leaks_moved=len(leaks), leaks_exact=len(exact_idx),
@@ -242,7 +241,8 @@ def df_leaks(dataset: DatasetRef, reasons: dict[int, str], action: str) -> pd.Da
     return out.reset_index(drop=True)
 
 
-@task(name="split", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES)
+@task(name="split", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES,
+      retry_condition_fn=retry_unless(SplitError))
 def split_task(dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, *, ctx: StageContext) -> SplitResult:
     """Prefect task: split in a nested MLflow run; log both sides, the leak counts and the report."""
     import mlflow

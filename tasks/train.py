@@ -1167,7 +1167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], help="override, e.g. max_steps=20 (repeatable)")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    # Progress lines on stdout (prefect, imported above, configures the root logger its own way).
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
     def ref(path: str, name: str) -> DatasetRef:
         import pyarrow.parquet as pq

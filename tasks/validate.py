@@ -37,10 +37,20 @@ from sftflow.config import ValidationConfig
 from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
 from sftflow.records import COLUMNS, ORIGINS, ROLES
 from sftflow.refs import DatasetRef, ModelRef, write_parquet
-from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
-from tasks.ingest import RAW_PREVIEW_CHARS, quarantine_frame
+from sftflow.tracking import StageContext, log_dataset, stage_run
+from tasks.ingest import RAW_PREVIEW_CHARS, quarantine_frame, retry_unless
 
 log = logging.getLogger(__name__)
+
+
+def _logger() -> Any:
+    """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # MissingContextError outside a run
+        return log
 
 SUITE_NAME = "sftflow_canonical"
 ROLE_PATTERN = r"^S?(?:UA)+$"  # optional system turn, then user/assistant pairs, ending on assistant
@@ -107,6 +117,11 @@ def _field_types(df: pd.DataFrame) -> list[str]:
     return out
 
 
+# The columns derive_frame computes per row (listed so an empty input still has them).
+_DERIVED_COLUMNS = ("messages_shape", "n_turns", "role_pattern", "min_user_chars", "min_assistant_chars",
+                    "prompt_chars", "response_chars", "total_chars", "non_printable_fraction")
+
+
 def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
     """Flatten canonical rows into the columns the suite checks (one output row per input row).
 
@@ -143,7 +158,7 @@ def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
             "non_printable_fraction": _non_printable(joined) / max(len(joined), 1),
         })
         texts.append(joined)
-    derived = pd.DataFrame(rows, index=out.index)
+    derived = pd.DataFrame(rows, index=out.index, columns=list(_DERIVED_COLUMNS))
     derived.insert(0, "row", np.arange(1, len(df) + 1, dtype="int64"))
     derived["field_types"] = _field_types(df)
     if tokenizer is not None and texts:
@@ -220,8 +235,8 @@ def _describe(exp: Any) -> str:
     return f"{exp.type}({inner})"
 
 
-def run_suite(derived: pd.DataFrame, cfg: ValidationConfig, *, gx_dir: Path, with_tokens: bool) -> Any:
-    """Run the suite with a file-based GX context in ``gx_dir`` (rebuilt each run); returns the GX result."""
+def run_suite(derived: pd.DataFrame, cfg: ValidationConfig, *, gx_dir: Path, with_tokens: bool) -> tuple[Any, str]:
+    """Run the suite with a file-based GX context in ``gx_dir`` (rebuilt each run); returns (GX result, docs index)."""
     # GX phones home for analytics by default; this stage must stay offline and quiet.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
@@ -323,6 +338,8 @@ def validate(
         {"rows": len(df), "valid": valid.num_rows, "quarantined": quarantine.num_rows, "expectations": summary,
          "statistics": gx_result.statistics}, indent=2, default=str))
 
+    _logger().info("GX suite %s on %s: %d valid, %d quarantined of %d rows", SUITE_NAME, dataset.name,
+                   valid.num_rows, quarantine.num_rows, len(df))
     fraction = len(bad) / max(len(df), 1)
     if fraction > cfg.max_suite_failure_fraction:
         blocking.append(f"{len(bad)}/{len(df)} rows ({fraction:.1%}) fail row-level expectations "
@@ -378,7 +395,8 @@ def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool = False) -> Any:
     return AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=trust_remote_code)
 
 
-@task(name="validate", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES)
+@task(name="validate", cache_policy=stage_cache_policy(), persist_result=True, **IO_RETRIES,
+      retry_condition_fn=retry_unless(ValidationFailed))
 def validate_task(
     dataset: DatasetRef,
     cfg: ValidationConfig,
@@ -411,8 +429,8 @@ def validate_task(
         table_artifact(f"{stage}-expectations", summary["expectations"],
                        description=f"GX suite {SUITE_NAME}: {result.valid.num_rows} valid, "
                                    f"{result.quarantine.num_rows} quarantined of {dataset.num_rows}")
-        run = mlflow.active_run()
-        markdown_artifact(f"{stage}-summary", _markdown(result, summary, run.info.run_id if run else ""),
+        docs_uri = mlflow.get_artifact_uri(f"{stage}/data_docs/index.html") if result.data_docs else ""
+        markdown_artifact(f"{stage}-summary", _markdown(result, summary, mlflow.active_run().info.run_id, docs_uri),
                           description="Great Expectations validation")
         ctx.layout.mark_done(stage)
         return result
@@ -429,7 +447,7 @@ def _log_outputs(out_dir: Path, stage: str) -> None:
         mlflow.log_artifacts(str(docs), f"{stage}/data_docs")
 
 
-def _markdown(result: ValidateResult, summary: dict[str, Any], run_id: str) -> str:
+def _markdown(result: ValidateResult, summary: dict[str, Any], run_id: str, docs_uri: str) -> str:
     lines = [f"# Validation (GX suite `{SUITE_NAME}`)", "",
              f"{summary['valid']} valid, {summary['quarantined']} quarantined of {summary['rows']} rows.", "",
              "| expectation | level | success | unexpected |", "|---|---|---|---|"]
@@ -438,7 +456,7 @@ def _markdown(result: ValidateResult, summary: dict[str, Any], run_id: str) -> s
     lines += ["", f"- GX result JSON: `{result.gx_result}`"]
     if result.data_docs:
         lines.append(f"- Data Docs: [{result.data_docs}](file://{result.data_docs})")
-    if run_id:
-        lines.append(f"- MLflow artifacts of run `{run_id}`: `validate/gx_result.json`, `validate/data_docs/index.html`")
+    if docs_uri:
+        lines.append(f"- Data Docs logged to MLflow run `{run_id}`: [{docs_uri}]({docs_uri})")
     return "\n".join(lines)
 

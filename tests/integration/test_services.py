@@ -116,6 +116,24 @@ def test_smoke_pipeline_from_the_api_is_recorded_in_mlflow(stack, smoke_run) -> 
     model = client.get_registered_model("sftflow-smoke")
     assert "candidate" in model.aliases
 
+    if stack.backend == "postgres":
+        # The records really live in PostgreSQL (not in a SQLite file next to it).
+        import psycopg2
+
+        pg = stack.stack.postgres
+        counts = {}
+        for db, sql in (("prefect", "SELECT count(*) FROM flow_run WHERE id = %s"),
+                        ("mlflow", "SELECT count(*) FROM runs WHERE run_uuid = %s")):
+            conn = psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=db)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql, (str(smoke_run.id) if db == "prefect" else parent.info.run_id,))
+                    counts[db] = cur.fetchone()[0]
+            finally:
+                conn.close()
+        assert counts == {"prefect": 1, "mlflow": 1}
+        assert not list(stack.home.rglob("*.db")), "a SQLite store was created despite the postgres backend"
+
 
 def test_scheduled_run_with_unchanged_sources_skips_and_says_so(stack, smoke_run, smoke_served) -> None:
     from mlflow.tracking import MlflowClient
@@ -133,3 +151,77 @@ def test_scheduled_run_with_unchanged_sources_skips_and_says_so(stack, smoke_run
     assert "Skipping retraining" in logs and "unchanged" in logs, logs[-4000:]
     after = client.search_runs([exp.experiment_id], filter_string="tags.`sftflow.kind` = 'pipeline'")
     assert len(after) == len(before)
+
+
+def test_prefect_yaml_deploys_to_the_docker_work_pool(stack) -> None:
+    """The production artifacts are accepted by a real server: the work pool template, then
+    `prefect deploy --all` with prefect.yaml (no worker runs here: no Docker engine)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    template = json.loads((REPO / "infra/production/work-pools/sftflow-docker.json").read_text())
+    with prefect_api(stack.prefect_api_url), get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="sftflow-docker", type="docker", base_job_template=template))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(stack.client_env())
+    env.update({"SFTFLOW_IMAGE": "sftflow:test", "DO_NOT_TRACK": "1"})
+    prefect_cli = Path(sys.executable).parent / "prefect"
+    proc = subprocess.run([str(prefect_cli), "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pipes = load_pipelines(REPO / "pipelines.yaml")
+    with prefect_api(stack.prefect_api_url), get_client(sync_client=True) as client:
+        for name, cfg in pipes.items():
+            dep = client.read_deployment_by_name(f"sftflow/{name}")
+            assert dep.work_pool_name == "sftflow-docker"
+            assert dep.job_variables["image"] == "sftflow:test"
+            assert dep.parameters == {"pipeline": name}
+            if cfg.schedule.cron:
+                assert [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules] == [
+                    (cfg.schedule.cron, cfg.schedule.timezone)]
+                assert dep.schedules[0].parameters == {"skip_if_unchanged": cfg.schedule.skip_if_unchanged}
+            # Production deployments must not fire while this test server lives.
+            client.pause_deployment(dep.id)
+
+
+def test_sftflow_ui_prints_both_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    """`sftflow ui`: Prefect + MLflow on SQLite under $SFTFLOW_HOME, loopback, gone after Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    pp, mp_ = services.free_port(), services.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["SFTFLOW_HOME"] = str(home)
+    proc = subprocess.Popen([sys.executable, "-m", "sftflow.cli", "ui", "--prefect-port", str(pp),
+                             "--mlflow-port", str(mp_)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+        out = "".join(lines)
+        assert f"http://127.0.0.1:{pp}" in out and f"http://127.0.0.1:{mp_}" in out, out
+        services.check_prefect_server(f"http://127.0.0.1:{pp}/api")
+        assert (home / "prefect" / "prefect.db").exists() and (home / "mlflow" / "mlflow.db").exists()
+        recorded = [services.read_service(n, state=home / "services") for n in (services.PREFECT_NAME, services.MLFLOW_NAME)]
+        assert all(r is not None and services._alive(r.pid) for r in recorded)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "stopping:" in rest
+    assert not services.port_in_use(pp) and not services.port_in_use(mp_)
+    assert all(not services._alive(r.pid) for r in recorded)
+    assert not (home / "services" / "prefect-server.json").exists()

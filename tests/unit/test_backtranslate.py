@@ -267,3 +267,53 @@ def test_backtranslate_end_to_end_tiny(sftflow_home: Path, shared_data: Path, th
     rev = frame_to_records(out.reversed.read())
     assert rev[0]["messages"][1]["content"] == "What is the capital of France?"
     assert out.backward_model.kind == "adapter" and Path(out.backward_model.path).is_dir()
+
+
+def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, shared_data: Path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sftflow.models import build_tiny_model
+    from sftflow.tracking import StageContext, ensure_experiment, resolve_tracking_uri
+    from tasks.backtranslate import AugmentResult, backtranslate_task
+
+    base = build_tiny_model("tiny-chatml")
+    leads = json.loads((shared_data / "unlabeled" / "wikipedia_leads_10033.json").read_text())
+    corpus = sftflow_home / "leads.json"
+    corpus.write_text(json.dumps(dict(list(leads.items())[100:106])))
+    seed_ref = write_parquet(records_to_frame(_seed_records() * 2), sftflow_home / "seed.parquet", name="seed")
+    cfg = AugmentationConfig(
+        enabled=True, corpus=CorpusConfig(name="wiki", path=str(corpus)), max_segments=4, min_words=10,
+        reject_truncated=False, backward_training={"max_steps": 1}, forward_training={"max_steps": 1},
+        generation={"max_new_tokens": 6, "batch_size": 4}, curation={"threshold": 1.0, "batch_size": 4},
+    )
+    training = TrainingConfig(batch_size=2, max_seq_len=96, lora={"r": 4, "alpha": 8}, precision="fp32",
+                              checkpoint_every=None)
+    uri = resolve_tracking_uri()
+    exp = ensure_experiment("sftflow-test", uri=uri)
+    client = MlflowClient(uri)
+    parent = client.create_run(exp, run_name="parent").info.run_id
+    ctx = StageContext(pipeline="test", run_id="r1", run_dir=str(sftflow_home / "runs/test/r1"),
+                       tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
+
+    result = backtranslate_task.fn(seed_ref, base, cfg, training, ctx=ctx)
+
+    assert isinstance(result, AugmentResult) and result.seed is not None
+    counts = dict(result.counts)
+    assert result.candidates.num_rows == counts["segments_in"] and result.curated.num_rows == counts["kept"]
+    runs = {r.data.tags["sftflow.stage"]: r for r in
+            mlflow.search_runs([exp], filter_string="tags.`sftflow.stage` LIKE 'backtranslate%'", output_format="list")}
+    assert set(runs) == {"backtranslate", "backtranslate.backward", "backtranslate.curation"}
+    stage = runs["backtranslate"]
+    assert stage.data.tags["mlflow.parentRunId"] == parent
+    assert stage.data.metrics["bt_kept"] == counts["kept"] and stage.data.metrics["bt_unparseable_scores"] == 0
+    files = {f.path for f in client.list_artifacts(stage.info.run_id, "backtranslate")}
+    assert {"backtranslate/candidates.parquet", "backtranslate/score_histogram.png", "backtranslate/summary.md"} <= files
+    # Each helper model is the logged model of its own run, nested under the stage run.
+    for name in ("backtranslate.backward", "backtranslate.curation"):
+        run = runs[name]
+        assert run.data.tags["mlflow.parentRunId"] == stage.info.run_id
+        models = mlflow.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{run.info.run_id}'",
+                                             output_format="list")
+        assert len(models) == 1
+    assert (Path(ctx.run_dir) / "backtranslate" / "_SUCCESS").exists()

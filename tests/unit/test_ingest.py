@@ -332,3 +332,14 @@ def test_ingest_task_logs_to_mlflow(sftflow_home: Path) -> None:
     assert res.dataset.sha256[:36] in digests
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "ingest")}
     assert {"ingest/report.json", "ingest/quarantine.parquet"} <= arts
+
+
+def test_bad_data_is_not_retried_but_io_errors_are() -> None:
+    from prefect.states import Failed
+
+    from tasks.ingest import retry_unless
+
+    cond = retry_unless(IngestError)
+    assert cond(None, None, Failed(data=IngestError("too many bad rows"))) is False
+    assert cond(None, None, Failed(data=OSError("disk hiccup"))) is True
+    assert ingest_task.retries == 2 and ingest_task.retry_condition_fn is not None

@@ -46,6 +46,8 @@ def pipeline_run(sftflow_home: Path, tmp_path: Path) -> dict:
     with stage_run(ctx, "validate"):
         log_dataset(raw, context="validate.input")
         log_json({"success": True, "statistics": {"evaluated_expectations": 9}}, "validate/gx_result.json")
+        for i in range(3):  # Data Docs: a folder of static files, reported as one index.html
+            mlflow.log_text("<html></html>", f"validate/data_docs/{'index' if i == 0 else f'page{i}'}.html")
     with stage_run(ctx, "dedup"):
         log_json({"exact": 0, "near": 0}, "dedup/report.json")
     with stage_run(ctx, "backtranslate"):
@@ -89,6 +91,7 @@ def test_lineage_of_registered_version(pipeline_run: dict) -> None:
 
     named = d["named"]
     assert [u.rsplit("/", 2)[-2:] for u in named["validation_result"]] == [["validate", "gx_result.json"]]
+    assert [u.rsplit("/", 3)[-3:] for u in named["data_docs"]] == [["validate", "data_docs", "index.html"]]
     assert [u.rsplit("/", 1)[-1] for u in named["dedup_report"]] == ["report.json"]
     assert [u.rsplit("/", 1)[-1] for u in named["backtranslation_candidates"]] == ["candidates.parquet"]
     stages = [s["stage"] for s in d["stages"]]

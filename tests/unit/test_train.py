@@ -208,7 +208,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(sftflow_home: Path, data
     from sftflow.models import build_tiny_model
 
     build_tiny_model("tiny-gemma")  # once, before the subprocesses
-    sets = ["--set", "max_steps=40", "--set", "checkpoint_every=4", "--set", "eval_every=10", "--set", "batch_size=4",
+    sets = ["--set", "max_steps=24", "--set", "checkpoint_every=4", "--set", "eval_every=10", "--set", "batch_size=4",
             "--set", "lora.dropout=0.1", "--set", "neftune_alpha=5", "--set", "precision=fp32",
             "--set", "learning_rate=2e-3", "--set", "log_every=1"]
     env = {**os.environ, "SFTFLOW_HOME": str(sftflow_home), "PYTHONPATH": str(REPO)}
@@ -227,14 +227,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(sftflow_home: Path, data
     proc.wait()
     assert not (cut_out / "train_output.json").exists()
     ckpt = sorted((cut_out / "checkpoints").glob("step-*"))
-    assert ckpt and int(ckpt[-1].name.split("-")[1]) < 40
+    assert ckpt and int(ckpt[-1].name.split("-")[1]) < 24
 
     res = subprocess.run(_cli(sftflow_home, cut_out, data, *sets), env=env, cwd=REPO, check=True,
                          capture_output=True, text=True, timeout=300)
     resumed = json.loads(res.stdout[res.stdout.index("{\n"):])
     assert resumed["resumed_from_step"] >= 4
     a, b = (json.loads((o / "history.json").read_text()) for o in (ref_out, cut_out))
-    assert [h["step"] for h in b] == list(range(1, 41))
+    assert [h["step"] for h in b] == list(range(1, 25))
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
     from safetensors.torch import load_file
@@ -243,10 +243,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(sftflow_home: Path, data
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert "resumed from" in res.stdout and "step 24/24" in res.stdout  # progress lines
     # A third run finds the finished output and does not train again.
+    stamp = (cut_out / "train_output.json").stat().st_mtime_ns
     again = subprocess.run(_cli(sftflow_home, cut_out, data, *sets), env=env, cwd=REPO, check=True,
                            capture_output=True, text=True, timeout=300)
-    assert "reusing it" in again.stdout
+    assert "reusing it" in again.stdout and (cut_out / "train_output.json").stat().st_mtime_ns == stamp
 
 
 def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> None:
@@ -274,7 +276,7 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
     arts = [a.path for a in client.list_artifacts(result.run_id, "plots")]
     assert "plots/loss_curve.png" in arts
     mv = client.get_model_version_by_alias("sftflow-unit", "candidate")
-    assert mv.version == result.registered_version == "1" and result.registered_name == "sftflow-unit"
+    assert str(mv.version) == result.registered_version == "1" and result.registered_name == "sftflow-unit"
     assert result.model.kind == "merged" and dict(result.metrics)["steps"] == 4.0
     # Load back through the registry alias and generate (offline: weights are artifacts).
     loaded = mlflow.pyfunc.load_model("models:/sftflow-unit@candidate")
@@ -284,4 +286,4 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
     result2 = train_task.fn(data[0], data[1], build_tiny_model("tiny-gemma"), _cfg(max_steps=4, eval_every=2),
                             ctx=ctx, register_as="sftflow-unit")
     assert result2.registered_version == "2"
-    assert client.get_model_version_by_alias("sftflow-unit", "candidate").version == "2"
+    assert str(client.get_model_version_by_alias("sftflow-unit", "candidate").version) == "2"
