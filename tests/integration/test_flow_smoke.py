@@ -79,7 +79,7 @@ def test_smoke_run_records_everything_in_mlflow(first_run, smoke_home: Path) -> 
     assert mv.run_id in {r.info.run_id for r in runs}
 
     summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json")).read_text())
-    assert summary["model"]["version"] == mv.version
+    assert str(summary["model"]["version"]) == str(mv.version)
     assert Path(summary["run_dir"]).is_dir()
     assert str(smoke_home.resolve()) in summary["run_dir"]
 
