@@ -92,8 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from sftflow.config import resolve_pipeline
 
-    # Fail on a bad config before Prefect or MLflow start.
-    resolve_pipeline(args.pipeline, overrides=args.overrides, path=args.pipelines_file)
+    # Fail on a bad config, or on servers the user asked for that do not answer, before any work.
+    cfg = resolve_pipeline(args.pipeline, overrides=args.overrides, path=args.pipelines_file)
+    from sftflow.services import check_prefect_server
+    from sftflow.tracking import check_tracking_server, resolve_tracking_uri
+
+    check_tracking_server(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    if os.environ.get("PREFECT_API_URL"):
+        check_prefect_server(os.environ["PREFECT_API_URL"])
     if args.no_cache:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from flows.pipeline import sftflow_pipeline
@@ -198,6 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sftflow: invalid configuration:\n{e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - service errors get one clear line, not a traceback
+        from sftflow.services import ServiceError
+
+        if isinstance(e, ServiceError) or (isinstance(e, RuntimeError) and "unreachable" in str(e)):
+            print(f"sftflow: {e}", file=sys.stderr)
+            return 3
+        raise
     except KeyboardInterrupt:
         print("sftflow: interrupted", file=sys.stderr)
         return 130

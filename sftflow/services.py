@@ -5,7 +5,7 @@ What this module gives:
 * ``start_stack(backend="sqlite"|"postgres")`` / ``stop_stack()``: a Prefect server and an MLflow
   tracking server bound to 127.0.0.1, with SQLite files or a PostgreSQL cluster under
   ``$SFTFLOW_HOME`` as their backend store. Every process is started in its own session, its pid
-  written to ``$SFTFLOW_HOME/services/<name>.pid`` and its log to ``<name>.log``; ``stop_stack``
+  and URL written to ``$SFTFLOW_HOME/services/<name>.json`` and its log to ``<name>.log``; ``stop_stack``
   ends exactly those processes (by pid), nothing else. ``infra/local`` and ``infra/postgres``
   are thin shell wrappers over ``python -m sftflow.services``.
 * ``run_ui()``: ``sftflow ui`` -- both servers in the foreground, URLs printed, stopped on Ctrl-C.
@@ -640,9 +640,11 @@ def last_successful_run(*, pipeline: str, tracking_uri: str) -> Any | None:
     exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not exp_ids:
         return None
+    quoted = pipeline.replace("'", "\\'")  # MLflow's filter grammar escapes quotes with a backslash
     runs = client.search_runs(
         experiment_ids=exp_ids,
-        filter_string=(f"tags.`{TAG_PIPELINE}` = '{pipeline}' and tags.`{TAG_KIND}` = 'pipeline' "
+        filter_string=(f"tags.`{TAG_PIPELINE}` = '{quoted}' "
+                       f"and tags.`{TAG_KIND}` = 'pipeline' "
                        "and attributes.status = 'FINISHED'"),
         order_by=["attributes.start_time DESC"],
         max_results=1,

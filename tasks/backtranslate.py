@@ -43,6 +43,7 @@ Run it alone (the flow does this through ``backtranslate_task``)::
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import glob
@@ -373,12 +374,20 @@ def select_segments(
 
 
 # =========================================================================== 2. backward model
-def reverse_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def reverse_records(records: Iterable[dict[str, Any]], *, max_response_words: int | None = None
+                    ) -> list[dict[str, Any]]:
     """The backward model's training data: the response as the user turn, the instruction as the answer.
 
     Uses the first user turn and the first assistant turn of each seed record (Humpback works on
     single-turn pairs); system turns are dropped, since the backward model sees only the text.
     Records without both turns are skipped.
+
+    Args:
+        records: canonical seed records.
+        max_response_words: cut responses to their first this-many words. Training truncates
+            from the right, so an over-long response would otherwise push the instruction (the
+            only learned part) out of ``max_seq_len``; the backward model also only ever sees
+            segments of at most ``max_words`` words.
     """
     out = []
     for r in records:
@@ -386,6 +395,8 @@ def reverse_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         assistant = next((m["content"] for m in r["messages"] if m["role"] == "assistant"), "")
         if not user.strip() or not assistant.strip():
             continue
+        if max_response_words is not None and len(assistant.split()) > max_response_words:
+            assistant = " ".join(assistant.split()[:max_response_words])
         out.append(make_record(
             [{"role": "user", "content": assistant}, {"role": "assistant", "content": user}],
             source=r.get("source", "seed"), origin="seed", category=r.get("category", "") or "",
@@ -667,8 +678,11 @@ def backtranslate(
     ]
 
     # 2. backward model M_yx on reversed seed data
-    reversed_ref = write_parquet(records_to_frame(reverse_records(seed_records)), out_dir / "reversed.parquet",
-                                 name="reversed_seed")
+    # Responses are cut to fit: at most max_words (what M_yx sees at inference) and about half the
+    # training context (~1.3 tokens a word), leaving room for the template and the instruction.
+    words_cap = min(cfg.max_words, max(16, backward_cfg.max_seq_len // 2))
+    reversed_ref = write_parquet(records_to_frame(reverse_records(seed_records, max_response_words=words_cap)),
+                                 out_dir / "reversed.parquet", name="reversed_seed")
     with scope(f"{STAGE}.backward"):
         backward = _train_model(data=reversed_ref, base=base, cfg=backward_cfg, out_dir=out_dir / "backward",
                                 trust_remote_code=trust_remote_code, log_to_mlflow=log_to_mlflow)
@@ -864,7 +878,11 @@ def backtranslate_task(
                  "backtranslate/summary.json")
         table_artifact(f"{ctx.pipeline}-backtranslate-examples", _examples(frame),
                        description="Self-curation: best and worst scored pairs")
-        markdown_artifact(f"{ctx.pipeline}-backtranslate-summary", summary,
+        # The histogram PNG rides inside the Prefect markdown as a data URI (Prefect artifacts hold
+        # no files); it is ~20 KB.
+        png_b64 = base64.b64encode(png.read_bytes()).decode()
+        markdown_artifact(f"{ctx.pipeline}-backtranslate-summary",
+                          summary + f"\n\n![score histogram](data:image/png;base64,{png_b64})",
                           description="Backtranslation accounting and score histogram")
     ctx.layout.mark_done(STAGE)
     return AugmentResult(curated=out.curated, candidates=out.candidates, backward_model=out.backward_model,

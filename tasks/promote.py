@@ -490,11 +490,16 @@ def promote_task(
             description="held-out prompts: reference, base output, tuned output, per-row ROUGE-L",
         )
 
-        decision, champion_eval = promote(
-            base=base, tuned=tuned, registered_name=getattr(train, "registered_name", ""),
-            registered_version=getattr(train, "registered_version", ""), cfg=cfg, heldout=heldout,
-            evaluation=evaluation, training=training, out_dir=out_dir, run_id=run.info.run_id, client=client,
-        )
+        # Read champion -> compare -> move alias as one critical section per pipeline, so a manual
+        # run and a scheduled run finishing together cannot both crown themselves.
+        from sftflow.services import pipeline_lock
+
+        with pipeline_lock(ctx.pipeline, what="registry"):
+            decision, champion_eval = promote(
+                base=base, tuned=tuned, registered_name=getattr(train, "registered_name", ""),
+                registered_version=getattr(train, "registered_version", ""), cfg=cfg, heldout=heldout,
+                evaluation=evaluation, training=training, out_dir=out_dir, run_id=run.info.run_id, client=client,
+            )
 
         metrics = {f"delta/{k}": v for k, v in decision.deltas if math.isfinite(v)}
         metrics["promotion/promoted"] = float(decision.promoted)

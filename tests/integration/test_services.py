@@ -146,7 +146,10 @@ def test_scheduled_run_with_unchanged_sources_skips_and_says_so(stack, smoke_run
         # What the cron schedule passes (schedule parameters): skip_if_unchanged.
         fr = run_deployment(SMOKE_DEPLOYMENT, parameters={"skip_if_unchanged": True}, timeout=0)
         fr = wait_for_flow_run(fr.id, timeout=300)
-        logs = flow_run_logs(fr.id)
+        # Logs reach the API in batches, shortly after the run's final state.
+        deadline = time.monotonic() + 60
+        while "Skipping retraining" not in (logs := flow_run_logs(fr.id)) and time.monotonic() < deadline:
+            time.sleep(2)
     assert fr.state.is_completed(), logs[-4000:]
     assert "Skipping retraining" in logs and "unchanged" in logs, logs[-4000:]
     after = client.search_runs([exp.experiment_id], filter_string="tags.`sftflow.kind` = 'pipeline'")

@@ -134,6 +134,8 @@ def test_reverse_records_swaps_roles_and_drops_system():
                                   {"role": "assistant", "content": "What is the capital of France?"}]
     assert rev[1]["category"] == "open_qa" and rev[1]["source"] == "s:a.json"
     assert rev[0]["id"] != _seed_records()[0]["id"]
+    cut = reverse_records(_seed_records(), max_response_words=4)
+    assert cut[1]["messages"][0]["content"] == "Hamlet was written by" and cut[1]["messages"][1]["content"] == "Who wrote Hamlet?"
 
 
 def test_training_overrides_merge_and_validate():

@@ -287,3 +287,25 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
                             ctx=ctx, register_as="sftflow-unit")
     assert result2.registered_version == "2"
     assert str(client.get_model_version_by_alias("sftflow-unit", "candidate").version) == "2"
+
+
+def test_bf16_weight_cast_changes_no_number_and_is_undone(sftflow_home: Path) -> None:
+    """Pre-casting frozen linears to bf16 gives the autocast loss exactly, and restore brings fp32 back."""
+    from sftflow.models import build_tiny_model, load_model
+    from tasks.train import CausalLMLoss, _apply_method, cast_frozen_linears, collate, restore_weights
+
+    model, tok = load_model(build_tiny_model("tiny-gemma"))
+    model = _apply_method(model, _cfg())
+    rows = [encode_for_training(tok, r["messages"], template="gemma", max_len=None) for r in _records(4)]
+    b = collate(rows, [0, 1, 2, 3], packed=False, pad_id=tok.pad_token_id, max_len=512)
+    loss_mod = CausalLMLoss(model, compute_dtype=torch.bfloat16)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = loss_mod(b["input_ids"], b["labels"], attention_mask=b["attention_mask"])
+        originals = cast_frozen_linears(model, torch.bfloat16)
+        cast, _ = loss_mod(b["input_ids"], b["labels"], attention_mask=b["attention_mask"])
+    assert originals and model.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.allclose(ref, cast, rtol=1e-3)
+    restore_weights(model, originals)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
