@@ -155,6 +155,19 @@ def bench_scoring(model, tok, template, *, n: int, batch_size: int, naive_max_ne
     }
 
 
+def _warm_up(model, tok, template) -> None:
+    """One small call down each path first, so one-time costs (kernel selection, allocator
+    growth) are charged to neither side of a comparison."""
+    from sftflow.formatting import build_generation_prompt, stop_token_ids
+    from sftflow.generation import generate_batch, score_pairs
+
+    ids = build_generation_prompt(tok, [{"role": "user", "content": "Hello there."}], template=template)
+    generate_batch(model, tok, [ids, ids[1:]], max_new_tokens=2, batch_size=2, stop_ids=stop_token_ids(tok, template),
+                   seed=0)
+    score_pairs(model, tok, [("Say hi.", "Hi!"), ("Say bye.", "Bye!")], template=template, batch_size=2)
+    score_pairs(model, tok, [("Say hi.", "Hi!")], template=template, batch_size=1, share_prefix=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name or model directory")
@@ -183,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     template = resolve_template(tok, None)
     report = {"model": args.model, "dtype": args.dtype, "template": template, "torch_threads": torch.get_num_threads(),
               "load_seconds": round(load_s, 2)}
+    _warm_up(model, tok, template)
     if args.skip != "generation":
         report["generation"] = bench_generation(model, tok, template, n=args.prompts, max_new_tokens=args.max_new_tokens,
                                                 batch_size=args.batch_size)

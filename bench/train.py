@@ -28,7 +28,9 @@ Run (about 8 minutes on 2 cores; TRL dominates)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -144,7 +146,9 @@ def run_trl(args, base, rows_msgs, work: Path) -> dict:
     ds = Dataset.from_dict({"prompt": prompts, "completion": completions})
     sft_args = SFTConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.03,
+        num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine",
+        # transformers 5 has no warmup_ratio; the same ceil(0.03 x steps) warm-up steps as ours
+        warmup_steps=math.ceil(0.03 * math.ceil(len(rows_msgs) / args.batch_size * args.epochs)),
         max_length=512, packing=False, padding_free=False, completion_only_loss=True, bf16=args.precision == "bf16",
         use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to=[], seed=0,
         eos_token="<end_of_turn>", dataloader_num_workers=0, disable_tqdm=True,
@@ -177,12 +181,12 @@ def run_trl(args, base, rows_msgs, work: Path) -> dict:
 
     trainer.add_callback(Timer())
     t = time.perf_counter()
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its log dicts; stdout is our JSON
+        trainer.train()
     wall = time.perf_counter() - t
     n = len(step_times)
     toks = batch_tokens[:n]  # the dataloader may prefetch one batch more than it trains on
     timed_t, timed_s = (toks[1:], step_times[1:]) if n > 1 else (toks, step_times)
-    pad_slots = None
     return {
         "tokens_per_s": sum(timed_t) / sum(timed_s),
         "steps": n, "timed_steps": len(timed_s), "tokens": sum(toks),
@@ -190,7 +194,7 @@ def run_trl(args, base, rows_msgs, work: Path) -> dict:
         "final_train_loss": sum(losses[-2:]) / len(losses[-2:]) if losses else float("nan"),
         "trainset_loss_after": None,  # filled by the caller with the shared function
         "wall_s_incl_setup": wall,
-        "_model": trainer.model, "_tok": tok, "_pad": pad_slots,
+        "_model": trainer.model, "_tok": tok,
     }
 
 
@@ -247,7 +251,6 @@ def main() -> int:
         if not args.skip_trl:
             trl_res = run_trl(args, base, rows_msgs, work)
             model, ttok = trl_res.pop("_model"), trl_res.pop("_tok")
-            trl_res.pop("_pad")
             trl_res["trainset_loss_after"] = trainset_loss(model, ttok, rows, device="cpu")
             trl_res["mfu"] = trl_res["tokens_per_s"] * fpt / (peak_bf16 * 1e9)
             result["trl"] = trl_res

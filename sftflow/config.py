@@ -241,6 +241,9 @@ class EvaluationConfig(_Section):
         None, description="model that scores responses 1-5 (embedded name or path; default: the pipeline's base model)"
     )
     samples_in_table: int = Field(20, ge=0)
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="inference dtype (bf16 matmuls are ~4x faster on CPUs with AVX512-BF16/AMX)"
+    )
 
 
 class PromotionConfig(_Section):

@@ -12,7 +12,9 @@ Reads top to bottom as the method:
    (``tasks.train.train``; ``augmentation.backward_training`` overrides ``training``).
 3. **Self-augmentation.** M_yx writes one candidate instruction per segment, batched with the KV
    cache (``sftflow.generation.generate_batch``; temperature/top-p from config, tokens bounded).
-   Candidates that are empty, cut off at the token bound, repetitive, copied from the segment, or
+   A generation that ran into the token bound keeps its first question/line when it has one
+   (``salvage_instruction``). Candidates that are empty, cut off with nothing to salvage,
+   garbled, repetitive, copied from the segment, or
    *meta-instructions* (describing the text, "write a paragraph about X", "according to the
    passage ...") are rejected with the reason.
 4. **Self-curation.** A curation model (``curation.model``: ``forward`` = M0 trained on the seed
@@ -51,6 +53,7 @@ import json
 import math
 import random
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,12 +458,36 @@ _META = [
 ]
 
 
+def salvage_instruction(text: str) -> str | None:
+    """The first question or line of a generation that ran into the token bound, or None.
+
+    A briefly trained backward model often writes a good first question and then fails to emit
+    its end-of-turn ("What is ballet?What is ballet?<junk>..."). Its first question (or first
+    line) is the instruction it meant; anything shorter than 3 words is not worth keeping.
+    """
+    m = re.search(r"\?|\n", text)
+    if not m:
+        return None
+    cut = text[: m.end()].strip()
+    return cut if len(cut.split()) >= 3 else None
+
+
+def _foreign_letters(instruction: str, segment: str) -> list[str]:
+    """Decoding noise: letters of a script (beyond Latin/IPA) that the segment does not use,
+    replacement characters (a token cut inside a UTF-8 sequence) and control characters."""
+    seg = set(segment)
+    return [c for c in instruction
+            if (ord(c) >= 0x0250 and c.isalpha() and c not in seg) or c == "\ufffd"
+            or (unicodedata.category(c) == "Cc" and c not in "\n\t")]
+
+
 def instruction_filter_reason(instruction: str, segment: str, *, finished: bool, reject_truncated: bool = True
                               ) -> tuple[str, str] | None:
     """Why a generated instruction is unusable, as (reason, detail); None when it passes.
 
-    Reasons: ``empty``, ``truncated`` (hit the token bound without an end-of-turn), ``too_short``,
-    ``repetitive``, ``copies_segment``, ``meta_instruction``.
+    Reasons: ``empty``, ``truncated`` (hit the token bound without an end-of-turn, nothing to
+    salvage), ``too_short``, ``garbled`` (letters of a script the segment does not use: decoding
+    noise), ``repetitive``, ``copies_segment``, ``meta_instruction``.
     """
     text = " ".join(instruction.split())
     if not any(c.isalpha() for c in text):
@@ -470,6 +497,9 @@ def instruction_filter_reason(instruction: str, segment: str, *, finished: bool,
     words = normalize_text(text).split()
     if len(words) < 3:
         return "too_short", f"{len(words)} words"
+    foreign = _foreign_letters(text, segment)
+    if foreign:
+        return "garbled", f"{len(foreign)} letters of a script the segment does not use, e.g. {foreign[0]!r}"
     if re.search(r"(.)\1{9,}", text):
         return "repetitive", "a character repeated 10+ times"
     if re.search(r"\b(\w+)(\W+\1\b){3,}", text, re.IGNORECASE):
@@ -700,11 +730,17 @@ def backtranslate(
                               seed=g.seed)
         del model
         for seg, out in zip(accepted, outs):
-            why = instruction_filter_reason(out.text, seg.text, finished=out.finished,
+            text, salvaged = out.text, False
+            if not out.finished:
+                cut = salvage_instruction(out.text)
+                if cut is not None:
+                    text, salvaged = cut, True
+            why = instruction_filter_reason(text, seg.text, finished=out.finished or salvaged,
                                             reject_truncated=cfg.reject_truncated)
             row = _row(seg, status=REJECTED if why else BELOW, reason=why[0] if why else "",
                        detail=why[1] if why else "")
-            row.update(instruction=out.text.strip(), num_tokens=out.num_tokens, finished=out.finished)
+            row.update(instruction=text.strip(), raw_output=out.text, num_tokens=out.num_tokens,
+                       finished=out.finished, salvaged=salvaged)
             generated.append(row)
     to_score = [r for r in generated if r["status"] != REJECTED]
 
@@ -757,6 +793,7 @@ def _row(seg: Segment, *, status: str, reason: str, detail: str) -> dict[str, An
         "segment_id": seg.id, "source": seg.source, "segment": seg.text, "num_words": seg.num_words,
         "instruction": "", "num_tokens": 0, "finished": False, "probs": None, "expected": math.nan,
         "argmax": 0, "mass": math.nan, "status": status, "reason": reason, "detail": detail,
+        "raw_output": "", "salvaged": False,
     }
 
 
@@ -814,7 +851,8 @@ def _markdown_summary(counts: dict[str, int], frame: pd.DataFrame, cfg: Augmenta
     reasons = frame[frame.reason != ""].groupby(["status", "reason"]).size()
     lines = [f"## Backtranslation: {counts['kept']} of {counts['segments_in']} segments kept",
              "", "| step | rows |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in counts.items()]
+    order = ("segments_in", "segments_filtered", "generated", "rejected", "scored", "kept", "below_threshold")
+    lines += [f"| {k} | {counts[k]} |" for k in order if k in counts]
     lines += ["", f"Kept per curation iteration: {list(iteration_kept)} (threshold {cfg.curation.threshold})",
               "", "| status | reason | rows |", "|---|---|---|"]
     lines += [f"| {s} | {r} | {n} |" for (s, r), n in reasons.items()]

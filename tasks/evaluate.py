@@ -370,6 +370,7 @@ def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None
             "judge": cfg.judge_model if cfg.judge else None,
             "template": template,
             "max_seq_len": max_seq_len,
+            "dtype": cfg.dtype,
         }
     )
 
@@ -407,7 +408,7 @@ def evaluate(
     from sftflow.models import load_model
 
     t0 = time.monotonic()
-    lm, tok = load_model(model, trust_remote_code=trust_remote_code)
+    lm, tok = load_model(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
     lm.eval()
     tmpl = resolve_template(tok, template)
 
@@ -476,7 +477,7 @@ def _judge(
     from sftflow.models import load_model
 
     if lm is None:
-        lm, tok = load_model(judge, trust_remote_code=trust_remote_code)
+        lm, tok = load_model(judge, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
         lm.eval()
     tmpl = resolve_template(tok, template)
     scores = score_pairs(lm, tok, list(zip(samples_df["prompt"], samples_df["output"])), template=tmpl,

@@ -24,6 +24,7 @@ from tasks.backtranslate import (
     instruction_filter_reason,
     load_corpus,
     reverse_records,
+    salvage_instruction,
     segment_filter_reason,
     select_by_threshold,
     select_segments,
@@ -160,6 +161,9 @@ SEGMENT = ("Paris is the capital and most populous city of France. Since the 17t
     ("What is the capital of France and why is it", False, "truncated"),
     ("Paris?", True, "too_short"),
     ("Tell me tell me tell me tell me about Paris", True, "repetitive"),
+    ("What is Paris known for? 𒉊𒄲", True, "garbled"),
+    ("ClClJ P\ufffd Hav enoughanced R", True, "garbled"),
+    ("What is Paris \x17 known for?", True, "garbled"),
     ("What is Paris what is Paris what is Paris known for", True, "repetitive"),
     ("Paris is the capital and most populous city of France.", True, "copies_segment"),
     ("This text describes the city of Paris.", True, "meta_instruction"),
@@ -185,6 +189,16 @@ def test_instruction_filter_reasons(instruction, finished, reason):
 ])
 def test_good_instructions_pass(instruction):
     assert instruction_filter_reason(instruction, SEGMENT, finished=True) is None
+
+
+def test_salvage_first_question_of_a_runaway_generation():
+    assert salvage_instruction("What is ballet?What is ballet?𒌠calupcounter") == "What is ballet?"
+    assert salvage_instruction("Describe the city of Paris\nmodel junk junk") == "Describe the city of Paris"
+    assert salvage_instruction("Why?What else") is None  # too short to keep
+    assert salvage_instruction("no end in sight at all") is None
+    # Accented Latin and scripts the segment itself uses are not noise.
+    assert instruction_filter_reason("What is a café in Paris?", "A café is a restaurant.", finished=True) is None
+    assert instruction_filter_reason("Qu'est-ce que Москва?", "Москва is a city in Russia.", finished=True) is None
 
 
 def test_truncated_can_be_allowed():
