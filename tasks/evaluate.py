@@ -50,7 +50,7 @@ GENERATION_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "
 LOSS_METRICS = ("eval_loss", "perplexity", "eval_tokens")
 # Per-set logit memory budget for the loss pass: batches hold about this many logits (tokens x vocab),
 # so a 262k-vocab model (Gemma) gets ~1k-token batches and a 49k-vocab model ~5k-token batches.
-_LOGIT_BUDGET = 1 << 28
+_LOGIT_BUDGET = 1 << 26  # logits floats per batch (256 MB fp32): bounds peak memory with a 262k vocab
 
 
 @dataclass(frozen=True)

@@ -1128,8 +1128,8 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
                ctx: StageContext, register_as: str | None) -> TrainResult:
     """The SFT stage of the flow: train, log to the stage's MLflow run, register the candidate.
 
-    Not retried on failure: when the flow runs again with the same run id, training resumes from
-    its last checkpoint in the stage folder.
+    Not retried on failure: when the flow runs again with the same inputs (data, base model,
+    config), training resumes from the last checkpoint in ``runs/<pipeline>/_train/<inputs key>``.
     """
     import mlflow
 
@@ -1139,8 +1139,19 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
             log_dataset(heldout, context="heldout")
         mlflow.log_params({**_flat_params(cfg.model_dump(mode="json")), "base_model": base.path,
                            "learning_rate_effective": learning_rate(cfg)})
-        output = _train_fn(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=ctx.stage_dir("train"),
-                           log_to_mlflow=True)
+        # Checkpoints live in a folder keyed by the inputs, not by the run id, so that a new flow
+        # run after a crash (same data, model and config) resumes where the killed one stopped.
+        # A file lock keeps two concurrent runs with identical inputs from sharing it.
+        from filelock import FileLock
+
+        key = sha256_json({"train": train.sha256, "heldout": heldout.sha256 if heldout else None,
+                           "base": base.sha256, "cfg": cfg.model_dump(mode="json")})[:16]
+        work_dir = ctx.layout.root.parent / "_train" / key
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.stage_dir("train") / "work_dir.txt").write_text(str(work_dir) + "\n")
+        with FileLock(str(work_dir) + ".lock"):
+            output = _train_fn(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=work_dir,
+                               log_to_mlflow=True)
         model_uri, name, version = log_model(output, register_as=register_as)
         for card in {output.model.path, output.adapter.path if output.adapter else output.model.path}:
             mlflow.log_artifact(str(Path(card) / "README.md"), artifact_path=f"model_card/{Path(card).name}")
