@@ -182,7 +182,13 @@ def stage_run(ctx: StageContext, stage: str, *, tags: dict[str, str] | None = No
         nested=parent is not None,
         tags=all_tags,
     ) as run:
-        yield run
+        try:
+            yield run
+        finally:
+            # A stage's models are garbage once it returns: give their memory back before the next.
+            from sftflow.models import release_memory
+
+            release_memory()
 
 
 def log_dataset(ref: DatasetRef, *, context: str, source: str | None = None, df: Any = None) -> None:

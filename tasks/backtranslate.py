@@ -72,6 +72,7 @@ from sftflow.records import (
     records_to_frame,
     response_text,
 )
+from sftflow.models import release_memory
 from sftflow.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
 
@@ -650,6 +651,7 @@ def _score(ref: ModelRef, rows: list[dict[str, Any]], *, cfg: AugmentationConfig
     pairs = [(r["instruction"], r["segment"]) for r in rows]
     scores = score_pairs(model, tok, pairs, template=template, batch_size=cfg.curation.batch_size)
     del model
+    release_memory()
     return scores
 
 
@@ -729,6 +731,7 @@ def backtranslate(
                               top_p=g.top_p, batch_size=g.batch_size, stop_ids=stop_token_ids(tok, template),
                               seed=g.seed)
         del model
+        release_memory()
         for seg, out in zip(accepted, outs):
             text, salvaged = out.text, False
             if not out.finished:
