@@ -81,3 +81,15 @@ def table_artifact(key: str, rows: list[dict[str, Any]], *, description: str = "
 def _artifact_key(key: str) -> str:
     # Prefect artifact keys: lowercase letters, numbers and dashes only.
     return "".join(c if c.isalnum() else "-" for c in key.lower()).strip("-")[:100] or "artifact"
+
+
+def run_logger(name: str) -> Any:
+    """Prefect's run logger inside a flow/task (so messages show in the UI), else ``logging.getLogger(name)``."""
+    import logging
+
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # MissingContextError outside a run
+        return logging.getLogger(name)

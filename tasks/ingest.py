@@ -57,12 +57,9 @@ log = logging.getLogger(__name__)
 
 def _logger() -> Any:
     """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
-    try:
-        from prefect.logging import get_run_logger
+    from sftflow.orchestration import run_logger
 
-        return get_run_logger()
-    except Exception:  # MissingContextError outside a run
-        return log
+    return run_logger(__name__)
 
 FORMATS: tuple[str, ...] = ("alpaca", "dolly", "human_assistant", "messages", "self_instruct")
 FILE_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")

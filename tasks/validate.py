@@ -45,12 +45,9 @@ log = logging.getLogger(__name__)
 
 def _logger() -> Any:
     """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
-    try:
-        from prefect.logging import get_run_logger
+    from sftflow.orchestration import run_logger
 
-        return get_run_logger()
-    except Exception:  # MissingContextError outside a run
-        return log
+    return run_logger(__name__)
 
 SUITE_NAME = "sftflow_canonical"
 ROLE_PATTERN = r"^S?(?:UA)+$"  # optional system turn, then user/assistant pairs, ending on assistant
