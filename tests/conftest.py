@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -32,3 +31,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def stage_ctx(sftflow_home: Path):
+    """A StageContext for calling a stage's task function (``task.fn``) outside a flow: the
+    embedded SQLite MLflow store under ``sftflow_home``, experiment ``sftflow-test``, a real parent
+    run, and run folder ``runs/test/r1``."""
+    from mlflow.tracking import MlflowClient
+
+    from sftflow import tracking
+    from sftflow.layout import RunLayout
+
+    uri = tracking.default_tracking_uri()
+    exp = tracking.ensure_experiment("sftflow-test", uri=uri)
+    parent = MlflowClient(uri).create_run(exp, run_name="parent").info.run_id
+    lay = RunLayout.create(pipeline="test", run_id="r1")
+    return tracking.StageContext(pipeline="test", run_id="r1", run_dir=str(lay.root), tracking_uri=uri,
+                                 experiment_id=exp, parent_run_id=parent)

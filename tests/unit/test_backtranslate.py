@@ -285,12 +285,11 @@ def test_backtranslate_end_to_end_tiny(sftflow_home: Path, shared_data: Path, th
     assert out.backward_model.kind == "adapter" and Path(out.backward_model.path).is_dir()
 
 
-def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, shared_data: Path):
+def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, shared_data: Path, stage_ctx):
     import mlflow
     from mlflow import MlflowClient
 
     from sftflow.models import build_tiny_model
-    from sftflow.tracking import StageContext, ensure_experiment, resolve_tracking_uri
     from tasks.backtranslate import AugmentResult, backtranslate_task
 
     base = build_tiny_model("tiny-chatml")
@@ -305,12 +304,9 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
     )
     training = TrainingConfig(batch_size=2, max_seq_len=96, lora={"r": 4, "alpha": 8}, precision="fp32",
                               checkpoint_every=None)
-    uri = resolve_tracking_uri()
-    exp = ensure_experiment("sftflow-test", uri=uri)
+    ctx = stage_ctx
+    uri, exp, parent = ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id
     client = MlflowClient(uri)
-    parent = client.create_run(exp, run_name="parent").info.run_id
-    ctx = StageContext(pipeline="test", run_id="r1", run_dir=str(sftflow_home / "runs/test/r1"),
-                       tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
 
     result = backtranslate_task.fn(seed_ref, base, cfg, training, ctx=ctx)
 

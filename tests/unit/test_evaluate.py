@@ -151,11 +151,10 @@ def test_heldout_loss_matches_transformers_loss(tiny) -> None:
     assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
 
 
-def test_evaluate_task_logs_to_stage_and_parent(tiny, sftflow_home: Path, tmp_path: Path) -> None:
+def test_evaluate_task_logs_to_stage_and_parent(tiny, sftflow_home: Path, tmp_path: Path, stage_ctx) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    from sftflow.tracking import StageContext, ensure_experiment, resolve_tracking_uri
     from tasks.evaluate import evaluate_task
 
     heldout = _heldout(tmp_path)
@@ -164,12 +163,9 @@ def test_evaluate_task_logs_to_stage_and_parent(tiny, sftflow_home: Path, tmp_pa
                                  {"instruction": "Say bye.", "output": "Bye!"}]))
     cfg = EvaluationConfig(max_new_tokens=6, batch_size=3, judge=True,
                            extra_sets=[ExtraEvalSet(name="extra", path=str(extra), format="alpaca_eval")])
-    uri = resolve_tracking_uri()
-    exp = ensure_experiment("sftflow-test", uri=uri)
+    ctx = stage_ctx
+    uri, exp, parent = ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id
     client = MlflowClient(uri)
-    parent = client.create_run(exp, run_name="parent").info.run_id
-    ctx = StageContext(pipeline="test", run_id="r1", run_dir=str(sftflow_home / "runs/test/r1"),
-                       tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
 
     result = evaluate_task.fn(tiny, heldout, cfg, label="base", ctx=ctx, training=TrainingConfig(max_seq_len=64))
 

@@ -308,19 +308,12 @@ def test_smoke_data_accounting(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the Prefect task + MLflow
-def test_ingest_task_logs_to_mlflow(sftflow_home: Path) -> None:
+def test_ingest_task_logs_to_mlflow(stage_ctx) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from sftflow import tracking
-    from sftflow.layout import RunLayout
-
-    uri = tracking.default_tracking_uri()
-    exp = tracking.ensure_experiment("sftflow-test", uri=uri)
-    parent = MlflowClient(uri).create_run(exp).info.run_id
-    lay = RunLayout.create(pipeline="test", run_id="r1")
-    ctx = tracking.StageContext(pipeline="test", run_id="r1", run_dir=str(lay.root), tracking_uri=uri,
-                                experiment_id=exp, parent_run_id=parent)
+    ctx = stage_ctx
+    uri, exp, parent, lay = ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.layout
     srcs = [SourceConfig(name="dolly", path=str(SMOKE / "dolly_smoke.jsonl"))]
     res = ingest_task.fn(srcs, IngestConfig(), ctx=ctx)
     assert lay.is_done("ingest") and Path(res.dataset.path).parent == lay.root / "ingest"

@@ -121,19 +121,11 @@ def test_near_duplicate_leaks_use_dedup_finder(tmp_path: Path) -> None:
     assert leaks["reason"].str.startswith("near: similarity").sum() == res.leaks_near
 
 
-def test_split_task_logs_to_mlflow(sftflow_home: Path, tmp_path: Path) -> None:
+def test_split_task_logs_to_mlflow(tmp_path: Path, stage_ctx) -> None:
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    from sftflow import tracking
-    from sftflow.layout import RunLayout
-
-    uri = tracking.default_tracking_uri()
-    exp = tracking.ensure_experiment("sftflow-test", uri=uri)
-    parent = MlflowClient(uri).create_run(exp).info.run_id
-    lay = RunLayout.create(pipeline="test", run_id="r1")
-    ctx = tracking.StageContext(pipeline="test", run_id="r1", run_dir=str(lay.root), tracking_uri=uri,
-                                experiment_id=exp, parent_run_id=parent)
+    ctx = stage_ctx
+    exp, lay = ctx.experiment_id, ctx.layout
     res = split_task.fn(_ref(tmp_path, _distinct(30)), SplitConfig(heldout_size=5), NO_NEAR, ctx=ctx)
     assert lay.is_done("split") and res.heldout.num_rows == 5
     run = mlflow.search_runs([exp], filter_string="tags.`sftflow.stage` = 'split'", output_format="list")[0]

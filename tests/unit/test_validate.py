@@ -121,19 +121,12 @@ def test_bad_schema_fails_the_suite(tmp_path: Path) -> None:
         _validate(tmp_path, df)
 
 
-def test_validate_task_logs_gx_artifacts(sftflow_home: Path) -> None:
+def test_validate_task_logs_gx_artifacts(sftflow_home: Path, stage_ctx) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from sftflow import tracking
-    from sftflow.layout import RunLayout
-
-    uri = tracking.default_tracking_uri()
-    exp = tracking.ensure_experiment("sftflow-test", uri=uri)
-    parent = MlflowClient(uri).create_run(exp).info.run_id
-    lay = RunLayout.create(pipeline="test", run_id="r1")
-    ctx = tracking.StageContext(pipeline="test", run_id="r1", run_dir=str(lay.root), tracking_uri=uri,
-                                experiment_id=exp, parent_run_id=parent)
+    ctx = stage_ctx
+    uri, exp, lay = ctx.tracking_uri, ctx.experiment_id, ctx.layout
     ref = write_parquet(records_to_frame(_good(8) + [_rec("Empty?", " ")]), sftflow_home / "in.parquet", name="in")
     res = validate_task.fn(ref, ValidationConfig(), tokenizer=None, ctx=ctx)
     assert lay.is_done("validate") and res.quarantine.num_rows == 1
