@@ -103,9 +103,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.no_cache:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from flows.pipeline import sftflow_pipeline
-    from sftflow.config import parse_override
 
-    overrides = {".".join(k): v for k, v in (parse_override(o) for o in args.overrides)}
+    # Pass the raw value strings: the flow parses them once, exactly as the UI's form values
+    # (parsing here too would turn a quoted "123" into the int 123 on the second pass).
+    overrides = {key.strip(): value for key, _, value in (o.partition("=") for o in args.overrides)}
     summary = sftflow_pipeline(pipeline=args.pipeline, overrides=overrides or None,
                                pipelines_file=args.pipelines_file, skip_if_unchanged=args.skip_if_unchanged)
     _print_summary(summary)

@@ -403,11 +403,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override {item!r}: empty key path")
+    return keys, parse_value(value)
+
+
+def parse_value(value: str) -> Any:
+    """An override's value as YAML (``8`` -> int, ``true`` -> bool, ``[a, b]`` -> list); text that
+    is not valid YAML, and the empty string, stay as they are."""
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        return yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
-        parsed = value
-    return keys, parsed
+        return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] | None, *, prefix: str) -> dict[str, Any]:
@@ -417,7 +422,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] |
         return raw
     items: list[tuple[list[str], Any]]
     if isinstance(overrides, dict):
-        items = [(k.split("."), (yaml.safe_load(v) if isinstance(v, str) else v)) for k, v in overrides.items()]
+        # String values (the Prefect UI's form, the CLI) are parsed like `--set` values, once.
+        items = [(k.split("."), (parse_value(v) if isinstance(v, str) else v)) for k, v in overrides.items()]
     else:
         items = [parse_override(o) for o in overrides]
     for keys, value in items:

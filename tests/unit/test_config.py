@@ -101,3 +101,9 @@ def test_apply_overrides_does_not_mutate() -> None:
     raw = {"training": {"lora": {"r": 4}}}
     out = apply_overrides(raw, ["training.lora.r=8"], prefix="pipelines.x")
     assert raw["training"]["lora"]["r"] == 4 and out["training"]["lora"]["r"] == 8
+
+
+def test_dict_and_list_overrides_parse_values_the_same_way() -> None:
+    as_list = apply_overrides({}, ['a.b="123"', "c=8", "d="], prefix="p")
+    as_dict = apply_overrides({}, {"a.b": '"123"', "c": "8", "d": ""}, prefix="p")
+    assert as_list == as_dict == {"a": {"b": "123"}, "c": 8, "d": ""}
