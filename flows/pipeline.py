@@ -16,6 +16,8 @@ from prefect import flow, get_run_logger
 
 from sftflow.config import resolve_pipeline
 from sftflow.layout import RunLayout
+from sftflow.preflight import preflight
+from sftflow.recovery import active_run, reap_orphans
 from sftflow.tracking import end_pipeline_run, run_url, start_pipeline_run
 from tasks.backtranslate import backtranslate_task
 from tasks.dedup import dedup_task
@@ -55,63 +57,75 @@ def sftflow_pipeline(
         A JSON-able summary: MLflow run id/URI, run directory, refs and metrics of each stage.
     """
     log = get_run_logger()
-    cfg = resolve_pipeline(pipeline, overrides=overrides, path=pipelines_file)
     run_id = _flow_run_id()
-    layout = RunLayout.create(pipeline=pipeline, run_id=run_id)
+    # A run killed earlier (kill -9, OOM) left its MLflow/Prefect runs RUNNING: close them now.
+    reap_orphans(logger=log)
+    # While this record exists, a kill of this process is cleaned up the same way by the next run.
+    with active_run(flow_run_id=run_id, pipeline=pipeline):
+        cfg = resolve_pipeline(pipeline, overrides=overrides, path=pipelines_file)
+        for warning in preflight(cfg, pipeline=pipeline):  # UI-triggered runs do not go through the CLI's checks
+            log.warning(warning)
+        layout = RunLayout.create(pipeline=pipeline, run_id=run_id)
 
-    if skip_if_unchanged:
-        from sftflow.services import sources_unchanged
+        if skip_if_unchanged:
+            from sftflow.services import sources_unchanged
 
-        unchanged, why = sources_unchanged(cfg, pipeline=pipeline)
-        if unchanged:
-            log.info("Skipping retraining: %s", why)
-            return {"pipeline": pipeline, "skipped": True, "reason": why}
+            unchanged, why = sources_unchanged(cfg, pipeline=pipeline)
+            if unchanged:
+                log.info("Skipping retraining: %s", why)
+                return {"pipeline": pipeline, "skipped": True, "reason": why}
 
-    ctx = start_pipeline_run(cfg, pipeline=pipeline, run_id=run_id, run_dir=layout.root)
-    log.info("MLflow parent run %s; run directory %s", ctx.parent_run_id, layout.root)
-    summary: dict[str, Any] = {"pipeline": pipeline, "flow_run_id": run_id, "run_dir": str(layout.root),
-                               "mlflow_run_id": ctx.parent_run_id, "mlflow": run_url(ctx)}
-    try:
-        base = provision_task(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
-        raw = ingest_task(cfg.sources, cfg.ingest, ctx=ctx)
-        valid = validate_task(raw.dataset, cfg.validation, tokenizer=base, ctx=ctx)
-        clean = dedup_task([valid.valid], cfg.dedup, ctx=ctx).kept if cfg.dedup.enabled else valid.valid
-        split = split_task(clean, cfg.split, cfg.dedup, ctx=ctx)
-        train_data = split.train
+        ctx = start_pipeline_run(cfg, pipeline=pipeline, run_id=run_id, run_dir=layout.root)
+        log.info("MLflow parent run %s; run directory %s", ctx.parent_run_id, layout.root)
+        summary: dict[str, Any] = {"pipeline": pipeline, "flow_run_id": run_id, "run_dir": str(layout.root),
+                                   "mlflow_run_id": ctx.parent_run_id, "mlflow": run_url(ctx)}
+        try:
+            base = provision_task(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+            raw = ingest_task(cfg.sources, cfg.ingest, ctx=ctx)
+            valid = validate_task(raw.dataset, cfg.validation, tokenizer=base, ctx=ctx)
+            clean = dedup_task([valid.valid], cfg.dedup, ctx=ctx).kept if cfg.dedup.enabled else valid.valid
+            split = split_task(clean, cfg.split, cfg.dedup, ctx=ctx)
+            train_data = split.train
 
-        if cfg.augmentation.enabled:
-            aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx)
-            summary["augmentation"] = {"candidates": aug.candidates.num_rows, "curated": aug.curated.num_rows}
-            train_data = aug.seed or split.train
-            if aug.curated.num_rows:
-                aug_valid = validate_task(aug.curated, cfg.validation, tokenizer=base, ctx=ctx,
-                                          stage="validate_augmented")
-                # Curated pairs go through dedup like any other data, against the seed and the held-out set.
-                train_data = dedup_task([train_data, aug_valid.valid], cfg.dedup, ctx=ctx, stage="dedup_augmented",
-                                        heldout=split.heldout).kept
-            else:
-                log.warning("Self-curation kept no candidate pairs; training on the seed data only.")
+            if cfg.augmentation.enabled:
+                aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx)
+                summary["augmentation"] = {"candidates": aug.candidates.num_rows, "curated": aug.curated.num_rows}
+                train_data = aug.seed or split.train
+                if aug.curated.num_rows:
+                    aug_valid = validate_task(aug.curated, cfg.validation, tokenizer=base, ctx=ctx,
+                                              stage="validate_augmented")
+                    # Curated pairs go through dedup like any other data, against the seed and the held-out set.
+                    train_data = dedup_task([train_data, aug_valid.valid], cfg.dedup, ctx=ctx,
+                                            stage="dedup_augmented", heldout=split.heldout).kept
+                else:
+                    log.warning("Self-curation kept no candidate pairs; training on the seed data only.")
 
-        model_name = cfg.promotion.model_name or f"sftflow-{pipeline}"
-        trained = train_task(train_data, split.heldout, base, cfg.training, ctx=ctx, register_as=model_name)
-        summary["model"] = {"name": trained.registered_name, "version": trained.registered_version,
-                            "uri": trained.model_uri, "path": trained.model.path}
+            model_name = cfg.promotion.model_name or f"sftflow-{pipeline}"
+            trained = train_task(train_data, split.heldout, base, cfg.training, ctx=ctx, register_as=model_name)
+            summary["model"] = {"name": trained.registered_name, "version": trained.registered_version,
+                                "uri": trained.model_uri, "path": trained.model.path}
 
-        if cfg.evaluation.enabled:
-            base_eval = evaluate_task(base, split.heldout, cfg.evaluation, label="base", ctx=ctx, training=cfg.training)
-            tuned_eval = evaluate_task(trained.model, split.heldout, cfg.evaluation, label="tuned", ctx=ctx,
-                                       training=cfg.training)
-            summary["metrics"] = {"base": dict(base_eval.metrics), "tuned": dict(tuned_eval.metrics)}
-            if cfg.promotion.enabled:
-                decision = promote_task(base_eval, tuned_eval, trained, cfg.promotion, ctx=ctx,
-                                        heldout=split.heldout, evaluation=cfg.evaluation, training=cfg.training)
-                summary["promotion"] = decision.summary()
-    except BaseException:
-        end_pipeline_run(ctx, status="FAILED", summary=summary)
-        raise
-    end_pipeline_run(ctx, status="FINISHED", summary=summary)
-    return summary
+            if cfg.evaluation.enabled:
+                base_eval = evaluate_task(base, split.heldout, cfg.evaluation, label="base", ctx=ctx,
+                                          training=cfg.training)
+                tuned_eval = evaluate_task(trained.model, split.heldout, cfg.evaluation, label="tuned", ctx=ctx,
+                                           training=cfg.training)
+                summary["metrics"] = {"base": dict(base_eval.metrics), "tuned": dict(tuned_eval.metrics)}
+                if cfg.promotion.enabled:
+                    decision = promote_task(base_eval, tuned_eval, trained, cfg.promotion, ctx=ctx,
+                                            heldout=split.heldout, evaluation=cfg.evaluation, training=cfg.training)
+                    summary["promotion"] = decision.summary()
+        except BaseException:
+            end_pipeline_run(ctx, status="FAILED", summary=summary)
+            raise
+        end_pipeline_run(ctx, status="FINISHED", summary=summary)
+        return summary
 
 
 if __name__ == "__main__":
+    from sftflow.orchestration import configure_environment
+    from sftflow.recovery import guard_ephemeral_server
+
+    configure_environment()
+    guard_ephemeral_server()  # Prefect's temporary server dies with this process
     sftflow_pipeline(pipeline=sys.argv[1] if len(sys.argv) > 1 else "demo")

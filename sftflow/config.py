@@ -14,15 +14,26 @@ Relative paths in the file are relative to the file's own folder, so the repo ru
 from __future__ import annotations
 
 import copy
+import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sftflow.errors import EXIT_CONFIG, UserError
 
-class ConfigError(ValueError):
-    """pipelines.yaml (or an override) is invalid; the message names the key path."""
+
+class ConfigError(UserError, ValueError):
+    """pipelines.yaml (or an override) is invalid; the message names the key path.
+
+    A user error: the CLI prints the message without a traceback and exits with ``EXIT_CONFIG`` (2).
+    """
+
+    exit_code = EXIT_CONFIG
+    label = "invalid configuration"
 
 
 class _Section(BaseModel):
@@ -201,6 +212,9 @@ class AugmentationConfig(_Section):
     reject_truncated: bool = Field(
         True, description="reject candidate instructions that hit generation.max_new_tokens without an end-of-turn"
     )
+    # Partial TrainingConfig overrides (checked against TrainingConfig by `training_override_errors`,
+    # which names the key path); kept as plain dicts so only the keys given override the pipeline's
+    # `training` section.
     backward_training: dict[str, Any] = Field(default_factory=dict, description="training overrides for M_yx")
     forward_training: dict[str, Any] = Field(default_factory=dict, description="training overrides for M0")
     generation: GenerationConfig = GenerationConfig()
@@ -299,14 +313,54 @@ class PipelinesFile(_Section):
 
 
 # --------------------------------------------------------------------------- loading
-def _format_errors(err: ValidationError, prefix: str) -> str:
+def _unwrap(tp: Any) -> Any:
+    """The model / list / dict inside ``Optional[...]`` or a union (first one found), else ``tp``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if (isinstance(arg, type) and issubclass(arg, BaseModel)) or typing.get_origin(arg) in (list, dict):
+                return arg
+    return tp
+
+
+def allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The field names of the section at ``loc`` (a pydantic error location) below ``model``, or None."""
+    tp: Any = model
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            if field is None:
+                return None
+            tp = field.annotation
+        elif typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _unknown_key(key: Any, allowed: list[str] | None) -> str:
+    if not allowed:
+        return "unknown key"
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key ({hint}allowed: {', '.join(allowed)})"
+
+
+def _format_errors(err: ValidationError, prefix: str, *, model: type[BaseModel] | None = None) -> str:
+    """One ``key.path: what was expected (got ...)`` line per error; ``model`` (the validated class)
+    adds the allowed keys to "unknown key" errors."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after",))
         path = f"{prefix}.{loc}" if loc else prefix
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            parent = tuple(p for p in e["loc"][:-1] if p not in ("function-after",))
+            msg = _unknown_key(e["loc"][-1], allowed_keys(model, parent) if model is not None else None)
         elif e["type"].startswith("literal_error"):
             msg = f"must be one of {msg.removeprefix('Input should be ')}"
         elif e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -314,7 +368,7 @@ def _format_errors(err: ValidationError, prefix: str) -> str:
         elif msg.startswith("Input should be "):
             msg = "must be " + msg.removeprefix("Input should be ")
         got = e.get("input")
-        if e["type"] != "missing" and not isinstance(got, (dict, list)):
+        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
             msg += f" (got {got!r})"
         lines.append(f"{path}: {msg}")
     return "\n".join(lines)
@@ -385,14 +439,35 @@ def load_raw(path: str | Path | None = None) -> tuple[dict[str, Any], Path]:
     """Read pipelines.yaml as plain data (no validation); returns (data, absolute path)."""
     p = Path(path).expanduser().resolve() if path else default_pipelines_path()
     if not p.exists():
-        raise ConfigError(f"{p}: pipelines file not found")
+        raise ConfigError(f"{p}: pipelines file not found (give an existing YAML file with -f / $SFTFLOW_PIPELINES)")
+    if p.is_dir():
+        hint = " (did you mean -f " + str(p / "pipelines.yaml") + "?)" if (p / "pipelines.yaml").is_file() else ""
+        raise ConfigError(f"{p}: is a folder; expected a pipelines YAML file{hint}")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the pipelines file: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(_yaml_error(p, e)) from None
     if not isinstance(data, dict) or "pipelines" not in data:
         raise ConfigError(f"{p}: expected a mapping with a top-level `pipelines:` key")
     return data, p
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """``file:line:col: not valid YAML: <problem> (<context>)`` on one line."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    cmark = getattr(e, "context_mark", None)
+    if context and cmark is not None and cmark is not mark:
+        context += f" started at line {cmark.line + 1}, column {cmark.column + 1}"
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -451,6 +526,31 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] |
     return raw
 
 
+def merge_training(training: TrainingConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``training`` as a dict with ``overrides`` merged in (nested sections merge key by key)."""
+
+    def merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for k, v in upd.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return merge(training.model_dump(), dict(overrides))
+
+
+def training_override_errors(training: TrainingConfig, overrides: dict[str, Any], *, prefix: str) -> list[str]:
+    """Problems of a partial TrainingConfig override (``augmentation.backward_training`` ...), one
+    line each naming ``<prefix>.<key path>``: keys must be TrainingConfig fields, and the pipeline's
+    ``training`` with the override merged in must validate."""
+    if not overrides:
+        return []
+    try:
+        TrainingConfig.model_validate(merge_training(training, overrides))
+    except ValidationError as e:
+        return _format_errors(e, prefix, model=TrainingConfig).splitlines()
+    return []
+
+
 def validate_pipeline(name: str, raw: dict[str, Any], *, base_dir: Path, check_files: bool = True) -> PipelineConfig:
     """Validate one raw pipeline dict; errors name ``pipelines.<name>.<key path>``."""
     prefix = f"pipelines.{name}"
@@ -459,7 +559,12 @@ def validate_pipeline(name: str, raw: dict[str, Any], *, base_dir: Path, check_f
     try:
         cfg = PipelineConfig.model_validate(_resolve_paths(raw, base_dir))
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, prefix)) from None
+        raise ConfigError(_format_errors(e, prefix, model=PipelineConfig)) from None
+    problems = [line for key in ("backward_training", "forward_training")
+                for line in training_override_errors(cfg.training, getattr(cfg.augmentation, key),
+                                                     prefix=f"{prefix}.augmentation.{key}")]
+    if problems:
+        raise ConfigError("\n".join(problems))
     if check_files:
         _check_files(name, cfg)
     return cfg

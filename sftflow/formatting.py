@@ -14,7 +14,11 @@ Three templates:
 
 ``native``: the tokenizer's own ``chat_template`` (e.g. SmolLM2-Instruct's). The assistant mask is
 derived by rendering the conversation prefix by prefix, so any template whose renderings are
-prefixes of each other works.
+prefixes of each other works. The template is also rendered around placeholders to find where each
+message's text sits: template text is tokenized normally (its control tokens stay control tokens)
+and message text with ``split_special_tokens=True``, so a ``<|im_end|>`` typed by a user is
+ordinary text. A template that rewrites message text beyond trimming it is refused with a clear
+error rather than silently letting data forge control tokens.
 
 For ``gemma``/``chatml`` every piece (markers, role names, contents) is tokenized on its own and the
 ids concatenated: the ids of a generation prompt are then *exactly* a prefix of the training ids
@@ -28,6 +32,7 @@ end-of-turn marker are learned, so the model learns to stop.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 IGNORE_INDEX = -100
@@ -164,8 +169,74 @@ def _builtin_segments(tokenizer: Any, msgs: list[dict[str, str]], template: str,
 
 
 # --------------------------------------------------------------------------- native templates
+# Stands in for message i while rendering the template; no template alters such a plain word.
+_PLACEHOLDER = "SFTFLOWMSG{}X7Q"
+
+
 def _render(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _native_pieces(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    """The rendered conversation as ``(text, is_message_text)`` pieces whose concatenation is the rendering.
+
+    The template is rendered once with placeholders for the contents (giving the template's own
+    text) and once for real; the real rendering must be the template text with each placeholder
+    replaced by its message's content (or the content trimmed, as many templates ``| trim`` it).
+    """
+    real = _render(tokenizer, msgs, add_generation_prompt=add_generation_prompt)
+    marks = [_PLACEHOLDER.format(i) for i in range(len(msgs))]
+    if any(mk in m["content"] for m in msgs for mk in marks):  # paranoid: data that spells a placeholder
+        raise ValueError("message text contains sftflow's internal placeholder string")
+    skeleton = _render(tokenizer, [{**m, "content": mk} for m, mk in zip(msgs, marks)],
+                       add_generation_prompt=add_generation_prompt)
+    parts = re.split("(" + "|".join(re.escape(mk) for mk in marks) + ")", skeleton)
+    pieces: list[tuple[str, bool]] = []
+    cur = 0
+    for k, part in enumerate(parts):
+        if k % 2 == 0:  # template text
+            if not real.startswith(part, cur):
+                break
+            pieces.append((part, False))
+            cur += len(part)
+            continue
+        content = msgs[marks.index(part)]["content"]
+        following = parts[k + 1]
+        for cand in dict.fromkeys((content, content.strip())):
+            if real.startswith(cand, cur) and real.startswith(following, cur + len(cand)):
+                pieces.append((cand, True))
+                cur += len(cand)
+                break
+        else:
+            break
+    else:
+        if cur == len(real):
+            return [(t, c) for t, c in pieces if t]
+    raise ValueError(
+        "the tokenizer's chat template changes message text (beyond trimming it), so message text cannot be "
+        "kept apart from template control tokens; set training.template to 'gemma' or 'chatml'"
+    )
+
+
+def _native_ids(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_prompt: bool,
+                offsets: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids of the rendered conversation: template text may hold control tokens, message text never does.
+
+    Returns ids and (with ``offsets``) each token's char span in the rendering.
+    """
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    base = 0
+    for text, is_content in _native_pieces(tokenizer, msgs, add_generation_prompt=add_generation_prompt):
+        kwargs: dict[str, Any] = {"split_special_tokens": True} if is_content else {}
+        if offsets:
+            kwargs["return_offsets_mapping"] = True
+        enc = tokenizer(text, add_special_tokens=False, **kwargs)
+        ids.extend(enc["input_ids"])
+        if offsets:
+            spans.extend((base + s, base + e) for s, e in enc["offset_mapping"])
+        base += len(text)
+    return ids, spans
 
 
 def _native_learned_spans(tokenizer: Any, msgs: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -192,11 +263,10 @@ def _native_learned_spans(tokenizer: Any, msgs: list[dict[str, str]]) -> tuple[s
 
 
 def _native_encode(tokenizer: Any, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    full, spans = _native_learned_spans(tokenizer, msgs)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    _, spans = _native_learned_spans(tokenizer, msgs)
+    ids, offsets = _native_ids(tokenizer, msgs, add_generation_prompt=False, offsets=True)
     labels = [IGNORE_INDEX] * len(ids)
-    for k, (start, end) in enumerate(enc["offset_mapping"]):
+    for k, (start, end) in enumerate(offsets):
         if end > start and any(s <= start < e for s, e in spans):
             labels[k] = ids[k]
     return ids, labels
@@ -250,8 +320,7 @@ def build_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], 
     template = resolve_template(tokenizer, template) if template not in ("gemma", "chatml") else template
     msgs = _check_messages(messages, for_generation=True)
     if template == "native":
-        text = _render(tokenizer, msgs, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return _native_ids(tokenizer, msgs, add_generation_prompt=True)[0]
     out: list[int] = []
     for seg, _ in _builtin_segments(tokenizer, msgs, template, add_generation_prompt=True):
         out.extend(seg)

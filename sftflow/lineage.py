@@ -2,7 +2,9 @@
 
 Walks MLflow from the model version back to its inputs::
 
-    model version ─► training run ─► parent pipeline run (Prefect flow-run id, config hash, git)
+    model version (tags: sha256 of the train / held-out files and base model it was trained from,
+    │              training key, code digest)
+    └─► training run ─► parent pipeline run (Prefect flow-run id, config hash, git, sources digest)
                                       ├─ config/resolved.yaml (the resolved config artifact)
                                       └─ every stage run: datasets logged as inputs
                                          (name, digest, source file, context), artifacts
@@ -14,7 +16,9 @@ Use::
     from sftflow.lineage import lineage, format_lineage
     print(format_lineage(lineage("sftflow-demo@champion")))
 
-``lineage`` only reads the tracking store (default: ``$MLFLOW_TRACKING_URI`` or the SQLite store
+Every digest is printed in full, so it can be compared with ``sha256sum`` of the files; a
+disagreement between the version's tags and the datasets its training run logged is reported as
+``MISMATCH``. ``lineage`` only reads the tracking store (default: ``$MLFLOW_TRACKING_URI`` or the SQLite store
 under ``$SFTFLOW_HOME``).
 """
 
@@ -25,12 +29,23 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
+from sftflow.errors import NotFoundError
+from sftflow.cachekeys import (
+    TAG_BASE_SHA256,
+    TAG_CACHE_KEY,
+    TAG_CODE_DIGEST,
+    TAG_HELDOUT_SHA256,
+    TAG_MODEL_SHA256,
+    TAG_TRAIN_KEY,
+    TAG_TRAIN_SHA256,
+)
 from sftflow.tracking import (
     TAG_CONFIG_HASH,
     TAG_FLOW_RUN,
     TAG_GIT,
     TAG_PIPELINE,
     TAG_RUN_DIR,
+    TAG_SOURCES,
     TAG_STAGE,
     configure,
     resolve_tracking_uri,
@@ -53,7 +68,7 @@ _MAX_ARTIFACTS_PER_RUN = 300
 _OPAQUE_DIRS = re.compile(r"(^|/)(checkpoints?|checkpoint-\d+|model|merged|adapter|weights|data_docs)$")
 
 
-class LineageError(LookupError):
+class LineageError(NotFoundError):
     """The model version (or something it points to) cannot be found; the message says what."""
 
 
@@ -171,6 +186,8 @@ def _run_summary(client: Any, run: Any, *, with_artifacts: bool = True) -> dict[
         "experiment_id": run.info.experiment_id,
         "artifact_uri": run.info.artifact_uri,
         "parent_run_id": tags.get(TAG_PARENT, ""),
+        "cache_key": tags.get(TAG_CACHE_KEY, ""),
+        "code_digest": tags.get(TAG_CODE_DIGEST, ""),
         "datasets": _datasets(run),
         "artifacts": _artifacts(client, run.info.run_id, run.info.artifact_uri) if with_artifacts else [],
         "metrics": dict(sorted(run.data.metrics.items())),
@@ -200,10 +217,12 @@ def lineage(spec: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
             ``$SFTFLOW_HOME``).
 
     Returns:
-        ``{"model", "training_run", "pipeline_run", "config", "stages", "datasets", "named"}``:
+        ``{"model", "training_run", "pipeline_run", "config", "stages", "datasets", "named", "digests"}``:
         ``stages`` lists every run of the pipeline run (datasets + artifact URIs), ``datasets`` every
         dataset logged as an input (with its stage), ``named`` the artifacts lineage cares about
-        (``config``, ``validation_result``, ``dedup_report``, ``backtranslation_candidates``...).
+        (``config``, ``validation_result``, ``dedup_report``, ``backtranslation_candidates``...),
+        ``digests`` the sha256 of the sources, the train/held-out datasets, the base model and the
+        model version, plus the cache/code keys (see ``_digests``).
 
     Raises:
         LineageError: unknown model, version, alias, or a version without a training run.
@@ -266,6 +285,7 @@ def lineage(spec: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
             "config_hash": t.get(TAG_CONFIG_HASH, ""),
             "git_commit": t.get(TAG_GIT, ""),
             "run_dir": t.get(TAG_RUN_DIR, ""),
+            "sources_digest": t.get(TAG_SOURCES, ""),
         }
         runs = [top] + _children(client, top)
 
@@ -302,7 +322,44 @@ def lineage(spec: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
                     named[key].append(v)
     result["config"] = {"hash": (result["pipeline_run"] or {}).get("config_hash", ""), "artifacts": named["config"]}
     result["named"] = named
+    result["digests"] = _digests(result, train_tags=train_run.data.tags)
     return result
+
+
+def _digests(result: dict[str, Any], *, train_tags: dict[str, str]) -> dict[str, Any]:
+    """The sha256 of the bytes behind the model version, from every place they are recorded.
+
+    Sources come from the parent run's tag and the ingest run's per-file inputs; the train and
+    held-out digests from the model version's tags (written by the train stage from the files it
+    read), falling back to the training run's tags. ``mismatches`` lists any disagreement between
+    the version's tags and the datasets its training run logged (empty when lineage is consistent).
+    """
+    mtags = result["model"]["tags"]
+
+    def tag(name: str) -> str:
+        return mtags.get(name) or train_tags.get(name, "")
+
+    train_id = result["training_run"]["run_id"]
+    logged = {d["context"]: d["sha256"] for d in result["datasets"] if d["run_id"] == train_id}
+    out = {
+        "sources": (result.get("pipeline_run") or {}).get("sources_digest", ""),
+        "source_files": [{"name": d["name"], "path": d["source"], "sha256": d["sha256"] or d["digest"],
+                          "run_id": d["run_id"]}
+                         for d in result["datasets"] if d["context"] == "ingest.source"],
+        "train": tag(TAG_TRAIN_SHA256),
+        "heldout": tag(TAG_HELDOUT_SHA256),
+        "base_model": tag(TAG_BASE_SHA256),
+        "model": tag(TAG_MODEL_SHA256),
+        "train_key": tag(TAG_TRAIN_KEY),
+        "code": tag(TAG_CODE_DIGEST),
+        "cache_key": tag(TAG_CACHE_KEY),
+        "stage_keys": {s["stage"] or s["name"]: s["cache_key"] for s in result["stages"] if s.get("cache_key")},
+        "mismatches": [],
+    }
+    for key, context in (("train", "training"), ("heldout", "heldout")):
+        if out[key] and logged.get(context) and out[key] != logged[context]:
+            out["mismatches"].append(f"{key}: model version says {out[key]}, its training run logged {logged[context]}")
+    return out
 
 
 def format_lineage(d: dict[str, Any]) -> str:
@@ -330,6 +387,21 @@ def format_lineage(d: dict[str, Any]) -> str:
         ]
     else:
         lines.append("Pipeline run: none (the training run has no parent run)")
+    dg = d.get("digests") or {}
+    lines += ["", "Digests (sha256 of the bytes read):"]
+    if dg.get("sources"):
+        lines.append(f"  sources (parent run)   {dg['sources']}")
+    for f in dg.get("source_files", []):
+        lines.append(f"  source file            {f['sha256']}  {f['path']}")
+    for key, title in (("train", "train dataset"), ("heldout", "held-out dataset"), ("base_model", "base model (dir)"),
+                       ("model", "model (dir)"), ("train_key", "training key"), ("code", "code (train closure)"),
+                       ("cache_key", "train cache key")):
+        if dg.get(key):
+            lines.append(f"  {title:<22} {dg[key]}")
+    for stage, key in (dg.get("stage_keys") or {}).items():
+        lines.append(f"  cache key {stage:<12} {key}")
+    for m in dg.get("mismatches", []):
+        lines.append(f"  MISMATCH: {m}")
     lines.append("")
     lines.append("Config:")
     lines += [f"  {u}" for u in d["config"]["artifacts"]] or ["  (no config artifact)"]
@@ -340,7 +412,7 @@ def format_lineage(d: dict[str, Any]) -> str:
     for ds in d["datasets"]:
         rows = "" if ds["rows"] is None else str(ds["rows"])
         digest = ds["sha256"] or ds["digest"]
-        lines.append(f"  {ds['stage']:<22} {ds['context']:<20} {ds['name']:<18} {rows:>7}  {digest[:16]}  {ds['source']}")
+        lines.append(f"  {ds['stage']:<22} {ds['context']:<20} {ds['name']:<18} {rows:>7}  {digest}  {ds['source']}")
     titles = {
         "validation_result": "Validation result (GX)",
         "data_docs": "Data Docs",

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from sftflow.errors import EXIT_CONFIG, UserError
 from sftflow import layout
 from sftflow.refs import ModelRef, sha256_file
 
@@ -52,8 +53,11 @@ class ModelError(RuntimeError):
     """A model could not be provisioned or loaded (the message says which and what to do)."""
 
 
-class ModelNotFoundError(ModelError):
+class ModelNotFoundError(ModelError, UserError):
     """A name is neither embedded, tiny, a local model directory, nor a reachable hub id."""
+
+    exit_code = EXIT_CONFIG
+    label = "model not found"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Prefect glue shared by every stage's thin ``@task`` wrapper.
 
-Cache keys: a stage's inputs (small refs + its config section) and its source code, never the
-``ctx`` (run ids change every run). Results are persisted under ``$SFTFLOW_HOME/prefect`` so a
-second run with nothing changed is served from cache. Retries are for I/O stages only; training
+Cache keys (``sftflow.cachekeys``): the *content* of everything a stage reads (the bytes of its
+input files, model folders and the files its config names), the code it runs (the stage module's
+import closure within ``sftflow/``, ``tasks/``, ``flows/``) and the versions of the libraries that
+shape its output; never the ``ctx`` (run ids change every run). Results are persisted under
+``$SFTFLOW_HOME/prefect`` so a second run with nothing changed is served from cache. Retries are for I/O stages only; training
 never retries (it resumes from its last checkpoint when the flow runs again).
 """
 
@@ -15,10 +17,13 @@ from sftflow import layout
 
 
 def stage_cache_policy() -> Any:
-    """INPUTS (minus ``ctx``) + TASK_SOURCE."""
-    from prefect.cache_policies import INPUTS, TASK_SOURCE
+    """The cache policy of every stage: ``sftflow.cachekeys.StageCachePolicy`` (``ctx`` excluded).
 
-    return (INPUTS - "ctx") + TASK_SOURCE
+    Imported lazily: importing prefect must wait for ``configure_environment``.
+    """
+    from sftflow.cachekeys import stage_policy
+
+    return stage_policy(exclude=["ctx"])
 
 
 # Options for stages whose failures are I/O (files, stores) and safe to retry.

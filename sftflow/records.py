@@ -8,6 +8,9 @@ One row::
     origin    "seed" | "backtranslated"
     category  optional str ("" when unknown)
     score     optional float (NaN when unknown; e.g. a self-curation score)
+    source_row optional int: where the row came from inside its source file (JSONL/CSV line
+              number, or 1-based record index for JSON lists/Parquet/saved datasets); 0 when
+              unknown (e.g. a generated record). Quarantine rows of later stages point back to it.
 
 Parquet stores ``messages`` as a list of structs; ``records_to_frame``/``frame_to_records``
 convert to/from plain Python dicts.
@@ -27,7 +30,9 @@ import pandas as pd
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 ORIGINS: tuple[str, ...] = ("seed", "backtranslated")
-COLUMNS: tuple[str, ...] = ("id", "messages", "source", "origin", "category", "score")
+COLUMNS: tuple[str, ...] = ("id", "messages", "source", "origin", "category", "score", "source_row")
+# Optional metadata columns and the value a row gets when it carries none (older frames, generated rows).
+OPTIONAL_COLUMNS: dict[str, Any] = {"category": "", "score": math.nan, "source_row": 0}
 
 _WS = re.compile(r"\s+")
 
@@ -50,8 +55,13 @@ def make_record(
     origin: str = "seed",
     category: str = "",
     score: float = math.nan,
+    source_row: int = 0,
 ) -> dict[str, Any]:
-    """Build one canonical record (id computed from the messages)."""
+    """Build one canonical record (id computed from the messages).
+
+    ``source_row`` is the line (or record index) in the source file, 0 when unknown; it is
+    provenance only and never part of the id.
+    """
     msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     return {
         "id": record_id(msgs),
@@ -60,7 +70,38 @@ def make_record(
         "origin": origin,
         "category": category or "",
         "score": float(score),
+        "source_row": int(source_row),
     }
+
+
+# Characters that render as nothing: Unicode's Default_Ignorable_Code_Point set (zero-width
+# space/joiners, word joiner, BOM, soft hyphen, bidi controls, variation selectors, tags, Hangul
+# fillers, ...) plus the blank Braille pattern. A turn made only of these (and whitespace/control
+# characters) is empty, however many code points it has.
+_INVISIBLE_RANGES: tuple[tuple[int, int], ...] = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x2800, 0x2800),
+    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+
+
+def is_invisible(ch: str) -> bool:
+    """True for a character that shows nothing: whitespace, a control, or a default-ignorable code point."""
+    if ch.isspace() or unicodedata.category(ch) == "Cc":
+        return True
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in _INVISIBLE_RANGES)
+
+
+def visible_text(text: str) -> str:
+    """``text`` without the characters that render as nothing (see ``is_invisible``)."""
+    return "".join(ch for ch in text if not is_invisible(ch))
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has no visible character (empty, whitespace, zero-width characters only)."""
+    return all(is_invisible(ch) for ch in text)
 
 
 def prompt_text(messages: list[dict[str, str]]) -> str:
@@ -74,11 +115,31 @@ def response_text(messages: list[dict[str, str]]) -> str:
 
 
 def records_to_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """A DataFrame with exactly the canonical columns, in order."""
+    """A DataFrame with exactly the canonical columns, in order (missing metadata filled in)."""
     df = pd.DataFrame(list(records), columns=list(COLUMNS))
     if len(df):
         df["category"] = df["category"].fillna("").astype(str)
         df["score"] = df["score"].astype(float)
+        df["source_row"] = df["source_row"].fillna(0).astype("int64")
+    else:
+        df = df.astype({"score": "float64", "source_row": "int64"})
+    return df
+
+
+def with_optional_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every optional metadata column present (its default where it was missing).
+
+    Frames written before a metadata column existed (or by code that does not know it) stay
+    readable. Columns that exist are left exactly as they are, so a schema or type check still
+    sees a wrong value.
+    """
+    missing = [c for c in OPTIONAL_COLUMNS if c not in df.columns]
+    if not missing:
+        return df
+    df = df.copy()
+    dtypes = {"category": object, "score": "float64", "source_row": "int64"}
+    for col in missing:
+        df[col] = pd.Series([OPTIONAL_COLUMNS[col]] * len(df), index=df.index, dtype=dtypes[col])
     return df
 
 

@@ -6,9 +6,12 @@ What this module gives:
   tracking server bound to 127.0.0.1, with SQLite files or a PostgreSQL cluster under
   ``$SFTFLOW_HOME`` as their backend store. Every process is started in its own session, its pid
   and URL written to ``$SFTFLOW_HOME/services/<name>.json`` and its log to ``<name>.log``; ``stop_stack``
-  ends exactly those processes (by pid), nothing else. ``infra/local`` and ``infra/postgres``
-  are thin shell wrappers over ``python -m sftflow.services``.
-* ``run_ui()``: ``sftflow ui`` -- both servers in the foreground, URLs printed, stopped on Ctrl-C.
+  ends exactly those processes and everything below them (SIGTERM, SIGKILL after a grace period,
+  bounded in time), nothing else. ``infra/local`` and ``infra/postgres`` are thin shell wrappers
+  over ``python -m sftflow.services``. The PostgreSQL password reaches the servers as
+  ``PGPASSWORD`` in their environment, never in a command line.
+* ``run_ui()``: ``sftflow ui`` -- both servers in the foreground, URLs printed, stopped on Ctrl-C
+  (also when started with SIGINT ignored), and killed with it if it is killed.
 * ``check_prefect_server(url)``: fail fast with one clear message when the Prefect API is down
   (MLflow's equivalent is ``sftflow.tracking.check_tracking_server``).
 * ``sources_unchanged(cfg, pipeline=)``: "skip if unchanged" for scheduled runs (compares the
@@ -38,15 +41,17 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 
 from sftflow import layout
+from sftflow.processes import call_in_lifetime_thread, die_with_parent, terminate_tree
 
 if TYPE_CHECKING:  # keep imports light: the CLI's `--help` must not pull in MLflow or Prefect
     from sftflow.config import PipelineConfig
@@ -149,19 +154,31 @@ def _alive(pid: int) -> bool:
 
 
 def _spawn(name: str, argv: list[str], *, env: dict[str, str], url: str, health: str, state: Path,
-           timeout: float) -> Service:
-    """Start ``argv`` detached (own session), record its pid, wait until ``health`` answers."""
+           timeout: float, tie_to_parent: bool = False) -> Service:
+    """Start ``argv`` detached (own session), record its pid, wait until ``health`` answers.
+
+    With ``tie_to_parent`` the server gets SIGTERM when this process dies, even by ``kill -9``
+    (``sftflow ui``); without it, it outlives us (``infra/*/start.sh`` background servers).
+    """
     state.mkdir(parents=True, exist_ok=True)
     existing = read_service(name, state=state)
     if existing is not None and _alive(existing.pid):
-        raise ServiceError(f"{name} already runs (pid {existing.pid}, {existing.url}); "
+        raise ServiceError(f"{name} already runs (pid {existing.pid}, {_mask(existing.url)}); "
                            f"stop it first: python -m sftflow.services stop")
     log = state / f"{name}.log"
+    if tie_to_parent:
+        # SIGTERM, not SIGKILL: both servers forward it to their uvicorn child and exit with it.
+        argv = die_with_parent(argv, sig=signal.SIGTERM)
     with open(log, "ab") as out:
         # start_new_session: its own process group, so stop() ends the server and the workers it
         # forks (uvicorn) by this one id, and Ctrl-C in a terminal reaches only us, not it.
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, cwd=str(state))
+        def popen() -> subprocess.Popen:
+            return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True, cwd=str(state))
+
+        # The parent-death signal fires when the forking *thread* ends: fork from one that lives
+        # as long as this process.
+        proc = call_in_lifetime_thread(popen) if tie_to_parent else popen()
     svc = Service(name=name, url=url, pid=proc.pid, log=str(log))
     _pid_file(state, name).write_text(json.dumps(asdict(svc)))
     try:
@@ -184,20 +201,26 @@ def read_service(name: str, *, state: Path | None = None) -> Service | None:
 
 
 def stop_service(svc: Service, *, state: Path | None = None, timeout: float = 20.0) -> None:
-    """SIGTERM the service's process group, SIGKILL after ``timeout``; remove its pid file."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(svc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(svc.pid):
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(svc.pid, os.WNOHANG)  # reap when it is our child
-        time.sleep(0.2)
-    if _alive(svc.pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(svc.pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(svc.pid, os.WNOHANG)
-    _pid_file(state or services_dir(), svc.name).unlink(missing_ok=True)
+    """End the service and every process below it (SIGTERM, SIGKILL after ``timeout``); remove its pid file."""
+    stop_services([svc], state=state, grace=timeout)
+
+
+def stop_services(svcs: list[Service], *, state: Path | None = None, grace: float = 10.0,
+                  hurry: threading.Event | None = None) -> list[int]:
+    """End several services at once, each with its whole process tree, in bounded time.
+
+    Every process below each service (its process group, and children that left it, such as
+    MLflow's job-runner consumers) gets SIGTERM; what still runs after ``grace`` seconds (or as
+    soon as ``hurry`` is set) gets SIGKILL. The services stop in parallel, so the worst case is
+    ``grace`` + a few seconds whatever their number. Pid files are removed.
+
+    Returns:
+        Pids still alive at the end (empty unless a process cannot be killed).
+    """
+    left = terminate_tree([s.pid for s in svcs], grace=grace, hurry=hurry)
+    for s in svcs:
+        _pid_file(state or services_dir(), s.name).unlink(missing_ok=True)
+    return [p.pid for p in left]
 
 
 def _quiet_env(extra: dict[str, str]) -> dict[str, str]:
@@ -210,6 +233,9 @@ def _quiet_env(extra: dict[str, str]) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONUNBUFFERED": "1",
+        # MLflow's GenAI job runner (a watcher + one huey consumer process per job type) is not
+        # used by sftflow; without it the server is 2 processes instead of 9 on a small machine.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
     })
     env.update(extra)
     return env
@@ -217,7 +243,7 @@ def _quiet_env(extra: dict[str, str]) -> dict[str, str]:
 
 def start_prefect_server(*, host: str = LOOPBACK, port: int = 4200, database_url: str | None = None,
                          prefect_home: Path | None = None, state: Path | None = None,
-                         timeout: float = 180.0) -> Service:
+                         timeout: float = 180.0, tie_to_parent: bool = False) -> Service:
     """Start ``prefect server start`` and wait for ``/api/health``.
 
     Args:
@@ -229,14 +255,16 @@ def start_prefect_server(*, host: str = LOOPBACK, port: int = 4200, database_url
             also shows runs made earlier with the embedded server).
         state: folder of pid/log files (default ``$SFTFLOW_HOME/services``).
         timeout: seconds to wait for the health check.
+        tie_to_parent: stop the server when this process dies (``sftflow ui``).
 
     Returns:
         The service; ``url`` is the API URL clients put in ``PREFECT_API_URL``.
     """
     home = prefect_home or layout.prefect_home()
     home.mkdir(parents=True, exist_ok=True)
-    db = database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    db, db_env = split_db_password(database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}")
     env = _quiet_env({
+        **db_env,
         "PREFECT_HOME": str(home),
         "PREFECT_API_DATABASE_CONNECTION_URL": db,
         "PREFECT_SERVER_API_HOST": host,
@@ -247,12 +275,13 @@ def start_prefect_server(*, host: str = LOOPBACK, port: int = 4200, database_url
     base = f"http://{host}:{port}"
     argv = [_exe("prefect"), "server", "start", "--host", host, "--port", str(port), "--analytics-off"]
     return _spawn(PREFECT_NAME, argv, env=env, url=f"{base}/api", health=f"{base}/api/health",
-                  state=state or services_dir(), timeout=timeout)
+                  state=state or services_dir(), timeout=timeout, tie_to_parent=tie_to_parent)
 
 
 def start_mlflow_server(*, host: str = LOOPBACK, port: int = 5000, backend_store_uri: str | None = None,
                         artifacts_destination: str | None = None, workers: int = 1,
-                        state: Path | None = None, timeout: float = 180.0) -> Service:
+                        state: Path | None = None, timeout: float = 180.0,
+                        tie_to_parent: bool = False) -> Service:
     """Start ``mlflow server`` (tracking + registry + artifact proxy) and wait for ``/health``.
 
     Args:
@@ -266,9 +295,13 @@ def start_mlflow_server(*, host: str = LOOPBACK, port: int = 5000, backend_store
         workers: server worker processes (one is plenty on loopback and spares a small machine).
         state: folder of pid/log files.
         timeout: seconds to wait for the health check.
+        tie_to_parent: stop the server when this process dies (``sftflow ui``).
+
+    A password in ``backend_store_uri`` never reaches the command line (``/proc/<pid>/cmdline``
+    is world-readable): it is passed as ``PGPASSWORD`` in the server's environment.
     """
     mdir = layout.ensure(layout.mlflow_dir())
-    backend = backend_store_uri or f"sqlite:///{mdir / 'mlflow.db'}"
+    backend, db_env = split_db_password(backend_store_uri or f"sqlite:///{mdir / 'mlflow.db'}")
     dest = artifacts_destination or str(layout.ensure(mdir / "artifacts"))
     if "://" not in dest:
         Path(dest).mkdir(parents=True, exist_ok=True)
@@ -276,8 +309,42 @@ def start_mlflow_server(*, host: str = LOOPBACK, port: int = 5000, backend_store
             "--backend-store-uri", backend, "--serve-artifacts", "--artifacts-destination", dest,
             "--workers", str(workers)]
     url = f"http://{host}:{port}"
-    return _spawn(MLFLOW_NAME, argv, env=_quiet_env({}), url=url, health=f"{url}/health",
-                  state=state or services_dir(), timeout=timeout)
+    return _spawn(MLFLOW_NAME, argv, env=_quiet_env(db_env), url=url, health=f"{url}/health",
+                  state=state or services_dir(), timeout=timeout, tie_to_parent=tie_to_parent)
+
+
+def split_db_password(url: str) -> tuple[str, dict[str, str]]:
+    """``(url without its password, {"PGPASSWORD": password})`` for a PostgreSQL URL; others unchanged.
+
+    libpq (psycopg2, MLflow) and asyncpg (Prefect) both read ``PGPASSWORD`` when the URL has none,
+    so the secret travels in the (owner-only) environment, not in a command line or a log line.
+    """
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgres") or "@" not in parts.netloc:
+        return url, {}
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, sep, password = userinfo.partition(":")
+    if not sep:
+        return url, {}
+    return urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment)), {
+        "PGPASSWORD": unquote(password)}
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """Create ``path`` with mode 0600 from the first byte (never a window where others can read it).
+
+    An existing file is replaced (removed first, so its old mode and owner cannot carry over).
+    """
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _mask(uri: str) -> str:
+    from sftflow.tracking import mask_uri  # lazily: tracking pulls in pandas
+
+    return mask_uri(uri)
 
 
 def _exe(name: str) -> str:
@@ -323,13 +390,21 @@ class PostgresCluster:
     host: str
     port: int
     user: str
-    password: str
+    password: str = field(repr=False)  # never in a repr, hence in no log line or error message
     os_user: str = ""
 
-    def url(self, database: str, *, driver: str = "") -> str:
-        """SQLAlchemy URL of ``database``; ``driver`` e.g. ``asyncpg`` (Prefect) or ``psycopg2`` (MLflow)."""
+    def url(self, database: str, *, driver: str = "", with_password: bool = False) -> str:
+        """SQLAlchemy URL of ``database``; ``driver`` e.g. ``asyncpg`` (Prefect) or ``psycopg2`` (MLflow).
+
+        Without the password unless asked; servers get it as ``PGPASSWORD`` (``env()``).
+        """
         scheme = f"postgresql+{driver}" if driver else "postgresql"
-        return f"{scheme}://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
+        secret = f":{quote(self.password, safe='')}" if with_password else ""
+        return f"{scheme}://{quote(self.user, safe='')}{secret}@{self.host}:{self.port}/{database}"
+
+    def env(self) -> dict[str, str]:
+        """Environment that lets libpq / asyncpg clients of this cluster authenticate."""
+        return {"PGPASSWORD": self.password}
 
 
 def _pg_os_user() -> str:
@@ -401,14 +476,12 @@ def start_postgres(*, host: str = LOOPBACK, port: int = 5432, root: Path | None 
         if data.exists() and any(data.iterdir()):
             raise ServiceError(f"{data}: exists, is not empty and holds no cluster (no PG_VERSION); move it away")
         password = secrets.token_urlsafe(18)
-        creds_file.write_text(json.dumps({"user": "sftflow", "password": password}))
-        creds_file.chmod(0o600)
+        write_secret_file(creds_file, json.dumps({"user": "sftflow", "password": password}))
         pwfile = root / ".pwfile"
-        pwfile.write_text(password + "\n")
+        write_secret_file(pwfile, password + "\n")
         try:
             if os_user:
-                shutil.chown(pwfile, user=os_user)
-            pwfile.chmod(0o600)
+                shutil.chown(pwfile, user=os_user)  # still 0600: readable by the server's account only
             _run(_as_user(os_user, [str(bindir / "initdb"), "-D", str(data), "-U", "sftflow", "--pwfile", str(pwfile),
                                     "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8",
                                     "--locale=C", "--no-instructions"]), what="initdb")
@@ -490,7 +563,8 @@ class Stack:
 
 def start_stack(*, backend: Literal["sqlite", "postgres"] = "sqlite", host: str = LOOPBACK,
                 prefect_port: int = 4200, mlflow_port: int = 5000, pg_port: int = 5432,
-                artifacts_destination: str | None = None, state: Path | None = None) -> Stack:
+                artifacts_destination: str | None = None, state: Path | None = None,
+                tie_to_parent: bool = False) -> Stack:
     """Start Prefect server + MLflow server (and PostgreSQL for ``backend="postgres"``).
 
     Writes ``<state>/env.sh`` exporting ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI`` so a shell
@@ -506,6 +580,7 @@ def start_stack(*, backend: Literal["sqlite", "postgres"] = "sqlite", host: str 
         artifacts_destination: MLflow artifact store (local folder or ``s3://...``);
             default ``$SFTFLOW_MLFLOW_ARTIFACTS`` or ``$SFTFLOW_HOME/mlflow/artifacts``.
         state: folder of pid/log files (default ``$SFTFLOW_HOME/services``).
+        tie_to_parent: the servers stop when this process dies, even by ``kill -9`` (``sftflow ui``).
     """
     if backend not in ("sqlite", "postgres"):
         raise ServiceError(f"backend: must be one of 'sqlite', 'postgres' (got {backend!r})")
@@ -519,18 +594,19 @@ def start_stack(*, backend: Literal["sqlite", "postgres"] = "sqlite", host: str 
     try:
         if backend == "postgres":
             cluster = start_postgres(host=host, port=pg_port)
-            prefect_db = cluster.url("prefect", driver="asyncpg")
+            # start_*_server move the password out of these URLs into the servers' PGPASSWORD.
+            prefect_db = cluster.url("prefect", driver="asyncpg", with_password=True)
             # Explicit driver: SQLAlchemy 2.1 defaults postgresql:// to psycopg 3, which we do not ship.
-            mlflow_db = cluster.url("mlflow", driver="psycopg2")
+            mlflow_db = cluster.url("mlflow", driver="psycopg2", with_password=True)
         else:
             prefect_db = mlflow_db = None
         # MLflow first: it is the quicker one and a bad store URI should fail before the slow one.
         started.append(start_mlflow_server(host=host, port=mlflow_port, backend_store_uri=mlflow_db,
-                                           artifacts_destination=artifacts, state=state))
-        started.append(start_prefect_server(host=host, port=prefect_port, database_url=prefect_db, state=state))
+                                           artifacts_destination=artifacts, state=state, tie_to_parent=tie_to_parent))
+        started.append(start_prefect_server(host=host, port=prefect_port, database_url=prefect_db, state=state,
+                                            tie_to_parent=tie_to_parent))
     except BaseException:
-        for svc in reversed(started):
-            stop_service(svc, state=state)
+        stop_services(started, state=state)
         if cluster is not None:
             stop_postgres()
         raise
@@ -542,15 +618,19 @@ def start_stack(*, backend: Literal["sqlite", "postgres"] = "sqlite", host: str 
     return stack
 
 
-def stop_stack(*, state: Path | None = None, postgres: bool = True) -> list[str]:
-    """Stop every server recorded under ``state`` (and our PostgreSQL cluster); returns what stopped."""
+def stop_stack(*, state: Path | None = None, postgres: bool = True, grace: float = 10.0,
+               hurry: threading.Event | None = None) -> list[str]:
+    """Stop every server recorded under ``state`` (and our PostgreSQL cluster); returns what stopped.
+
+    The servers stop together, each with its whole process tree: SIGTERM, then SIGKILL after
+    ``grace`` seconds (at once when ``hurry`` is set), so it ends in bounded time.
+    """
     state = state or services_dir()
-    stopped = []
-    for name in (PREFECT_NAME, MLFLOW_NAME):
-        svc = read_service(name, state=state)
-        if svc is not None:
-            stop_service(svc, state=state)
-            stopped.append(f"{name} (pid {svc.pid})")
+    svcs = [svc for name in (PREFECT_NAME, MLFLOW_NAME) if (svc := read_service(name, state=state)) is not None]
+    left = stop_services(svcs, state=state, grace=grace, hurry=hurry)
+    stopped = [f"{s.name} (pid {s.pid})" for s in svcs]
+    if left:
+        print(f"services: processes {left} did not end even after SIGKILL", file=sys.stderr)
     if postgres and stop_postgres():
         stopped.append(POSTGRES_NAME)
     for f in ("env.sh", "stack.json"):
@@ -575,21 +655,32 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run_ui(*, host: str = LOOPBACK, prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
+def run_ui(*, host: str = LOOPBACK, prefect_port: int = 4200, mlflow_port: int = 5000, grace: float = 10.0) -> None:
     """Start a local Prefect server and MLflow UI (SQLite under ``$SFTFLOW_HOME``) until Ctrl-C.
 
     Prints both URLs and the two ``export`` lines that point flows at them. Stops both servers on
-    Ctrl-C/SIGTERM, or when one of them dies (naming it and its log).
+    Ctrl-C/SIGTERM, or when one of them dies (naming it and its log). Stopping is bounded: every
+    process of both servers gets SIGTERM, what runs after ``grace`` seconds (or right away on a
+    second Ctrl-C) gets SIGKILL. The servers also die if this process is killed (``kill -9``).
     """
-    stack = start_stack(backend="sqlite", host=host, prefect_port=prefect_port, mlflow_port=mlflow_port)
-    print(f"Prefect UI : {stack.prefect_ui_url}\nMLflow UI  : {stack.mlflow_uri}")
-    print("Point runs at them (or `source " + str(services_dir() / "env.sh") + "`):")
-    for k, v in stack.client_env().items():
-        print(f"  export {k}={v}")
-    print("Ctrl-C stops both.", flush=True)
-    # Turn SIGTERM into the same clean path as Ctrl-C.
-    prev = signal.signal(signal.SIGTERM, _raise_interrupt)
+    prev_term, prev_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # Ctrl-C and SIGTERM take the same clean path, from the start (a Ctrl-C while the servers are
+    # still starting stops what started). Installed explicitly: a process started from a
+    # non-interactive shell's background job (`make test &`, CI) inherits SIGINT *ignored*, and
+    # Python then never raises KeyboardInterrupt, so Ctrl-C / kill -INT did nothing.
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    state = services_dir()
+    # Servers already recorded (e.g. infra/local/start.sh's) are not ours to stop on the way out.
+    before = {n: svc.pid for n in (PREFECT_NAME, MLFLOW_NAME) if (svc := read_service(n, state=state)) is not None}
     try:
+        stack = start_stack(backend="sqlite", host=host, prefect_port=prefect_port, mlflow_port=mlflow_port,
+                            tie_to_parent=True)
+        print(f"Prefect UI : {stack.prefect_ui_url}\nMLflow UI  : {stack.mlflow_uri}")
+        print("Point runs at them (or `source " + str(services_dir() / "env.sh") + "`):")
+        for k, v in stack.client_env().items():
+            print(f"  export {k}={v}")
+        print("Ctrl-C stops both.", flush=True)
         while True:
             dead = [s for s in stack.services if not _alive(s.pid)]
             if dead:
@@ -599,8 +690,27 @@ def run_ui(*, host: str = LOOPBACK, prefect_port: int = 4200, mlflow_port: int =
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, prev)
-        print("stopping: " + ", ".join(stop_stack(postgres=False)), flush=True)
+        # From here on a signal must not interrupt the shutdown (a KeyboardInterrupt inside it
+        # would leave servers behind): a second Ctrl-C/SIGTERM only cuts the grace period short.
+        hurry = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: hurry.set())
+        signal.signal(signal.SIGTERM, lambda *_: hurry.set())
+        try:
+            # What this call started (also a half-started stack): the recorded services that were
+            # not recorded before.
+            ours = [svc for n in (PREFECT_NAME, MLFLOW_NAME)
+                    if (svc := read_service(n, state=state)) is not None and before.get(n) != svc.pid]
+            left = stop_services(ours, state=state, grace=grace, hurry=hurry)
+            if ours:
+                for f in ("env.sh", "stack.json"):
+                    (state / f).unlink(missing_ok=True)
+            if left:
+                print(f"services: processes {left} did not end even after SIGKILL", file=sys.stderr)
+            if ours:
+                print("stopping: " + ", ".join(f"{s.name} (pid {s.pid})" for s in ours), flush=True)
+        finally:
+            signal.signal(signal.SIGINT, prev_int)
+            signal.signal(signal.SIGTERM, prev_term)
 
 
 # --------------------------------------------------------------------------- fail-fast checks
@@ -617,9 +727,10 @@ def check_prefect_server(api_url: str | None = None, *, timeout: float = 5.0) ->
     if not url:
         return
     if urlparse(url).scheme not in ("http", "https"):
-        raise ServiceError(f"PREFECT_API_URL={url!r} is not an http(s) URL (expected e.g. http://127.0.0.1:4200/api)")
+        raise ServiceError(f"PREFECT_API_URL={_mask(url)!r} is not an http(s) URL "
+                           "(expected e.g. http://127.0.0.1:4200/api)")
     if not _http_ok(url.rstrip("/") + "/health", timeout=timeout):
-        raise ServiceError(f"Prefect server {url} is unreachable. Start it ({START_HINT}), "
+        raise ServiceError(f"Prefect server {_mask(url)} is unreachable. Start it ({START_HINT}), "
                            "or unset PREFECT_API_URL to run with Prefect's embedded server.")
 
 
@@ -677,7 +788,7 @@ def sources_unchanged(cfg: "PipelineConfig", *, pipeline: str, tracking_uri: str
     digest = sources_digest(cfg)
     last = last_successful_run(pipeline=pipeline, tracking_uri=uri)
     if last is None:
-        return False, f"no earlier successful run of pipeline {pipeline!r} in {uri}"
+        return False, f"no earlier successful run of pipeline {pipeline!r} in {_mask(uri)}"
     run = last.info.run_id
     if last.data.tags.get(TAG_SOURCES) != digest:
         return False, f"source data changed since run {run} (sources digest {digest[:12]} != {last.data.tags.get(TAG_SOURCES, '')[:12]})"

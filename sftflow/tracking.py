@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from sftflow import layout
 from sftflow.refs import DatasetRef
@@ -45,32 +47,142 @@ def is_local_store(uri: str) -> bool:
     return urlparse(uri).scheme in ("sqlite", "file", "")
 
 
+# Query parameters whose values are secrets in database / storage URIs.
+_SECRET_PARAMS = ("password", "passwd", "pwd", "secret", "token", "key", "credential", "signature", "sig")
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with its secrets replaced by ``***``: the password of ``user:password@``, a bare
+    ``https://token@`` (no user name), and secret-looking query parameters (``password=``,
+    ``token=`` ...).
+
+    Text that is not a URI (a path, "") is returned unchanged. Use it wherever a URI is printed,
+    logged or stored as a tag.
+    """
+    if not isinstance(uri, str) or "://" not in uri:
+        return uri
+    # Rebuilt by hand, not with urlunsplit: that would also "normalise" the rest (sqlite:////x).
+    scheme, _, rest = uri.partition("://")
+    netloc = re.match(r"[^/?#]*", rest).group(0)  # type: ignore[union-attr]
+    tail = rest[len(netloc):]
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, sep, _pw = userinfo.partition(":")
+        if sep:
+            netloc = f"{user}:***@{host}"
+        elif scheme.lower() in ("http", "https"):
+            netloc = f"***@{host}"  # https://<token>@host: the lone userinfo is a token
+        # else: a database URI's lone userinfo is the user name, kept
+    path, qsep, query = tail.partition("?")
+    query, hsep, fragment = query.partition("#")
+    if query:
+        pairs = []
+        for item in query.split("&"):
+            k, eq, v = item.partition("=")
+            secret = eq and v and any(s in k.lower() for s in _SECRET_PARAMS)
+            pairs.append(f"{k}=***" if secret else item)
+        query = "&".join(pairs)
+    return f"{scheme}://{netloc}{path}{qsep}{query}{hsep}{fragment}"
+
+
+def mask_secrets_in(text: str) -> str:
+    """Every URI inside free ``text`` (an error message, a log line) passed through ``mask_uri``."""
+    return _URI_IN_TEXT.sub(lambda m: mask_uri(m.group(0)), text)
+
+
+def _split_credentials(uri: str) -> tuple[str, str | None]:
+    """(``uri`` without ``user:password@``, the ``Authorization: Basic`` value or None)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None
+    import base64
+    from urllib.parse import unquote
+
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), f"Basic {token}"
+
+
 def check_tracking_server(uri: str, *, timeout: float = 5.0) -> None:
-    """Fail fast with a clear message when an HTTP tracking server does not answer."""
+    """Fail fast with a clear message when an HTTP tracking server does not answer.
+
+    A URI with credentials (``http://user:password@host:5000``) is checked with HTTP basic auth,
+    as MLflow's client sends them; the message never shows the password.
+    """
     if urlparse(uri).scheme not in ("http", "https"):
         return
     import urllib.error
     import urllib.request
 
+    bare, auth = _split_credentials(uri)
+    req = urllib.request.Request(bare.rstrip("/") + "/health", headers={"Authorization": auth} if auth else {})
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:  # noqa: S310 (user-configured URI)
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (user-configured URI)
             r.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(
-            f"MLflow tracking server {uri} is unreachable ({e}). Start one with `infra/local/start.sh` "
-            f"(or `sftflow ui`), or unset MLFLOW_TRACKING_URI / tracking.tracking_uri to use the embedded SQLite store."
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        from sftflow.errors import ServiceUnavailable
+
+        raise ServiceUnavailable(
+            f"MLflow tracking server {mask_uri(uri)} is unreachable ({mask_secrets_in(str(e))}). Start one with "
+            f"`infra/local/start.sh` (or `sftflow ui`), or unset MLFLOW_TRACKING_URI / tracking.tracking_uri to use "
+            f"the embedded SQLite store."
         ) from None
 
 
 _registry_set_by_us: str | None = None
+_initialised: set[str] = set()
+_init_lock = threading.Lock()
+
+
+def _store_lock_path(uri: str) -> Path | None:
+    """The file lock that serialises creating/migrating the database store ``uri`` (None: no database)."""
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme == "sqlite":
+        db = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if not db or db.startswith(":memory:"):
+            return None
+        return Path(db).expanduser().resolve().with_name(Path(db).name + ".init.lock")
+    if scheme in ("postgresql", "mysql", "mssql"):
+        import hashlib
+
+        key = hashlib.sha256(_split_credentials(uri)[0].encode()).hexdigest()[:16]
+        return layout.sftflow_home() / "locks" / f"mlflow-store-{key}.init.lock"
+    return None  # HTTP servers and file stores migrate nothing on the client side
+
+
+def init_store(uri: str, *, timeout: float = 900.0) -> None:
+    """Create/migrate the MLflow database store ``uri`` once per process, under a file lock.
+
+    Two processes opening a fresh store at once (two first ``sftflow run`` in one new
+    ``$SFTFLOW_HOME``) would both run MLflow's schema migrations and one would fail; the lock
+    (next to the SQLite file, or under ``$SFTFLOW_HOME/locks`` for other databases) lets one
+    create the tables while the other waits, then finds them. HTTP and file stores need nothing.
+    """
+    with _init_lock:
+        if uri in _initialised:
+            return
+        lock_path = _store_lock_path(uri)
+        if lock_path is not None:
+            from filelock import FileLock
+            from mlflow.tracking import MlflowClient
+
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(lock_path), timeout=timeout):
+                client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                client.search_experiments(max_results=1)  # tracking tables (+ migrations)
+                client.search_registered_models(max_results=1)  # model registry tables
+        _initialised.add(uri)
 
 
 def configure(uri: str) -> None:
-    """Point the mlflow client at ``uri`` (creating the local store folder when needed)."""
+    """Point the mlflow client at ``uri`` (creating/migrating a local store once, under a lock)."""
     import mlflow
 
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    init_store(uri)
     mlflow.set_tracking_uri(uri)
     # The registry follows the tracking store unless the user configured one. mlflow.set_registry_uri
     # itself exports MLFLOW_REGISTRY_URI, so a value we set earlier is not "the user's" choice.
@@ -175,6 +287,12 @@ def stage_run(ctx: StageContext, stage: str, *, tags: dict[str, str] | None = No
     # itself is never "active" in any thread (the flow drives it through MlflowClient).
     active = mlflow.active_run()
     parent = active.info.run_id if active is not None else (ctx.parent_run_id or None)
+    from sftflow.cachekeys import TAG_CACHE_KEY, TAG_CODE_DIGEST, current_stage_key
+
+    key = current_stage_key()
+    if key is not None and active is None:  # the stage's own task run, not a helper run nested in it
+        all_tags.setdefault(TAG_CACHE_KEY, key[0])
+        all_tags.setdefault(TAG_CODE_DIGEST, key[1]["code"]["digest"])
     with mlflow.start_run(
         experiment_id=ctx.experiment_id,
         run_name=stage,
@@ -216,6 +334,8 @@ def log_dataset(ref: DatasetRef, *, context: str, source: str | None = None, df:
         # MLflow registers LocalArtifactDatasetSource twice and warns about the ambiguity on every
         # local path; the source it picks is the right one.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        # Integer columns (e.g. ``source_row``) are fine here: the view is for browsing, not serving.
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         ds = mlflow.data.from_pandas(flat, source=source or ref.path, name=ref.name, digest=ref.sha256[:36])
     mlflow.log_input(ds, context=context, tags={"sftflow.sha256": ref.sha256, "sftflow.rows": str(ref.num_rows),
                                                  "sftflow.path": ref.path})
@@ -247,7 +367,7 @@ def sources_digest(cfg: Any) -> str:
         if hub:
             h.update(f"hub:{hub}".encode())
             continue
-        for p in sorted(glob.glob(path)) or [path]:
+        for p in sorted(glob.glob(path, recursive=True)) or [path]:
             pp = Path(p)
             h.update(pp.name.encode())
             h.update((sha256_dir(pp) if pp.is_dir() else sha256_file(pp)).encode())
@@ -272,14 +392,19 @@ def start_pipeline_run(
     """Create the parent MLflow run of one flow run and return the context stages receive.
 
     The parent run is created through ``MlflowClient`` (not the thread-local fluent API) so that
-    no thread's "active run" state can end it by accident; stages nest under it by id.
+    no thread's "active run" state can end it by accident; stages nest under it by id. Runs left
+    RUNNING by a killed earlier run are closed first (``sftflow.recovery.reap_orphans``), and an
+    active-run record is written so this run is closed the same way if it is killed.
     """
     from mlflow.tracking import MlflowClient
 
     from sftflow.config import config_hash
+    from sftflow.recovery import reap_orphans, register_active_run
 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_server(uri)
+    # Close what a killed earlier run left RUNNING before this run adds its own.
+    reap_orphans(logger=_logger())
     experiment_id = ensure_experiment(cfg.tracking.experiment or f"sftflow-{pipeline}", uri=uri)
     chash = config_hash(cfg)
     tags = {
@@ -296,6 +421,8 @@ def start_pipeline_run(
     }
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
+    # From here on a kill -9 leaves a record that the next run uses to close this one.
+    register_active_run(flow_run_id=run_id, pipeline=pipeline, tracking_uri=uri, parent_run_id=run.info.run_id)
     ctx = StageContext(
         pipeline=pipeline,
         run_id=run_id,
@@ -319,13 +446,24 @@ def end_pipeline_run(ctx: StageContext, *, status: str = "FINISHED", summary: di
     if summary is not None:
         client.log_text(ctx.parent_run_id, json.dumps(summary, indent=2, sort_keys=True, default=str), "summary.json")
     client.set_terminated(ctx.parent_run_id, status=status)
+    from sftflow.recovery import clear_active_run
+
+    clear_active_run(ctx.run_id)
+
+
+def _logger() -> Any:
+    from sftflow.orchestration import run_logger
+
+    return run_logger("sftflow.tracking")
 
 
 def run_url(ctx: StageContext) -> str:
-    """Where to look at a run: the MLflow UI address for HTTP stores, else the store URI + run id."""
+    """Where to look at a run: the MLflow UI address for HTTP stores, else the store URI + run id
+    (credentials masked: this is printed and logged)."""
+    uri = mask_uri(ctx.tracking_uri)
     if urlparse(ctx.tracking_uri).scheme in ("http", "https"):
-        return f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{ctx.parent_run_id}"
-    return f"{ctx.tracking_uri} (run {ctx.parent_run_id}; browse with `sftflow ui`)"
+        return f"{uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{ctx.parent_run_id}"
+    return f"{uri} (run {ctx.parent_run_id}; browse with `sftflow ui`)"
 
 
 def yaml_dump(obj: Any) -> str:

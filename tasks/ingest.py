@@ -4,13 +4,22 @@ Reads every source of a pipeline (local file, glob, ``datasets.save_to_disk`` fo
 converts each row of a known format into the canonical record (see ``sftflow.records``), and
 mixes the sources by weight / cap. Nothing disappears silently:
 
-* a bad row (malformed JSON line, missing field, wrong type, blank instruction or response,
-  invalid UTF-8, absurdly long) goes to the quarantine file with its source file, row number,
-  a readable reason and its raw text (truncated); the good rows go on;
-* a whole file that is unreadable, empty or of an unknown format raises ``IngestError`` naming
-  the file and what was expected;
+* a bad row (malformed JSON line, missing field, wrong type, duplicate key, JSON nested absurdly
+  deep, blank or invisible-only instruction or response, invalid UTF-8, absurdly long) goes to the
+  quarantine file with its source file, row number, a readable reason and its raw text
+  (truncated); the good rows go on. Each record keeps ``source_row`` so later stages can point
+  back to the same line;
+* a whole file that is unreadable, empty, not valid JSON as a document (with line and column),
+  not UTF-8 (with the byte offset), a table without a column its format needs, or of an unknown
+  format raises ``IngestError`` naming the file and what was expected;
 * per source: ``read = kept + quarantined`` and ``kept = mixed + not_sampled`` (mixing only ever
   takes a subset; rows left out by a weight or cap are counted, not hidden).
+
+Reading rules: each file is read once; the sha256 of those bytes is what lineage logs
+(``IngestResult.files``). A byte-order mark (UTF-8/16/32) is honoured and dropped. JSONL lines end
+at ``\n`` only (a trailing ``\r`` is dropped; U+2028, U+0085, form feeds... are text), blank lines
+are separators, and ``row`` is the line number. In a JSON list or a Parquet file ``row`` is the
+1-based record index; in a CSV file the line where the row starts.
 
 Formats (``SourceConfig.format``; ``auto`` detects per file and logs the choice):
 
@@ -31,8 +40,10 @@ Run it inside the flow (``flows/``) or directly::
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob as globlib
+import hashlib
 import io
 import json
 import logging
@@ -46,9 +57,10 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
+from sftflow.errors import DataError
 from sftflow.config import IngestConfig, SourceConfig
 from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.records import make_record, records_to_frame
+from sftflow.records import is_blank, make_record, records_to_frame
 from sftflow.refs import DatasetRef, write_parquet
 from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
 
@@ -64,7 +76,9 @@ def _logger() -> Any:
 FORMATS: tuple[str, ...] = ("alpaca", "dolly", "human_assistant", "messages", "self_instruct")
 FILE_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
 # One quarantine schema for every stage that quarantines rows (ingest, validate).
-QUARANTINE_COLUMNS: tuple[str, ...] = ("stage", "source", "file", "row", "reason", "raw")
+# ``source``/``source_row`` locate the row in its source file (JSONL/CSV line, or record index in a
+# JSON list / Parquet file); ``file``/``row`` locate it in what the quarantining stage read.
+QUARANTINE_COLUMNS: tuple[str, ...] = ("stage", "source", "source_row", "file", "row", "reason", "raw")
 RAW_PREVIEW_CHARS = 2000
 
 _ROLE_ALIASES = {
@@ -74,11 +88,12 @@ _ROLE_ALIASES = {
     "system": "system",
 }
 _HA_SPLIT = re.compile(r"###\s*(Human|Assistant)\s*:", re.IGNORECASE)
-# Lone surrogates are what `surrogateescape` leaves for bytes that were not valid UTF-8.
-_SURROGATE = re.compile("[\udc80-\udcff]")
+# Lone surrogates: what `surrogateescape` leaves for bytes that were not valid UTF-8, or a JSON
+# "\ud800" escape that pairs with nothing. Neither is text, and Parquet cannot store them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class IngestError(ValueError):
+class IngestError(DataError):
     """A whole file or source cannot be ingested; the message names it and says what was expected."""
 
 
@@ -124,6 +139,24 @@ class SourceCounts:
 
 
 @dataclass(frozen=True)
+class SourceFile:
+    """One file (or folder, or hub dataset) a source read, for lineage.
+
+    Attributes:
+        source: the source's name.
+        path: the file path (a hub id for a hub source).
+        sha256: sha256 of the exact bytes that were parsed (a folder: ``sha256_dir`` of it, taken
+            just before loading; a hub dataset: "" as no local bytes exist).
+        rows: rows read from it (quarantined ones included; a Self-Instruct task counts one per instance).
+    """
+
+    source: str
+    path: str
+    sha256: str
+    rows: int
+
+
+@dataclass(frozen=True)
 class IngestResult:
     """What ingestion wrote.
 
@@ -131,11 +164,14 @@ class IngestResult:
         dataset: canonical records of every source, mixed (``ingest/dataset.parquet``).
         quarantine: bad rows with reasons (``ingest/quarantine.parquet``; may have 0 rows).
         counts: one ``SourceCounts`` per source, in config order.
+        files: one ``SourceFile`` (source, path, sha256 of the bytes parsed, rows) per file read,
+            in reading order: the digests lineage records are these, never a re-read.
     """
 
     dataset: DatasetRef
     quarantine: DatasetRef
     counts: tuple[SourceCounts, ...] = field(default_factory=tuple)
+    files: tuple[SourceFile, ...] = field(default_factory=tuple)
 
     def mixture(self) -> dict[str, float]:
         """Realised share of each source in the output dataset."""
@@ -153,6 +189,18 @@ class _Parsed:
     raw: str = ""
 
 
+@dataclass
+class _FileRead:
+    rows: list[_Parsed]
+    sha256: str
+    tabular: bool  # every row has the same keys (CSV, Parquet, saved dataset): a missing column is a file error
+
+
+# JSON nesting deeper than this is not a record; the check is iterative so it can never recurse.
+MAX_JSON_DEPTH = 100
+_JSON_BLANK = " \t\r"  # JSON's own whitespace (besides \n, the line separator)
+
+
 # --------------------------------------------------------------------------- file reading
 def resolve_files(src: SourceConfig) -> list[Path]:
     """Files (or one save_to_disk folder) named by ``src.path``; raises IngestError when none."""
@@ -162,16 +210,19 @@ def resolve_files(src: SourceConfig) -> list[Path]:
         hits = sorted(Path(x) for x in globlib.glob(str(p), recursive=True))
         files = [h for h in hits if h.is_file() or _is_saved_dataset(h)]
         if not files:
-            raise IngestError(f"source {src.name!r}: glob {src.path} matches no file")
+            raise IngestError(f"source {src.name!r}: glob {src.path} matches no file "
+                              f"(expected files ending in {'/'.join(FILE_SUFFIXES)})")
         return files
     if not p.exists():
         raise IngestError(f"source {src.name!r}: file not found: {p}")
     if p.is_dir():
         if _is_saved_dataset(p):
             return [p]
+        inside = sorted(x.name for x in p.iterdir())[:5]
         raise IngestError(
             f"source {src.name!r}: {p} is a folder but not a `datasets.save_to_disk` folder "
-            f"(expected a file {'/'.join(FILE_SUFFIXES)}, a glob, or a folder with dataset_info.json/dataset_dict.json)"
+            f"(expected a file {'/'.join(FILE_SUFFIXES)}, a glob such as {p}/*.jsonl, or a folder with "
+            f"dataset_info.json/dataset_dict.json; it holds {inside or 'nothing'})"
         )
     return [p]
 
@@ -186,8 +237,32 @@ def read_rows(path: Path, *, max_line_chars: int, split: str = "train") -> list[
     Raises:
         IngestError: the file is empty, unreadable, not of a known container, or not parseable as a whole.
     """
+    return read_file(path, max_line_chars=max_line_chars, split=split).rows
+
+
+def read_file(path: Path, *, max_line_chars: int, split: str = "train") -> _FileRead:
+    """Read one file ONCE, hash the bytes read and parse those same bytes.
+
+    The digest is what lineage records, so it must describe the data that was parsed, not a
+    second read of a file that may have changed in between.
+
+    Args:
+        path: a .json/.jsonl/.ndjson/.csv/.parquet file, or a ``datasets.save_to_disk`` folder.
+        max_line_chars: longer JSONL lines / CSV rows are quarantined unparsed.
+        split: the split to read from a saved ``DatasetDict``.
+
+    Returns:
+        The parsed rows, the sha256 (a folder: ``sha256_dir`` just before loading it) and whether
+        the container is a table (all rows share the same columns).
+
+    Raises:
+        IngestError: the file is empty, unreadable, not of a known container, or not parseable as a whole.
+    """
     if path.is_dir():
-        return _read_saved_dataset(path, split=split)
+        from sftflow.refs import sha256_dir
+
+        digest = sha256_dir(path)
+        return _FileRead(_read_saved_dataset(path, split=split), digest, tabular=True)
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
         raise IngestError(f"{path}: unknown file type {suffix or '(none)'!r}; expected one of {', '.join(FILE_SUFFIXES)}")
@@ -195,91 +270,240 @@ def read_rows(path: Path, *, max_line_chars: int, split: str = "train") -> list[
         data = path.read_bytes()
     except OSError as e:
         raise IngestError(f"{path}: cannot read file: {e}") from None
-    if not data.strip():
-        raise IngestError(f"{path}: file is empty (expected {suffix.lstrip('.').upper()} records)")
+    digest = hashlib.sha256(data).hexdigest()
     if suffix == ".parquet":
-        return _read_parquet(path)
-    # Undecodable bytes become lone surrogates, so the affected rows (not the file) are quarantined.
-    text = data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+        if not data:
+            raise IngestError(f"{path}: file is empty (expected PARQUET records)")
+        return _FileRead(_read_parquet(path, data), digest, tabular=True)
+    body, encoding = _strip_bom(path, data)
+    kind = suffix.lstrip(".").upper()
+    if not body.strip(b" \t\r\n"):
+        raise IngestError(f"{path}: file is empty (expected {kind} records)"
+                          + (" (only blank lines)" if body else ""))
+    if encoding != "utf-8":
+        try:
+            body = body.decode(encoding).encode("utf-8")  # UTF-16/32 with a BOM: re-encode, then one code path
+        except UnicodeDecodeError as e:
+            raise IngestError(f"{path}: invalid {encoding.upper()} at byte {e.start}; expected text in the "
+                              f"encoding its byte-order mark announces (or UTF-8)") from None
     if suffix == ".csv":
-        return _read_csv(path, text)
+        return _FileRead(_read_csv(path, body, max_line_chars=max_line_chars), digest, tabular=True)
     if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path, text, max_line_chars=max_line_chars)
-    return _read_json(path, text, max_line_chars=max_line_chars)
+        return _FileRead(_read_jsonl(path, body, max_line_chars=max_line_chars), digest, tabular=False)
+    return _FileRead(_read_json(path, body, max_line_chars=max_line_chars), digest, tabular=False)
 
 
-def _read_jsonl(path: Path, text: str, *, max_line_chars: int) -> list[_Parsed]:
+def _strip_bom(path: Path, data: bytes) -> tuple[bytes, str]:
+    """Remove a byte-order mark; return the bytes and the encoding it announces (UTF-8 without one)."""
+    for bom, enc in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                     (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if data.startswith(bom):
+            return data[len(bom):], enc
+    return data, "utf-8"
+
+
+def _utf8_error(data: bytes, e: UnicodeDecodeError) -> str:
+    """'invalid UTF-8 at byte N of the file (line L, byte C of the line)' for a decode error in ``data``."""
+    line = data.count(b"\n", 0, e.start) + 1
+    col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return f"invalid UTF-8 at byte {e.start} of the file (line {line}, byte {col} of the line)"
+
+
+class _Obj(dict):
+    """A JSON object that remembers the keys it saw more than once (``json`` keeps the last silently)."""
+
+    dupes: tuple[str, ...] = ()
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict:
+    obj = _Obj(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.dupes = tuple(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _loads(text: str) -> Any:
+    # strict=False: raw control characters (tab, form feed, \x1c...) inside a string are kept as text
+    # rather than failing the row; validation's non-printable bound judges them afterwards.
+    return json.loads(text, object_pairs_hook=_pairs_hook, strict=False)
+
+
+def _json_problem(obj: Any) -> str | None:
+    """Why a parsed JSON value is not a trustworthy record (too deep, duplicate keys), or None."""
+    stack = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"JSON nested more than {MAX_JSON_DEPTH} levels deep (expected a flat record)"
+        if isinstance(o, dict):
+            if getattr(o, "dupes", ()):
+                return (f"duplicate key(s) {list(o.dupes)} in one JSON object "
+                        "(which value is meant is ambiguous; keep each key once)")
+            stack.extend((v, depth + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, depth + 1) for v in o)
+    return None
+
+
+def _parse_line(line: str) -> tuple[Any, str | None]:
+    """One JSON text → (object, None) or (None, reason)."""
+    try:
+        obj = _loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e.msg} at column {e.colno}"
+    except ValueError as e:  # e.g. an integer literal longer than Python's 4300-digit conversion limit
+        return None, f"malformed JSON: {str(e)[:120]}"
+    except RecursionError:
+        return None, f"JSON nested too deeply to parse (more than {MAX_JSON_DEPTH} levels expected at most)"
+    problem = _json_problem(obj)
+    return (None, problem) if problem else (obj, None)
+
+
+def _read_jsonl(path: Path, data: bytes, *, max_line_chars: int) -> list[_Parsed]:
+    """One JSON object per line. Lines end at b"\\n" only (a trailing "\\r" is dropped): U+2028,
+    U+0085, form feeds and the like are ordinary characters inside a JSON string, never line breaks.
+    Each line is decoded on its own, so invalid UTF-8 quarantines that line, not the file."""
     rows: list[_Parsed] = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    offset = 0
+    for i, raw_line in enumerate(data.split(b"\n"), start=1):
+        start, offset = offset, offset + len(raw_line) + 1
+        if raw_line.endswith(b"\r"):
+            raw_line = raw_line[:-1]
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append(_Parsed(i, error=f"invalid UTF-8 at byte {start + e.start} of the file (line {i}, byte "
+                                         f"{e.start + 1} of the line); expected UTF-8 text",
+                                raw=raw_line.decode("utf-8", "replace")))
+            continue
+        if not line.strip(_JSON_BLANK):
             continue  # blank lines are separators, not records
         if len(line) > max_line_chars:
             rows.append(_Parsed(i, error=f"record too long: line has {len(line)} chars (> {max_line_chars})", raw=line))
             continue
-        try:
-            rows.append(_Parsed(i, obj=json.loads(line), raw=line))
-        except json.JSONDecodeError as e:
-            rows.append(_Parsed(i, error=f"malformed JSON: {e.msg} at column {e.colno}", raw=line))
-    if not rows:
-        raise IngestError(f"{path}: no records (expected one JSON object per line)")
+        obj, err = _parse_line(line)
+        rows.append(_Parsed(i, obj=obj, error=err, raw=line))
     return rows
 
 
-def _read_json(path: Path, text: str, *, max_line_chars: int) -> list[_Parsed]:
+def _first_line_is_object(text: str) -> bool:
+    """True when the first non-blank line is a JSON object on its own: the file is JSONL (named .json)."""
+    for line in text.split("\n"):
+        if line.strip(_JSON_BLANK):
+            try:
+                return isinstance(json.loads(line, strict=False), dict)
+            except (ValueError, RecursionError):
+                return False
+    return False
+
+
+def _read_json(path: Path, data: bytes, *, max_line_chars: int) -> list[_Parsed]:
+    # Lone surrogates stand for undecodable bytes until we know whether this is JSONL (per-line
+    # quarantine) or one JSON document (a file error naming the byte).
+    text = data.decode("utf-8", errors="surrogateescape")
     try:
-        data = json.loads(text)
+        doc = _loads(text)
+    except RecursionError:
+        raise IngestError(f"{path}: JSON nested too deeply to parse (a record is expected to nest at most "
+                          f"{MAX_JSON_DEPTH} levels); expected a JSON list of records") from None
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # a JSONL file named .json
-            return _read_jsonl(path, text, max_line_chars=max_line_chars)
-        raise IngestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                          "expected a JSON list of records (or JSONL)") from None
-    if isinstance(data, dict):
-        lists = [k for k in ("data", "rows", "records", "examples", "train") if isinstance(data.get(k), list)]
+        if e.msg == "Extra data" and _first_line_is_object(text):  # a JSONL file named .json
+            return _read_jsonl(path, data, max_line_chars=max_line_chars)
+        _check_utf8(path, data)
+        what = "unexpected data after the end of the JSON value" if e.msg == "Extra data" else e.msg
+        raise IngestError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {what}; "
+                          "expected a JSON list of records (or JSONL, one object per line)") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python's 4300-digit conversion limit
+        raise IngestError(f"{path}: not valid JSON ({str(e)[:120]}); expected a JSON list of records") from None
+    _check_utf8(path, data)
+    if isinstance(doc, dict):
+        if doc.dupes:
+            raise IngestError(f"{path}: duplicate key(s) {list(doc.dupes)} in the top-level JSON object; "
+                              "expected each key once")
+        lists = [k for k in ("data", "rows", "records", "examples", "train") if isinstance(doc.get(k), list)]
         if lists:
-            data = data[lists[0]]
-        elif data and all(isinstance(v, dict) for v in data.values()):
-            data = list(data.values())  # {key: record} layout
+            doc = doc[lists[0]]
+        elif _format_of(doc):
+            doc = [doc]  # a single record
+        elif doc and all(isinstance(v, dict) for v in doc.values()):
+            doc = list(doc.values())  # {key: record} layout
         else:
-            raise IngestError(f"{path}: expected a JSON list of records, got an object with keys {sorted(data)[:8]}")
-    if not isinstance(data, list):
-        raise IngestError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    if not data:
+            raise IngestError(f"{path}: expected a JSON list of records, got an object with keys {sorted(doc)[:8]}")
+    if not isinstance(doc, list):
+        raise IngestError(f"{path}: expected a JSON list of records, got {_type_name(doc)}")
+    if not doc:
         raise IngestError(f"{path}: the JSON list is empty (expected records)")
-    return [_Parsed(i, obj=o, raw=_raw_of(o)) for i, o in enumerate(data, start=1)]
+    rows = []
+    for i, o in enumerate(doc, start=1):
+        problem = _json_problem(o)
+        rows.append(_Parsed(i, obj=None if problem else o, error=problem, raw=_raw_of(o)))
+    return rows
 
 
-def _read_csv(path: Path, text: str) -> list[_Parsed]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _check_utf8(path: Path, data: bytes) -> None:
     try:
-        header = next(reader)
-    except (StopIteration, csv.Error) as e:
-        raise IngestError(f"{path}: cannot read a CSV header ({e}); expected a header row of column names") from None
-    header = [h.strip() for h in header]
-    rows: list[_Parsed] = []
-    while True:
-        line_no = reader.line_num + 1
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{path}: {_utf8_error(data, e)}; expected UTF-8 text") from None
+
+
+def _read_csv(path: Path, data: bytes, *, max_line_chars: int) -> list[_Parsed]:
+    # Undecodable bytes become lone surrogates, so the affected rows (not the file) are quarantined.
+    text = data.decode("utf-8", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    old_limit = csv.field_size_limit()
+    # A long field is quarantined by the length check below with a clear reason; csv's own limit
+    # (128 KiB) would instead raise mid-row. The limit is process-wide, hence restored after.
+    csv.field_size_limit(2**31 - 1)
+    try:
         try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            rows.append(_Parsed(line_no, error=f"malformed CSV: {e}"))
-            continue
-        if not any(f.strip() for f in fields):
-            continue
-        raw = ",".join(fields)
-        if len(fields) != len(header):
-            rows.append(_Parsed(line_no, error=f"malformed CSV: expected {len(header)} fields, got {len(fields)}", raw=raw))
-            continue
-        rows.append(_Parsed(line_no, obj=dict(zip(header, fields)), raw=raw))
+            header = next(reader)
+        except (StopIteration, csv.Error) as e:
+            raise IngestError(f"{path}: cannot read a CSV header ({e}); expected a header row of column names") from None
+        header = [h.strip() for h in header]
+        dupes = sorted({h for h in header if h and header.count(h) > 1})
+        if dupes:
+            raise IngestError(f"{path}: duplicate column(s) {dupes} in the CSV header; expected each column once")
+        rows: list[_Parsed] = []
+        while True:
+            line_no = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                rows.append(_Parsed(line_no, error=f"malformed CSV: {e}"))
+                continue
+            if not any(f.strip() for f in fields):
+                continue
+            raw = ",".join(fields)
+            if _SURROGATE.search(raw):
+                bad = next(i for i, f in enumerate(fields) if _SURROGATE.search(f))
+                rows.append(_Parsed(line_no, error=f"invalid UTF-8 in column {header[bad] if bad < len(header) else bad!r} "
+                                                   f"(CSV line {line_no}); expected UTF-8 text", raw=raw))
+                continue
+            if len(raw) > max_line_chars:
+                rows.append(_Parsed(line_no, error=f"record too long: row has {len(raw)} chars (> {max_line_chars})",
+                                    raw=raw))
+                continue
+            if len(fields) != len(header):
+                span = (f" (the row runs from line {line_no} to {reader.line_num}: an unclosed quote swallows the "
+                        "lines after it)" if reader.line_num > line_no else "")
+                rows.append(_Parsed(line_no, error=f"malformed CSV: expected {len(header)} fields, got {len(fields)}"
+                                                   + span, raw=raw))
+                continue
+            rows.append(_Parsed(line_no, obj=dict(zip(header, fields)), raw=raw))
+    finally:
+        csv.field_size_limit(old_limit)
     if not rows:
         raise IngestError(f"{path}: CSV has a header but no rows")
     return rows
 
 
-def _read_parquet(path: Path) -> list[_Parsed]:
+def _read_parquet(path: Path, data: bytes) -> list[_Parsed]:
     try:
-        df = pd.read_parquet(path)
+        df = pd.read_parquet(io.BytesIO(data))
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise IngestError(f"{path}: not a readable Parquet file ({e})") from None
     if not len(df):
@@ -377,11 +601,22 @@ def _req_str(o: dict, key: str, *, optional: bool = False) -> str:
     if key not in o or o[key] is None:
         if optional:
             return ""
+        if key in o:
+            raise RowError(f"field {key!r} is null (expected a string)")
         raise RowError(f"missing required field {key!r}")
     v = o[key]
     if not isinstance(v, str):
-        raise RowError(f"field {key!r} must be a string, got {type(v).__name__}")
+        raise RowError(f"field {key!r} must be a string, got {_type_name(v)}")
     return v
+
+
+def _type_name(v: Any) -> str:
+    # Python names for what users wrote (int, list, ...), with NaN/Infinity literals spelled out.
+    if v is None:
+        return "null"
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"float {v!r} (a NaN/Infinity literal)"
+    return "dict" if isinstance(v, dict) else type(v).__name__
 
 
 def _user_content(instruction: str, extra: str) -> str:
@@ -432,20 +667,20 @@ def _content_text(content: Any, where: str) -> str:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise RowError(f"{where}: unsupported content part of type {kind!r} (only text is supported)")
         return "".join(out)
-    raise RowError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
+    raise RowError(f"{where}: content must be a string or a list of text parts, got {_type_name(content)}")
 
 
 def _conv_messages(o: dict) -> list[tuple[list[dict], str]]:
     turns = o.get("messages", o.get("conversations"))
     if not isinstance(turns, list):
-        raise RowError(f"`messages` must be a list of turns, got {type(turns).__name__}")
+        raise RowError(f"`messages` must be a list of turns, got {_type_name(turns)}")
     msgs = []
     system = o.get("system")
     if isinstance(system, str) and system.strip():
         msgs.append({"role": "system", "content": system.strip()})
     for i, t in enumerate(turns):
         if not isinstance(t, dict):
-            raise RowError(f"turn {i}: expected an object, got {type(t).__name__}")
+            raise RowError(f"turn {i}: expected an object, got {_type_name(t)}")
         role_raw = t.get("role", t.get("from"))
         if not isinstance(role_raw, str):
             raise RowError(f"turn {i}: missing `role`/`from`")
@@ -467,7 +702,7 @@ def _conv_self_instruct(o: dict) -> list[Any]:
     out: list[Any] = []
     for i, x in enumerate(inst):
         if not isinstance(x, dict):
-            raise RowError(f"instance {i}: expected an object, got {type(x).__name__}")
+            raise RowError(f"instance {i}: expected an object, got {_type_name(x)}")
         try:
             inp, res = _req_str(x, "input", optional=True), _req_str(x, "output")
         except RowError as e:
@@ -502,11 +737,12 @@ def check_messages(msgs: list[dict], *, max_chars: int) -> None:
     if any(a == b for a, b in zip(body, body[1:])):
         raise RowError("user and assistant turns must alternate")
     for m in msgs:
-        if not m["content"].strip():
+        if is_blank(m["content"]):
             what = "instruction" if m["role"] == "user" else ("response" if m["role"] == "assistant" else "system prompt")
-            raise RowError(f"empty {what} (blank or whitespace-only {m['role']} turn)")
+            raise RowError(f"empty {what} (blank, whitespace-only or invisible-characters-only {m['role']} turn)")
         if _SURROGATE.search(m["content"]):
-            raise RowError(f"invalid UTF-8 in the {m['role']} turn")
+            raise RowError(f"invalid text in the {m['role']} turn: a lone UTF-16 surrogate (from invalid UTF-8 "
+                           "or an unpaired \\ud800-\\udfff escape)")
     total = sum(len(m["content"]) for m in msgs)
     if total > max_chars:
         raise RowError(f"record too long: {total} chars > max_record_chars={max_chars}")
@@ -518,7 +754,7 @@ class _SourceOut:
     records: list[dict]
     quarantine: list[dict]
     formats: list[str]
-    files: int
+    files: list[SourceFile]
     read: int
 
 
@@ -528,40 +764,80 @@ def _rename(obj: Any, columns: dict[str, str]) -> Any:
     return {columns.get(k, k): v for k, v in obj.items()}
 
 
+# The keys a row of each format cannot do without (one of each tuple).
+_REQUIRED_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "alpaca": (("instruction",), ("output",)),
+    "dolly": (("instruction",), ("response",)),
+    "human_assistant": (("text",),),
+    "messages": (("messages", "conversations"),),
+    "self_instruct": (("instruction",), ("instances",)),
+}
+
+
+def _check_columns(label: str, fmt: str, objs: list[Any], src: SourceConfig) -> None:
+    """A table (CSV, Parquet, saved dataset) without a column the format needs is a file error,
+    not thousands of identical quarantined rows."""
+    cols = next((set(o) for o in objs if isinstance(o, dict)), None)
+    if cols is None:
+        return
+    missing = [" or ".join(alts) for alts in _REQUIRED_KEYS[fmt] if not any(a in cols for a in alts)]
+    if missing:
+        raise IngestError(f"{label}: no column {', '.join(repr(m) for m in missing)} for format {fmt!r} "
+                          f"(columns: {sorted(cols)[:20]}); expected {fmt} columns, or map yours with `columns:` "
+                          f"in the source {src.name!r}")
+
+
 def ingest_source(src: SourceConfig, cfg: IngestConfig) -> _SourceOut:
-    """Read and convert one source (all its files); bad rows become quarantine rows."""
+    """Read and convert one source (all its files); bad rows become quarantine rows.
+
+    Accounting per file: every non-blank line/row becomes exactly one record or one quarantine
+    row (a Self-Instruct task: one per instance), so ``read = kept + quarantined`` always holds.
+    """
     if src.hub:
-        files: list[Path | None] = [None]
+        paths: list[Path | None] = [None]
     else:
-        files = list(resolve_files(src))
+        paths = list(resolve_files(src))
     records: list[dict] = []
     quarantine: list[dict] = []
     formats: list[str] = []
+    files: list[SourceFile] = []
     read = 0
-    for path in files:
+    for path in paths:
         label = src.hub if path is None else str(path)
         fname = src.hub if path is None else path.name
-        source = f"{src.name}:{fname}"
-        rows = _read_hub(src) if path is None else read_rows(
-            path, max_line_chars=cfg.max_record_chars * 4 + 1024, split=src.hub_split)
+        source = _SURROGATE.sub("\ufffd", f"{src.name}:{fname}")  # an undecodable file name still fits Parquet
+        if path is None:
+            rows, digest, tabular = _read_hub(src), "", True
+        else:
+            got = read_file(path, max_line_chars=cfg.max_record_chars * 4 + 1024, split=src.hub_split)
+            rows, digest, tabular = got.rows, got.sha256, got.tabular
         objs = [_rename(r.obj, src.columns) for r in rows]
+        parsed = [o for r, o in zip(rows, objs) if r.error is None]
         fmt = src.format
-        if fmt == "auto":
-            fmt = detect_format([o for r, o in zip(rows, objs) if r.error is None])
+        if fmt == "auto" and parsed:
+            fmt = detect_format(parsed)
             if fmt is None:
-                keys = sorted({k for o in objs[:50] if isinstance(o, dict) for k in o})[:20]
-                raise IngestError(f"{label}: unknown format (keys {keys}); expected one of {_EXPECTED}. "
+                keys = sorted({k for o in parsed[:50] if isinstance(o, dict) for k in o})[:20]
+                kinds = sorted({_type_name(o) for o in parsed[:50] if not isinstance(o, dict)})
+                got_what = f"keys {keys}" if keys else f"rows that are not objects: {kinds}"
+                raise IngestError(f"{label}: unknown format ({got_what}); expected one of {_EXPECTED}. "
                                   f"Set `format:` or map columns with `columns:` in the source {src.name!r}.")
             _logger().info("source %s: %s detected as format %r", src.name, label, fmt)
-        formats.append(fmt)
-        convert = CONVERTERS[fmt]
+        if fmt != "auto":
+            formats.append(fmt)
+            if tabular:
+                _check_columns(label, fmt, parsed, src)
+        # fmt stays "auto" only when no row parsed at all: every row is quarantined with its own error.
+        convert = CONVERTERS.get(fmt)
+        read_before = read
         for r, o in zip(rows, objs):
             # A row yields one record (several for self_instruct instances); each counts as read.
             try:
                 if r.error is not None:
                     raise RowError(r.error)
                 if not isinstance(o, dict):
-                    raise RowError(f"expected a JSON object, got {type(o).__name__}")
+                    raise RowError(f"expected a JSON object, got {_type_name(o)}")
+                assert convert is not None
                 items = convert(o)
                 per_instance = fmt == "self_instruct"
             except RowError as e:
@@ -579,20 +855,27 @@ def ingest_source(src: SourceConfig, cfg: IngestConfig) -> _SourceOut:
                                             reason=reason, raw=r.raw))
                     continue
                 category = _SURROGATE.sub("\ufffd", cat or src.category or "")  # Parquet needs valid UTF-8
-                records.append(make_record(msgs, source=source, category=category))
-    return _SourceOut(records=records, quarantine=quarantine, formats=formats, files=len(files), read=read)
+                records.append(make_record(msgs, source=source, category=category, source_row=r.row))
+        if read == read_before:
+            raise IngestError(f"{label}: no records (only blank lines); expected {fname.rsplit('.', 1)[-1].upper()} records")
+        files.append(SourceFile(source=src.name, path=label, sha256=digest, rows=read - read_before))
+    return _SourceOut(records=records, quarantine=quarantine, formats=formats, files=files, read=read)
 
 
-def _qrow(*, stage: str, source: str, file: str, row: int, reason: str, raw: str) -> dict:
+def _qrow(*, stage: str, source: str, file: str, row: int, reason: str, raw: str, source_row: int | None = None) -> dict:
+    """One quarantine row. ``source``/``source_row``: where the row came from in its source file;
+    ``file``/``row``: where this stage read it (the same file and row at ingestion)."""
     # Surrogates (from invalid UTF-8) cannot be written to Parquet; show them as U+FFFD.
     preview = _SURROGATE.sub("\ufffd", raw[:RAW_PREVIEW_CHARS])
-    return {"stage": stage, "source": source, "file": file, "row": int(row), "reason": reason, "raw": preview}
+    return {"stage": stage, "source": source, "source_row": int(row if source_row is None else source_row),
+            "file": file, "row": int(row), "reason": reason, "raw": preview}
 
 
 def quarantine_frame(rows: list[dict]) -> pd.DataFrame:
     """The quarantine rows as a DataFrame with the shared quarantine columns (also when empty)."""
     df = pd.DataFrame(rows, columns=list(QUARANTINE_COLUMNS))
-    return df.astype({"stage": str, "source": str, "file": str, "row": "int64", "reason": str, "raw": str})
+    return df.astype({"stage": str, "source": str, "source_row": "int64", "file": str, "row": "int64",
+                      "reason": str, "raw": str})
 
 
 # --------------------------------------------------------------------------- mixing
@@ -655,7 +938,7 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path) -> 
             pool = [pool[i] for i in idx]
         mixed.extend(pool)
         counts.append(SourceCounts(
-            source=s.name, formats=",".join(sorted(set(o.formats))), files=o.files, read=o.read,
+            source=s.name, formats=",".join(sorted(set(o.formats))), files=len(o.files), read=o.read,
             kept=len(o.records), quarantined=len(o.quarantine), mixed=len(pool),
             not_sampled=len(o.records) - len(pool),
         ))
@@ -663,7 +946,8 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path) -> 
     q_rows = [q for o in outs for q in o.quarantine]
     quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name="ingest_quarantine")
     dataset = write_parquet(records_to_frame(mixed), out_dir / "dataset.parquet", name="ingested")
-    result = IngestResult(dataset=dataset, quarantine=quarantine, counts=tuple(counts))
+    result = IngestResult(dataset=dataset, quarantine=quarantine, counts=tuple(counts),
+                          files=tuple(f for o in outs for f in o.files))
     for c in counts:
         _logger().info("source %s (%s): read %d = kept %d + quarantined %d; mixed %d (%.1f%%)", c.source, c.formats,
                        c.read, c.kept, c.quarantined, c.mixed, 100 * result.mixture()[c.source])
@@ -673,9 +957,13 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path) -> 
     if too_bad:
         lines = [f"{c.source}: {c.quarantined}/{c.read} rows quarantined ({c.quarantined / c.read:.1%})" for c in too_bad]
         reasons = {k: int(v) for k, v in pd.Series([q["reason"] for q in q_rows]).value_counts().head(5).items()}
+        bad_names = {c.source for c in too_bad}
+        first = [f"{q['file']} row {q['row']}: {q['reason']}" for q in q_rows
+                 if q["source"].split(":", 1)[0] in bad_names][:3]
         raise IngestError(
             f"too many bad rows (ingest.max_quarantine_fraction={cfg.max_quarantine_fraction}): " + "; ".join(lines)
-            + f". Top reasons: {reasons}. Bad rows are in {quarantine.path}"
+            + f". Top reasons: {reasons}. First bad rows: " + "; ".join(first)
+            + f". Bad rows are in {quarantine.path}"
         )
     return result
 
@@ -687,6 +975,7 @@ def report(result: IngestResult) -> dict[str, Any]:
         "dataset": result.dataset.to_dict(),
         "quarantine": result.quarantine.to_dict(),
         "sources": [{**c.__dict__, "share": round(mix[c.source], 6)} for c in result.counts],
+        "files": [f.__dict__ for f in result.files],
         "totals": {k: sum(getattr(c, k) for c in result.counts)
                    for k in ("read", "kept", "quarantined", "mixed", "not_sampled")},
     }
@@ -719,11 +1008,10 @@ def ingest_task(sources: list[SourceConfig], cfg: IngestConfig, *, ctx: StageCon
         log_dataset(result.dataset, context="ingest.output", df=df)
         if result.quarantine.num_rows:
             log_dataset(result.quarantine, context="ingest.quarantine")
-        # Each source file as its own input, with the sha256 of its bytes as digest.
-        for s in sources:
-            if s.path:
-                for f in resolve_files(s):
-                    _log_source_file(f, s.name)
+        # Each source file as its own input, with the sha256 of the bytes this run parsed as digest.
+        for f in result.files:
+            if f.sha256:
+                _log_source_file(f)
         log_json(rep, "ingest/report.json")
         mlflow.log_artifact(result.quarantine.path, "ingest")
         rows = [{**{k: v for k, v in c.__dict__.items()}, "share": f"{result.mixture()[c.source]:.1%}"} for c in result.counts]
@@ -733,16 +1021,14 @@ def ingest_task(sources: list[SourceConfig], cfg: IngestConfig, *, ctx: StageCon
         return result
 
 
-def _log_source_file(path: Path, name: str) -> None:
-    """Log one raw source file as an MLflow input (digest = sha256 of its bytes)."""
+def _log_source_file(f: SourceFile) -> None:
+    """Log one raw source file as an MLflow input; its digest is the sha256 of the bytes ingestion parsed."""
     import mlflow
 
-    from sftflow.refs import sha256_dir, sha256_file
-
-    digest = sha256_dir(path) if path.is_dir() else sha256_file(path)
-    ds = mlflow.data.from_pandas(pd.DataFrame({"file": [str(path)]}), source=str(path), name=f"{name}:{path.name}",
-                                 digest=digest[:36])
-    mlflow.log_input(ds, context="ingest.source", tags={"sftflow.sha256": digest})
+    path = Path(f.path)
+    ds = mlflow.data.from_pandas(pd.DataFrame({"file": [f.path]}), source=f.path, name=f"{f.source}:{path.name}",
+                                 digest=f.sha256[:36])
+    mlflow.log_input(ds, context="ingest.source", tags={"sftflow.sha256": f.sha256, "sftflow.rows": str(f.rows)})
 
 
 def _markdown(result: IngestResult) -> str:

@@ -28,6 +28,7 @@ import pandas as pd
 from prefect import task
 
 from sftflow.config import DedupConfig, ExactDedupConfig, SplitConfig
+from sftflow.errors import DataError
 from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
 from sftflow.records import prompt_text
 from sftflow.refs import DatasetRef, write_parquet
@@ -43,8 +44,11 @@ def _logger() -> Any:
 
     return run_logger(__name__)
 
-class SplitError(ValueError):
-    """The dataset cannot be split as configured; the message names the config key."""
+class SplitError(DataError):
+    """The dataset cannot be split as configured; the message names the config key.
+
+    A user error (``sftflow.errors.DataError``): the CLI prints it in one line and exits with 4.
+    """
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,13 @@ def normalize_prompt(text: str, cfg: ExactDedupConfig | None = None) -> str:
 def heldout_count(n: int, cfg: SplitConfig) -> int:
     """How many rows to hold out; raises SplitError naming the key when impossible."""
     if n < 2:
-        raise SplitError(f"cannot split {n} row(s): need at least 2 (one train, one held-out)")
+        raise SplitError(f"split: only {n} row(s) remain after ingest, validation and dedup; need at least 2 "
+                         "(one train, one held-out); add data or check the quarantine files")
     if cfg.heldout_size is not None:
         if cfg.heldout_size >= n:
-            raise SplitError(f"split.heldout_size={cfg.heldout_size} must be smaller than the dataset ({n} rows)")
+            raise SplitError(f"split.heldout_size={cfg.heldout_size} must be smaller than the dataset ({n} rows): "
+                             f"only {n} row(s) remain after ingest, validation and dedup, which leaves none for "
+                             f"training; use a heldout_size of at most {n - 1} or add data")
         return cfg.heldout_size
     if cfg.heldout_fraction is None:
         raise SplitError("split: set heldout_fraction or heldout_size")

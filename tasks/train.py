@@ -50,6 +50,15 @@ import numpy as np
 import torch
 from prefect import task
 
+from sftflow.cachekeys import (
+    TAG_BASE_SHA256,
+    TAG_CACHE_KEY,
+    TAG_CODE_DIGEST,
+    TAG_HELDOUT_SHA256,
+    TAG_MODEL_SHA256,
+    TAG_TRAIN_KEY,
+    TAG_TRAIN_SHA256,
+)
 from sftflow.config import TrainingConfig, apply_overrides
 from sftflow.formatting import IGNORE_INDEX, encode_for_training, resolve_template
 from sftflow.orchestration import markdown_artifact, stage_cache_policy
@@ -61,6 +70,8 @@ log = logging.getLogger("sftflow.train")
 
 LORA_METHODS = ("lora", "dora", "rslora", "qlora")
 DEFAULT_LR = {"full": 2e-5, **{m: 2e-4 for m in LORA_METHODS}}
+# Whether the train stage returned the finished output of an earlier run with the same key.
+TAG_REUSED = "sftflow.train.reused_output"
 OUTPUT_FILE = "train_output.json"  # written last: its presence means the run finished
 CKPT_DIR = "checkpoints"
 # Rows of the fused LM head + cross-entropy computed at once: bounds the logits buffer
@@ -166,13 +177,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def training_key(*, train: DatasetRef, heldout: DatasetRef | None, base: ModelRef,
+                 cfg: TrainingConfig) -> tuple[str, dict[str, Any]]:
+    """Content key of one training job and what it covers (``sftflow.cachekeys``).
+
+    The bytes of the train/held-out Parquet files and of the base model's folder as they are on
+    disk now, the config, the code this module runs (its import closure in the project) and the
+    versions of the libraries that shape the weights. The training work folder is named by it.
+
+    Returns:
+        ``(hex key, components)``.
+    """
+    from sftflow.cachekeys import key_of, stage_key_components
+
+    comps = stage_key_components({"train": train, "heldout": heldout, "base": base, "cfg": cfg},
+                                 module=Path(__file__))
+    return key_of(comps), comps
+
+
 def _fingerprint(*, train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cfg: TrainingConfig,
                  world: int) -> str:
-    """Identity of a training run: a checkpoint is only resumed by the same run."""
-    return sha256_json({
-        "cfg": cfg.model_dump(mode="json"), "train": train.sha256, "heldout": heldout.sha256 if heldout else None,
-        "base": [base.path, base.sha256, base.kind], "world": world, "version": 1,
-    })
+    """Identity of a training run: a checkpoint or finished output is only reused by the same run
+    (same data bytes, base model, config, code and library versions, same world size)."""
+    key, _ = training_key(train=train, heldout=heldout, base=base, cfg=cfg)
+    return sha256_json({"key": key, "world": world, "version": 2})
 
 
 def _load_base(base: ModelRef, cfg: TrainingConfig, *, device: torch.device, trust_remote_code: bool):
@@ -1069,12 +1097,15 @@ class SFTChatModel(mlflow.pyfunc.PythonModel):
         return [o.text for o in outs]
 
 
-def log_model(output: TrainOutput, *, register_as: str | None) -> tuple[str, str, str]:
+def log_model(output: TrainOutput, *, register_as: str | None,
+              lineage_tags: dict[str, str] | None = None) -> tuple[str, str, str]:
     """Log the trained model to the active MLflow run as a pyfunc that loads offline.
 
     The merged weights (or the adapter, with the absolute path of its local base recorded) are
     the model's artifacts, so no hub is ever contacted to load it. When ``register_as`` is given,
-    a new version is registered and gets the alias ``candidate``.
+    a new version is registered and gets the alias ``candidate``, tagged with its final losses,
+    the sha256 of the model it holds and ``lineage_tags`` (``train_task`` passes the digests of
+    the train/held-out files and the base model it trained from, and its cache/code keys).
 
     Returns:
         ``(model_uri, registered_name, registered_version)`` (name/version empty when not registered).
@@ -1110,6 +1141,9 @@ def log_model(output: TrainOutput, *, register_as: str | None) -> tuple[str, str
         for k, v in output.metrics:
             if k in ("train_loss", "eval_loss", "best_eval_loss"):
                 client.set_model_version_tag(register_as, version, k, f"{v:.6g}")
+        tags = {TAG_MODEL_SHA256: m.sha256, **(lineage_tags or {})}
+        for k, v in sorted(tags.items()):
+            client.set_model_version_tag(register_as, version, k, v)
     return info.model_uri, register_as or "", version
 
 
@@ -1128,8 +1162,10 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
                ctx: StageContext, register_as: str | None) -> TrainResult:
     """The SFT stage of the flow: train, log to the stage's MLflow run, register the candidate.
 
-    Not retried on failure: when the flow runs again with the same inputs (data, base model,
-    config), training resumes from the last checkpoint in ``runs/<pipeline>/_train/<inputs key>``.
+    Not retried on failure: when the flow runs again with the same inputs (bytes of the data and
+    base model, config, code, library versions), training resumes from the last checkpoint in
+    ``runs/<pipeline>/_train/<key>``. Under ``--no-cache`` a finished output there is discarded
+    and the model is trained again.
     """
     import mlflow
 
@@ -1139,20 +1175,35 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
             log_dataset(heldout, context="heldout")
         mlflow.log_params({**_flat_params(cfg.model_dump(mode="json")), "base_model": base.path,
                            "learning_rate_effective": learning_rate(cfg)})
-        # Checkpoints live in a folder keyed by the inputs, not by the run id, so that a new flow
-        # run after a crash (same data, model and config) resumes where the killed one stopped.
-        # A file lock keeps two concurrent runs with identical inputs from sharing it.
+        # Checkpoints live in a folder keyed by the content of the inputs and by the code (not by
+        # the run id), so that a new flow run after a crash (same data, model, config and code)
+        # resumes where the killed one stopped. A file lock keeps two concurrent runs with
+        # identical inputs from sharing it.
         from filelock import FileLock
 
-        key = sha256_json({"train": train.sha256, "heldout": heldout.sha256 if heldout else None,
-                           "base": base.sha256, "cfg": cfg.model_dump(mode="json")})[:16]
-        work_dir = ctx.layout.root.parent / "_train" / key
-        work_dir.mkdir(parents=True, exist_ok=True)
+        from sftflow.cachekeys import current_stage_key, refresh_cache_requested
+
+        key, comps = training_key(train=train, heldout=heldout, base=base, cfg=cfg)
+        work_dir = ctx.layout.root.parent / "_train" / key[:16]
         (ctx.stage_dir("train") / "work_dir.txt").write_text(str(work_dir) + "\n")
         with FileLock(str(work_dir) + ".lock"):
+            done_file = work_dir / OUTPUT_FILE
+            if done_file.exists() and refresh_cache_requested():
+                # --no-cache recomputes every stage: a finished output is not a substitute for
+                # training. (Checkpoints of an unfinished run with the same key are still resumed.)
+                _logger().info("--no-cache: discarding the finished training output in %s", work_dir)
+                shutil.rmtree(work_dir)
+            before = done_file.stat().st_mtime_ns if done_file.exists() else None
+            work_dir.mkdir(parents=True, exist_ok=True)
             output = _train_fn(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=work_dir,
                                log_to_mlflow=True)
-        model_uri, name, version = log_model(output, register_as=register_as)
+            # Reused = the finished output of an earlier run with the same key was returned as is.
+            finished = before is not None and done_file.exists() and done_file.stat().st_mtime_ns == before
+        lineage_tags = _lineage_tags(comps, key=key, stage_key=current_stage_key())
+        mlflow.set_tags({**lineage_tags, TAG_REUSED: str(finished).lower(),
+                         "sftflow.train.resumed_from_step": str(output.resumed_from_step)})
+        log_json(comps, "train/cache_key.json")
+        model_uri, name, version = log_model(output, register_as=register_as, lineage_tags=lineage_tags)
         for card in {output.model.path, output.adapter.path if output.adapter else output.model.path}:
             mlflow.log_artifact(str(Path(card) / "README.md"), artifact_path=f"model_card/{Path(card).name}")
         metrics = output.metrics_dict()
@@ -1163,6 +1214,26 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
                          base=output.model.base, name=output.model.name, meta=meta)
         return TrainResult(model=model, run_id=run.info.run_id, model_uri=model_uri, registered_name=name,
                            registered_version=version, metrics=tuple(sorted(metrics.items())))
+
+
+def _lineage_tags(comps: dict[str, Any], *, key: str,
+                  stage_key: tuple[str, dict[str, Any]] | None) -> dict[str, str]:
+    """Tags naming the bytes a training run read: train/held-out sha256, base model digest, keys.
+
+    Digests come from the key components, i.e. the files as they were on disk when this run
+    started (the datasets are re-verified against them when read).
+    """
+    inputs = comps["inputs"]
+    tags = {
+        TAG_TRAIN_SHA256: inputs["train"]["DatasetRef"]["content"],
+        TAG_HELDOUT_SHA256: inputs["heldout"]["DatasetRef"]["content"] if inputs.get("heldout") else "",
+        TAG_BASE_SHA256: inputs["base"]["ModelRef"]["content"].removeprefix("dir:"),
+        TAG_TRAIN_KEY: key,
+        TAG_CODE_DIGEST: comps["code"]["digest"],
+    }
+    if stage_key is not None:  # the Prefect cache key of this task run
+        tags[TAG_CACHE_KEY] = stage_key[0]
+    return {k: v for k, v in tags.items() if v}
 
 
 def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

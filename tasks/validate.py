@@ -2,7 +2,8 @@
 
 The canonical rows hold nested ``messages``; GX checks columns, so each row is first flattened
 into derived columns (``derive_frame``): turn counts, the role pattern, shortest user/assistant
-turn, character and token lengths, the non-printable fraction, plus the canonical scalar columns.
+turn (in visible characters: zero-width and other invisible characters do not count), character
+and token lengths, the non-printable fraction, plus the canonical scalar columns.
 ``build_suite`` turns the bounds of ``ValidationConfig`` (pipelines.yaml ``validation:``) into
 expectations, each tagged in its ``meta`` with its level:
 
@@ -33,9 +34,10 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
+from sftflow.errors import DataError
 from sftflow.config import ValidationConfig
 from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.records import COLUMNS, ORIGINS, ROLES
+from sftflow.records import COLUMNS, ORIGINS, ROLES, visible_text, with_optional_columns
 from sftflow.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.tracking import StageContext, log_dataset, stage_run
 from tasks.ingest import RAW_PREVIEW_CHARS, quarantine_frame, retry_unless
@@ -52,16 +54,16 @@ def _logger() -> Any:
 SUITE_NAME = "sftflow_canonical"
 ROLE_PATTERN = r"^S?(?:UA)+$"  # optional system turn, then user/assistant pairs, ending on assistant
 ID_PATTERN = r"^[0-9a-f]{16}$"
-SOURCE_PATTERN = r"^[^:]+:.+$"  # "<source name>:<file name>"
+SOURCE_PATTERN = r"^[^:]*\S[^:]*:.*\S.*$"  # "<source name>:<file name>", neither part blank
 SCALAR_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c != "messages")
 DERIVED_COLUMNS: tuple[str, ...] = (
     "row", "field_types", "messages_shape", "n_turns", "role_pattern", "min_user_chars", "min_assistant_chars",
-    "prompt_chars", "response_chars", "total_chars", "n_tokens", "non_printable_fraction",
+    "min_system_chars", "prompt_chars", "response_chars", "total_chars", "n_tokens", "non_printable_fraction",
 )
 _ROLE_LETTER = {"system": "S", "user": "U", "assistant": "A"}
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(DataError, RuntimeError):
     """The suite failed at table level or too many rows are bad; the message holds the GX summary."""
 
 
@@ -116,7 +118,7 @@ def _field_types(df: pd.DataFrame) -> list[str]:
 
 # The columns derive_frame computes per row (listed so an empty input still has them).
 _DERIVED_COLUMNS = ("messages_shape", "n_turns", "role_pattern", "min_user_chars", "min_assistant_chars",
-                    "prompt_chars", "response_chars", "total_chars", "non_printable_fraction")
+                    "min_system_chars", "prompt_chars", "response_chars", "total_chars", "non_printable_fraction")
 
 
 def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
@@ -136,19 +138,24 @@ def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
         shape = _shape(msgs)
         if shape != "ok":
             rows.append({"messages_shape": shape, "n_turns": 0, "role_pattern": "", "min_user_chars": 0,
-                         "min_assistant_chars": 0, "prompt_chars": 0, "response_chars": 0, "total_chars": 0,
-                         "non_printable_fraction": 0.0})
+                         "min_assistant_chars": 0, "min_system_chars": np.nan, "prompt_chars": 0,
+                         "response_chars": 0, "total_chars": 0, "non_printable_fraction": 0.0})
             texts.append("")
             continue
         user = [m["content"] for m in msgs if m["role"] == "user"]
         asst = [m["content"] for m in msgs if m["role"] == "assistant"]
+        system = [m["content"] for m in msgs if m["role"] == "system"]
         joined = "\n".join(m["content"] for m in msgs)
         rows.append({
             "messages_shape": "ok",
             "n_turns": len(msgs),
             "role_pattern": "".join(_ROLE_LETTER[m["role"]] for m in msgs),
-            "min_user_chars": min((len(u.strip()) for u in user), default=0),
-            "min_assistant_chars": min((len(a.strip()) for a in asst), default=0),
+            # Visible characters only: whitespace, zero-width and other invisible characters do not
+            # make a turn non-empty (see ``sftflow.records.is_invisible``).
+            "min_user_chars": min((len(visible_text(u)) for u in user), default=0),
+            "min_assistant_chars": min((len(visible_text(a)) for a in asst), default=0),
+            # NaN when there is no system turn: GX skips nulls, so only a present-but-blank one fails.
+            "min_system_chars": min((len(visible_text(x)) for x in system), default=np.nan),
             "prompt_chars": sum(len(u) for u in user),
             "response_chars": sum(len(a) for a in asst),
             "total_chars": len(joined),
@@ -183,9 +190,12 @@ def build_suite(cfg: ValidationConfig, *, with_tokens: bool) -> list[Any]:
 
     suite = [
         table(E.ExpectTableColumnsToMatchSet(column_set=list(SCALAR_COLUMNS) + list(DERIVED_COLUMNS), exact_match=True),
-              "canonical schema: id, messages, source, origin, category, score (messages flattened)"),
+              "canonical schema: id, messages, source, origin, category, score, source_row (messages flattened)"),
         table(E.ExpectTableRowCountToBeBetween(min_value=1), "a stage never hands on an empty dataset"),
         table(E.ExpectColumnValuesToBeOfType(column="score", type_="float64"), "score is a float (NaN when unknown)"),
+        table(E.ExpectColumnValuesToBeOfType(column="source_row", type_="int64"),
+              "source_row is an int (line/record in the source file, 0 when unknown)"),
+        row(E.ExpectColumnValuesToBeBetween(column="source_row", min_value=0), "source_row is a line number or 0"),
         row(E.ExpectColumnValuesToNotBeNull(column="id"), "every row has an id"),
         row(E.ExpectColumnValuesToMatchRegex(column="id", regex=ID_PATTERN), "id = 16 hex chars of sha256"),
         row(E.ExpectColumnValuesToBeInSet(column="messages_shape", value_set=["ok"]),
@@ -196,6 +206,8 @@ def build_suite(cfg: ValidationConfig, *, with_tokens: bool) -> list[Any]:
             "no empty user turn"),
         row(E.ExpectColumnValuesToBeBetween(column="min_assistant_chars", min_value=cfg.min_response_chars),
             "no empty assistant turn"),
+        row(E.ExpectColumnValuesToBeBetween(column="min_system_chars", min_value=1),
+            "no empty system turn (a blank system prompt is no system prompt)"),
         row(E.ExpectColumnValuesToBeBetween(column="total_chars", max_value=cfg.max_chars), "length bound in chars"),
         row(E.ExpectColumnValuesToBeBetween(column="non_printable_fraction", max_value=cfg.max_non_printable_fraction),
             "charset sanity: few control / unassigned characters"),
@@ -288,7 +300,8 @@ def validate(
             outputs (quarantine, GX result, Data Docs) are written first, for inspection.
     """
     out_dir = Path(out_dir)
-    df = dataset.read()
+    # Optional metadata (e.g. ``source_row``) may be absent from older frames: add its default.
+    df = with_optional_columns(dataset.read())
     derived = derive_frame(df, tokenizer=tokenizer)
     gx_result, docs = run_suite(derived, cfg, gx_dir=out_dir / "gx", with_tokens=tokenizer is not None)
     result_path = out_dir / "gx_result.json"
@@ -327,8 +340,10 @@ def validate(
     for i in bad:
         rec = df.iloc[i]
         raw = json.dumps({c: _jsonable(rec[c]) for c in df.columns}, ensure_ascii=False, default=str)
-        q_rows.append({"stage": stage, "source": str(rec.get("source", "")), "file": dataset.path, "row": i + 1,
-                       "reason": "; ".join(reasons[i]), "raw": raw[:RAW_PREVIEW_CHARS]})
+        # source/source_row point at the row in its source file; file/row at the stage's input.
+        q_rows.append({"stage": stage, "source": str(rec.get("source", "")), "source_row": _source_row(rec),
+                       "file": dataset.path, "row": i + 1, "reason": "; ".join(reasons[i]),
+                       "raw": raw[:RAW_PREVIEW_CHARS]})
     quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name=f"{stage}_quarantine")
     valid = write_parquet(df[good_mask], out_dir / "valid.parquet", name=f"{stage}_valid")
     (out_dir / "summary.json").write_text(json.dumps(
@@ -344,12 +359,22 @@ def validate(
     if blocking:
         failed = [s for s in summary if not s["success"]]
         lines = "\n".join(f"  - {s['expectation']} [{s['level']}]: {s['unexpected']} unexpected" for s in failed)
+        # Point at the rows in their source files (where a user can fix them), not only at the Parquet.
+        where = "".join(f"\n  - {q['source']} row {q['source_row']}: {q['reason']}" for q in q_rows[:3])
         raise ValidationFailed(
             f"GX suite {SUITE_NAME!r} failed on {dataset.path} ({dataset.name}):\n  * " + "\n  * ".join(blocking)
-            + f"\nFailed expectations:\n{lines}\nGX result: {result_path}"
+            + f"\nFailed expectations:\n{lines}" + (f"\nFirst quarantined rows:{where}" if where else "")
+            + f"\nGX result: {result_path}"
             + (f"\nData Docs: {docs}" if docs else "") + f"\nQuarantine: {quarantine.path}"
         )
     return ValidateResult(valid=valid, quarantine=quarantine, gx_result=str(result_path), data_docs=docs)
+
+
+def _source_row(rec: pd.Series) -> int:
+    try:
+        return int(rec.get("source_row", 0))
+    except (TypeError, ValueError):  # a wrong type is reported by the suite; keep the quarantine writable
+        return 0
 
 
 def _raised(info: dict) -> bool:

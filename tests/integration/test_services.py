@@ -192,39 +192,153 @@ def test_prefect_yaml_deploys_to_the_docker_work_pool(stack) -> None:
             client.pause_deployment(dep.id)
 
 
-def test_sftflow_ui_prints_both_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    """`sftflow ui`: Prefect + MLflow on SQLite under $SFTFLOW_HOME, loopback, gone after Ctrl-C."""
+def _start_ui(home: Path, pp: int, mp_: int, *, sigint_ignored: bool = False):
+    """`sftflow ui` in its own session (like a terminal's foreground job); its output lines up to "Ctrl-C"."""
     import os
     import signal
     import subprocess
     import sys
 
-    home = tmp_path / "home"
-    pp, mp_ = services.free_port(), services.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["SFTFLOW_HOME"] = str(home)
+    # sigint_ignored: what a process started from a non-interactive shell's background job
+    # (`make test &`, CI runners) inherits; Ctrl-C / kill -INT must still stop `sftflow ui`.
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     proc = subprocess.Popen([sys.executable, "-m", "sftflow.cli", "ui", "--prefect-port", str(pp),
                              "--mlflow-port", str(mp_)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=pre)
     lines: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+    return proc, "".join(lines)
+
+
+def _alive_of(pids: list[int]) -> list[tuple[int, str]]:
+    from sftflow.processes import is_alive
+
+    out = []
+    for p in pids:
+        if is_alive(p):
+            try:
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:150]
+            except OSError:
+                cmd = "?"
+            out.append((p, cmd))
+    return out
+
+
+def test_sftflow_ui_prints_both_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    """`sftflow ui`: Prefect + MLflow on SQLite under $SFTFLOW_HOME, loopback, gone after Ctrl-C:
+    every process it started (collected before the signal) ends, in bounded time, even when the
+    caller's SIGINT disposition is "ignored" (background jobs of non-interactive shells)."""
+    import os
+    import signal
+    import subprocess
+
+    from sftflow.processes import descendants, terminate_tree
+
+    home = tmp_path / "home"
+    pp, mp_ = services.free_port(), services.free_port()
+    proc, out = _start_ui(home, pp, mp_, sigint_ignored=True)
+    tree: list[int] = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-        out = "".join(lines)
         assert f"http://127.0.0.1:{pp}" in out and f"http://127.0.0.1:{mp_}" in out, out
         services.check_prefect_server(f"http://127.0.0.1:{pp}/api")
         assert (home / "prefect" / "prefect.db").exists() and (home / "mlflow" / "mlflow.db").exists()
         recorded = [services.read_service(n, state=home / "services") for n in (services.PREFECT_NAME, services.MLFLOW_NAME)]
         assert all(r is not None and services._alive(r.pid) for r in recorded)
-    finally:
+        tree = descendants(proc.pid)
+        assert {r.pid for r in recorded} <= set(tree), tree
+        t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
-        rest, _ = proc.communicate(timeout=60)
+        try:
+            rest, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"`sftflow ui` still runs 120 s after Ctrl-C; alive: {_alive_of([proc.pid, *tree])}") from None
+        took = time.monotonic() - t0
+    finally:
+        leftovers = _alive_of([proc.pid, *tree])
+        terminate_tree([proc.pid, *tree], grace=1)  # never leave servers behind, even when failing
     assert proc.returncode == 0, rest
     assert "stopping:" in rest
+    assert leftovers == [], f"still running after `sftflow ui` ended: {leftovers}"
+    assert took < 60, took  # bounded: SIGTERM, 10 s grace, SIGKILL
     assert not services.port_in_use(pp) and not services.port_in_use(mp_)
-    assert all(not services._alive(r.pid) for r in recorded)
     assert not (home / "services" / "prefect-server.json").exists()
+
+
+def test_sftflow_ui_killed_with_kill_9_leaves_no_server_behind(tmp_path: Path) -> None:
+    """`kill -9` of `sftflow ui` (no chance to clean up): its servers get the parent-death signal."""
+    import os
+    import signal
+
+    from sftflow.processes import descendants, terminate_tree
+
+    home = tmp_path / "home"
+    pp, mp_ = services.free_port(), services.free_port()
+    proc, out = _start_ui(home, pp, mp_)
+    tree: list[int] = []
+    try:
+        assert "Ctrl-C" in out, out
+        tree = descendants(proc.pid)
+        assert len(tree) >= 2, tree
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive_of(tree) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = _alive_of(tree)
+    finally:
+        terminate_tree([proc.pid, *tree], grace=1)
+    assert leftovers == [], f"still running after kill -9 of `sftflow ui`: {leftovers}"
+    assert not services.port_in_use(pp) and not services.port_in_use(mp_)
+
+
+def test_postgres_password_is_in_no_command_line_file_or_message(stack) -> None:
+    """The cluster's password reaches the servers by environment only: no /proc/*/cmdline (world-
+    readable) of any process holds it, nor the files and logs under $SFTFLOW_HOME/services, nor
+    messages; a tracking URI that carries it works and is printed masked."""
+    if stack.backend != "postgres":
+        pytest.skip("PostgreSQL backend only")
+    import stat
+    from urllib.parse import quote
+
+    from mlflow.tracking import MlflowClient
+
+    from sftflow.tracking import mask_uri
+
+    pg = stack.stack.postgres
+    secret = pg.password
+    assert secret and secret not in repr(stack.stack)
+    leaks = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if secret.encode() in cmd or quote(secret, safe="").encode() in cmd:
+                leaks.append((d.name, cmd[:200]))
+    assert leaks == []
+    # The MLflow server really runs on PostgreSQL: its command line names the database, not the password.
+    mlflow_svc = services.read_service(services.MLFLOW_NAME, state=stack.home / "services")
+    argv = Path(f"/proc/{mlflow_svc.pid}/cmdline").read_bytes().decode()
+    assert f"postgresql+psycopg2://{pg.user}@{pg.host}:{pg.port}/mlflow" in argv
+    for f in [*(stack.home / "services").rglob("*"), stack.home / "postgres" / "postgres.log"]:
+        if f.is_file():
+            assert secret not in f.read_text(errors="replace"), f
+    creds = stack.home / "postgres" / "credentials.json"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    assert not (stack.home / "postgres" / ".pwfile").exists()
+
+    # A tracking URI with credentials works, and is masked wherever it is printed.
+    uri = pg.url("mlflow", driver="psycopg2", with_password=True)
+    assert MlflowClient(tracking_uri=uri).search_experiments(max_results=5) is not None
+    assert secret not in mask_uri(uri) and f"{pg.user}:***@" in mask_uri(uri)
+    smoke = load_pipelines(REPO / "pipelines.yaml")["smoke"]
+    unchanged, why = services.sources_unchanged(smoke, pipeline="no-such-pipeline", tracking_uri=uri)
+    assert not unchanged and secret not in why and "***" in why

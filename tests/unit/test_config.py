@@ -107,3 +107,58 @@ def test_dict_and_list_overrides_parse_values_the_same_way() -> None:
     as_list = apply_overrides({}, ['a.b="123"', "c=8", "d="], prefix="p")
     as_dict = apply_overrides({}, {"a.b": '"123"', "c": "8", "d": ""}, prefix="p")
     assert as_list == as_dict == {"a": {"b": "123"}, "c": 8, "d": ""}
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ("augmentation: {backward_training: {max_stepz: 3}}",
+         "pipelines.p1.augmentation.backward_training.max_stepz: unknown key (did you mean 'max_steps'? allowed: "
+         "method, lora, template"),
+        ("augmentation: {forward_training: {lora: {rr: 4}}}",
+         "pipelines.p1.augmentation.forward_training.lora.rr: unknown key (did you mean 'r'? allowed: r, alpha, "
+         "dropout, target_modules)"),
+        ("augmentation: {forward_training: {batch_size: many}}",
+         "pipelines.p1.augmentation.forward_training.batch_size: must be a valid integer"),
+        ("augmentation: {backward_training: {method: lorax}}",
+         "pipelines.p1.augmentation.backward_training.method: must be one of 'lora'"),
+    ],
+)
+def test_training_overrides_are_typed(tmp_path: Path, patch: str, expected: str) -> None:
+    body = GOOD.replace("    training: {lora: {r: 4}, max_steps: 3}\n", "") + "    " + patch + "\n"
+    with pytest.raises(ConfigError) as e:
+        load_pipelines(_write(tmp_path, body))
+    assert expected in str(e.value), str(e.value)
+
+
+def test_training_overrides_merge_with_the_pipeline_training(tmp_path: Path) -> None:
+    body = GOOD + "    augmentation: {backward_training: {max_steps: 2, lora: {alpha: 4}}}\n"
+    cfg = load_pipelines(_write(tmp_path, body))["p1"]
+    assert cfg.augmentation.backward_training == {"max_steps": 2, "lora": {"alpha": 4}}  # still a partial override
+    from sftflow.config import merge_training
+
+    merged = merge_training(cfg.training, cfg.augmentation.backward_training)
+    assert merged["lora"] == {**cfg.training.lora.model_dump(), "alpha": 4} and merged["max_steps"] == 2
+
+
+def test_unknown_keys_list_the_allowed_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_pipelines(_write(tmp_path, GOOD + "    sources_: []\n    dedup: {near: {treshold: 0.5}}\n"))
+    msg = str(e.value)
+    assert "pipelines.p1.dedup.near.treshold: unknown key (did you mean 'threshold'? allowed: enabled, key," in msg
+    assert "pipelines.p1.sources_: unknown key (did you mean 'sources'?" in msg
+
+
+def test_file_problems_are_config_errors_with_line_and_column(tmp_path: Path) -> None:
+    from sftflow.errors import EXIT_CONFIG, UserError
+
+    with pytest.raises(ConfigError, match=r"pipelines\.yaml:4:6: not valid YAML: .*started at line 3, column 14\)$"):
+        load_pipelines(_write(tmp_path, "pipelines:\n  p1:\n    sources: [unclosed\n    x: 1\n"))
+    with pytest.raises(ConfigError,
+                       match=r": is a folder; expected a pipelines YAML file \(did you mean -f .*pipelines\.yaml\?\)"):
+        load_pipelines(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes(b"pipelines: {p: \xe9}\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_pipelines(tmp_path / "latin1.yaml")
+    err = ConfigError("x")
+    assert isinstance(err, UserError) and isinstance(err, ValueError) and err.exit_code == EXIT_CONFIG

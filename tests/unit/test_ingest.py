@@ -192,7 +192,10 @@ def test_every_bad_row_is_quarantined_with_reason_and_accounting(tmp_path: Path)
     assert reasons[4] == "field 'output' must be a string, got int"
     assert reasons[5].startswith("empty instruction")
     assert reasons[6].startswith("empty response")
-    assert reasons[7] == "invalid UTF-8 in the user turn"
+    bad_at = f.read_bytes().index(b"\xff")
+    line7_at = f.read_bytes().index(b'{"instruction": "Bad bytes')
+    assert reasons[7] == (f"invalid UTF-8 at byte {bad_at} of the file (line 7, byte {bad_at - line7_at + 1} of the "
+                          "line); expected UTF-8 text")
     assert reasons[8].startswith("record too long: 504 chars > max_record_chars=200")
     assert reasons[9] == "expected a JSON object, got list"
     assert set(q["stage"]) == {"ingest"} and set(q["source"]) == {"bad:bad.jsonl"} and set(q["file"]) == {str(f)}

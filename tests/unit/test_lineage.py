@@ -139,3 +139,66 @@ def test_lineage_of_version_without_pipeline(sftflow_home: Path) -> None:
     d = lineage("solo")
     assert d["pipeline_run"] is None and d["datasets"] == []
     assert "Pipeline run: none" in format_lineage(d)
+
+
+def test_lineage_reports_a_digest_mismatch(pipeline_run: dict) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(pipeline_run["ctx"].tracking_uri)
+    client.set_model_version_tag("sftflow-lin", pipeline_run["version"], "sftflow.train.sha256", "0" * 64)
+    d = lineage("sftflow-lin@champion")
+    assert d["digests"]["train"] == "0" * 64
+    assert d["digests"]["mismatches"] == [
+        f"train: model version says {'0' * 64}, its training run logged {pipeline_run['train'].sha256}"]
+    assert "MISMATCH: train" in format_lineage(d)
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_lineage_digests_equal_sha256_of_the_files_read(sftflow_home: Path, tmp_path: Path) -> None:
+    """Real rows through ingest -> split -> train (tiny model) -> registry; every digest lineage
+    reports equals hashlib.sha256 of the file's bytes (sources, train/held-out Parquet, base model)."""
+    import shutil
+
+    from sftflow.cachekeys import dir_digest
+    from sftflow.config import DedupConfig, IngestConfig, SplitConfig, TrainingConfig
+    from sftflow.models import build_tiny_model
+    from sftflow.tracking import end_pipeline_run, sources_digest, start_pipeline_run
+    from tasks.ingest import ingest_task
+    from tasks.split import split_task
+    from tasks.train import train_task
+
+    repo = Path(__file__).resolve().parents[2]
+    srcs = []
+    for name in ("dolly_smoke.jsonl", "alpaca_smoke.json"):
+        shutil.copy(repo / "data" / "smoke" / name, tmp_path / name)
+        srcs.append(SourceConfig(name=name.split(".")[0], path=str(tmp_path / name)))
+    cfg = PipelineConfig(sources=srcs, base_model="tiny-gemma")
+    ctx = start_pipeline_run(cfg, pipeline="lin2", run_id="flow-run-real", run_dir=sftflow_home / "runs/lin2/r")
+    ing = ingest_task.fn(srcs, IngestConfig(), ctx=ctx)
+    sp = split_task.fn(ing.dataset, SplitConfig(heldout_size=6), DedupConfig(), ctx=ctx)
+    tcfg = TrainingConfig.model_validate({"batch_size": 4, "max_steps": 2, "precision": "fp32",
+                                          "checkpoint_every": None, "lora": {"r": 4, "alpha": 8}})
+    base = build_tiny_model("tiny-gemma")
+    tr = train_task.fn(sp.train, sp.heldout, base, tcfg, ctx=ctx, register_as="sftflow-lin2")
+    end_pipeline_run(ctx)
+
+    d = lineage(f"sftflow-lin2/{tr.registered_version}")
+    dg = d["digests"]
+    assert dg["mismatches"] == []
+    assert dg["train"] == _sha256(sp.train.path) and dg["heldout"] == _sha256(sp.heldout.path)
+    assert dg["base_model"] == dir_digest(base.path)
+    assert dg["sources"] == sources_digest(cfg)
+    files = {Path(f["path"]).name: f["sha256"] for f in dg["source_files"]}
+    assert files == {n: _sha256(tmp_path / n) for n in ("dolly_smoke.jsonl", "alpaca_smoke.json")}
+    by_ctx = {(x["stage"], x["context"]): x["sha256"] for x in d["datasets"]}
+    assert by_ctx[("ingest", "ingest.output")] == _sha256(ing.dataset.path)
+    assert by_ctx[("train", "training")] == _sha256(sp.train.path)
+    assert by_ctx[("train", "heldout")] == _sha256(sp.heldout.path)
+    text = format_lineage(d)
+    for digest in (dg["train"], dg["heldout"], dg["base_model"], *files.values()):
+        assert digest in text  # printed in full: comparable with sha256sum

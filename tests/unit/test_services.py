@@ -263,3 +263,18 @@ def test_production_compose_has_the_services_and_binds_loopback() -> None:
 
     pool = json.loads((REPO / "infra/production/work-pools/sftflow-docker.json").read_text())
     assert pool["variables"]["properties"]["networks"]["default"] == [compose["networks"]["sftflow"]["name"]]
+
+
+def test_production_compose_keeps_secrets_out_of_command_lines() -> None:
+    """A container's command line is visible to every user of the host (/proc/<pid>/cmdline, `ps`):
+    passwords go through the environment (PGPASSWORD, MC_HOST_<alias>)."""
+    compose = yaml.safe_load((REPO / "infra/production/docker-compose.yml").read_text())
+    for name, svc in compose["services"].items():
+        for key in ("command", "entrypoint"):
+            value = svc.get(key) or []
+            text = " ".join(value) if isinstance(value, list) else str(value)
+            assert "PASSWORD" not in text and "SECRET" not in text, (name, key, text)
+    env = {k: str(v) for k, v in compose["services"]["mlflow"]["environment"].items() if k != "<<"}
+    assert env["PGPASSWORD"] == "${POSTGRES_PASSWORD}"
+    prefect_env = compose["services"]["prefect-server"]["environment"]
+    assert "PASSWORD" not in prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"]

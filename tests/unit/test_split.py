@@ -132,3 +132,13 @@ def test_split_task_logs_to_mlflow(tmp_path: Path, stage_ctx) -> None:
     assert run.data.metrics["rows_train"] == 25 and run.data.metrics["leaks_moved"] == 0
     digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
     assert {res.train.sha256[:36], res.heldout.sha256[:36]} <= digests
+
+
+def test_too_few_rows_is_a_user_error_naming_the_key() -> None:
+    from sftflow.errors import EXIT_DATA, UserError
+
+    with pytest.raises(SplitError) as e:
+        heldout_count(6, SplitConfig(heldout_size=6))
+    assert isinstance(e.value, UserError) and e.value.exit_code == EXIT_DATA
+    assert "split.heldout_size=6" in str(e.value) and "remain after ingest, validation and dedup" in str(e.value)
+    assert "at most 5" in str(e.value)

@@ -13,7 +13,7 @@ from sftflow.config import IngestConfig, SourceConfig, ValidationConfig
 from sftflow.records import make_record, records_to_frame
 from sftflow.refs import write_parquet
 from tasks.ingest import QUARANTINE_COLUMNS, ingest
-from tasks.validate import ValidationFailed, derive_frame, validate, validate_task
+from tasks.validate import SOURCE_PATTERN, ValidationFailed, derive_frame, validate, validate_task
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "data" / "smoke"
@@ -76,7 +76,7 @@ def test_row_level_failures_are_quarantined_with_expectation_names(tmp_path: Pat
         23: "expect_column_values_to_be_between(total_chars <= 200)",
         24: "expect_column_values_to_be_between(non_printable_fraction <= 0.1)",
         25: "expect_column_values_to_be_in_set(origin in ['seed', 'backtranslated'])",
-        26: "expect_column_values_to_match_regex(source ~ ^[^:]+:.+$)",
+        26: f"expect_column_values_to_match_regex(source ~ {SOURCE_PATTERN})",
         4: "expect_column_values_to_match_regex(id ~ ^[0-9a-f]{16}$)",
     }
     assert len(valid) == 19 and len(valid) + len(q) == len(df)

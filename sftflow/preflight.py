@@ -1,0 +1,302 @@
+"""Checks that fail a run before any work: impossible sizes, contradictory settings, an unusable
+``$SFTFLOW_HOME``.
+
+``preflight(cfg, pipeline=name)`` runs after the schema validated the config and before the flow
+creates anything (no MLflow run, no model, no folder). It counts the rows each local source can
+provide *cheaply* (line counts, Parquet metadata, a JSON parse; never the whole ingestion) and
+respects each source's ``max_rows`` and the weighted mixture, which gives an upper bound on the
+rows that reach the split: validation and dedup only ever remove rows. When the bound cannot be
+known (a hub source, a ``save_to_disk`` folder, a file that does not parse) the size checks are
+skipped and the stages report what they find.
+
+Run it::
+
+    from sftflow.config import resolve_pipeline
+    from sftflow.preflight import preflight
+    warnings = preflight(resolve_pipeline("smoke"), pipeline="smoke")   # raises ConfigError
+
+``sftflow run`` and ``sftflow validate-config`` call it; so does the flow (runs started from the
+Prefect UI do not go through the CLI). Nothing here imports Prefect, MLflow or torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftflow import layout
+from sftflow.config import ConfigError, PipelineConfig, SourceConfig
+from sftflow.errors import HomeError
+
+# Files larger than this are not parsed whole to count their rows (JSON) / instances (JSONL).
+_PARSE_LIMIT = 256 << 20
+# What the evaluation stage reports for every set (tasks/evaluate.py: GENERATION_METRICS,
+# LOSS_METRICS, num_examples); judge_score only with `evaluation.judge`. A unit test keeps them equal.
+EVAL_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate",
+                "eval_loss", "perplexity", "eval_tokens", "num_examples")
+
+
+# --------------------------------------------------------------------------- $SFTFLOW_HOME
+def check_home(home: Path | None = None) -> Path:
+    """Make sure ``$SFTFLOW_HOME`` is (or can become) a folder this process can write; creates nothing.
+
+    Raises:
+        HomeError: it is a file, it or its nearest existing parent is not writable.
+    """
+    home = Path(home) if home is not None else layout.sftflow_home()
+    how = f"$SFTFLOW_HOME={home}" if os.environ.get("SFTFLOW_HOME") else f"{home} (the default $SFTFLOW_HOME)"
+    if home.exists():
+        if not home.is_dir():
+            raise HomeError(f"{how} is not a folder; point SFTFLOW_HOME at a writable folder")
+        if not os.access(home, os.R_OK | os.X_OK):
+            raise HomeError(f"{how} is not readable; point SFTFLOW_HOME at a folder you own or fix its permissions")
+        try:  # a real write, so ACLs, read-only mounts and root's privileges all count
+            with tempfile.NamedTemporaryFile(dir=home, prefix=".sftflow-write-check-"):
+                pass
+        except OSError as e:
+            raise HomeError(f"{how} is not writable ({e.strerror or e}); point SFTFLOW_HOME at a writable "
+                            "folder or fix its permissions") from None
+        return home
+    parent = home.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HomeError(f"{how} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HomeError(f"{how} cannot be created: {parent} is not writable; point SFTFLOW_HOME at a writable folder")
+    return home
+
+
+# --------------------------------------------------------------------------- row counting
+@dataclass(frozen=True)
+class SourceRows:
+    """Upper bound on the records one source can contribute (None: unknown).
+
+    Attributes:
+        name: the source name.
+        rows: records its files hold (None when they cannot be counted cheaply).
+        bound: ``min(rows, max_rows)`` (None when both are unknown / unset).
+        detail: human-readable origin of the number, for error messages.
+    """
+
+    name: str
+    rows: int | None
+    bound: int | None
+    detail: str
+
+
+def _instances(obj: object) -> int:
+    """Records one raw object yields (Self-Instruct tasks: one per instance)."""
+    if isinstance(obj, dict) and isinstance(obj.get("instances"), list) and obj["instances"]:
+        return len(obj["instances"])
+    return 1
+
+
+def _count_jsonl(path: Path, *, expand: bool) -> int | None:
+    if not expand:
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    if path.stat().st_size > _PARSE_LIMIT:
+        return None
+    n = 0
+    with path.open("rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                n += _instances(json.loads(line))
+            except ValueError:
+                n += 1  # a malformed line is one (quarantined) row
+    return n
+
+
+def _count_json(path: Path, *, expand: bool) -> int | None:
+    if path.stat().st_size > _PARSE_LIMIT:
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as e:
+        if getattr(e, "msg", "") == "Extra data":  # JSONL named .json (ingest reads it as JSONL)
+            return _count_jsonl(path, expand=expand)
+        return None  # not our job: ingest names the line/column
+    if isinstance(data, dict):
+        lists = [k for k in ("data", "rows", "records", "examples", "train") if isinstance(data.get(k), list)]
+        if lists:
+            data = data[lists[0]]
+        elif data and all(isinstance(v, dict) for v in data.values()):
+            data = list(data.values())
+    if not isinstance(data, list):
+        return None
+    return sum(_instances(o) for o in data) if expand else len(data)
+
+
+def _count_csv(path: Path) -> int | None:
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        try:
+            next(reader)
+            return sum(1 for row in reader if any(c.strip() for c in row))
+        except (StopIteration, csv.Error):
+            return None
+
+
+def _count_parquet(path: Path, *, expand: bool) -> int | None:
+    try:
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path)
+    except Exception:  # noqa: BLE001 - a corrupt file is ingest's to report
+        return None
+    if expand and "instances" in meta.schema_arrow.names:
+        return None
+    return int(meta.metadata.num_rows)
+
+
+def count_file_rows(path: Path, *, fmt: str = "auto") -> int | None:
+    """Upper bound on the records ``path`` yields, read cheaply; None when unknown."""
+    expand = fmt in ("auto", "self_instruct")
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            return None
+        if suffix in (".jsonl", ".ndjson"):
+            return _count_jsonl(path, expand=expand)
+        if suffix == ".json":
+            return _count_json(path, expand=expand)
+        if suffix == ".csv":
+            return _count_csv(path)
+        if suffix == ".parquet":
+            return _count_parquet(path, expand=expand)
+    except OSError:
+        return None  # unreadable: ingest says so, naming the file
+    return None
+
+
+def source_rows(src: SourceConfig) -> SourceRows:
+    """How many records ``src`` can contribute at most (its files' rows, capped by ``max_rows``)."""
+    cap = src.max_rows
+    rows: int | None = None
+    detail = "hub dataset" if src.hub else ""
+    if src.path:
+        if any(ch in src.path for ch in "*?["):
+            files = [Path(p) for p in sorted(globlib.glob(os.path.expanduser(src.path), recursive=True))]
+        else:
+            files = [Path(src.path).expanduser()]
+        counts = [count_file_rows(f, fmt=src.format) for f in files if f.exists()]
+        if counts and all(c is not None for c in counts):
+            rows = sum(counts)  # type: ignore[arg-type]
+            detail = f"{rows} row(s) in {src.path}"
+        else:
+            detail = f"{src.path} (not counted)"
+    bound = rows if cap is None else (cap if rows is None else min(rows, cap))
+    if cap is not None and (rows is None or cap < rows):
+        detail += f", capped by max_rows={cap}"
+    return SourceRows(name=src.name, rows=rows, bound=bound, detail=detail)
+
+
+def mixture_bound(bounds: list[int], weights: list[float | None]) -> int:
+    """Upper bound on the mixed dataset: every row without weights, else the largest mixture with
+    the configured shares (the same rule as ``tasks.ingest.mixture_counts``, which is monotone in
+    the available rows, so bounds in give a bound out)."""
+    if all(w is None for w in weights):
+        return sum(bounds)
+    total_w = sum(w for w in weights if w is not None)
+    shares = [(w or 0.0) / total_w for w in weights]
+    size = min(b / s for b, s in zip(bounds, shares) if s > 0)
+    return sum(min(b, int(math.floor(s * size + 1e-9))) for b, s in zip(bounds, shares))
+
+
+# --------------------------------------------------------------------------- the checks
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~"))
+
+
+def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]:
+    """Refuse settings that cannot work, before any MLflow run, model or folder is created.
+
+    Args:
+        cfg: a validated pipeline (``resolve_pipeline``).
+        pipeline: its name, for the key paths in messages.
+
+    Returns:
+        Warnings (settings that work but not as the user may think), one line each.
+
+    Raises:
+        ConfigError: one line per problem, naming ``pipelines.<name>.<key path>``, e.g. a
+            ``split.heldout_size`` that leaves no training rows.
+    """
+    p = f"pipelines.{pipeline}"
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    # Weights are relative shares: all sources or none (ingest refuses a mix, after the run started).
+    weighted = [s.weight is not None for s in cfg.sources]
+    if any(weighted) and not all(weighted):
+        missing = [f"{p}.sources.{i}.weight" for i, s in enumerate(cfg.sources) if s.weight is None]
+        problems.append(f"{', '.join(missing)}: missing; give every source a `weight`, or none")
+
+    for i, src in enumerate(cfg.sources):
+        if src.path and not any(ch in src.path for ch in "*?["):
+            path = Path(src.path).expanduser()
+            if path.is_dir() and not any((path / n).exists() for n in ("dataset_info.json", "state.json",
+                                                                         "dataset_dict.json")):
+                problems.append(f"{p}.sources.{i}.path: {path} is a folder, not a data file or a "
+                                "`datasets.save_to_disk` folder")
+
+    # Model names that are paths must exist (a hub id or embedded name is resolved by the stages).
+    models = [("base_model", cfg.base_model), ("evaluation.judge_model", cfg.evaluation.judge_model)]
+    if cfg.augmentation.enabled and cfg.augmentation.curation.model not in ("forward", "base"):
+        models.append(("augmentation.curation.model", cfg.augmentation.curation.model))
+    for key, name in models:
+        if name and _looks_like_path(name) and not Path(name).expanduser().exists():
+            problems.append(f"{p}.{key}: model folder not found: {name}")
+
+    # Sizes: the rows that can reach the split are at most what the sources hold (after max_rows
+    # and the weighted mixture); validation and dedup only remove rows.
+    per_source = [source_rows(s) for s in cfg.sources]
+    total: int | None = None
+    if not any(weighted) or all(weighted):
+        bounds = [r.bound for r in per_source]
+        if all(b is not None for b in bounds):
+            total = mixture_bound(bounds, [s.weight for s in cfg.sources])  # type: ignore[arg-type]
+    if total is not None:
+        where = "; ".join(f"{r.name}: {r.detail}" for r in per_source)
+        if cfg.split.heldout_size is not None and cfg.split.heldout_size >= total:
+            fix = f"use a heldout_size of at most {total - 1}" if total >= 2 else "the split needs at least 2"
+            problems.append(
+                f"{p}.split.heldout_size={cfg.split.heldout_size} leaves no rows for training: the sources provide "
+                f"at most {total} row(s) ({where}); {fix} or add data")
+        elif total < 2:
+            problems.append(f"{p}.sources: at most {total} row(s) ({where}); the split needs at least 2")
+
+    t = cfg.training
+    if t.early_stopping_patience and not t.eval_every:
+        problems.append(f"{p}.training.early_stopping_patience={t.early_stopping_patience}: needs "
+                        "training.eval_every (early stopping watches the held-out loss measured every "
+                        "eval_every steps)")
+
+    if cfg.evaluation.enabled and cfg.promotion.enabled:
+        metric = cfg.promotion.metric
+        for prefix in ("tuned/", "base/", "champion/", "delta/"):
+            metric = metric.removeprefix(prefix)
+        per_set = list(EVAL_METRICS) + (["judge_score"] if cfg.evaluation.judge else [])
+        available = per_set + [f"{s.name}/{m}" for s in cfg.evaluation.extra_sets for m in per_set]
+        if metric not in available:
+            hint = " (set evaluation.judge: true)" if metric.endswith("judge_score") else ""
+            problems.append(f"{p}.promotion.metric: {cfg.promotion.metric!r} is not a metric the evaluation "
+                            f"reports{hint}; expected one of {', '.join(per_set)} (or <extra set>/<metric>)")
+
+    if cfg.evaluation.enabled and cfg.split.heldout_size is not None and cfg.evaluation.max_examples is not None \
+            and cfg.evaluation.max_examples > cfg.split.heldout_size:
+        warnings.append(f"{p}.evaluation.max_examples={cfg.evaluation.max_examples} > split.heldout_size="
+                        f"{cfg.split.heldout_size}: evaluation uses at most {cfg.split.heldout_size} held-out rows")
+
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return warnings
