@@ -1,4 +1,4 @@
-"""Benchmark of the near-duplicate engine (sftflow.minhash) against datasketch. Prints JSON.
+"""Benchmark of the near-duplicate engine (sftflow.data.minhash) against datasketch. Prints JSON.
 
 Run (one core, as the targets are stated)::
 
@@ -159,7 +159,7 @@ def _clock() -> tuple[float, float]:
 
 
 def run_ours(texts: Sequence[str], *, threshold: float, ngram: int, num_perm: int) -> tuple[float, float, object]:
-    from sftflow.minhash import LSHParams, find_near_duplicates
+    from sftflow.data.minhash import LSHParams, find_near_duplicates
 
     w0, c0 = _clock()
     res = find_near_duplicates(texts, LSHParams(threshold=threshold, ngram=ngram, num_perm=num_perm))
@@ -170,7 +170,7 @@ def run_ours(texts: Sequence[str], *, threshold: float, ngram: int, num_perm: in
 def run_datasketch(texts: list[str], *, threshold: float, ngram: int, num_perm: int) -> tuple[float, float, set]:
     from datasketch import MinHash, MinHashLSH
 
-    from sftflow.minhash import Shingler
+    from sftflow.data.minhash import Shingler
 
     shingler = Shingler(shingle="word", ngram=ngram)
     w0, c0 = _clock()
@@ -197,7 +197,7 @@ def jaccard_strings(a: set, b: set) -> float:
 
 
 def main_bench(args: argparse.Namespace) -> dict:
-    from sftflow.minhash import Shingler
+    from sftflow.data.minhash import Shingler
 
     base = load_corpus(Path(args.data))
     texts, planted = plant(base, num=args.planted, rate=1 / 60, seed=args.seed)

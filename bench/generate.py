@@ -60,8 +60,8 @@ def _segments(n: int) -> list[tuple[str, str]]:
 def bench_generation(model, tok, template, *, n: int, max_new_tokens: int, batch_size: int) -> dict:
     import torch
 
-    from sftflow.formatting import build_generation_prompt, stop_token_ids
-    from sftflow.generation import generate_batch
+    from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
+    from sftflow.inference.generation import generate_batch
 
     prompts = [build_generation_prompt(tok, [{"role": "user", "content": q}], template=template) for q in _instructions(n)]
     stops = stop_token_ids(tok, template)
@@ -102,8 +102,8 @@ def bench_generation(model, tok, template, *, n: int, max_new_tokens: int, batch
 def bench_scoring(model, tok, template, *, n: int, batch_size: int, naive_max_new_tokens: int) -> dict:
     import torch
 
-    from sftflow.formatting import build_generation_prompt, stop_token_ids
-    from sftflow.generation import DEFAULT_RUBRIC, _score_left_padded, rubric_prompt_ids, score_pairs, score_token_ids
+    from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
+    from sftflow.inference.generation import DEFAULT_RUBRIC, _score_left_padded, rubric_prompt_ids, score_pairs, score_token_ids
 
     pairs = _segments(n)
     t0 = time.perf_counter()
@@ -158,8 +158,8 @@ def bench_scoring(model, tok, template, *, n: int, batch_size: int, naive_max_ne
 def _warm_up(model, tok, template) -> None:
     """One small call down each path first, so one-time costs (kernel selection, allocator
     growth) are charged to neither side of a comparison."""
-    from sftflow.formatting import build_generation_prompt, stop_token_ids
-    from sftflow.generation import generate_batch, score_pairs
+    from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
+    from sftflow.inference.generation import generate_batch, score_pairs
 
     ids = build_generation_prompt(tok, [{"role": "user", "content": "Hello there."}], template=template)
     generate_batch(model, tok, [ids, ids[1:]], max_new_tokens=2, batch_size=2, stop_ids=stop_token_ids(tok, template),
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from sftflow.formatting import resolve_template
-    from sftflow.models import load_model, resolve_model
+    from sftflow.inference.formatting import resolve_template
+    from sftflow.inference.models import load_model, resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -95,9 +95,9 @@ def trainset_loss(model_dir_or_model, tokenizer, rows, *, device) -> float:
 
 def run_ours(args, base, rows_msgs, work: Path) -> dict:
     from sftflow.config import TrainingConfig
-    from sftflow.models import load_model
-    from sftflow.records import make_record, records_to_frame
-    from sftflow.refs import write_parquet
+    from sftflow.inference.models import load_model
+    from sftflow.data.records import make_record, records_to_frame
+    from sftflow.data.refs import write_parquet
     from tasks.train import encode_dataset, train
 
     ref = write_parquet(records_to_frame([make_record(m, source="bench:alpaca_gpt4") for m in rows_msgs]),
@@ -135,7 +135,7 @@ def run_trl(args, base, rows_msgs, work: Path) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from sftflow.models import load_model
+    from sftflow.inference.models import load_model
 
     model, tok = load_model(base)
     model.train()
@@ -217,7 +217,7 @@ def main() -> int:
 
     logging.getLogger("sftflow.train").addHandler(logging.StreamHandler(sys.stderr))
     logging.getLogger("sftflow.train").setLevel(logging.INFO)
-    from sftflow.models import resolve_model
+    from sftflow.inference.models import resolve_model
 
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -238,7 +238,7 @@ def main() -> int:
         rows = ours.pop("_rows")
         avg_len = sum(len(r[0]) for r in rows) / len(rows)
         label_frac = sum(sum(1 for x in r[1][1:] if x != -100) for r in rows) / sum(len(r[0]) for r in rows)
-        from sftflow.models import load_model
+        from sftflow.inference.models import load_model
 
         ref_model, tok = load_model(base)
         result["base_trainset_loss"] = trainset_loss(ref_model, tok, rows, device="cpu")

@@ -16,9 +16,9 @@ from prefect import flow, get_run_logger
 
 from sftflow.config import resolve_pipeline
 from sftflow.layout import RunLayout
-from sftflow.preflight import preflight
-from sftflow.recovery import active_run, reap_orphans
-from sftflow.tracking import end_pipeline_run, run_url, start_pipeline_run
+from sftflow.ops.preflight import preflight
+from sftflow.ops.recovery import active_run, reap_orphans
+from sftflow.tracking.runs import end_pipeline_run, run_url, start_pipeline_run
 from tasks.backtranslate import backtranslate_task
 from tasks.dedup import dedup_task
 from tasks.evaluate import evaluate_task
@@ -68,7 +68,7 @@ def sftflow_pipeline(
         layout = RunLayout.create(pipeline=pipeline, run_id=run_id)
 
         if skip_if_unchanged:
-            from sftflow.services import sources_unchanged
+            from sftflow.ops.guards import sources_unchanged
 
             unchanged, why = sources_unchanged(cfg, pipeline=pipeline)
             if unchanged:
@@ -123,8 +123,8 @@ def sftflow_pipeline(
 
 
 if __name__ == "__main__":
-    from sftflow.orchestration import configure_environment
-    from sftflow.recovery import guard_ephemeral_server
+    from sftflow.ops.orchestration import configure_environment
+    from sftflow.ops.recovery import guard_ephemeral_server
 
     configure_environment()
     guard_ephemeral_server()  # Prefect's temporary server dies with this process

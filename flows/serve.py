@@ -175,9 +175,9 @@ def serve_all(*, pipelines_file: str | None = None, limit_concurrency: bool = Tr
         ServiceError: no Prefect server is configured or it is unreachable (names the URL and
             how to start one).
     """
-    from sftflow.orchestration import configure_environment
-    from sftflow.services import START_HINT, ServiceError, check_prefect_server
-    from sftflow.tracking import check_tracking_server
+    from sftflow.ops.orchestration import configure_environment
+    from sftflow.ops.services import START_HINT, ServiceError, check_prefect_server
+    from sftflow.tracking.runs import check_tracking_server
 
     _use_recorded_servers()
     if not os.environ.get("PREFECT_API_URL"):

@@ -607,6 +607,6 @@ def resolve_pipeline(
 
 def config_hash(cfg: PipelineConfig) -> str:
     """sha256 of the resolved config (what a run is tagged with)."""
-    from sftflow.refs import sha256_json
+    from sftflow.data.refs import sha256_json
 
     return sha256_json(cfg.model_dump(mode="json"))

@@ -95,26 +95,10 @@ class HomeError(UserError, OSError):
     label = "unusable $SFTFLOW_HOME"
 
 
-# Errors of modules that predate UserError, by qualified class name (matched along the MRO, so
-# nothing is imported to check them). A class that subclasses UserError needs no entry here.
-_KNOWN: dict[str, tuple[int, str]] = {
-    "tasks.ingest.IngestError": (EXIT_DATA, "bad input data"),
-    "tasks.validate.ValidationFailed": (EXIT_DATA, "bad input data"),
-    "tasks.split.SplitError": (EXIT_DATA, "bad input data"),
-    "sftflow.services.ServiceError": (EXIT_SERVICE, "service error"),
-    "sftflow.lineage.LineageError": (EXIT_CONFIG, "not found"),
-    "sftflow.models.ModelNotFoundError": (EXIT_CONFIG, "model not found"),
-}
-
-
 def classify(exc: BaseException) -> tuple[int, str] | None:
     """``(exit code, label)`` when ``exc`` itself is a user error, else None."""
     if isinstance(exc, UserError):
         return exc.exit_code, exc.label
-    for cls in type(exc).__mro__:
-        hit = _KNOWN.get(f"{cls.__module__}.{cls.__qualname__}")
-        if hit:
-            return hit
     return None
 
 

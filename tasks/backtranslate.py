@@ -11,7 +11,7 @@ Reads top to bottom as the method:
    instruction the assistant turn) and fine-tune the base model on it with the shared training code
    (``tasks.train.train``; ``augmentation.backward_training`` overrides ``training``).
 3. **Self-augmentation.** M_yx writes one candidate instruction per segment, batched with the KV
-   cache (``sftflow.generation.generate_batch``; temperature/top-p from config, tokens bounded).
+   cache (``sftflow.inference.generation.generate_batch``; temperature/top-p from config, tokens bounded).
    A generation that ran into the token bound keeps its first question/line when it has one
    (``salvage_instruction``). Candidates that are empty, cut off with nothing to salvage,
    garbled, repetitive, copied from the segment, or
@@ -19,7 +19,7 @@ Reads top to bottom as the method:
    passage ...") are rejected with the reason.
 4. **Self-curation.** A curation model (``curation.model``: ``forward`` = M0 trained on the seed
    data, ``base``, or a model name/path) rates each remaining (instruction, segment) pair 1-5 from
-   the next-token distribution after ``Score:`` (``sftflow.generation.score_pairs``: one forward
+   the next-token distribution after ``Score:`` (``sftflow.inference.generation.score_pairs``: one forward
    pass, never unparseable); pairs whose expected score >= ``curation.threshold`` are kept.
 5. **Iteration** (``iterations`` > 1): train M_k on tagged seed + curated pairs and rescore.
 6. **Tagging.** Curated pairs carry ``augmented_system_prompt`` as a system turn and
@@ -64,17 +64,18 @@ from prefect import task
 
 from sftflow import layout
 from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, TrainingConfig
-from sftflow.orchestration import markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.records import (
+from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.data.records import (
     frame_to_records,
     make_record,
     normalize_text,
     records_to_frame,
     response_text,
 )
-from sftflow.models import release_memory
-from sftflow.refs import DatasetRef, ModelRef, write_parquet
-from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+from sftflow.inference.models import release_memory
+from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
+from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
+from sftflow.results import AugmentResult
 
 STAGE = "backtranslate"
 
@@ -115,27 +116,6 @@ class AugmentOutput:
     curation_model: ModelRef
     counts: tuple[tuple[str, int], ...]
     iteration_kept: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class AugmentResult:
-    """What the flow receives (small, hashable refs).
-
-    Attributes:
-        curated: curated pairs (canonical records), to validate and dedup like any data.
-        candidates: the candidate audit table (Parquet).
-        backward_model: M_yx.
-        curation_model: the model that scored the kept pairs.
-        seed: the seed data tagged with ``seed_system_prompt`` (train on this + curated).
-        counts: the accounting, as (name, value) pairs.
-    """
-
-    curated: DatasetRef
-    candidates: DatasetRef
-    backward_model: ModelRef
-    curation_model: ModelRef
-    seed: DatasetRef | None = None
-    counts: tuple[tuple[str, int], ...] = ()
 
 
 # =========================================================================== 1. corpus
@@ -615,7 +595,7 @@ def _no_scope(_name: str) -> ContextManager[Any]:
 
 def _load_for_inference(ref: ModelRef, *, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
     """Load a model for generation/scoring, merging a LoRA adapter so decoding pays no adapter cost."""
-    from sftflow.models import load_model
+    from sftflow.inference.models import load_model
 
     model, tok = load_model(ref, dtype=dtype, trust_remote_code=trust_remote_code)
     if hasattr(model, "merge_and_unload"):
@@ -643,8 +623,8 @@ def _train_model(*, data: DatasetRef, base: ModelRef, cfg: TrainingConfig, out_d
 
 def _score(ref: ModelRef, rows: list[dict[str, Any]], *, cfg: AugmentationConfig, training: TrainingConfig,
            trust_remote_code: bool) -> list[Any]:
-    from sftflow.formatting import resolve_template
-    from sftflow.generation import score_pairs
+    from sftflow.inference.formatting import resolve_template
+    from sftflow.inference.generation import score_pairs
 
     model, tok = _load_for_inference(ref, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
     template = resolve_template(tok, training.template)
@@ -684,8 +664,8 @@ def backtranslate(
         ConfigError: no corpus, or a bad training override (naming its key path).
         ValueError: a malformed corpus file (naming file and row) or an empty seed.
     """
-    from sftflow.formatting import build_generation_prompt, resolve_template, stop_token_ids
-    from sftflow.generation import generate_batch
+    from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
+    from sftflow.inference.generation import generate_batch
 
     if cfg.corpus is None:
         raise ConfigError("augmentation.corpus: required to backtranslate")
@@ -811,7 +791,7 @@ def _curation_model(*, cfg: AugmentationConfig, base: ModelRef, seed: DatasetRef
                                 trust_remote_code=trust_remote_code, log_to_mlflow=log_to_mlflow)
     if choice == "base":
         return base
-    from sftflow.models import resolve_model
+    from sftflow.inference.models import resolve_model
 
     return resolve_model(choice, trust_remote_code=trust_remote_code)
 

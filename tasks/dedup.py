@@ -17,7 +17,7 @@ is kept by ``cfg.keep``: ``longest_response`` (ties: first seen), ``first`` (inp
 order given, rows in file order) or ``source_priority`` (the first entry of ``cfg.source_priority`` that
 equals the row's ``source`` or its dataset name before ``:``; unlisted sources rank last; ties: first).
 Near-duplicate pairs are verified with the exact Jaccard of their shingle sets, so every reported
-pair is at or above ``cfg.near.threshold`` (see ``sftflow/minhash.py`` for the engine).
+pair is at or above ``cfg.near.threshold`` (see ``sftflow/data/minhash.py`` for the engine).
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ import pandas as pd
 from prefect import task
 
 from sftflow.config import DedupConfig, NearDedupConfig, SemanticDedupConfig
-from sftflow.minhash import LSHParams, connected_components, find_near_duplicates
-from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.records import prompt_text, response_text
-from sftflow.refs import DatasetRef, write_parquet
-from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+from sftflow.data.minhash import LSHParams, connected_components, find_near_duplicates
+from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.data.records import prompt_text, response_text
+from sftflow.data.refs import DatasetRef, write_parquet
+from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
+from sftflow.results import DedupResult
 
 REASONS: tuple[str, ...] = ("exact", "near", "semantic", "leak")
 REMOVED_COLUMNS: tuple[str, ...] = ("cluster_id", "kept_id", "matched_id", "reason", "similarity")
@@ -47,21 +48,6 @@ _PUNCT = re.compile(r"[^\w\s]")
 _WS = re.compile(r"\s+")
 _KEY_SEP = "\n\x1e\n"  # between prompt and response, so ("a", "bc") and ("ab", "c") differ
 _SAMPLE_PAIRS = 20
-
-
-@dataclass(frozen=True)
-class DedupResult:
-    """What the dedup stage hands on.
-
-    Attributes:
-        kept: rows that stay (same columns as the input).
-        removed: removed rows, with ``cluster_id``, ``kept_id``, ``matched_id``, ``reason``, ``similarity``.
-        report: path of the JSON report (also logged to MLflow).
-    """
-
-    kept: DatasetRef
-    removed: DatasetRef
-    report: str
 
 
 # --------------------------------------------------------------------------- keys
@@ -242,7 +228,7 @@ def _cluster(
 def _check_columns(df: pd.DataFrame, *, what: str) -> None:
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}; dedup needs canonical records (sftflow.records)")
+        raise ValueError(f"{what}: missing column(s) {missing}; dedup needs canonical records (sftflow.data.records)")
 
 
 def dedup(

@@ -4,15 +4,15 @@ Runs twice in the flow (``label="base"`` and ``label="tuned"``); the promotion s
 two results. For each evaluated set (the held-out split, plus any ``evaluation.extra_sets``):
 
 1. **Loss / perplexity** on the reference responses: every row is encoded with the training
-   formatting (``sftflow.formatting.encode_for_training``), so only assistant tokens (content +
+   formatting (``sftflow.inference.formatting.encode_for_training``), so only assistant tokens (content +
    end-of-turn) count, exactly as in training. The loss is the token-weighted mean over the set.
 2. **Generation**: the prompt (every turn before the last assistant turn) is formatted with
-   ``build_generation_prompt`` and answered with ``sftflow.generation.generate_batch`` (greedy by
+   ``build_generation_prompt`` and answered with ``sftflow.inference.generation.generate_batch`` (greedy by
    default, ``max_new_tokens`` bounded, batched). Metrics: ROUGE-L F1 against the reference
    (``rouge_score``), mean response length (new tokens and words), empty rate, runaway rate
    (generations that hit the token bound without an end-of-turn).
 3. **Judge** (optional): the logit-based 1-5 rubric scorer of self-curation
-   (``sftflow.generation.score_pairs``), run by one fixed judge model so base and tuned are scored
+   (``sftflow.inference.generation.score_pairs``), run by one fixed judge model so base and tuned are scored
    by the same judge.
 
 Per-row samples go to a Parquet file (``set, id, prompt, reference, output, rougeL, ...``) that the
@@ -39,10 +39,11 @@ from prefect import task
 
 from sftflow import layout
 from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
-from sftflow.orchestration import markdown_artifact, stage_cache_policy
-from sftflow.records import frame_to_records
-from sftflow.refs import DatasetRef, ModelRef, write_parquet
-from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy
+from sftflow.data.records import frame_to_records
+from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
+from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
+from sftflow.results import EvalResult
 
 HELDOUT_SET = "heldout"
 # Metric names computed for every set (extra sets get a "<set>/" prefix).
@@ -51,42 +52,6 @@ LOSS_METRICS = ("eval_loss", "perplexity", "eval_tokens")
 # Per-set logit memory budget for the loss pass: batches hold about this many logits (tokens x vocab),
 # so a 262k-vocab model (Gemma) gets ~1k-token batches and a 49k-vocab model ~5k-token batches.
 _LOGIT_BUDGET = 1 << 26  # logits floats per batch (256 MB fp32): bounds peak memory with a 262k vocab
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Outcome of one evaluation.
-
-    Attributes:
-        label: which model was evaluated (``base``, ``tuned``, ``champion``...).
-        metrics: ``(name, value)`` pairs, unprefixed (``rougeL``, ``eval_loss``; extra sets as
-            ``<set>/rougeL``); the task logs them as ``<label>/<name>``.
-        samples: per-row outputs (``set, id, prompt, reference, output, rougeL, ...``).
-        heldout_sha256: digest of the held-out set that was evaluated.
-        eval_key: digest of everything that makes two evaluations comparable (held-out digest,
-            extra sets, generation settings, template); the gate re-evaluates a champion whose
-            recorded key differs.
-    """
-
-    label: str
-    metrics: tuple[tuple[str, float], ...]
-    samples: DatasetRef
-    heldout_sha256: str = ""
-    eval_key: str = ""
-
-    def metrics_dict(self) -> dict[str, float]:
-        """``metrics`` as a dict."""
-        return dict(self.metrics)
-
-    def metric(self, name: str) -> float:
-        """One metric by name; accepts ``<label>/<name>`` too. Raises KeyError naming the known ones."""
-        d = self.metrics_dict()
-        if name in d:
-            return d[name]
-        prefix = f"{self.label}/"
-        if name.startswith(prefix) and name[len(prefix):] in d:
-            return d[name[len(prefix):]]
-        raise KeyError(f"metric {name!r} not in the {self.label} evaluation; known: {sorted(d)}")
 
 
 # --------------------------------------------------------------------------- pure metric helpers
@@ -239,7 +204,7 @@ def load_eval_set(spec: ExtraEvalSet, *, max_rows: int | None = None) -> list[di
     Raises:
         FileNotFoundError / ValueError naming the file (and row) when the set is unusable.
     """
-    from sftflow.records import record_id
+    from sftflow.data.records import record_id
 
     path = Path(spec.path)
     if not path.exists():
@@ -288,7 +253,7 @@ def heldout_loss(
     import torch
     import torch.nn.functional as F
 
-    from sftflow.formatting import encode_for_training
+    from sftflow.inference.formatting import encode_for_training
 
     encoded = []
     for msgs in conversations:
@@ -332,8 +297,8 @@ def heldout_loss(
 
 
 def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig):
-    from sftflow.formatting import build_generation_prompt, stop_token_ids
-    from sftflow.generation import generate_batch
+    from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
+    from sftflow.inference.generation import generate_batch
 
     ids = [list(build_generation_prompt(tokenizer, p, template=template)) for p in prompts]
     return generate_batch(
@@ -351,7 +316,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *
 
 def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None, max_seq_len: int) -> str:
     """Digest of what makes two evaluations comparable (data + generation settings + formatting)."""
-    from sftflow.refs import sha256_file, sha256_json
+    from sftflow.data.refs import sha256_file, sha256_json
 
     extra = []
     for s in cfg.extra_sets:
@@ -404,8 +369,8 @@ def evaluate(
     Returns:
         EvalResult with unprefixed metrics and the per-row samples.
     """
-    from sftflow.formatting import resolve_template
-    from sftflow.models import load_model
+    from sftflow.inference.formatting import resolve_template
+    from sftflow.inference.models import load_model
 
     t0 = time.monotonic()
     lm, tok = load_model(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
@@ -472,9 +437,9 @@ def _judge(
     lm: Any, tok: Any, trust_remote_code: bool,
 ) -> dict[str, float]:
     """Score every (prompt, output) with the rubric scorer; fills ``samples_df.judge`` in place."""
-    from sftflow.formatting import resolve_template
-    from sftflow.generation import score_pairs
-    from sftflow.models import load_model
+    from sftflow.inference.formatting import resolve_template
+    from sftflow.inference.generation import score_pairs
+    from sftflow.inference.models import load_model
 
     if lm is None:
         lm, tok = load_model(judge, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
@@ -498,13 +463,13 @@ def resolve_judge(cfg: EvaluationConfig, model: ModelRef, *, trust_remote_code: 
     """
     if not cfg.judge:
         return None
-    from sftflow.models import resolve_model
+    from sftflow.inference.models import resolve_model
 
     if cfg.judge_model:
         return resolve_model(cfg.judge_model, trust_remote_code=trust_remote_code)
     base = model.base or model.meta_dict().get("base_path") or model.meta_dict().get("base")
     if model.kind != "base" and base and Path(base).exists():
-        from sftflow.refs import sha256_dir
+        from sftflow.data.refs import sha256_dir
 
         return ModelRef(path=str(base), sha256=sha256_dir(base), kind="base", name=Path(base).name)
     return model

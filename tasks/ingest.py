@@ -1,7 +1,7 @@
 """Ingestion: raw instruction files → one canonical Parquet dataset + a quarantine Parquet.
 
 Reads every source of a pipeline (local file, glob, ``datasets.save_to_disk`` folder or hub id),
-converts each row of a known format into the canonical record (see ``sftflow.records``), and
+converts each row of a known format into the canonical record (see ``sftflow.data.records``), and
 mixes the sources by weight / cap. Nothing disappears silently:
 
 * a bad row (malformed JSON line, missing field, wrong type, duplicate key, JSON nested absurdly
@@ -59,17 +59,18 @@ from prefect import task
 
 from sftflow.errors import DataError
 from sftflow.config import IngestConfig, SourceConfig
-from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.records import is_blank, make_record, records_to_frame
-from sftflow.refs import DatasetRef, write_parquet
-from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.data.records import is_blank, make_record, records_to_frame
+from sftflow.data.refs import DatasetRef, write_parquet
+from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
+from sftflow.results import SourceCounts, SourceFile, IngestResult
 
 log = logging.getLogger(__name__)
 
 
 def _logger() -> Any:
     """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
-    from sftflow.orchestration import run_logger
+    from sftflow.ops.orchestration import run_logger
 
     return run_logger(__name__)
 
@@ -121,64 +122,6 @@ def retry_unless(*errors: type[BaseException]) -> Callable[[Any, Any, Any], bool
 
 
 # --------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class SourceCounts:
-    """Row accounting of one source: ``read = kept + quarantined``; ``kept = mixed + not_sampled``.
-
-    A Self-Instruct task with several instances counts one row per instance.
-    """
-
-    source: str
-    formats: str
-    files: int
-    read: int
-    kept: int
-    quarantined: int
-    mixed: int
-    not_sampled: int
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One file (or folder, or hub dataset) a source read, for lineage.
-
-    Attributes:
-        source: the source's name.
-        path: the file path (a hub id for a hub source).
-        sha256: sha256 of the exact bytes that were parsed (a folder: ``sha256_dir`` of it, taken
-            just before loading; a hub dataset: "" as no local bytes exist).
-        rows: rows read from it (quarantined ones included; a Self-Instruct task counts one per instance).
-    """
-
-    source: str
-    path: str
-    sha256: str
-    rows: int
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    """What ingestion wrote.
-
-    Attributes:
-        dataset: canonical records of every source, mixed (``ingest/dataset.parquet``).
-        quarantine: bad rows with reasons (``ingest/quarantine.parquet``; may have 0 rows).
-        counts: one ``SourceCounts`` per source, in config order.
-        files: one ``SourceFile`` (source, path, sha256 of the bytes parsed, rows) per file read,
-            in reading order: the digests lineage records are these, never a re-read.
-    """
-
-    dataset: DatasetRef
-    quarantine: DatasetRef
-    counts: tuple[SourceCounts, ...] = field(default_factory=tuple)
-    files: tuple[SourceFile, ...] = field(default_factory=tuple)
-
-    def mixture(self) -> dict[str, float]:
-        """Realised share of each source in the output dataset."""
-        total = sum(c.mixed for c in self.counts) or 1
-        return {c.source: c.mixed / total for c in self.counts}
-
-
 @dataclass
 class _Parsed:
     """One raw row of a file: either an object or a parse error, with its position and text."""
@@ -259,7 +202,7 @@ def read_file(path: Path, *, max_line_chars: int, split: str = "train") -> _File
         IngestError: the file is empty, unreadable, not of a known container, or not parseable as a whole.
     """
     if path.is_dir():
-        from sftflow.refs import sha256_dir
+        from sftflow.data.refs import sha256_dir
 
         digest = sha256_dir(path)
         return _FileRead(_read_saved_dataset(path, split=split), digest, tabular=True)

@@ -30,9 +30,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
-from sftflow.orchestration import IO_RETRIES, markdown_artifact, table_artifact
-from sftflow.refs import DatasetRef, ModelRef, sha256_dir
-from sftflow.tracking import StageContext, log_json, stage_run
+from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, table_artifact
+from sftflow.data.refs import DatasetRef, ModelRef, sha256_dir
+from sftflow.tracking.runs import StageContext, log_json, stage_run
+from sftflow.results import PromotionDecision
 from tasks.evaluate import EvalResult
 
 CHAMPION = "champion"
@@ -145,43 +146,6 @@ def decide(
         gain_base,
         gain_champ,
     )
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    """What the gate did, with its numbers (returned to the flow, recorded in MLflow).
-
-    Attributes:
-        promoted: the candidate version now holds ``champion``.
-        reason: the gate's sentence.
-        metric / direction / min_improvement: the configured gate.
-        base_value / tuned_value: the two evaluations' values.
-        champion_value: the previous champion's value on this held-out set (None: no champion).
-        champion_version: the previous champion's version ("" when none).
-        champion_reevaluated: the champion was evaluated again here (its held-out set differed).
-        registered_name / registered_version: the candidate model version.
-        deltas: tuned - base for every shared metric.
-    """
-
-    promoted: bool
-    reason: str
-    metric: str
-    direction: str
-    min_improvement: float
-    base_value: float
-    tuned_value: float
-    champion_value: float | None
-    champion_version: str
-    champion_reevaluated: bool
-    registered_name: str
-    registered_version: str
-    deltas: tuple[tuple[str, float], ...] = ()
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able dict (for the flow summary and ``promotion/decision.json``)."""
-        d = asdict(self)
-        d["deltas"] = dict(self.deltas)
-        return d
 
 
 def metric_name(cfg: PromotionConfig) -> str:
@@ -492,7 +456,7 @@ def promote_task(
 
         # Read champion -> compare -> move alias as one critical section per pipeline, so a manual
         # run and a scheduled run finishing together cannot both crown themselves.
-        from sftflow.services import pipeline_lock
+        from sftflow.ops.guards import pipeline_lock
 
         with pipeline_lock(ctx.pipeline, what="registry"):
             decision, champion_eval = promote(

@@ -1,6 +1,6 @@
 """Stage: provision the base model (embedded GGUF -> safetensors, tiny test model, local dir or hub id).
 
-A thin Prefect task over ``sftflow.models.resolve_model``. It is not cached by Prefect: the pull
+A thin Prefect task over ``sftflow.inference.models.resolve_model``. It is not cached by Prefect: the pull
 is idempotent (a completed ``$SFTFLOW_HOME/models/<name>/`` is reused after a manifest check that
 takes milliseconds), and re-resolving each run notices a deleted or changed model directory.
 Retries cover I/O failures (disk, hub); a missing package or an unknown name fails the same way
@@ -16,9 +16,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sftflow.models import resolve_model
-from sftflow.orchestration import IO_RETRIES, markdown_artifact
-from sftflow.refs import ModelRef
+from sftflow.inference.models import resolve_model
+from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact
+from sftflow.data.refs import ModelRef
 
 
 def provision(*, name: str, trust_remote_code: bool = False) -> ModelRef:

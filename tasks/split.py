@@ -29,10 +29,11 @@ from prefect import task
 
 from sftflow.config import DedupConfig, ExactDedupConfig, SplitConfig
 from sftflow.errors import DataError
-from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.records import prompt_text
-from sftflow.refs import DatasetRef, write_parquet
-from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.data.records import prompt_text
+from sftflow.data.refs import DatasetRef, write_parquet
+from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
+from sftflow.results import SplitResult
 from tasks.ingest import retry_unless
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def _logger() -> Any:
     """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
-    from sftflow.orchestration import run_logger
+    from sftflow.ops.orchestration import run_logger
 
     return run_logger(__name__)
 
@@ -49,29 +50,6 @@ class SplitError(DataError):
 
     A user error (``sftflow.errors.DataError``): the CLI prints it in one line and exits with 4.
     """
-
-
-@dataclass(frozen=True)
-class SplitResult:
-    """The two sides of the split.
-
-    Attributes:
-        train: training rows (``split/train.parquet``).
-        heldout: held-out rows (``split/heldout.parquet``).
-        leaks_moved: held-out rows that leaked into train (exact + near) and were moved or dropped.
-        leaks_exact: of those, rows whose normalized prompt equals a training prompt.
-        leaks_near: of those, near-duplicates found by MinHash.
-        dropped: rows removed (``cross_split: drop``), in ``split/leaks.parquet``.
-        report: path of ``split/report.json``.
-    """
-
-    train: DatasetRef
-    heldout: DatasetRef
-    leaks_moved: int
-    leaks_exact: int = 0
-    leaks_near: int = 0
-    dropped: int = 0
-    report: str = ""
 
 
 def normalize_prompt(text: str, cfg: ExactDedupConfig | None = None) -> str:

@@ -2,8 +2,8 @@
 
 One linear recipe, read top to bottom:
 
-1. **set up**: device, precision, threads, seed; the base model through ``sftflow.models``; peft
-   adapters; the data, tokenized once with the shared ``sftflow.formatting`` (loss on assistant
+1. **set up**: device, precision, threads, seed; the base model through ``sftflow.inference.models``; peft
+   adapters; the data, tokenized once with the shared ``sftflow.inference.formatting`` (loss on assistant
    turns only), over-long rows truncated or dropped (counted);
 2. **train**: length-grouped batches with dynamic padding (or packing with per-example attention
    isolation), AdamW + warmup + cosine/linear schedule, gradient accumulation, clipping; the LM
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from prefect import task
 
-from sftflow.cachekeys import (
+from sftflow.ops.cachekeys import (
     TAG_BASE_SHA256,
     TAG_CACHE_KEY,
     TAG_CODE_DIGEST,
@@ -60,11 +60,12 @@ from sftflow.cachekeys import (
     TAG_TRAIN_SHA256,
 )
 from sftflow.config import TrainingConfig, apply_overrides
-from sftflow.formatting import IGNORE_INDEX, encode_for_training, resolve_template
-from sftflow.orchestration import markdown_artifact, stage_cache_policy
-from sftflow.records import frame_to_records
-from sftflow.refs import DatasetRef, ModelRef, sha256_json
-from sftflow.tracking import StageContext, log_dataset, log_json, stage_run
+from sftflow.inference.formatting import IGNORE_INDEX, encode_for_training, resolve_template
+from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy
+from sftflow.data.records import frame_to_records
+from sftflow.data.refs import DatasetRef, ModelRef, sha256_json
+from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
+from sftflow.results import TrainResult
 
 log = logging.getLogger("sftflow.train")
 
@@ -108,18 +109,6 @@ class TrainOutput:
     def metrics_dict(self) -> dict[str, float]:
         """``metrics`` as a dict."""
         return dict(self.metrics)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What ``train_task`` returns to the flow (per ARCHITECTURE.md)."""
-
-    model: ModelRef
-    run_id: str
-    model_uri: str
-    registered_name: str
-    registered_version: str
-    metrics: tuple[tuple[str, float], ...]
 
 
 # ============================================================================ set-up helpers
@@ -179,7 +168,7 @@ def seed_everything(seed: int) -> None:
 
 def training_key(*, train: DatasetRef, heldout: DatasetRef | None, base: ModelRef,
                  cfg: TrainingConfig) -> tuple[str, dict[str, Any]]:
-    """Content key of one training job and what it covers (``sftflow.cachekeys``).
+    """Content key of one training job and what it covers (``sftflow.ops.cachekeys``).
 
     The bytes of the train/held-out Parquet files and of the base model's folder as they are on
     disk now, the config, the code this module runs (its import closure in the project) and the
@@ -188,7 +177,7 @@ def training_key(*, train: DatasetRef, heldout: DatasetRef | None, base: ModelRe
     Returns:
         ``(hex key, components)``.
     """
-    from sftflow.cachekeys import key_of, stage_key_components
+    from sftflow.ops.cachekeys import key_of, stage_key_components
 
     comps = stage_key_components({"train": train, "heldout": heldout, "base": base, "cfg": cfg},
                                  module=Path(__file__))
@@ -205,7 +194,7 @@ def _fingerprint(*, train: DatasetRef, heldout: DatasetRef | None, base: ModelRe
 
 def _load_base(base: ModelRef, cfg: TrainingConfig, *, device: torch.device, trust_remote_code: bool):
     """Load the base model in float32 (QLoRA: 4-bit on CUDA); an adapter base is merged first."""
-    from sftflow.models import load_model
+    from sftflow.inference.models import load_model
 
     if cfg.method == "qlora":
         if device.type != "cuda":
@@ -644,7 +633,7 @@ def train(
     Args:
         train: canonical training rows (``messages``); loss on assistant turns only.
         heldout: rows for the periodic eval loss and early stopping (None: no eval).
-        base: the model to fine-tune (``sftflow.models.resolve_model``).
+        base: the model to fine-tune (``sftflow.inference.models.resolve_model``).
         cfg: hyper-parameters (``pipelines.yaml`` ``training:``).
         out_dir: folder for checkpoints and outputs (e.g. the stage folder of the run).
         trust_remote_code: allow custom model code (only when the config asks).
@@ -969,7 +958,7 @@ def _finished_output(out_dir: Path, fingerprint: str) -> TrainOutput | None:
 def _save_outputs(model: Any, tokenizer: Any, *, base: ModelRef, cfg: TrainingConfig, out_dir: Path, template: str,
                   metrics: dict[str, float], state: dict[str, Any], fingerprint: str, resumed_from: int) -> TrainOutput:
     """Adapter, merged weights, tokenizer, model cards, loss curve, then ``train_output.json`` last."""
-    from sftflow.models import model_dir_digest
+    from sftflow.inference.models import model_dir_digest
 
     model.eval()
     meta = (("template", template), ("train_fingerprint", fingerprint))
@@ -1022,7 +1011,7 @@ Trained by sftflow's training stage (`tasks/train.py`).
 
 - base model: `{base.path}` (sha256 `{base.sha256[:16]}`)
 - method: **{cfg.method}**{lora}
-- prompt template: `{template}` (`sftflow.formatting`; loss on assistant turns only)
+- prompt template: `{template}` (`sftflow.inference.formatting`; loss on assistant turns only)
 - lr {learning_rate(cfg)} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio}), batch {cfg.batch_size} x accum {cfg.grad_accum},
   max_seq_len {cfg.max_seq_len} ({cfg.overlong}), packing {cfg.packing}, precision {cfg.precision}, seed {cfg.seed}
 
@@ -1035,8 +1024,8 @@ Trained by sftflow's training stage (`tasks/train.py`).
 ## Use
 
 ```python
-from sftflow.models import resolve_model, load_model
-from sftflow.formatting import build_generation_prompt, stop_token_ids
+from sftflow.inference.models import resolve_model, load_model
+from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
 model, tok = load_model(resolve_model("{path}"))
 ids = build_generation_prompt(tok, [{{"role": "user", "content": "Hi!"}}], template="{template}")
 ```
@@ -1074,7 +1063,7 @@ class SFTChatModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context):  # MLflow hook
-        from sftflow.models import load_model
+        from sftflow.inference.models import load_model
 
         cfg = context.model_config or {}
         kind = "adapter" if cfg.get("kind") == "adapter" else "merged"
@@ -1083,8 +1072,8 @@ class SFTChatModel(mlflow.pyfunc.PythonModel):
         self.template = cfg.get("template") or None
 
     def predict(self, context, model_input, params=None):  # MLflow hook
-        from sftflow.formatting import build_generation_prompt, resolve_template, stop_token_ids
-        from sftflow.generation import generate_batch
+        from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
+        from sftflow.inference.generation import generate_batch
 
         params = params or {}
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
@@ -1181,7 +1170,7 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
         # identical inputs from sharing it.
         from filelock import FileLock
 
-        from sftflow.cachekeys import current_stage_key, refresh_cache_requested
+        from sftflow.ops.cachekeys import current_stage_key, refresh_cache_requested
 
         key, comps = training_key(train=train, heldout=heldout, base=base, cfg=cfg)
         work_dir = ctx.layout.root.parent / "_train" / key[:16]
@@ -1269,8 +1258,8 @@ def _cli_config(pipeline: str | None, sets: list[str]) -> TrainingConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.train`` (also under torchrun / accelerate launch)."""
-    from sftflow.models import resolve_model
-    from sftflow.refs import sha256_file
+    from sftflow.inference.models import resolve_model
+    from sftflow.data.refs import sha256_file
 
     p = argparse.ArgumentParser(prog="python -m tasks.train", description=__doc__.split("\n")[0])
     p.add_argument("--train", required=True, help="canonical Parquet dataset (messages column)")

@@ -36,10 +36,11 @@ from prefect import task
 
 from sftflow.errors import DataError
 from sftflow.config import ValidationConfig
-from sftflow.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.records import COLUMNS, ORIGINS, ROLES, visible_text, with_optional_columns
-from sftflow.refs import DatasetRef, ModelRef, write_parquet
-from sftflow.tracking import StageContext, log_dataset, stage_run
+from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.data.records import COLUMNS, ORIGINS, ROLES, visible_text, with_optional_columns
+from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
+from sftflow.tracking.runs import StageContext, log_dataset, stage_run
+from sftflow.results import ValidateResult
 from tasks.ingest import RAW_PREVIEW_CHARS, quarantine_frame, retry_unless
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 def _logger() -> Any:
     """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
-    from sftflow.orchestration import run_logger
+    from sftflow.ops.orchestration import run_logger
 
     return run_logger(__name__)
 
@@ -65,23 +66,6 @@ _ROLE_LETTER = {"system": "S", "user": "U", "assistant": "A"}
 
 class ValidationFailed(DataError, RuntimeError):
     """The suite failed at table level or too many rows are bad; the message holds the GX summary."""
-
-
-@dataclass(frozen=True)
-class ValidateResult:
-    """What validation wrote.
-
-    Attributes:
-        valid: rows that passed every row-level expectation (canonical columns).
-        quarantine: rows that failed, with the failed expectation(s) as reason.
-        gx_result: path of the GX validation result JSON.
-        data_docs: path of the Data Docs ``index.html`` ("" when ``data_docs`` is off).
-    """
-
-    valid: DatasetRef
-    quarantine: DatasetRef
-    gx_result: str
-    data_docs: str
 
 
 # --------------------------------------------------------------------------- flattening
@@ -125,7 +109,7 @@ def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
     """Flatten canonical rows into the columns the suite checks (one output row per input row).
 
     Args:
-        df: canonical records (``sftflow.records.COLUMNS``); extra/missing columns are passed
+        df: canonical records (``sftflow.data.records.COLUMNS``); extra/missing columns are passed
             through as they are, so the schema expectation can see them.
         tokenizer: a transformers tokenizer; when given, ``n_tokens`` counts every turn's content
             tokens (no template), else it is NaN.
@@ -151,7 +135,7 @@ def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
             "n_turns": len(msgs),
             "role_pattern": "".join(_ROLE_LETTER[m["role"]] for m in msgs),
             # Visible characters only: whitespace, zero-width and other invisible characters do not
-            # make a turn non-empty (see ``sftflow.records.is_invisible``).
+            # make a turn non-empty (see ``sftflow.data.records.is_invisible``).
             "min_user_chars": min((len(visible_text(u)) for u in user), default=0),
             "min_assistant_chars": min((len(visible_text(a)) for a in asst), default=0),
             # NaN when there is no system turn: GX skips nulls, so only a present-but-blank one fails.

@@ -40,7 +40,7 @@ def stage_ctx(sftflow_home: Path):
     run, and run folder ``runs/test/r1``."""
     from mlflow.tracking import MlflowClient
 
-    from sftflow import tracking
+    from sftflow.tracking import runs as tracking
     from sftflow.layout import RunLayout
 
     uri = tracking.default_tracking_uri()

@@ -13,4 +13,4 @@ here="$(cd "$(dirname "$0")" && pwd)"
 PY="${PYTHON:-$here/../../.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 export SFTFLOW_HOME="${SFTFLOW_HOME:-$PWD/.sftflow}"
-exec "$PY" -m sftflow.services start --backend sqlite "$@"
+exec "$PY" -m sftflow.ops.services start --backend sqlite "$@"

@@ -6,4 +6,4 @@ here="$(cd "$(dirname "$0")" && pwd)"
 PY="${PYTHON:-$here/../../.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 export SFTFLOW_HOME="${SFTFLOW_HOME:-$PWD/.sftflow}"
-exec "$PY" -m sftflow.services stop "$@"
+exec "$PY" -m sftflow.ops.services stop "$@"

@@ -61,8 +61,7 @@ def _home(home: Path) -> Iterator[None]:
 def stack(request: pytest.FixtureRequest) -> Iterator[Running]:
     """A Prefect server + MLflow server on free loopback ports with the given backend store,
     under a fresh $SFTFLOW_HOME (PostgreSQL: a cluster initialised in it)."""
-    from sftflow import services
-
+    from sftflow.ops import services
     backend = request.param
     if backend == "postgres":
         try:

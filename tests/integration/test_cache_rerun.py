@@ -37,7 +37,7 @@ def _sha256(path: str | Path) -> str:
 def _run_cli(proj: Path, home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update({"SFTFLOW_HOME": str(home), "PYTHONPATH": str(proj)})
-    return subprocess.run([sys.executable, "-m", "sftflow.cli", *args], cwd=proj, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=proj, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -103,7 +103,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     edited_files = {Path(s["path"]).name: _sha256(s["path"]) for s in smoke["sources"]}
     unchanged = step()
     # Edit a helper that dedup imports and ingest/validate do not (a comment: same outputs).
-    with open(proj / "sftflow" / "minhash.py", "a") as f:
+    with open(proj / "sftflow" / "data" / "minhash.py", "a") as f:
         f.write("\n# edited by test_cache_rerun\n")
     code_edit = step()
     no_cache = step("--no-cache")
@@ -171,10 +171,10 @@ def test_unchanged_rerun_is_served_from_cache(scenario: dict[str, Any]) -> None:
 
 
 def test_code_edit_recomputes_the_stages_that_import_it(scenario: dict[str, Any]) -> None:
-    from sftflow.cachekeys import code_closure
+    from sftflow.ops.cachekeys import code_closure
 
     ce: Step = scenario["code_edit"]
-    edited = scenario["proj"] / "sftflow" / "minhash.py"
+    edited = scenario["proj"] / "sftflow" / "data" / "minhash.py"
     modules = {"ingest": "tasks.ingest", "validate": "tasks.validate", "dedup": "tasks.dedup", "split": "tasks.split",
                "train": "tasks.train", "evaluate-base": "tasks.evaluate", "evaluate-tuned": "tasks.evaluate"}
     importers = {s for s, m in modules.items() if edited in code_closure(m, root=scenario["proj"])}

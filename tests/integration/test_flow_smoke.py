@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def _run_cli(home: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["SFTFLOW_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "sftflow.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

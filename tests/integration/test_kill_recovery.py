@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow import processes
-
+from sftflow.ops import processes
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
@@ -40,7 +39,7 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _run_argv() -> list[str]:
-    argv = [sys.executable, "-m", "sftflow.cli", "run", "smoke"]
+    argv = [sys.executable, "-m", "flows.cli", "run", "smoke"]
     for o in OVERRIDES:
         argv += ["--set", o]
     return argv
@@ -150,14 +149,14 @@ def test_kill_9_mid_training_is_cleaned_up_by_the_next_run_which_resumes(tmp_pat
 
 _INIT_STORES = """
 import os, sys, time
-from sftflow.orchestration import configure_environment
+from sftflow.ops.orchestration import configure_environment
 configure_environment()
-from sftflow.recovery import guard_ephemeral_server
+from sftflow.ops.recovery import guard_ephemeral_server
 guard_ephemeral_server()
 go = sys.argv[1]
 while not os.path.exists(go):
     time.sleep(0.01)
-from sftflow import tracking
+from sftflow.tracking import runs as tracking
 uri = tracking.default_tracking_uri()
 exp = tracking.ensure_experiment("sftflow-smoke", uri=uri)
 from prefect import get_client

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prefect import flow
 
-from sftflow import services
+from sftflow.ops import guards, services
 from sftflow.config import load_pipelines
 from tests.integration.conftest import (
     REPO,
@@ -45,7 +45,7 @@ def sleepy_flow(pipeline: str = "demo", overrides: dict[str, Any] | None = None,
 
 def test_servers_answer_and_absent_ones_fail_clearly(stack) -> None:
     services.check_prefect_server(stack.prefect_api_url)
-    from sftflow.tracking import check_tracking_server
+    from sftflow.tracking.runs import check_tracking_server
 
     check_tracking_server(stack.mlflow_uri)
     dead = f"http://127.0.0.1:{services.free_port()}"
@@ -204,7 +204,7 @@ def _start_ui(home: Path, pp: int, mp_: int, *, sigint_ignored: bool = False):
     # sigint_ignored: what a process started from a non-interactive shell's background job
     # (`make test &`, CI runners) inherits; Ctrl-C / kill -INT must still stop `sftflow ui`.
     pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-    proc = subprocess.Popen([sys.executable, "-m", "sftflow.cli", "ui", "--prefect-port", str(pp),
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--prefect-port", str(pp),
                              "--mlflow-port", str(mp_)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=pre)
     lines: list[str] = []
@@ -218,7 +218,7 @@ def _start_ui(home: Path, pp: int, mp_: int, *, sigint_ignored: bool = False):
 
 
 def _alive_of(pids: list[int]) -> list[tuple[int, str]]:
-    from sftflow.processes import is_alive
+    from sftflow.ops.processes import is_alive
 
     out = []
     for p in pids:
@@ -239,7 +239,7 @@ def test_sftflow_ui_prints_both_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path)
     import signal
     import subprocess
 
-    from sftflow.processes import descendants, terminate_tree
+    from sftflow.ops.processes import descendants, terminate_tree
 
     home = tmp_path / "home"
     pp, mp_ = services.free_port(), services.free_port()
@@ -276,7 +276,7 @@ def test_sftflow_ui_killed_with_kill_9_leaves_no_server_behind(tmp_path: Path) -
     import os
     import signal
 
-    from sftflow.processes import descendants, terminate_tree
+    from sftflow.ops.processes import descendants, terminate_tree
 
     home = tmp_path / "home"
     pp, mp_ = services.free_port(), services.free_port()
@@ -309,7 +309,7 @@ def test_postgres_password_is_in_no_command_line_file_or_message(stack) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from sftflow.tracking import mask_uri
+    from sftflow.tracking.runs import mask_uri
 
     pg = stack.stack.postgres
     secret = pg.password
@@ -340,5 +340,5 @@ def test_postgres_password_is_in_no_command_line_file_or_message(stack) -> None:
     assert MlflowClient(tracking_uri=uri).search_experiments(max_results=5) is not None
     assert secret not in mask_uri(uri) and f"{pg.user}:***@" in mask_uri(uri)
     smoke = load_pipelines(REPO / "pipelines.yaml")["smoke"]
-    unchanged, why = services.sources_unchanged(smoke, pipeline="no-such-pipeline", tracking_uri=uri)
+    unchanged, why = guards.sources_unchanged(smoke, pipeline="no-such-pipeline", tracking_uri=uri)
     assert not unchanged and secret not in why and "***" in why

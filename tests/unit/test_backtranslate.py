@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, TrainingConfig
-from sftflow.records import frame_to_records, make_record, records_to_frame
-from sftflow.refs import write_parquet
+from sftflow.data.records import frame_to_records, make_record, records_to_frame
+from sftflow.data.refs import write_parquet
 from tasks.backtranslate import (
     BELOW,
     FILTERED,
@@ -245,7 +245,7 @@ def test_accounting_identities_and_unknown_status():
 # --------------------------------------------------------------------------- end to end (tiny model, real training)
 @pytest.mark.parametrize("threshold,iterations", [(1.0, 2), (5.0, 1)])
 def test_backtranslate_end_to_end_tiny(sftflow_home: Path, shared_data: Path, threshold: float, iterations: int):
-    from sftflow.models import build_tiny_model
+    from sftflow.inference.models import build_tiny_model
 
     base = build_tiny_model("tiny-gemma")
     leads = json.loads((shared_data / "unlabeled" / "wikipedia_leads_10033.json").read_text())
@@ -289,7 +289,7 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
     import mlflow
     from mlflow import MlflowClient
 
-    from sftflow.models import build_tiny_model
+    from sftflow.inference.models import build_tiny_model
     from tasks.backtranslate import AugmentResult, backtranslate_task
 
     base = build_tiny_model("tiny-chatml")

@@ -1,4 +1,4 @@
-"""Content-addressed cache keys (sftflow.cachekeys): data bytes, model folders, code closure, libraries.
+"""Content-addressed cache keys (sftflow.ops.cachekeys): data bytes, model folders, code closure, libraries.
 
 Real files throughout; the last test runs a real Prefect flow (ephemeral server, SQLite under a
 tmp $SFTFLOW_HOME) in a subprocess to check that the policy decides what Prefect serves from cache.
@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow import cachekeys as ck
+from sftflow.ops import cachekeys as ck
 from sftflow.config import AugmentationConfig, CorpusConfig, DedupConfig, EvaluationConfig, ExtraEvalSet, SourceConfig
-from sftflow.refs import DatasetRef, ModelRef, sha256_file, write_parquet
+from sftflow.data.refs import DatasetRef, ModelRef, sha256_file, write_parquet
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,18 +186,18 @@ def test_code_closure_is_per_stage(project_copy: Path) -> None:
     root = project_copy
     dedup = set(ck.code_closure("tasks.dedup", root=root))
     ingest = set(ck.code_closure("tasks.ingest", root=root))
-    assert root / "sftflow" / "minhash.py" in dedup and root / "sftflow" / "minhash.py" not in ingest
+    assert root / "sftflow" / "data" / "minhash.py" in dedup and root / "sftflow" / "data" / "minhash.py" not in ingest
     assert root / "tasks" / "__init__.py" in ingest and root / "sftflow" / "__init__.py" in ingest
 
     d0, i0 = ck.code_digest("tasks.dedup", root=root), ck.code_digest("tasks.ingest", root=root)
     assert ck.code_digest("tasks.dedup", root=root) == d0  # nothing changed
     # a helper only dedup imports: dedup's code key changes, ingest's does not
-    with open(root / "sftflow" / "minhash.py", "a") as f:
+    with open(root / "sftflow" / "data" / "minhash.py", "a") as f:
         f.write("\n# edited\n")
     d1, i1 = ck.code_digest("tasks.dedup", root=root), ck.code_digest("tasks.ingest", root=root)
     assert d1["digest"] != d0["digest"] and i1["digest"] == i0["digest"]
-    # a helper both import (sftflow/refs.py): both change
-    with open(root / "sftflow" / "refs.py", "a") as f:
+    # a helper both import (sftflow/data/refs.py): both change
+    with open(root / "sftflow" / "data" / "refs.py", "a") as f:
         f.write("\n# edited\n")
     assert ck.code_digest("tasks.dedup", root=root)["digest"] != d1["digest"]
     assert ck.code_digest("tasks.ingest", root=root)["digest"] != i1["digest"]
@@ -221,12 +221,12 @@ def test_stage_components_of_a_task_function_use_its_module() -> None:
     from tasks.dedup import dedup_task
 
     comps = ck.stage_key_components({"cfg": DedupConfig()}, fn=dedup_task.fn)
-    assert "tasks/dedup.py" in comps["code"]["files"] and "sftflow/minhash.py" in comps["code"]["files"]
+    assert "tasks/dedup.py" in comps["code"]["files"] and "sftflow/data/minhash.py" in comps["code"]["files"]
     assert comps["code"] == ck.code_digest("tasks.dedup")
 
 
 def test_orchestration_policy_is_the_content_policy() -> None:
-    from sftflow.orchestration import stage_cache_policy
+    from sftflow.ops.orchestration import stage_cache_policy
 
     pol = stage_cache_policy()
     from prefect.cache_policies import CachePolicy
@@ -235,12 +235,12 @@ def test_orchestration_policy_is_the_content_policy() -> None:
     assert (pol - "stage").exclude == ["ctx", "stage"]
     import pickle
 
-    assert pickle.loads(pickle.dumps(pol)) == pol  # by reference: sftflow.cachekeys.StageCachePolicy
+    assert pickle.loads(pickle.dumps(pol)) == pol  # by reference: sftflow.ops.cachekeys.StageCachePolicy
 
 
 def test_importing_cachekeys_does_not_import_prefect() -> None:
     # Prefect freezes its settings at import; configure_environment must be able to run first.
-    code = "import sys, sftflow.cachekeys, sftflow.orchestration; print('prefect' in sys.modules)"
+    code = "import sys, sftflow.ops.cachekeys, sftflow.ops.orchestration; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -256,14 +256,14 @@ _FLOW_SCRIPT = '''
 import json, os, sys
 from pathlib import Path
 
-from sftflow.orchestration import configure_environment
+from sftflow.ops.orchestration import configure_environment
 
 configure_environment()
 from prefect import flow, task
 
-from sftflow.cachekeys import current_stage_key
-from sftflow.orchestration import stage_cache_policy
-from sftflow.refs import DatasetRef
+from sftflow.ops.cachekeys import current_stage_key
+from sftflow.ops.orchestration import stage_cache_policy
+from sftflow.data.refs import DatasetRef
 
 LOG = Path(sys.argv[1])
 
@@ -335,7 +335,7 @@ def test_prefect_serves_cache_only_for_unchanged_bytes(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the training work folder
 def _chat_rows(n: int, offset: int = 0) -> pd.DataFrame:
-    from sftflow.records import make_record, records_to_frame
+    from sftflow.data.records import make_record, records_to_frame
 
     return records_to_frame([make_record([{"role": "user", "content": f"What is {i} plus {i}?"},
                                           {"role": "assistant", "content": f"The answer is {2 * i}."}],
@@ -349,7 +349,7 @@ def test_train_work_dir_keyed_by_content_and_no_cache_retrains(sftflow_home: Pat
     import mlflow
 
     from sftflow.config import TrainingConfig
-    from sftflow.models import build_tiny_model
+    from sftflow.inference.models import build_tiny_model
     from tasks.train import OUTPUT_FILE, train_task
 
     monkeypatch.delenv("PREFECT_TASKS_REFRESH_CACHE", raising=False)

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from sftflow import errors
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +32,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 def _cli(cwd: Path, home: Path, *args: str, timeout: int = 120, pre: list[str] | None = None,
          **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*(pre or []), sys.executable, "-m", "sftflow.cli", *args], cwd=cwd, env=_env(home, **env),
+    return subprocess.run([*(pre or []), sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=_env(home, **env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -163,7 +162,7 @@ def test_read_only_home_is_refused_up_front() -> None:
 
 def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(tmp_path: Path) -> None:
     # A real bug in a command (here: injected into validate-config), through the real entry point.
-    code = ("import sys, sftflow.cli as c\n"
+    code = ("import sys, flows.cli as c\n"
             "def boom(args): return 1 // 0\n"
             "c.COMMANDS['validate-config'] = boom\n"
             "sys.exit(c.main(sys.argv[1:]))\n")
@@ -220,13 +219,11 @@ def test_validate_config_of_the_repo_passes_and_creates_nothing(tmp_path: Path) 
 def test_user_errors_are_found_inside_wrappers() -> None:
     from sftflow.config import ConfigError
 
-    class IngestLike(ValueError):
-        pass
+    from tasks.ingest import IngestError
 
-    IngestLike.__module__, IngestLike.__qualname__ = "tasks.ingest", "IngestError"  # a pre-UserError class
     try:
         try:
-            raise IngestLike("data.json: not valid JSON at line 2 column 3")
+            raise IngestError("data.json: not valid JSON at line 2 column 3")
         except ValueError as inner:
             raise RuntimeError("task failed") from inner
     except RuntimeError as outer:

@@ -1,4 +1,4 @@
-"""Dedup stage (tasks/dedup.py) and its MinHash-LSH engine (sftflow/minhash.py)."""
+"""Dedup stage (tasks/dedup.py) and its MinHash-LSH engine (sftflow/data/minhash.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from sftflow.config import DedupConfig, NearDedupConfig
-from sftflow.minhash import (
+from sftflow.data.minhash import (
     LSHParams,
     Shingler,
     connected_components,
@@ -20,7 +20,7 @@ from sftflow.minhash import (
     lsh_probability,
     optimal_bands_rows,
 )
-from sftflow.records import make_record, records_to_frame
+from sftflow.data.records import make_record, records_to_frame
 from tasks.dedup import REMOVED_COLUMNS, dedup, find_cross_duplicates
 
 WORDS = (
@@ -266,9 +266,9 @@ def test_disabled_and_bad_input():
 def test_dedup_task_writes_audit_trail(sftflow_home: Path):
     import mlflow
 
-    from sftflow import tracking
+    from sftflow.tracking import runs as tracking
     from sftflow.layout import STAGE_DONE_MARKER, RunLayout
-    from sftflow.refs import write_parquet
+    from sftflow.data.refs import write_parquet
     from tasks.dedup import dedup_task
 
     uri = tracking.default_tracking_uri()

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
-from sftflow.records import make_record, records_to_frame
-from sftflow.refs import write_parquet
+from sftflow.data.records import make_record, records_to_frame
+from sftflow.data.refs import write_parquet
 from tasks.evaluate import (
     EvalResult,
     eval_key,
@@ -110,7 +110,7 @@ def test_load_eval_set_names_file_and_rows(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- model passes (tiny model)
 @pytest.fixture()
 def tiny(sftflow_home: Path):
-    from sftflow.models import build_tiny_model
+    from sftflow.inference.models import build_tiny_model
 
     return build_tiny_model("tiny-gemma")
 
@@ -127,8 +127,8 @@ def _heldout(tmp: Path, n: int = 4):
 def test_heldout_loss_matches_transformers_loss(tiny) -> None:
     import torch
 
-    from sftflow.formatting import encode_for_training, resolve_template
-    from sftflow.models import load_model
+    from sftflow.inference.formatting import encode_for_training, resolve_template
+    from sftflow.inference.models import load_model
 
     model, tok = load_model(tiny)
     tmpl = resolve_template(tok, None)

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sftflow.formatting import build_generation_prompt, resolve_template, stop_token_ids
-from sftflow.generation import (
+from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
+from sftflow.inference.generation import (
     DEFAULT_RUBRIC,
     Generated,
     _length_sorted_batches,
@@ -19,7 +19,7 @@ from sftflow.generation import (
     score_pairs,
     score_token_ids,
 )
-from sftflow.models import build_tiny_model, load_model
+from sftflow.inference.models import build_tiny_model, load_model
 
 QUESTIONS = [
     "What is the capital of France?",

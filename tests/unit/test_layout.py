@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from sftflow import layout
-from sftflow.records import make_record, record_id, records_to_frame
-from sftflow.refs import sha256_file, write_parquet
+from sftflow.data.records import make_record, record_id, records_to_frame
+from sftflow.data.refs import sha256_file, write_parquet
 
 
 def test_paths_derive_from_home(sftflow_home: Path) -> None:

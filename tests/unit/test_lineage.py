@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from sftflow.config import PipelineConfig, SourceConfig
-from sftflow.lineage import LineageError, format_lineage, lineage, parse_spec
-from sftflow.records import make_record, records_to_frame
-from sftflow.refs import write_parquet
+from sftflow.tracking.lineage import LineageError, format_lineage, lineage, parse_spec
+from sftflow.data.records import make_record, records_to_frame
+from sftflow.data.refs import write_parquet
 
 
 def test_parse_spec() -> None:
@@ -30,7 +30,7 @@ def pipeline_run(sftflow_home: Path, tmp_path: Path) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from sftflow.tracking import StageContext, end_pipeline_run, log_dataset, log_json, stage_run, start_pipeline_run
+    from sftflow.tracking.runs import StageContext, end_pipeline_run, log_dataset, log_json, stage_run, start_pipeline_run
 
     src = tmp_path / "src.json"
     src.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "Hi"}]))
@@ -126,12 +126,12 @@ def test_lineage_errors_name_what_is_missing(pipeline_run: dict) -> None:
 def test_lineage_of_version_without_pipeline(sftflow_home: Path) -> None:
     from mlflow import MlflowClient
 
-    from sftflow.tracking import configure, resolve_tracking_uri
+    from sftflow.tracking.runs import configure, resolve_tracking_uri
 
     uri = resolve_tracking_uri()
     configure(uri)
     client = MlflowClient(uri)
-    from sftflow.tracking import ensure_experiment
+    from sftflow.tracking.runs import ensure_experiment
 
     run = client.create_run(ensure_experiment("solo", uri=uri))
     client.create_registered_model("solo")
@@ -164,10 +164,10 @@ def test_lineage_digests_equal_sha256_of_the_files_read(sftflow_home: Path, tmp_
     reports equals hashlib.sha256 of the file's bytes (sources, train/held-out Parquet, base model)."""
     import shutil
 
-    from sftflow.cachekeys import dir_digest
+    from sftflow.ops.cachekeys import dir_digest
     from sftflow.config import DedupConfig, IngestConfig, SplitConfig, TrainingConfig
-    from sftflow.models import build_tiny_model
-    from sftflow.tracking import end_pipeline_run, sources_digest, start_pipeline_run
+    from sftflow.inference.models import build_tiny_model
+    from sftflow.tracking.runs import end_pipeline_run, sources_digest, start_pipeline_run
     from tasks.ingest import ingest_task
     from tasks.split import split_task
     from tasks.train import train_task

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from sftflow.config import DedupConfig, IngestConfig, SourceConfig, SplitConfig, ValidationConfig
-from sftflow.records import is_blank, make_record, records_to_frame, visible_text
-from sftflow.refs import write_parquet
+from sftflow.data.records import is_blank, make_record, records_to_frame, visible_text
+from sftflow.data.refs import write_parquet
 from tasks.ingest import MAX_JSON_DEPTH, IngestError, ingest
 from tasks.validate import validate
 

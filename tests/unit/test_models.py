@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sftflow import layout
-from sftflow.models import (
+from sftflow.inference.models import (
     DONE_MARKER,
     EMBEDDED_MODELS,
     MANIFEST,
@@ -31,7 +31,7 @@ from sftflow.models import (
     pull_model,
     resolve_model,
 )
-from sftflow.refs import ModelRef
+from sftflow.data.refs import ModelRef
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -122,7 +122,7 @@ def test_second_build_reuses_dir_and_rebuilds_incomplete(sftflow_home: Path) -> 
 
 
 def test_concurrent_build_keeps_the_first_complete_dir(sftflow_home: Path) -> None:
-    import sftflow.models as models
+    import sftflow.inference.models as models
 
     out = layout.models_dir() / "tiny-gemma"
 
@@ -161,7 +161,7 @@ def test_resolve_names_and_local_dir(sftflow_home: Path, tmp_path: Path) -> None
 
 
 def test_big_dir_digest_is_stat_based(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sftflow.models as models
+    import sftflow.inference.models as models
 
     d = tmp_path / "big"
     d.mkdir()
@@ -287,7 +287,7 @@ def test_load_model_dtype_and_missing_dir(sftflow_home: Path) -> None:
 
 def test_provision_task(sftflow_home: Path) -> None:
     # The task body runs without a Prefect server here (the flow runs it in tests/integration).
-    from sftflow.orchestration import IO_RETRIES
+    from sftflow.ops.orchestration import IO_RETRIES
     from tasks.provision import provision_task
 
     assert provision_task.name == "provision"

@@ -12,7 +12,7 @@ import pytest
 
 from sftflow.config import ConfigError, load_pipelines
 from sftflow.errors import EXIT_CONFIG, EXIT_HOME, HomeError
-from sftflow.preflight import EVAL_METRICS, check_home, count_file_rows, mixture_bound, preflight, source_rows
+from sftflow.ops.preflight import EVAL_METRICS, check_home, count_file_rows, mixture_bound, preflight, source_rows
 
 REPO = Path(__file__).resolve().parents[2]
 

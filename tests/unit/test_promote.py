@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
-from sftflow.records import make_record, records_to_frame
-from sftflow.refs import write_parquet
+from sftflow.data.records import make_record, records_to_frame
+from sftflow.data.refs import write_parquet
 from tasks.evaluate import EvalResult
 from tasks.promote import (
     CHAMPION,
@@ -104,7 +104,7 @@ def _register(client, name: str, *, model_path: str = "") -> str:
         client.create_registered_model(name)
     except MlflowException:
         pass
-    from sftflow.tracking import ensure_experiment, resolve_tracking_uri
+    from sftflow.tracking.runs import ensure_experiment, resolve_tracking_uri
 
     exp = ensure_experiment("sftflow-registry-test", uri=resolve_tracking_uri())
     run = client.create_run(exp, tags={"sftflow.model_path": model_path} if model_path else None)
@@ -117,7 +117,7 @@ def _register(client, name: str, *, model_path: str = "") -> str:
 def client(sftflow_home: Path):
     from mlflow import MlflowClient
 
-    from sftflow.tracking import configure, resolve_tracking_uri
+    from sftflow.tracking.runs import configure, resolve_tracking_uri
 
     uri = resolve_tracking_uri()
     configure(uri)
@@ -186,12 +186,12 @@ def test_gate_without_registered_version(tmp_path: Path) -> None:
 
 def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tmp_path: Path) -> None:
     """The champion's recorded eval key differs: it is loaded offline and evaluated on this held-out set."""
-    from sftflow.models import build_tiny_model
+    from sftflow.inference.models import build_tiny_model
     from tasks.evaluate import eval_key
 
     import mlflow
 
-    from sftflow.refs import ModelRef
+    from sftflow.data.refs import ModelRef
     from tasks.promote import model_version_ref
     from tasks.train import TrainOutput, log_model
 
@@ -201,7 +201,7 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
     merged = ModelRef(path=tiny.path, sha256=tiny.sha256, kind="merged", name="tiny")
     out = TrainOutput(model=merged, adapter=None, merged=merged, metrics=(("train_loss", 1.0),),
                       out_dir=str(tmp_path), loss_curve="", template="gemma")
-    from sftflow.tracking import ensure_experiment, resolve_tracking_uri
+    from sftflow.tracking.runs import ensure_experiment, resolve_tracking_uri
 
     # An experiment of ours: its artifacts live under $SFTFLOW_HOME (Default's would go to ./mlruns).
     exp = ensure_experiment("sftflow-reeval", uri=resolve_tracking_uri())
@@ -246,7 +246,7 @@ class _Train:
 def test_promote_task_records_table_deltas_and_decision(client, sftflow_home: Path, tmp_path: Path) -> None:
     import mlflow
 
-    from sftflow.tracking import StageContext, ensure_experiment, resolve_tracking_uri
+    from sftflow.tracking.runs import StageContext, ensure_experiment, resolve_tracking_uri
     from tasks.promote import promote_task
 
     uri = resolve_tracking_uri()

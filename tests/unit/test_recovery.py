@@ -21,8 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from sftflow import processes, recovery, services, tracking
+from sftflow.ops import processes
 
+from sftflow.ops import recovery
+
+from sftflow.ops import services
+
+from sftflow.tracking import runs as tracking
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -189,7 +194,7 @@ def test_die_with_parent_kills_the_child_when_the_parent_is_killed_not_when_a_th
     # child must survive that thread's end, then die with the parent's kill -9.
     code = (
         "import subprocess,sys,threading,time\n"
-        "from sftflow.processes import call_in_lifetime_thread, die_with_parent\n"
+        "from sftflow.ops.processes import call_in_lifetime_thread, die_with_parent\n"
         "def spawn():\n"
         "    argv = die_with_parent([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
         "    p = call_in_lifetime_thread(lambda: subprocess.Popen(argv, start_new_session=True))\n"
@@ -211,7 +216,8 @@ def test_die_with_parent_kills_the_child_when_the_parent_is_killed_not_when_a_th
 _ORPHAN = """
 import json, os, sys, time
 from mlflow.tracking import MlflowClient
-from sftflow import tracking, recovery
+from sftflow.tracking import runs as tracking
+from sftflow.ops import recovery
 uri = tracking.default_tracking_uri()
 exp = tracking.ensure_experiment("sftflow-orphan", uri=uri)
 c = MlflowClient(uri)
@@ -304,7 +310,7 @@ import os, sys, time
 go = sys.argv[1]
 while not os.path.exists(go):
     time.sleep(0.01)
-from sftflow import tracking
+from sftflow.tracking import runs as tracking
 uri = tracking.default_tracking_uri()
 print(tracking.ensure_experiment("sftflow-first", uri=uri))
 from mlflow.tracking import MlflowClient

@@ -1,4 +1,4 @@
-"""Fast checks of sftflow.services and flows.serve: no servers started (those are in
+"""Fast checks of sftflow.ops.services and flows.serve: no servers started (those are in
 tests/integration/test_services.py).
 
 "Skip if unchanged" runs against a real MLflow SQLite store; the per-pipeline lock against real
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftflow import services
+from sftflow.ops import guards, services
 from sftflow.config import config_hash, resolve_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +106,7 @@ def _write_pipeline(tmp: Path, *, rows: int = 3, lr: float = 1e-3) -> Path:
 def _record_run(uri: str, cfg, *, status: str = "FINISHED", pipeline: str = "p") -> str:
     from mlflow.tracking import MlflowClient
 
-    from sftflow.tracking import end_pipeline_run, start_pipeline_run
+    from sftflow.tracking.runs import end_pipeline_run, start_pipeline_run
 
     ctx = start_pipeline_run(cfg, pipeline=pipeline, run_id=f"r{time.time_ns()}", run_dir=Path("/nonexistent"))
     end_pipeline_run(ctx, status=status)
@@ -115,36 +115,36 @@ def _record_run(uri: str, cfg, *, status: str = "FINISHED", pipeline: str = "p")
 
 
 def test_sources_unchanged_compares_digest_and_config_of_last_success(sftflow_home: Path, tmp_path: Path) -> None:
-    from sftflow.tracking import default_tracking_uri
+    from sftflow.tracking.runs import default_tracking_uri
 
     uri = default_tracking_uri()
     pfile = _write_pipeline(tmp_path)
     cfg = resolve_pipeline("p", path=pfile)
 
-    unchanged, why = services.sources_unchanged(cfg, pipeline="p", tracking_uri=uri)
+    unchanged, why = guards.sources_unchanged(cfg, pipeline="p", tracking_uri=uri)
     assert not unchanged and "no earlier successful run" in why
 
     # A failed run does not count as the last success.
     _record_run(uri, cfg, status="FAILED")
-    assert services.sources_unchanged(cfg, pipeline="p", tracking_uri=uri)[0] is False
+    assert guards.sources_unchanged(cfg, pipeline="p", tracking_uri=uri)[0] is False
 
     run_id = _record_run(uri, cfg)
-    unchanged, why = services.sources_unchanged(cfg, pipeline="p", tracking_uri=uri)
+    unchanged, why = guards.sources_unchanged(cfg, pipeline="p", tracking_uri=uri)
     assert unchanged and run_id in why and "unchanged" in why
 
     # Another pipeline's history is not ours.
-    assert services.sources_unchanged(cfg, pipeline="other", tracking_uri=uri)[0] is False
+    assert guards.sources_unchanged(cfg, pipeline="other", tracking_uri=uri)[0] is False
 
     # A changed config retrains even on the same data.
     cfg_lr = resolve_pipeline("p", path=pfile, overrides={"training.learning_rate": 5e-4})
     assert config_hash(cfg_lr) != config_hash(cfg)
-    unchanged, why = services.sources_unchanged(cfg_lr, pipeline="p", tracking_uri=uri)
+    unchanged, why = guards.sources_unchanged(cfg_lr, pipeline="p", tracking_uri=uri)
     assert not unchanged and "config changed" in why
 
     # New source rows retrain.
     _write_pipeline(tmp_path, rows=4)
     cfg2 = resolve_pipeline("p", path=pfile)
-    unchanged, why = services.sources_unchanged(cfg2, pipeline="p", tracking_uri=uri)
+    unchanged, why = guards.sources_unchanged(cfg2, pipeline="p", tracking_uri=uri)
     assert not unchanged and "source data changed" in why and run_id in why
 
 
@@ -152,13 +152,13 @@ def test_sources_unchanged_with_unreachable_server_names_the_uri(tmp_path: Path)
     cfg = resolve_pipeline("p", path=_write_pipeline(tmp_path))
     dead = f"http://127.0.0.1:{services.free_port()}"
     with pytest.raises(RuntimeError, match=f"MLflow tracking server {dead} is unreachable"):
-        services.sources_unchanged(cfg, pipeline="p", tracking_uri=dead)
+        guards.sources_unchanged(cfg, pipeline="p", tracking_uri=dead)
 
 
 # --------------------------------------------------------------------------- concurrency
 def _hold_lock(home: str, pipeline: str, log: str, hold: float) -> None:
     os.environ["SFTFLOW_HOME"] = home
-    with services.pipeline_lock(pipeline, timeout=30):
+    with guards.pipeline_lock(pipeline, timeout=30):
         with open(log, "a") as f:
             f.write(f"enter {time.monotonic()}\n")
         time.sleep(hold)
@@ -180,9 +180,9 @@ def test_pipeline_lock_serialises_processes_of_one_pipeline(sftflow_home: Path, 
 
 
 def test_pipeline_lock_is_per_pipeline_and_times_out_clearly(sftflow_home: Path) -> None:
-    with services.pipeline_lock("demo") as path:
+    with guards.pipeline_lock("demo") as path:
         assert path.is_relative_to(sftflow_home)
-        with services.pipeline_lock("smoke", timeout=1):  # another pipeline: free
+        with guards.pipeline_lock("smoke", timeout=1):  # another pipeline: free
             pass
         ctx = mp.get_context("spawn")
         p = ctx.Process(target=_try_lock, args=(str(sftflow_home), "demo"))
@@ -194,7 +194,7 @@ def test_pipeline_lock_is_per_pipeline_and_times_out_clearly(sftflow_home: Path)
 def _try_lock(home: str, pipeline: str) -> None:
     os.environ["SFTFLOW_HOME"] = home
     try:
-        with services.pipeline_lock(pipeline, timeout=0.5):
+        with guards.pipeline_lock(pipeline, timeout=0.5):
             raise SystemExit(0)
     except TimeoutError as e:
         raise SystemExit(7 if pipeline in str(e) and ".lock" in str(e) else 1) from None

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from sftflow.config import DedupConfig, SplitConfig
-from sftflow.records import make_record, prompt_text, records_to_frame
-from sftflow.refs import write_parquet
+from sftflow.data.records import make_record, prompt_text, records_to_frame
+from sftflow.data.refs import write_parquet
 from tasks.split import SplitError, heldout_count, normalize_prompt, split, split_task
 
 NO_NEAR = DedupConfig(near={"enabled": False})

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from sftflow.config import IngestConfig, SourceConfig, ValidationConfig
-from sftflow.records import make_record, records_to_frame
-from sftflow.refs import write_parquet
+from sftflow.data.records import make_record, records_to_frame
+from sftflow.data.refs import write_parquet
 from tasks.ingest import QUARANTINE_COLUMNS, ingest
 from tasks.validate import SOURCE_PATTERN, ValidationFailed, derive_frame, validate, validate_task
 
@@ -96,7 +96,7 @@ def test_derive_frame_flags_malformed_messages_and_types() -> None:
 
 
 def test_token_bound_uses_the_tokenizer(sftflow_home: Path, tmp_path: Path) -> None:
-    from sftflow.models import build_tiny_model
+    from sftflow.inference.models import build_tiny_model
     from tasks.validate import load_tokenizer
 
     tok = load_tokenizer(build_tiny_model("tiny-gemma"))

@@ -12,7 +12,7 @@ skipped and the stages report what they find.
 Run it::
 
     from sftflow.config import resolve_pipeline
-    from sftflow.preflight import preflight
+    from sftflow.ops.preflight import preflight
     warnings = preflight(resolve_pipeline("smoke"), pipeline="smoke")   # raises ConfigError
 
 ``sftflow run`` and ``sftflow validate-config`` call it; so does the flow (runs started from the

@@ -8,12 +8,12 @@ What this module gives:
   and URL written to ``$SFTFLOW_HOME/services/<name>.json`` and its log to ``<name>.log``; ``stop_stack``
   ends exactly those processes and everything below them (SIGTERM, SIGKILL after a grace period,
   bounded in time), nothing else. ``infra/local`` and ``infra/postgres`` are thin shell wrappers
-  over ``python -m sftflow.services``. The PostgreSQL password reaches the servers as
+  over ``python -m sftflow.ops.services``. The PostgreSQL password reaches the servers as
   ``PGPASSWORD`` in their environment, never in a command line.
 * ``run_ui()``: ``sftflow ui`` -- both servers in the foreground, URLs printed, stopped on Ctrl-C
   (also when started with SIGINT ignored), and killed with it if it is killed.
 * ``check_prefect_server(url)``: fail fast with one clear message when the Prefect API is down
-  (MLflow's equivalent is ``sftflow.tracking.check_tracking_server``).
+  (MLflow's equivalent is ``sftflow.tracking.runs.check_tracking_server``).
 * ``sources_unchanged(cfg, pipeline=)``: "skip if unchanged" for scheduled runs (compares the
   ``sftflow.sources_digest`` and ``sftflow.config_hash`` tags of the last successful run).
 * ``pipeline_lock(pipeline)``: a per-pipeline file lock for the few steps two concurrent runs of
@@ -21,9 +21,9 @@ What this module gives:
 
 Command line (also what the infra scripts run)::
 
-    python -m sftflow.services start --backend sqlite      # or: --backend postgres
-    python -m sftflow.services status
-    python -m sftflow.services stop
+    python -m sftflow.ops.services start --backend sqlite      # or: --backend postgres
+    python -m sftflow.ops.services status
+    python -m sftflow.ops.services stop
 
 Nothing here runs at import time.
 """
@@ -31,7 +31,6 @@ Nothing here runs at import time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
@@ -47,14 +46,13 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 
 from sftflow import layout
-from sftflow.processes import call_in_lifetime_thread, die_with_parent, terminate_tree
+from sftflow.errors import ServiceUnavailable
+from sftflow.ops.processes import call_in_lifetime_thread, die_with_parent, terminate_tree
 
-if TYPE_CHECKING:  # keep imports light: the CLI's `--help` must not pull in MLflow or Prefect
-    from sftflow.config import PipelineConfig
 
 LOOPBACK = "127.0.0.1"
 PREFECT_NAME = "prefect-server"
@@ -63,8 +61,10 @@ POSTGRES_NAME = "postgres"
 START_HINT = "start one with `infra/local/start.sh` (SQLite), `infra/postgres/start.sh` or `sftflow ui`"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(ServiceUnavailable):
     """A server did not start, is unreachable, or its state files are inconsistent."""
+
+    label = "service error"
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -164,7 +164,7 @@ def _spawn(name: str, argv: list[str], *, env: dict[str, str], url: str, health:
     existing = read_service(name, state=state)
     if existing is not None and _alive(existing.pid):
         raise ServiceError(f"{name} already runs (pid {existing.pid}, {_mask(existing.url)}); "
-                           f"stop it first: python -m sftflow.services stop")
+                           f"stop it first: python -m sftflow.ops.services stop")
     log = state / f"{name}.log"
     if tie_to_parent:
         # SIGTERM, not SIGKILL: both servers forward it to their uvicorn child and exit with it.
@@ -342,7 +342,7 @@ def write_secret_file(path: Path, text: str) -> None:
 
 
 def _mask(uri: str) -> str:
-    from sftflow.tracking import mask_uri  # lazily: tracking pulls in pandas
+    from sftflow.tracking.runs import mask_uri  # lazily: tracking pulls in pandas
 
     return mask_uri(uri)
 
@@ -734,101 +734,10 @@ def check_prefect_server(api_url: str | None = None, *, timeout: float = 5.0) ->
                            "or unset PREFECT_API_URL to run with Prefect's embedded server.")
 
 
-# --------------------------------------------------------------------------- skip if unchanged
-def last_successful_run(*, pipeline: str, tracking_uri: str) -> Any | None:
-    """The newest FINISHED parent run of ``pipeline`` (tag ``sftflow.kind=pipeline``), or None.
-
-    Searches every active experiment, so a pipeline whose ``tracking.experiment`` was renamed
-    still finds its history.
-    """
-    from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
-
-    from sftflow.tracking import TAG_KIND, TAG_PIPELINE, check_tracking_server
-
-    check_tracking_server(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    if not exp_ids:
-        return None
-    quoted = pipeline.replace("'", "\\'")  # MLflow's filter grammar escapes quotes with a backslash
-    runs = client.search_runs(
-        experiment_ids=exp_ids,
-        filter_string=(f"tags.`{TAG_PIPELINE}` = '{quoted}' "
-                       f"and tags.`{TAG_KIND}` = 'pipeline' "
-                       "and attributes.status = 'FINISHED'"),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-def sources_unchanged(cfg: "PipelineConfig", *, pipeline: str, tracking_uri: str | None = None) -> tuple[bool, str]:
-    """Whether the last successful run of ``pipeline`` saw the same sources and the same config.
-
-    The flow calls this at start of a scheduled run (``skip_if_unchanged``); every parent run is
-    tagged by ``tracking.start_pipeline_run`` with ``sftflow.sources_digest``
-    (``tracking.sources_digest(cfg)``) and ``sftflow.config_hash``, which is what is compared. A
-    changed config (e.g. new hyper-parameters) retrains even on the same data.
-
-    Args:
-        cfg: the resolved pipeline config.
-        pipeline: pipeline name (the ``sftflow.pipeline`` tag of its runs).
-        tracking_uri: MLflow tracking URI (default: the pipeline's, else ``$MLFLOW_TRACKING_URI``,
-            else the embedded store). An unreachable server raises, naming the URI.
-
-    Returns:
-        ``(True, why)`` to skip retraining; ``(False, why)`` when something changed or there is no
-        earlier successful run. ``why`` is one sentence for the log.
-    """
-    from sftflow.config import config_hash
-    from sftflow.tracking import TAG_CONFIG_HASH, TAG_SOURCES, resolve_tracking_uri, sources_digest
-
-    uri = tracking_uri or resolve_tracking_uri(cfg.tracking.tracking_uri)
-    digest = sources_digest(cfg)
-    last = last_successful_run(pipeline=pipeline, tracking_uri=uri)
-    if last is None:
-        return False, f"no earlier successful run of pipeline {pipeline!r} in {_mask(uri)}"
-    run = last.info.run_id
-    if last.data.tags.get(TAG_SOURCES) != digest:
-        return False, f"source data changed since run {run} (sources digest {digest[:12]} != {last.data.tags.get(TAG_SOURCES, '')[:12]})"
-    if last.data.tags.get(TAG_CONFIG_HASH) != config_hash(cfg):
-        return False, f"sources unchanged but the config changed since run {run}"
-    return True, f"sources (digest {digest[:12]}) and config unchanged since successful run {run}"
-
-
-# --------------------------------------------------------------------------- concurrency
-@contextlib.contextmanager
-def pipeline_lock(pipeline: str, *, timeout: float = 600.0, what: str = "registry") -> Iterator[Path]:
-    """Hold an exclusive per-pipeline file lock (``$SFTFLOW_HOME/locks/<pipeline>.<what>.lock``).
-
-    Wrap read-compare-write steps that two concurrent runs of one pipeline must not interleave,
-    e.g. the promotion gate reading the champion's metric and moving the alias. Works across
-    processes on one machine (the served deployments also carry a concurrency limit of 1 for
-    the whole flow, which holds across machines).
-
-    Raises:
-        TimeoutError: the lock was not free within ``timeout`` seconds (names the lock file).
-    """
-    from filelock import FileLock, Timeout
-
-    path = layout.ensure(layout.sftflow_home() / "locks") / f"{layout.safe_name(pipeline)}.{layout.safe_name(what)}.lock"
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=timeout)
-    except Timeout:
-        raise TimeoutError(f"{path}: another run of pipeline {pipeline!r} held the {what} lock for over "
-                           f"{timeout:.0f}s") from None
-    try:
-        yield path
-    finally:
-        lock.release()
-
-
 # --------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sftflow.services start|stop|status`` (what infra/local and infra/postgres run)."""
-    ap = argparse.ArgumentParser(prog="python -m sftflow.services", description=__doc__.split("\n\n")[0])
+    """``python -m sftflow.ops.services start|stop|status`` (what infra/local and infra/postgres run)."""
+    ap = argparse.ArgumentParser(prog="python -m sftflow.ops.services", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("start", help="start Prefect + MLflow servers in the background")
     st.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")

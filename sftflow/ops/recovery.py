@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sftflow import layout
-from sftflow.processes import boot_id, call_in_lifetime_thread, die_with_parent, is_alive, start_ticks
+from sftflow.ops.processes import boot_id, call_in_lifetime_thread, die_with_parent, is_alive, start_ticks
 
 TAG_TERMINATED_REASON = "sftflow.terminated_reason"
 ACTIVE_DIR_NAME = ".active"
-_log = logging.getLogger("sftflow.recovery")
+_log = logging.getLogger("sftflow.ops.recovery")
 
 
 def active_dir() -> Path:
@@ -245,7 +245,7 @@ def reap_orphans(*, prefect: bool = True, logger: Any = None) -> list[Reaped]:
         prefect: also set the Prefect runs Crashed. Runs that used Prefect's temporary server
             need one started on the same database (seconds); a command that must stay quick can
             pass False and leave that part to the next pipeline run.
-        logger: where to log (default: the ``sftflow.recovery`` logger).
+        logger: where to log (default: the ``sftflow.ops.recovery`` logger).
 
     Returns:
         One entry per dead run handled.
@@ -280,7 +280,7 @@ def reap_orphans(*, prefect: bool = True, logger: Any = None) -> list[Reaped]:
 
 
 def _masked(text: str) -> str:
-    from sftflow.tracking import mask_secrets_in
+    from sftflow.tracking.runs import mask_secrets_in
 
     return mask_secrets_in(text)
 
@@ -344,7 +344,7 @@ def kill_mlflow_runs(*, tracking_uri: str, parent_run_id: str, reason: str, stat
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from sftflow.tracking import check_tracking_server, init_store
+    from sftflow.tracking.runs import check_tracking_server, init_store
 
     # A tracking server that is down must cost seconds, not MLflow's minutes of HTTP retries.
     check_tracking_server(tracking_uri, timeout=5)
@@ -412,10 +412,10 @@ def crash_prefect_runs(rec: ActiveRun, *, reason: str) -> list[str]:
 
     current_api, current_db = _current_prefect()
     if rec.prefect_api_url:
-        from sftflow.services import _http_ok
+        from sftflow.ops.services import _http_ok
 
         if not _http_ok(rec.prefect_api_url.rstrip("/") + "/health", timeout=5):
-            from sftflow.tracking import mask_uri
+            from sftflow.tracking.runs import mask_uri
 
             raise _NotReachable(f"Prefect API {mask_uri(rec.prefect_api_url)} is unreachable")
         settings_cm: Any = temporary_settings(updates={PREFECT_API_URL: rec.prefect_api_url})

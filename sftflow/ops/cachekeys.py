@@ -21,7 +21,7 @@ test or a stage run can show exactly what went into its key):
 * **code** — the *per-stage import closure*: the stage module's file plus every module of the
   project packages (``sftflow``, ``tasks``, ``flows``) it imports, transitively, found by parsing
   the source with ``ast`` (imports inside functions count; package ``__init__`` files count),
-  hashed as relative path + bytes. Editing ``sftflow/minhash.py`` therefore recomputes dedup
+  hashed as relative path + bytes. Editing ``sftflow/data/minhash.py`` therefore recomputes dedup
   (which imports it) and not ingest (which does not).
 
 * **libraries** — the versions of the libraries that shape outputs (``LIBRARIES``) and of Python.
@@ -31,7 +31,7 @@ Files of 16 MiB or more (model weights) are hashed once per process and then mem
 edits inside one clock tick of the file system keep the same mtime.
 
 ``StageCachePolicy`` is the Prefect 3 cache policy built on this (``stage_cache_policy()`` in
-``sftflow.orchestration`` returns one); ``current_stage_key()`` gives the key of the running
+``sftflow.ops.orchestration`` returns one); ``current_stage_key()`` gives the key of the running
 stage so it can be recorded on the stage's MLflow run. This module imports prefect only when the
 policy class is first used (Prefect reads its settings at import).
 """
@@ -51,11 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from sftflow.refs import DatasetRef, ModelRef, sha256_file
+from sftflow.data.refs import DatasetRef, ModelRef, sha256_file
 
 # Bump when the meaning of a key changes, so keys computed by older code never match.
 KEY_VERSION = 1
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES: tuple[str, ...] = ("sftflow", "tasks", "flows")
 # Libraries whose versions shape a stage's output (tokenization, numerics, file formats, GX).
 LIBRARIES: tuple[str, ...] = (
@@ -378,7 +378,7 @@ def stage_key(inputs: dict[str, Any], **kwargs: Any) -> str:
 
 def _build_policy_class() -> type:
     """Define ``StageCachePolicy`` on first use: importing prefect must wait for
-    ``sftflow.orchestration.configure_environment`` (Prefect reads its settings at import)."""
+    ``sftflow.ops.orchestration.configure_environment`` (Prefect reads its settings at import)."""
     from prefect.cache_policies import CachePolicy
 
     @dataclass
@@ -408,14 +408,14 @@ def _build_policy_class() -> type:
                 raise TypeError("Can only subtract strings from key policies.")
             return dataclasses.replace(self, exclude=sorted({*self.exclude, other}))
 
-    # Picklable by reference as sftflow.cachekeys.StageCachePolicy (see __getattr__ below).
+    # Picklable by reference as sftflow.ops.cachekeys.StageCachePolicy (see __getattr__ below).
     StageCachePolicy.__module__ = __name__
     StageCachePolicy.__qualname__ = "StageCachePolicy"
     return StageCachePolicy
 
 
 def __getattr__(name: str) -> Any:
-    # ``sftflow.cachekeys.StageCachePolicy``: built on first access, then a plain module attribute.
+    # ``sftflow.ops.cachekeys.StageCachePolicy``: built on first access, then a plain module attribute.
     if name == "StageCachePolicy":
         cls = _build_policy_class()
         globals()[name] = cls
@@ -425,8 +425,7 @@ def __getattr__(name: str) -> Any:
 
 def stage_policy(*, exclude: Iterable[str] = ("ctx",)) -> Any:
     """A ``StageCachePolicy`` (Prefect ``CachePolicy``) leaving ``exclude`` out of the key."""
-    from sftflow import cachekeys
-
+    from sftflow.ops import cachekeys
     return cachekeys.StageCachePolicy(exclude=list(exclude))
 
 

@@ -16,7 +16,7 @@ Every path derives from ``$SFTFLOW_HOME`` (default ``./.sftflow``).
 Errors the user can cause (a bad config, a bad data file, a server that does not answer, an
 unusable ``$SFTFLOW_HOME``) end the command with one line naming the file / key / row and a
 documented exit code (``sftflow.errors``); ``--debug`` or ``SFTFLOW_DEBUG=1`` shows the traceback.
-The config is loaded and checked (schema, files, sizes: ``sftflow.preflight``) before anything is
+The config is loaded and checked (schema, files, sizes: ``sftflow.ops.preflight``) before anything is
 created under ``$SFTFLOW_HOME``; the environment (Prefect home...) is set up only for a command
 that will really do work.
 """
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_tracking(uri: str) -> None:
     """An HTTP tracking server must answer within seconds (ServiceUnavailable, exit 3, otherwise)."""
-    from sftflow.tracking import check_tracking_server
+    from sftflow.tracking.runs import check_tracking_server
 
     try:
         check_tracking_server(uri)
@@ -155,8 +155,8 @@ def _check_tracking(uri: str) -> None:
 def _prepare_environment(args: argparse.Namespace) -> None:
     """Set up the process for a command that will do work: the first point where anything may be
     created under $SFTFLOW_HOME (everything that can be refused was checked before)."""
-    from sftflow.orchestration import configure_environment
-    from sftflow.preflight import check_home
+    from sftflow.ops.orchestration import configure_environment
+    from sftflow.ops.preflight import check_home
 
     check_home()
     # Prefect reads PREFECT_HOME etc. when first imported: set them before any prefect import.
@@ -174,8 +174,8 @@ def _warn(lines: list[str]) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sftflow.config import resolve_pipeline
-    from sftflow.preflight import check_home, preflight
-    from sftflow.tracking import resolve_tracking_uri
+    from sftflow.ops.preflight import check_home, preflight
+    from sftflow.tracking.runs import resolve_tracking_uri
 
     # Fail on a bad config, an impossible size, an unusable $SFTFLOW_HOME, or servers the user asked
     # for that do not answer, before anything is created (no folder, no MLflow run, no model).
@@ -184,14 +184,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_home()
     _check_tracking(resolve_tracking_uri(cfg.tracking.tracking_uri))
     if os.environ.get("PREFECT_API_URL"):
-        from sftflow.services import check_prefect_server
+        from sftflow.ops.services import check_prefect_server
 
         check_prefect_server(os.environ["PREFECT_API_URL"])
     _warn(warnings)
     _prepare_environment(args)
     if args.no_cache:  # before anything imports prefect: it reads its settings once
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    from sftflow.recovery import guard_ephemeral_server
+    from sftflow.ops.recovery import guard_ephemeral_server
 
     guard_ephemeral_server()  # Prefect's temporary server dies with this process; its start is serialised
     from flows.pipeline import sftflow_pipeline
@@ -223,7 +223,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from sftflow.config import ConfigError, load_pipelines, resolve_pipeline
-    from sftflow.preflight import preflight, source_rows
+    from sftflow.ops.preflight import preflight, source_rows
 
     # Nothing is created here: no environment set-up, no $SFTFLOW_HOME.
     pipes = load_pipelines(args.pipelines_file)
@@ -248,8 +248,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from sftflow import models
-
+    from sftflow.inference import models
     if args.models_command == "pull":
         _prepare_environment(args)
         names = [args.name] if args.name else list(models.EMBEDDED_MODELS)
@@ -276,14 +275,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     _prepare_environment(args)
-    from sftflow.services import run_ui
+    from sftflow.ops.services import run_ui
 
     run_ui(host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
     return 0
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
-    from sftflow.tracking import is_local_store, resolve_tracking_uri
+    from sftflow.tracking.runs import is_local_store, resolve_tracking_uri
 
     for k, v in _LINEAGE_HTTP_ENV.items():
         os.environ.setdefault(k, v)
@@ -293,8 +292,8 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     _check_tracking(uri)
     if is_local_store(uri):
         _require_local_store(uri)
-    from sftflow.lineage import format_lineage, lineage
-    from sftflow.recovery import reap_orphans
+    from sftflow.tracking.lineage import format_lineage, lineage
+    from sftflow.ops.recovery import reap_orphans
 
     reap_orphans(prefect=False)  # a killed run shows as KILLED in the lineage, not RUNNING forever
     info = lineage(args.model, tracking_uri=uri)
@@ -360,7 +359,6 @@ def _save_traceback(exc: BaseException) -> str | None:
     """Write the traceback of an unexpected error to $SFTFLOW_HOME/logs/ when that home already exists
     (a failed command never creates the home)."""
     from sftflow import layout
-
     home = layout.sftflow_home()
     if not home.is_dir():
         return None

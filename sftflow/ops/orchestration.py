@@ -1,6 +1,6 @@
 """Prefect glue shared by every stage's thin ``@task`` wrapper.
 
-Cache keys (``sftflow.cachekeys``): the *content* of everything a stage reads (the bytes of its
+Cache keys (``sftflow.ops.cachekeys``): the *content* of everything a stage reads (the bytes of its
 input files, model folders and the files its config names), the code it runs (the stage module's
 import closure within ``sftflow/``, ``tasks/``, ``flows/``) and the versions of the libraries that
 shape its output; never the ``ctx`` (run ids change every run). Results are persisted under
@@ -14,14 +14,12 @@ import os
 from typing import Any
 
 from sftflow import layout
-
-
 def stage_cache_policy() -> Any:
-    """The cache policy of every stage: ``sftflow.cachekeys.StageCachePolicy`` (``ctx`` excluded).
+    """The cache policy of every stage: ``sftflow.ops.cachekeys.StageCachePolicy`` (``ctx`` excluded).
 
     Imported lazily: importing prefect must wait for ``configure_environment``.
     """
-    from sftflow.cachekeys import stage_policy
+    from sftflow.ops.cachekeys import stage_policy
 
     return stage_policy(exclude=["ctx"])
 

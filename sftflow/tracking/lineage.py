@@ -13,7 +13,7 @@ Walks MLflow from the model version back to its inputs::
 
 Use::
 
-    from sftflow.lineage import lineage, format_lineage
+    from sftflow.tracking.lineage import lineage, format_lineage
     print(format_lineage(lineage("sftflow-demo@champion")))
 
 Every digest is printed in full, so it can be compared with ``sha256sum`` of the files; a
@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sftflow.errors import NotFoundError
-from sftflow.cachekeys import (
+from sftflow.ops.cachekeys import (
     TAG_BASE_SHA256,
     TAG_CACHE_KEY,
     TAG_CODE_DIGEST,
@@ -39,7 +39,7 @@ from sftflow.cachekeys import (
     TAG_TRAIN_KEY,
     TAG_TRAIN_SHA256,
 )
-from sftflow.tracking import (
+from sftflow.tracking.runs import (
     TAG_CONFIG_HASH,
     TAG_FLOW_RUN,
     TAG_GIT,

@@ -16,7 +16,7 @@ batch pays only for its own instructions and responses.
 
 Example::
 
-    from sftflow.formatting import build_generation_prompt, resolve_template, stop_token_ids
+    from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
     template = resolve_template(tok, None)
     ids = [build_generation_prompt(tok, [{"role": "user", "content": q}], template=template) for q in qs]
     outs = generate_batch(model, tok, ids, max_new_tokens=64, batch_size=8,
@@ -273,7 +273,7 @@ def rubric_prompt_ids(
     The rubric goes in the user turn (formatted with the shared ``build_generation_prompt``), and
     the assistant turn is opened with ``Score:`` so the next token is the rating.
     """
-    from sftflow.formatting import build_generation_prompt
+    from sftflow.inference.formatting import build_generation_prompt
 
     if max_response_tokens is not None:
         # Truncate an over-long response by tokens so the prompt (and its tail) fits the context.

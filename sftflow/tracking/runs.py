@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from sftflow import layout
-from sftflow.refs import DatasetRef
+from sftflow.data.refs import DatasetRef
 
 # Tag names shared by every run we create (lineage reads them back).
 TAG_PIPELINE = "sftflow.pipeline"
@@ -215,7 +215,7 @@ def ensure_experiment(name: str, *, uri: str) -> str:
 
 def git_commit() -> str:
     """The code version: git commit of the checkout (``+dirty`` when modified), or the package version."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
@@ -227,7 +227,6 @@ def git_commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         from sftflow import __version__
-
         return f"sftflow-{__version__}"
 
 
@@ -287,7 +286,7 @@ def stage_run(ctx: StageContext, stage: str, *, tags: dict[str, str] | None = No
     # itself is never "active" in any thread (the flow drives it through MlflowClient).
     active = mlflow.active_run()
     parent = active.info.run_id if active is not None else (ctx.parent_run_id or None)
-    from sftflow.cachekeys import TAG_CACHE_KEY, TAG_CODE_DIGEST, current_stage_key
+    from sftflow.ops.cachekeys import TAG_CACHE_KEY, TAG_CODE_DIGEST, current_stage_key
 
     key = current_stage_key()
     if key is not None and active is None:  # the stage's own task run, not a helper run nested in it
@@ -304,7 +303,7 @@ def stage_run(ctx: StageContext, stage: str, *, tags: dict[str, str] | None = No
             yield run
         finally:
             # A stage's models are garbage once it returns: give their memory back before the next.
-            from sftflow.models import release_memory
+            from sftflow.inference.models import release_memory
 
             release_memory()
 
@@ -356,7 +355,7 @@ def sources_digest(cfg: Any) -> str:
     import glob
     import hashlib
 
-    from sftflow.refs import sha256_dir, sha256_file
+    from sftflow.data.refs import sha256_dir, sha256_file
 
     h = hashlib.sha256()
     locations = [(s.name, s.path, s.hub) for s in cfg.sources]
@@ -393,13 +392,13 @@ def start_pipeline_run(
 
     The parent run is created through ``MlflowClient`` (not the thread-local fluent API) so that
     no thread's "active run" state can end it by accident; stages nest under it by id. Runs left
-    RUNNING by a killed earlier run are closed first (``sftflow.recovery.reap_orphans``), and an
+    RUNNING by a killed earlier run are closed first (``sftflow.ops.recovery.reap_orphans``), and an
     active-run record is written so this run is closed the same way if it is killed.
     """
     from mlflow.tracking import MlflowClient
 
     from sftflow.config import config_hash
-    from sftflow.recovery import reap_orphans, register_active_run
+    from sftflow.ops.recovery import reap_orphans, register_active_run
 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_server(uri)
@@ -446,15 +445,15 @@ def end_pipeline_run(ctx: StageContext, *, status: str = "FINISHED", summary: di
     if summary is not None:
         client.log_text(ctx.parent_run_id, json.dumps(summary, indent=2, sort_keys=True, default=str), "summary.json")
     client.set_terminated(ctx.parent_run_id, status=status)
-    from sftflow.recovery import clear_active_run
+    from sftflow.ops.recovery import clear_active_run
 
     clear_active_run(ctx.run_id)
 
 
 def _logger() -> Any:
-    from sftflow.orchestration import run_logger
+    from sftflow.ops.orchestration import run_logger
 
-    return run_logger("sftflow.tracking")
+    return run_logger("sftflow.tracking.runs")
 
 
 def run_url(ctx: StageContext) -> str:

@@ -1,0 +1,1 @@
+"""Data: the canonical record, refs to files, source formats, near-duplicate detection."""

@@ -1,0 +1,1 @@
+"""Inference: prompt formatting, model provisioning/loading, batched generation and scoring."""

@@ -1,0 +1,1 @@
+"""Operations: Prefect glue, cache keys, preflight checks, servers and processes, recovery."""
