@@ -78,7 +78,8 @@ def flops_per_token(model, *, avg_len: float, label_frac: float) -> float:
 
 def trainset_loss(model_dir_or_model, tokenizer, rows, *, device) -> float:
     """Assistant-token loss of a model on encoded rows (fp32, one shared function for both sides)."""
-    from tasks.train import CausalLMLoss, collate
+    from sftflow.training.data import collate
+    from sftflow.training.loss import CausalLMLoss
 
     model = model_dir_or_model
     model.eval()
@@ -98,7 +99,8 @@ def run_ours(args, base, rows_msgs, work: Path) -> dict:
     from sftflow.inference.models import load_model
     from sftflow.data.records import make_record, records_to_frame
     from sftflow.data.refs import write_parquet
-    from tasks.train import encode_dataset, train
+    from sftflow.training.data import encode_dataset
+    from sftflow.training.loop import train
 
     ref = write_parquet(records_to_frame([make_record(m, source="bench:alpaca_gpt4") for m in rows_msgs]),
                         work / "train.parquet", name="train")
@@ -109,7 +111,7 @@ def run_ours(args, base, rows_msgs, work: Path) -> dict:
         "merge": False, "seed": 0, "packing": args.packing, "log_every": 1,
     })
     t = time.perf_counter()
-    out = train(train=ref, heldout=None, base=base, cfg=cfg, out_dir=work / "ours", log_to_mlflow=False)
+    out = train(train=ref, heldout=None, base=base, cfg=cfg, out_dir=work / "ours")
     wall = time.perf_counter() - t
     hist = json.loads((Path(out.out_dir) / "history.json").read_text())
     timed = hist[1:] or hist  # the first step is warm-up (allocator, caches)

@@ -21,7 +21,7 @@ from sftflow.ops.recovery import active_run, reap_orphans
 from sftflow.tracking.runs import end_pipeline_run, run_url, start_pipeline_run
 from tasks.backtranslate import backtranslate_task
 from tasks.dedup import dedup_task
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_champion, evaluate_task
 from tasks.ingest import ingest_task
 from tasks.promote import promote_task
 from tasks.provision import provision_task
@@ -88,7 +88,7 @@ def sftflow_pipeline(
             train_data = split.train
 
             if cfg.augmentation.enabled:
-                aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx)
+                aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx, dedup=cfg.dedup)
                 summary["augmentation"] = {"candidates": aug.candidates.num_rows, "curated": aug.curated.num_rows}
                 train_data = aug.seed or split.train
                 if aug.curated.num_rows:
@@ -113,7 +113,8 @@ def sftflow_pipeline(
                 summary["metrics"] = {"base": dict(base_eval.metrics), "tuned": dict(tuned_eval.metrics)}
                 if cfg.promotion.enabled:
                     decision = promote_task(base_eval, tuned_eval, trained, cfg.promotion, ctx=ctx,
-                                            heldout=split.heldout, evaluation=cfg.evaluation, training=cfg.training)
+                                            heldout=split.heldout, evaluation=cfg.evaluation, training=cfg.training,
+                                            evaluate_champion=evaluate_champion)
                     summary["promotion"] = decision.summary()
         except BaseException:
             end_pipeline_run(ctx, status="FAILED", summary=summary)

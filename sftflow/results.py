@@ -112,7 +112,7 @@ class SplitResult:
         heldout: held-out rows (``split/heldout.parquet``).
         leaks_moved: held-out rows that leaked into train (exact + near) and were moved or dropped.
         leaks_exact: of those, rows whose normalized prompt equals a training prompt.
-        leaks_near: of those, near-duplicates found by MinHash.
+        leaks_near: of those, near-duplicate prompts (``sftflow.data.neardup.find_cross_duplicates``).
         dropped: rows removed (``cross_split: drop``), in ``split/leaks.parquet``.
         report: path of ``split/report.json``.
     """

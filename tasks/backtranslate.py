@@ -8,8 +8,8 @@ Reads top to bottom as the method:
    boilerplate, URL-heavy or non-prose text, duplicates inside the corpus and (near-)duplicates of a
    seed response. Every rejected segment keeps its reason.
 2. **Backward model M_yx.** Reverse the seed data (the response becomes the user turn, the
-   instruction the assistant turn) and fine-tune the base model on it with the shared training code
-   (``tasks.train.train``; ``augmentation.backward_training`` overrides ``training``).
+   instruction the assistant turn) and fine-tune the base model on it with the shared training recipe
+   (``sftflow.training.loop.train``; ``augmentation.backward_training`` overrides ``training``).
 3. **Self-augmentation.** M_yx writes one candidate instruction per segment, batched with the KV
    cache (``sftflow.inference.generation.generate_batch``; temperature/top-p from config, tokens bounded).
    A generation that ran into the token bound keeps its first question/line when it has one
@@ -20,7 +20,8 @@ Reads top to bottom as the method:
 4. **Self-curation.** A curation model (``curation.model``: ``forward`` = M0 trained on the seed
    data, ``base``, or a model name/path) rates each remaining (instruction, segment) pair 1-5 from
    the next-token distribution after ``Score:`` (``sftflow.inference.generation.score_pairs``: one forward
-   pass, never unparseable); pairs whose expected score >= ``curation.threshold`` are kept.
+   pass); pairs whose expected score >= ``curation.threshold`` are kept. The share of ratings the model
+   did not expect (little probability on "1".."5") is logged as ``bt_unparseable_scores``.
 5. **Iteration** (``iterations`` > 1): train M_k on tagged seed + curated pairs and rescore.
 6. **Tagging.** Curated pairs carry ``augmented_system_prompt`` as a system turn and
    ``origin=backtranslated``; the seed gets ``seed_system_prompt`` (``tag_seed``), so the final
@@ -33,8 +34,9 @@ Accounting, checked before anything is returned::
     pairs scored = kept + below threshold
 
 Every segment examined (text, candidate instruction, score distribution, status, reason) is one row
-of ``candidates.parquet``, logged to MLflow with a score histogram; a Prefect table artifact shows the
-best and worst pairs.
+of ``candidates.parquet``. ``backtranslate`` only computes and writes files; ``backtranslate_task``
+logs it to MLflow with a score histogram (and each trained model in its own nested run), and a
+Prefect table artifact shows the best and worst pairs.
 
 Run it alone (the flow does this through ``backtranslate_task``)::
 
@@ -46,8 +48,6 @@ Run it alone (the flow does this through ``backtranslate_task``)::
 from __future__ import annotations
 
 import base64
-import contextlib
-import functools
 import glob
 import json
 import math
@@ -57,25 +57,31 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pandas as pd
 from prefect import task
 
 from sftflow import layout
-from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, TrainingConfig
+from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
 from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy, table_artifact
 from sftflow.data.records import (
+    AccountingError,
     frame_to_records,
     make_record,
     normalize_text,
     records_to_frame,
     response_text,
 )
+from sftflow.inference.generation import RATING_MASS_FLOOR, unparseable_share
 from sftflow.inference.models import release_memory
+from sftflow.data.neardup import CrossPair, find_cross_duplicates, strongest_matches
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.results import AugmentResult
+
+if TYPE_CHECKING:  # torch-heavy: imported where a model is trained
+    from sftflow.training.export import TrainOutput
 
 STAGE = "backtranslate"
 
@@ -94,6 +100,23 @@ CANDIDATE_COLUMNS = (
 
 # =========================================================================== results
 @dataclass(frozen=True)
+class HelperModel:
+    """A model the stage fine-tuned (M_yx, M0, M_k), kept so the task can log it in its own run.
+
+    Attributes:
+        run_name: the nested MLflow run it belongs in (``backtranslate.backward`` ...).
+        data: what it was trained on.
+        cfg: the training settings it was trained with.
+        output: what training produced (model, metrics, loss curve, training folder).
+    """
+
+    run_name: str
+    data: DatasetRef
+    cfg: TrainingConfig
+    output: TrainOutput
+
+
+@dataclass(frozen=True)
 class AugmentOutput:
     """What ``backtranslate`` produced.
 
@@ -106,6 +129,7 @@ class AugmentOutput:
         curation_model: the model that gave the final scores (M0, base, a named model, or M_k).
         counts: the accounting, as sorted (name, value) pairs.
         iteration_kept: pairs kept after each curation iteration.
+        helpers: every model trained here, in training order (for the task to log).
     """
 
     curated: DatasetRef
@@ -116,6 +140,7 @@ class AugmentOutput:
     curation_model: ModelRef
     counts: tuple[tuple[str, int], ...]
     iteration_kept: tuple[int, ...]
+    helpers: tuple[HelperModel, ...] = ()
 
 
 # =========================================================================== 1. corpus
@@ -277,41 +302,36 @@ def segment_filter_reason(text: str, *, min_words: int, max_words: int) -> tuple
     return None
 
 
-def _shingles(text: str, n: int = 5) -> set[str]:
-    words = normalize_text(text).split()
-    if len(words) < n:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-class _SeedIndex:
-    """Word 5-gram index of the seed responses, for exact Jaccard near-duplicate checks."""
-
-    def __init__(self, responses: Sequence[str]):
-        self.sizes: list[int] = []
-        self.index: dict[str, list[int]] = {}
-        self.exact: set[str] = set()
-        for i, r in enumerate(responses):
-            sh = _shingles(r)
-            self.sizes.append(len(sh))
-            self.exact.add(normalize_text(r))
-            for s in sh:
-                self.index.setdefault(s, []).append(i)
-
-    def best_jaccard(self, text: str) -> float:
-        if normalize_text(text) in self.exact:
-            return 1.0
-        sh = _shingles(text)
-        overlap: Counter[int] = Counter()
-        for s in sh:
-            overlap.update(self.index.get(s, ()))
-        best = 0.0
-        for i, inter in overlap.items():
-            best = max(best, inter / (len(sh) + self.sizes[i] - inter))
-        return best
-
-
+# Seed near-duplicates use the one near-duplicate definition (``sftflow.data.neardup``) on the
+# response text (a segment is a future response: the seed's responses are what it must not copy),
+# with word 5-grams at Jaccard >= 0.5: stricter than dedup's default 0.8, since a segment that
+# shares half its 5-grams with a seed answer would teach that answer back.
 SEED_DUP_JACCARD = 0.5
+SEED_DUP_NGRAM = 5
+
+
+def seed_duplicate_rule(dedup: DedupConfig | None = None) -> DedupConfig:
+    """The pipeline's ``dedup`` section (default: its defaults) with the seed check's key and threshold.
+
+    Exact normalisation and the MinHash engine settings come from ``dedup``; the key is the
+    response, shingles are word 5-grams, the threshold ``SEED_DUP_JACCARD`` (bands/rows are reset
+    so LSH is tuned to that threshold).
+    """
+    dedup = dedup or DedupConfig()
+    near = dedup.near.model_copy(update={"key": "response", "shingle": "word", "ngram": SEED_DUP_NGRAM,
+                                         "threshold": SEED_DUP_JACCARD, "bands": None, "rows": None})
+    return dedup.model_copy(update={"near": near})
+
+
+def seed_duplicates(texts: Sequence[str], seed_responses: Sequence[str], *, rule: DedupConfig) -> dict[int, CrossPair]:
+    """The seed response each text duplicates (its closest one), by position in ``texts``.
+
+    Args:
+        texts: candidate responses (segment texts).
+        seed_responses: the seed data's responses.
+        rule: from ``seed_duplicate_rule``.
+    """
+    return strongest_matches(find_cross_duplicates(list(texts), list(seed_responses), cfg=rule))
 
 
 def select_segments(
@@ -320,40 +340,60 @@ def select_segments(
     seed_responses: Sequence[str],
     cfg: AugmentationConfig,
     shuffle_seed: int,
+    dedup: DedupConfig | None = None,
 ) -> tuple[list[Segment], list[tuple[Segment, str, str]]]:
     """Pick up to ``cfg.max_segments`` usable segments, in a seeded random order.
 
-    Segments are examined one by one until enough have passed the filters; the ones examined and
-    rejected come back with (reason, detail). Segments never examined are not counted anywhere.
+    Segments are examined in that order until enough have passed the filters; the ones examined
+    and rejected come back with (reason, detail). Segments never examined are not counted anywhere.
+    They are examined in windows, so the seed check (``seed_duplicates``) runs once per window
+    rather than once per segment, and a large corpus is not checked past what is needed.
+
+    Args:
+        segments: the corpus segments, in file order.
+        seed_responses: the seed data's responses (``cfg.dedup_against_seed`` rejects their near-duplicates).
+        cfg: the ``augmentation`` section.
+        shuffle_seed: seeds the examination order.
+        dedup: the pipeline's ``dedup`` section, for the seed check's normalisation and engine
+            settings (``seed_duplicate_rule``; default: its defaults).
 
     Returns:
         (accepted segments, [(rejected segment, reason, detail), ...]).
     """
     order = list(range(len(segments)))
     random.Random(shuffle_seed).shuffle(order)
-    seed_index = _SeedIndex(seed_responses) if cfg.dedup_against_seed else None
+    rule = seed_duplicate_rule(dedup) if cfg.dedup_against_seed else None
+    window = max(256, 4 * cfg.max_segments)
     seen: dict[str, str] = {}
     accepted: list[Segment] = []
     rejected: list[tuple[Segment, str, str]] = []
-    for i in order:
+    for start in range(0, len(order), window):
         if len(accepted) >= cfg.max_segments:
             break
-        seg = segments[i]
-        why = segment_filter_reason(seg.text, min_words=cfg.min_words, max_words=cfg.max_words)
-        if why is None:
-            key = normalize_text(seg.text)
-            if key in seen:
-                why = ("duplicate_segment", f"same text as segment {seen[key]!r}")
+        chunk = [segments[i] for i in order[start:start + window]]
+        reasons: list[tuple[str, str] | None] = []
+        for seg in chunk:
+            why = segment_filter_reason(seg.text, min_words=cfg.min_words, max_words=cfg.max_words)
+            if why is None:
+                key = normalize_text(seg.text)
+                if key in seen:
+                    why = ("duplicate_segment", f"same text as segment {seen[key]!r}")
+                else:
+                    seen[key] = seg.id
+            reasons.append(why)
+        if rule is not None:
+            todo = [k for k, why in enumerate(reasons) if why is None]
+            for pos, pair in seed_duplicates([chunk[k].text for k in todo], seed_responses, rule=rule).items():
+                reasons[todo[pos]] = ("seed_duplicate", "exact copy of a seed response" if pair.exact else
+                                      f"word {SEED_DUP_NGRAM}-gram Jaccard {pair.similarity:.2f} with a seed response")
+        # Segments past the one that fills max_segments were never examined: they count nowhere.
+        for seg, why in zip(chunk, reasons):
+            if len(accepted) >= cfg.max_segments:
+                break
+            if why is None:
+                accepted.append(seg)
             else:
-                seen[key] = seg.id
-        if why is None and seed_index is not None:
-            jac = seed_index.best_jaccard(seg.text)
-            if jac >= SEED_DUP_JACCARD:
-                why = ("seed_duplicate", f"5-gram Jaccard {jac:.2f} with a seed response")
-        if why is None:
-            accepted.append(seg)
-        else:
-            rejected.append((seg, why[0], why[1]))
+                rejected.append((seg, why[0], why[1]))
     return accepted, rejected
 
 
@@ -566,12 +606,12 @@ def accounting(candidates: pd.DataFrame) -> dict[str, int]:
     """Counts of the candidate table, checking that no row disappeared.
 
     Raises:
-        AssertionError: a status outside ``STATUSES`` or a broken identity.
+        AccountingError: a status outside ``STATUSES`` or a broken identity (a bug, never bad data).
     """
     status = candidates["status"].value_counts().to_dict() if len(candidates) else {}
     unknown = set(status) - set(STATUSES)
     if unknown:
-        raise AssertionError(f"unknown candidate statuses {sorted(unknown)}")
+        raise AccountingError(f"backtranslate accounting: unknown candidate statuses {sorted(unknown)}")
     c = {
         "segments_in": len(candidates),
         "segments_filtered": int(status.get(FILTERED, 0)),
@@ -581,18 +621,17 @@ def accounting(candidates: pd.DataFrame) -> dict[str, int]:
         "kept": int(status.get(KEPT, 0)),
         "below_threshold": int(status.get(BELOW, 0)),
     }
-    # The identities of the module docstring (they cannot fail unless a status was lost).
-    assert c["segments_in"] == c["segments_filtered"] + c["generated"], c
-    assert c["generated"] == c["rejected"] + c["scored"], c
-    assert c["scored"] == c["kept"] + c["below_threshold"], c
+    # The identities of the module docstring (they cannot fail unless a status was lost). Raised,
+    # not asserted: the check must also run under `python -O`.
+    for total, parts in (("segments_in", ("segments_filtered", "generated")), ("generated", ("rejected", "scored")),
+                         ("scored", ("kept", "below_threshold"))):
+        if c[total] != sum(c[p] for p in parts):
+            raise AccountingError(f"backtranslate accounting broken: {total} {c[total]} != "
+                                  + " + ".join(f"{p} {c[p]}" for p in parts) + f" ({c})")
     return c
 
 
 # =========================================================================== the stage
-def _no_scope(_name: str) -> ContextManager[Any]:
-    return contextlib.nullcontext()
-
-
 def _load_for_inference(ref: ModelRef, *, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
     """Load a model for generation/scoring, merging a LoRA adapter so decoding pays no adapter cost."""
     from sftflow.inference.models import load_model
@@ -604,21 +643,13 @@ def _load_for_inference(ref: ModelRef, *, dtype: str, trust_remote_code: bool) -
     return model, tok
 
 
-def _train_model(*, data: DatasetRef, base: ModelRef, cfg: TrainingConfig, out_dir: Path,
-                 trust_remote_code: bool, log_to_mlflow: bool) -> ModelRef:
-    """Fine-tune a helper model with the shared training code; log it as the active run's model."""
-    from tasks.train import log_model, train
+def _train_model(*, run_name: str, data: DatasetRef, base: ModelRef, cfg: TrainingConfig, out_dir: Path,
+                 trust_remote_code: bool) -> HelperModel:
+    """Fine-tune a helper model with the shared training recipe (no MLflow: the task logs it)."""
+    from sftflow.training.loop import train
 
-    result = train(train=data, heldout=None, base=base, cfg=cfg, out_dir=out_dir,
-                   trust_remote_code=trust_remote_code, log_to_mlflow=log_to_mlflow)
-    if log_to_mlflow:
-        import mlflow
-
-        mlflow.log_params({"base_model": base.path, "train_rows": data.num_rows, "max_steps": cfg.max_steps,
-                           "method": cfg.method, "learning_rate": cfg.learning_rate})
-        log_dataset(data, context="training")
-        log_model(result, register_as=None)
-    return result.model
+    output = train(train=data, heldout=None, base=base, cfg=cfg, out_dir=out_dir, trust_remote_code=trust_remote_code)
+    return HelperModel(run_name=run_name, data=data, cfg=cfg, output=output)
 
 
 def _score(ref: ModelRef, rows: list[dict[str, Any]], *, cfg: AugmentationConfig, training: TrainingConfig,
@@ -643,7 +674,7 @@ def backtranslate(
     training: TrainingConfig,
     out_dir: Path,
     trust_remote_code: bool = False,
-    run_scope: Callable[[str], ContextManager[Any]] | None = None,
+    dedup: DedupConfig | None = None,
 ) -> AugmentOutput:
     """Run instruction backtranslation end to end (see the module docstring).
 
@@ -654,11 +685,12 @@ def backtranslate(
         training: the ``training`` section (backward/forward overrides apply on top of it).
         out_dir: the stage folder; every file and model goes below it.
         trust_remote_code: passed to model loading.
-        run_scope: opens an MLflow run for each trained model (``stage_run(ctx, name)``), so each
-            adapter is logged as the model of its own nested run; None trains without MLflow.
+        dedup: the pipeline's ``dedup`` section, for the seed near-duplicate check
+            (``seed_duplicate_rule``; None: its defaults).
 
     Returns:
-        The refs and counts (``AugmentOutput``).
+        The refs and counts (``AugmentOutput``), and the models it trained (``helpers``). Nothing
+        is logged to MLflow here: ``backtranslate_task`` logs the stage and each helper model.
 
     Raises:
         ConfigError: no corpus, or a bad training override (naming its key path).
@@ -669,8 +701,6 @@ def backtranslate(
 
     if cfg.corpus is None:
         raise ConfigError("augmentation.corpus: required to backtranslate")
-    scope = run_scope or _no_scope
-    log_to_mlflow = run_scope is not None
     out_dir = layout.ensure(Path(out_dir))
     backward_cfg = training_with_overrides(training, cfg.backward_training, key="backward_training")
     forward_cfg = training_with_overrides(training, cfg.forward_training, key="forward_training")
@@ -683,7 +713,7 @@ def backtranslate(
     segments = load_corpus(cfg.corpus, max_words=cfg.max_words)
     accepted, filtered = select_segments(
         segments, seed_responses=[response_text(r["messages"]) for r in seed_records], cfg=cfg,
-        shuffle_seed=cfg.generation.seed,
+        shuffle_seed=cfg.generation.seed, dedup=dedup,
     )
     rows: list[dict[str, Any]] = [
         _row(seg, status=FILTERED, reason=reason, detail=detail) for seg, reason, detail in filtered
@@ -695,9 +725,9 @@ def backtranslate(
     words_cap = min(cfg.max_words, max(16, backward_cfg.max_seq_len // 2))
     reversed_ref = write_parquet(records_to_frame(reverse_records(seed_records, max_response_words=words_cap)),
                                  out_dir / "reversed.parquet", name="reversed_seed")
-    with scope(f"{STAGE}.backward"):
-        backward = _train_model(data=reversed_ref, base=base, cfg=backward_cfg, out_dir=out_dir / "backward",
-                                trust_remote_code=trust_remote_code, log_to_mlflow=log_to_mlflow)
+    helpers = [_train_model(run_name=f"{STAGE}.backward", data=reversed_ref, base=base, cfg=backward_cfg,
+                            out_dir=out_dir / "backward", trust_remote_code=trust_remote_code)]
+    backward = helpers[0].output.model
 
     # 3. self-augmentation: one candidate instruction per segment, batched
     generated: list[dict[str, Any]] = []
@@ -729,8 +759,9 @@ def backtranslate(
 
     # 4. self-curation with M0 (or base / a named model), 5. optional iterations with M_k
     seed_tagged = tag_seed(seed, cfg.seed_system_prompt, out_dir / "seed_tagged.parquet")
-    curation = _curation_model(cfg=cfg, base=base, seed=seed, forward_cfg=forward_cfg, out_dir=out_dir,
-                               trust_remote_code=trust_remote_code, log_to_mlflow=log_to_mlflow, scope=scope)
+    curation, trained = _curation_model(cfg=cfg, base=base, seed=seed, forward_cfg=forward_cfg, out_dir=out_dir,
+                                        trust_remote_code=trust_remote_code)
+    helpers += trained
     iteration_kept: list[int] = []
     for it in range(1, cfg.iterations + 1):
         if it > 1:
@@ -740,9 +771,10 @@ def backtranslate(
             mix = pd.concat([mix, records_to_frame(curated_records(kept_rows, system_prompt=cfg.augmented_system_prompt))],
                             ignore_index=True)
             mix_ref = write_parquet(mix, out_dir / f"train_iter{it}.parquet", name=f"curation_train_iter{it}")
-            with scope(f"{STAGE}.curation_iter{it}"):
-                curation = _train_model(data=mix_ref, base=base, cfg=forward_cfg, out_dir=out_dir / f"curation_iter{it}",
-                                        trust_remote_code=trust_remote_code, log_to_mlflow=log_to_mlflow)
+            helpers.append(_train_model(run_name=f"{STAGE}.curation_iter{it}", data=mix_ref, base=base,
+                                        cfg=forward_cfg, out_dir=out_dir / f"curation_iter{it}",
+                                        trust_remote_code=trust_remote_code))
+            curation = helpers[-1].output.model
         scores = _score(curation, to_score, cfg=cfg, training=forward_cfg, trust_remote_code=trust_remote_code) \
             if to_score else []
         keep = select_by_threshold([s.expected for s in scores], cfg.curation.threshold)
@@ -768,7 +800,7 @@ def backtranslate(
                                 out_dir / "curated.parquet", name="curated")
     return AugmentOutput(curated=curated_ref, candidates=candidates_ref, seed=seed_tagged, reversed=reversed_ref,
                          backward_model=backward, curation_model=curation, counts=tuple(sorted(counts.items())),
-                         iteration_kept=tuple(iteration_kept))
+                         iteration_kept=tuple(iteration_kept), helpers=tuple(helpers))
 
 
 def _row(seg: Segment, *, status: str, reason: str, detail: str) -> dict[str, Any]:
@@ -781,22 +813,36 @@ def _row(seg: Segment, *, status: str, reason: str, detail: str) -> dict[str, An
 
 
 def _curation_model(*, cfg: AugmentationConfig, base: ModelRef, seed: DatasetRef, forward_cfg: TrainingConfig,
-                    out_dir: Path, trust_remote_code: bool, log_to_mlflow: bool,
-                    scope: Callable[[str], ContextManager[Any]]) -> ModelRef:
-    """M0 per ``curation.model``: ``forward`` trains it on the seed, ``base`` reuses the base model."""
+                    out_dir: Path, trust_remote_code: bool) -> tuple[ModelRef, list[HelperModel]]:
+    """M0 per ``curation.model``: ``forward`` trains it on the seed, ``base`` reuses the base model.
+
+    Returns:
+        (the curation model, the models trained for it: [M0] for ``forward``, else []).
+    """
     choice = cfg.curation.model
     if choice == "forward":
-        with scope(f"{STAGE}.curation"):
-            return _train_model(data=seed, base=base, cfg=forward_cfg, out_dir=out_dir / "curation",
-                                trust_remote_code=trust_remote_code, log_to_mlflow=log_to_mlflow)
+        m0 = _train_model(run_name=f"{STAGE}.curation", data=seed, base=base, cfg=forward_cfg,
+                          out_dir=out_dir / "curation", trust_remote_code=trust_remote_code)
+        return m0.output.model, [m0]
     if choice == "base":
-        return base
+        return base, []
     from sftflow.inference.models import resolve_model
 
-    return resolve_model(choice, trust_remote_code=trust_remote_code)
+    return resolve_model(choice, trust_remote_code=trust_remote_code), []
 
 
 # =========================================================================== reporting
+def unparseable_scores(frame: pd.DataFrame) -> float:
+    """Share of scored pairs whose rating the curation model did not expect.
+
+    A pair counts when the model put less than ``RATING_MASS_FLOOR`` of its next-token probability
+    on the five rating tokens (``generation.unparseable_share``): a text-parsing scorer would most
+    likely have lost that rating. 0.0 when nothing was scored.
+    """
+    scored = frame[frame["status"].isin([KEPT, BELOW])]
+    return unparseable_share(scored["mass"].astype(float).tolist())
+
+
 def score_histogram_png(frame: pd.DataFrame, path: Path, *, threshold: float) -> Path:
     """Histogram of expected scores (kept vs below threshold) as a PNG."""
     import matplotlib
@@ -830,13 +876,15 @@ def _examples(frame: pd.DataFrame, *, n: int = 5) -> list[dict[str, Any]]:
 
 
 def _markdown_summary(counts: dict[str, int], frame: pd.DataFrame, cfg: AugmentationConfig,
-                      iteration_kept: Sequence[int]) -> str:
+                      iteration_kept: Sequence[int], *, unparseable: float) -> str:
     reasons = frame[frame.reason != ""].groupby(["status", "reason"]).size()
     lines = [f"## Backtranslation: {counts['kept']} of {counts['segments_in']} segments kept",
              "", "| step | rows |", "|---|---|"]
     order = ("segments_in", "segments_filtered", "generated", "rejected", "scored", "kept", "below_threshold")
     lines += [f"| {k} | {counts[k]} |" for k in order if k in counts]
     lines += ["", f"Kept per curation iteration: {list(iteration_kept)} (threshold {cfg.curation.threshold})",
+              "", f"Unparseable ratings (probability on 1-5 below {RATING_MASS_FLOOR}): {unparseable:.1%} "
+              "of scored pairs",
               "", "| status | reason | rows |", "|---|---|---|"]
     lines += [f"| {s} | {r} | {n} |" for (s, r), n in reasons.items()]
     scored = frame[frame["status"].isin([KEPT, BELOW])]
@@ -850,6 +898,29 @@ def _markdown_summary(counts: dict[str, int], frame: pd.DataFrame, cfg: Augmenta
     return "\n".join(lines)
 
 
+def _log_helper(helper: HelperModel, *, base: ModelRef) -> None:
+    """Log one trained helper model to the active run: settings, data, training curves, the model.
+
+    The model was trained before this run opened (``backtranslate`` logs nothing), so its per-step
+    metrics are replayed from the training history with their step numbers.
+    """
+    import mlflow
+
+    from sftflow.tracking.registry import log_model
+    from sftflow.tracking.train_logging import log_training_summary, step_logger
+    from sftflow.training.loop import STEP_METRICS
+
+    cfg, output = helper.cfg, helper.output
+    mlflow.log_params({"base_model": base.path, "train_rows": helper.data.num_rows, "max_steps": cfg.max_steps,
+                       "method": cfg.method, "learning_rate": cfg.learning_rate})
+    log_dataset(helper.data, context="training")
+    on_metrics = step_logger()
+    for rec in output.history():
+        on_metrics(int(rec["step"]), {k: rec[k] for k in STEP_METRICS if k in rec})
+    log_training_summary(output)
+    log_model(model=output.model, template=output.template, metrics=output.metrics, register_as=None)
+
+
 @task(name=STAGE, cache_policy=stage_cache_policy(), persist_result=True)
 def backtranslate_task(
     seed: DatasetRef,
@@ -859,10 +930,23 @@ def backtranslate_task(
     *,
     ctx: StageContext,
     trust_remote_code: bool = False,
+    dedup: DedupConfig | None = None,
 ) -> AugmentResult:
-    """Prefect task: ``backtranslate`` in its own MLflow run, the two models in nested runs.
+    """Prefect task: ``backtranslate`` in its own MLflow run, each model it trained in a nested run.
 
+    The stage run gets the settings, the accounting (``bt_*``), the mean expected score and the
+    share of unparseable ratings, the candidate table, the score histogram and a summary; each
+    helper model's run gets its training data, curves and the model itself.
     No retries: it trains models (a rerun of the flow redoes the stage; cached when unchanged).
+
+    Args:
+        seed: the seed data (the clean train split).
+        base: the base model.
+        cfg: the ``augmentation`` section.
+        training: the ``training`` section.
+        ctx: the flow's stage context (tracking URI, parent run, run folder).
+        trust_remote_code: passed to model loading.
+        dedup: the pipeline's ``dedup`` section, for the seed near-duplicate check (None: its defaults).
     """
     import mlflow
 
@@ -876,7 +960,11 @@ def backtranslate_task(
         })
         log_dataset(seed, context="backtranslate.seed")
         out = backtranslate(seed=seed, base=base, cfg=cfg, training=training, out_dir=out_dir,
-                            trust_remote_code=trust_remote_code, run_scope=functools.partial(stage_run, ctx))
+                            trust_remote_code=trust_remote_code, dedup=dedup)
+        # Each helper model is the logged model of its own run, nested in the stage run.
+        for helper in out.helpers:
+            with stage_run(ctx, helper.run_name):
+                _log_helper(helper, base=base)
         counts = dict(out.counts)
         mlflow.log_metrics({f"bt_{k}": float(v) for k, v in counts.items()})
         for it, kept in enumerate(out.iteration_kept, start=1):
@@ -885,14 +973,15 @@ def backtranslate_task(
         scored = frame[frame["status"].isin([KEPT, BELOW])]
         if len(scored):
             mlflow.log_metric("bt_mean_expected_score", float(scored.expected.mean()))
-        mlflow.log_metric("bt_unparseable_scores", 0.0)
+        unparseable = unparseable_scores(frame)
+        mlflow.log_metric("bt_unparseable_scores", unparseable)
         for ref, context in ((out.candidates, "backtranslate.candidates"), (out.curated, "backtranslate.curated"),
                              (out.reversed, "backtranslate.backward_train"), (out.seed, "backtranslate.seed_tagged")):
             log_dataset(ref, context=context)
         mlflow.log_artifact(out.candidates.path, artifact_path="backtranslate")
         png = score_histogram_png(frame, out_dir / "score_histogram.png", threshold=cfg.curation.threshold)
         mlflow.log_artifact(str(png), artifact_path="backtranslate")
-        summary = _markdown_summary(counts, frame, cfg, out.iteration_kept)
+        summary = _markdown_summary(counts, frame, cfg, out.iteration_kept, unparseable=unparseable)
         mlflow.log_text(summary, "backtranslate/summary.md")
         log_json({"counts": counts, "iteration_kept": list(out.iteration_kept),
                   "backward_model": out.backward_model.path, "curation_model": out.curation_model.path},

@@ -1,16 +1,19 @@
 """Dedup stage: exact duplicates, then MinHash-LSH near duplicates, then (optional) semantic ones,
 and, given a held-out set, rows that leak it.
 
-Runs between validation and the split, and again across splits (``find_cross_duplicates`` is what the
-split stage calls to move near-duplicate leaks). Nothing vanishes: every removed row is written with
+Runs between validation and the split, and again with a held-out set (``dedup_augmented``): a training
+row that duplicates a held-out row is a leak. What counts as a duplicate across sets is defined once,
+in ``sftflow/data/neardup.py`` (``find_cross_duplicates``; the split stage uses the same rule). Nothing
+vanishes: every removed row is written with
 ``cluster_id``, ``kept_id`` (the representative that stays, or the held-out row it leaks),
 ``matched_id`` + ``similarity`` (the verified pair that put it in the cluster) and ``reason``
 (``exact`` | ``near`` | ``semantic`` | ``leak``); rows in = kept + removed.
 
 Run it inside the flow (``flows/``), or alone::
 
-    from tasks.dedup import dedup
-    kept, removed, report = dedup(df=frame, cfg=DedupConfig())
+    from tasks.dedup import dedup, deduplicate
+    result = dedup(datasets=[ref], cfg=DedupConfig(), out_dir=Path(...))   # files + DedupResult
+    frames = deduplicate(df=frame, cfg=DedupConfig())                      # in memory: kept, removed, report
 
 Clusters are connected components of the verified pairs (union-find semantics); one row per cluster
 is kept by ``cfg.keep``: ``longest_response`` (ties: first seen), ``first`` (input order: datasets in the
@@ -23,20 +26,18 @@ pair is at or above ``cfg.near.threshold`` (see ``sftflow/data/minhash.py`` for 
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 from prefect import task
 
-from sftflow.config import DedupConfig, NearDedupConfig, SemanticDedupConfig
-from sftflow.data.minhash import LSHParams, connected_components, find_near_duplicates
+from sftflow.config import DedupConfig, SemanticDedupConfig
+from sftflow.data.minhash import connected_components, find_near_duplicates
+from sftflow.data.neardup import find_cross_duplicates, key_texts, lsh_params, normalize_for_exact, strongest_matches
+from sftflow.data.records import check_accounting, prompt_text, response_text
 from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.data.records import prompt_text, response_text
 from sftflow.data.refs import DatasetRef, write_parquet
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.results import DedupResult
@@ -44,79 +45,24 @@ from sftflow.results import DedupResult
 REASONS: tuple[str, ...] = ("exact", "near", "semantic", "leak")
 REMOVED_COLUMNS: tuple[str, ...] = ("cluster_id", "kept_id", "matched_id", "reason", "similarity")
 _REQUIRED = ("id", "messages", "source")
-_PUNCT = re.compile(r"[^\w\s]")
-_WS = re.compile(r"\s+")
-_KEY_SEP = "\n\x1e\n"  # between prompt and response, so ("a", "bc") and ("ab", "c") differ
 _SAMPLE_PAIRS = 20
 
 
-# --------------------------------------------------------------------------- keys
-def key_texts(df: pd.DataFrame, key: Literal["prompt", "prompt_response", "response"]) -> list[str]:
-    """The text each row is compared on: its user turns, assistant turns, or both."""
-    out = []
-    for msgs in df["messages"]:
-        if key == "prompt":
-            out.append(prompt_text(msgs))
-        elif key == "response":
-            out.append(response_text(msgs))
-        else:
-            out.append(prompt_text(msgs) + _KEY_SEP + response_text(msgs))
-    return out
+class DedupFrames(NamedTuple):
+    """What ``deduplicate`` computes in memory (``dedup`` writes it and returns a ``DedupResult``).
 
+    Attributes:
+        kept: rows that stay (input columns).
+        removed: removed rows (input columns + ``REMOVED_COLUMNS``).
+        report: JSON-able report (per stage and per source counts, cluster sizes, sample pairs).
+    """
 
-def normalize_for_exact(text: str, cfg: Any) -> str:
-    """Normalise a key for exact matching as ``cfg`` (an ``ExactDedupConfig``) says."""
-    if cfg.unicode_normalize:
-        text = unicodedata.normalize("NFKC", text)
-    if cfg.lowercase:
-        text = text.lower()
-    if cfg.strip_punctuation:
-        text = _PUNCT.sub(" " if cfg.collapse_whitespace else "", text)
-    if cfg.collapse_whitespace:
-        text = _WS.sub(" ", text).strip()
-    return text
-
-
-def _lsh_params(cfg: NearDedupConfig) -> LSHParams:
-    return LSHParams(
-        threshold=cfg.threshold,
-        shingle=cfg.shingle,
-        ngram=cfg.ngram,
-        num_perm=cfg.num_perm,
-        bands=cfg.bands,
-        rows=cfg.rows,
-        verify=cfg.verify,
-        seed=cfg.seed,
-    )
+    kept: pd.DataFrame
+    removed: pd.DataFrame
+    report: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- pair finders
-def find_cross_duplicates(
-    train_df: pd.DataFrame, heldout_df: pd.DataFrame, cfg: NearDedupConfig
-) -> list[tuple[int, int, float]]:
-    """Near-duplicate pairs between a held-out set and a train set (leaks).
-
-    Args:
-        train_df: canonical records of the train side.
-        heldout_df: canonical records of the held-out side.
-        cfg: near-dedup settings (key, shingles, threshold...); used even when ``cfg.enabled`` is false,
-            since leak checks are not optional dedup.
-
-    Returns:
-        ``(heldout row position, train row position, similarity)`` for every pair with similarity >=
-        ``cfg.threshold`` (positions are ``iloc`` positions), sorted.
-    """
-    for name, frame in (("train_df", train_df), ("heldout_df", heldout_df)):
-        _check_columns(frame, what=name)
-    if len(train_df) == 0 or len(heldout_df) == 0:
-        return []
-    h = len(heldout_df)
-    texts = key_texts(heldout_df, cfg.key) + key_texts(train_df, cfg.key)
-    res = find_near_duplicates(texts, _lsh_params(cfg), pair_filter=lambda i, j: (i < h) & (j >= h))
-    out = [(int(i), int(j) - h, float(s)) for (i, j), s in zip(res.pairs, res.similarity)]
-    return sorted(out)
-
-
 def _exact_pairs(norm: list[str]) -> np.ndarray:
     """Pairs (first row of a group, other row) of equal non-empty normalised keys."""
     codes, _ = pd.factorize(pd.Series(norm, dtype=object))
@@ -231,19 +177,22 @@ def _check_columns(df: pd.DataFrame, *, what: str) -> None:
         raise ValueError(f"{what}: missing column(s) {missing}; dedup needs canonical records (sftflow.data.records)")
 
 
-def dedup(
-    *, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Remove exact, near, (semantic) duplicates and, given ``heldout_df``, rows that leak it.
+def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame | None = None) -> DedupFrames:
+    """Remove exact, near, (semantic) duplicates and, given ``heldout_df``, rows that leak it (in memory).
 
     Args:
         df: canonical records (``id``, ``messages``, ``source`` at least), in input order.
         cfg: the pipeline's ``dedup`` section.
-        heldout_df: held-out records; train rows that are near duplicates of one are removed as ``leak``.
+        heldout_df: held-out records; train rows that duplicate one (``find_cross_duplicates``) are
+            removed as ``leak``.
 
     Returns:
-        ``(kept, removed, report)``: kept rows (input columns), removed rows (input columns +
-        ``cluster_id``, ``kept_id``, ``matched_id``, ``reason``, ``similarity``), and a JSON-able report.
+        DedupFrames: kept rows (input columns), removed rows (input columns + ``cluster_id``,
+        ``kept_id``, ``matched_id``, ``reason``, ``similarity``), and a JSON-able report.
+
+    Raises:
+        ValueError: a frame lacks a canonical column.
+        AccountingError: rows in != kept + removed (a bug; never silently).
     """
     _check_columns(df, what="dedup input")
     if heldout_df is not None:
@@ -291,7 +240,7 @@ def dedup(
             apply("exact", np.arange(n), pairs, np.ones(len(pairs)), {"key": cfg.exact.key})
         if cfg.near.enabled:
             idx = np.flatnonzero(alive)
-            res = find_near_duplicates(key_texts(df.iloc[idx], cfg.near.key), _lsh_params(cfg.near))
+            res = find_near_duplicates(key_texts(df.iloc[idx], cfg.near.key), lsh_params(cfg.near))
             apply("near", idx, res.pairs, res.similarity, {
                 "key": cfg.near.key, "threshold": cfg.near.threshold, "shingle": f"{cfg.near.shingle} {cfg.near.ngram}-grams",
                 "num_perm": cfg.near.num_perm, "bands": res.bands, "rows": res.rows, "verify": cfg.near.verify,
@@ -305,40 +254,27 @@ def dedup(
     if heldout_df is not None and n:
         idx = np.flatnonzero(alive)
         heldout_df = heldout_df.reset_index(drop=True)
-        leaks = find_cross_duplicates(df.iloc[idx], heldout_df, cfg.near)
-        # Equal normalised keys leak too, even when too short to have shingles (e.g. "Hi?").
-        held_keys: dict[str, int] = {}
-        for h, k in enumerate(normalize_for_exact(t, cfg.exact) for t in key_texts(heldout_df, cfg.exact.key)):
-            if k:
-                held_keys.setdefault(k, h)
-        for t, k in enumerate(normalize_for_exact(x, cfg.exact) for x in key_texts(df.iloc[idx], cfg.exact.key)):
-            if k in held_keys:
-                leaks.append((held_keys[k], t, 1.0))
-        strongest: dict[tuple[int, int], float] = {}
-        for h, t, s in leaks:
-            strongest[(h, t)] = max(s, strongest.get((h, t), 0.0))
-        leaks = sorted((h, t, s) for (h, t), s in strongest.items())
+        # The one leak rule (sftflow.data.neardup), the same one the split stage applies.
+        pairs = find_cross_duplicates(df.iloc[idx], heldout_df, cfg=cfg)
+        best = strongest_matches(pairs)  # each leaking train row: its most similar held-out row
         hid = heldout_df["id"].astype(str).to_numpy()
-        best: dict[int, tuple[float, int]] = {}
-        for h, t, s in leaks:  # each leaking train row: its most similar held-out row
-            if t not in best or s > best[t][0]:
-                best[t] = (s, h)
         if best:
             local = np.array(sorted(best), dtype=np.int64)
             rows = df.iloc[idx[local]].copy()
-            rows["cluster_id"] = [f"leak:{hid[best[t][1]]}" for t in local]
-            rows["kept_id"] = [hid[best[t][1]] for t in local]
+            rows["cluster_id"] = [f"leak:{hid[best[t].match]}" for t in local]
+            rows["kept_id"] = [hid[best[t].match] for t in local]
             rows["matched_id"] = rows["kept_id"]
             rows["reason"] = "leak"
-            rows["similarity"] = [best[t][0] for t in local]
+            rows["similarity"] = [best[t].similarity for t in local]
             removed_parts.append(rows)
             alive[idx[local]] = False
-        for h, t, s in leaks[:_SAMPLE_PAIRS]:
-            pair_samples.append(_pair_sample(df, "leak", idx[t], None, s, heldout=heldout_df.iloc[h]))
+        for p in sorted(pairs, key=lambda p: (p.match, p.query))[:_SAMPLE_PAIRS]:  # held-out order
+            pair_samples.append(_pair_sample(df, "leak", idx[p.query], None, p.similarity,
+                                             heldout=heldout_df.iloc[p.match]))
         report["stages"]["leak"] = {
-            "heldout_rows": int(len(heldout_df)), "pairs": len(leaks), "removed": len(best),
+            "heldout_rows": int(len(heldout_df)), "pairs": len(pairs), "removed": len(best),
             "threshold": cfg.near.threshold,
-            "min_pair_similarity": min((s for _, _, s in leaks), default=None),
+            "min_pair_similarity": min((p.similarity for p in pairs), default=None),
         }
 
     kept = df[alive].reset_index(drop=True)
@@ -347,10 +283,9 @@ def dedup(
         if removed_parts
         else df.iloc[0:0].assign(**{c: pd.Series(dtype=float if c == "similarity" else object) for c in REMOVED_COLUMNS})
     )
-    if len(kept) + len(removed) != n:  # the invariant the whole pipeline relies on
-        raise AssertionError(f"dedup accounting broken: {n} in != {len(kept)} kept + {len(removed)} removed")
+    check_accounting("dedup", n, kept=len(kept), removed=len(removed))  # the invariant the pipeline relies on
     report.update(_summary(df, removed, n_kept=len(kept), cluster_sizes=cluster_sizes, pair_samples=pair_samples))
-    return kept, removed, report
+    return DedupFrames(kept=kept, removed=removed, report=report)
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -417,57 +352,36 @@ def plot_cluster_sizes(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_dedup_stage(
-    datasets: list[DatasetRef], cfg: DedupConfig, *, ctx: StageContext, stage: str = "dedup",
-    heldout: DatasetRef | None = None,
+def dedup(
+    *, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, heldout: DatasetRef | None = None,
+    stage: str = "dedup",
 ) -> DedupResult:
-    """The dedup stage with its audit trail: files in the run folder, MLflow run, Prefect artifacts.
+    """The dedup stage: deduplicate ``datasets`` (and drop rows leaking ``heldout``), write the audit trail.
+
+    Writes ``kept.parquet``, ``removed.parquet``, ``report.json`` and ``cluster_sizes.png`` in ``out_dir``.
 
     Args:
         datasets: inputs, concatenated in this order (``first`` keeps the earliest).
         cfg: the pipeline's ``dedup`` section.
-        ctx: flow-run context (MLflow ids, run folder).
-        stage: stage name (folder, MLflow run name); e.g. ``dedup_splits`` for the cross-split pass.
+        out_dir: the stage folder.
         heldout: held-out set to check for leaks (its rows are never removed here).
+        stage: stage name (dataset names); e.g. ``dedup_augmented`` for the pass against the held-out set.
+
+    Returns:
+        DedupResult: refs to the kept and removed rows and the report's path.
     """
-    import mlflow
-
-    with stage_run(ctx, stage):
-        out_dir = ctx.stage_dir(stage)
-        frames = []
-        for ref in datasets:
-            frame = ref.read()
-            log_dataset(ref, context=f"{stage}.input", df=frame)
-            frames.append(frame)
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(_REQUIRED))
-        held = heldout.read() if heldout is not None else None
-        if heldout is not None:
-            log_dataset(heldout, context=f"{stage}.heldout", df=held)
-        kept_df, removed_df, report = dedup(df=df, cfg=cfg, heldout_df=held)
-        kept = write_parquet(kept_df, out_dir / "kept.parquet", name=f"{stage}.kept")
-        removed = write_parquet(removed_df, out_dir / "removed.parquet", name=f"{stage}.removed")
-        report["inputs"] = [r.to_dict() for r in datasets]
-        report["outputs"] = {"kept": kept.to_dict(), "removed": removed.to_dict()}
-        report_path = out_dir / "report.json"
-        report_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-        plot = plot_cluster_sizes(report, out_dir / "cluster_sizes.png")
-
-        log_dataset(kept, context=f"{stage}.output", df=kept_df)
-        log_dataset(removed, context=f"{stage}.removed", df=removed_df)
-        mlflow.log_metrics({
-            "rows_in": report["rows_in"], "rows_kept": report["rows_kept"], "rows_removed": report["rows_removed"],
-            **{f"removed_{r}": v for r, v in report["removed_by_reason"].items()},
-        })
-        mlflow.log_params({"threshold": cfg.near.threshold, "keep": cfg.keep, "ngram": cfg.near.ngram,
-                           "num_perm": cfg.near.num_perm, "semantic": cfg.semantic.enabled})
-        log_json(report, f"{stage}/report.json")
-        mlflow.log_artifact(str(plot), artifact_path=stage)
-
-        table_artifact(f"{stage}-per-source", [{"source": s, **v} for s, v in report["per_source"].items()],
-                       description=f"{stage}: rows per source (in, removed by reason, kept)")
-        markdown_artifact(f"{stage}-summary", _markdown(report, stage), description=f"{stage} summary")
-        ctx.layout.mark_done(stage)
-        return DedupResult(kept=kept, removed=removed, report=str(report_path))
+    out_dir = Path(out_dir)
+    frames = [ref.read() for ref in datasets]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(_REQUIRED))
+    got = deduplicate(df=df, cfg=cfg, heldout_df=heldout.read() if heldout is not None else None)
+    kept = write_parquet(got.kept, out_dir / "kept.parquet", name=f"{stage}.kept")
+    removed = write_parquet(got.removed, out_dir / "removed.parquet", name=f"{stage}.removed")
+    report = {**got.report, "inputs": [r.to_dict() for r in datasets],
+              "outputs": {"kept": kept.to_dict(), "removed": removed.to_dict()}}
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    plot_cluster_sizes(report, out_dir / "cluster_sizes.png")
+    return DedupResult(kept=kept, removed=removed, report=str(report_path))
 
 
 def _markdown(report: dict[str, Any], stage: str) -> str:
@@ -491,5 +405,32 @@ def dedup_task(
     datasets: list[DatasetRef], cfg: DedupConfig, *, ctx: StageContext, stage: str = "dedup",
     heldout: DatasetRef | None = None,
 ) -> DedupResult:
-    """Prefect task of the dedup stage (see ``run_dedup_stage``; ``ctx`` is not part of the cache key)."""
-    return run_dedup_stage(datasets, cfg, ctx=ctx, stage=stage, heldout=heldout)
+    """Prefect task: ``dedup`` in its own nested MLflow run; logs datasets, counts, report, plot, UI artifacts.
+
+    ``ctx`` (flow-run context: MLflow ids, run folder) is not part of the cache key.
+    """
+    import mlflow
+
+    with stage_run(ctx, stage):
+        out_dir = ctx.stage_dir(stage)
+        for ref in datasets:
+            log_dataset(ref, context=f"{stage}.input")
+        if heldout is not None:
+            log_dataset(heldout, context=f"{stage}.heldout")
+        result = dedup(datasets=datasets, cfg=cfg, out_dir=out_dir, heldout=heldout, stage=stage)
+        report = json.loads(Path(result.report).read_text())
+        log_dataset(result.kept, context=f"{stage}.output")
+        log_dataset(result.removed, context=f"{stage}.removed")
+        mlflow.log_metrics({
+            "rows_in": report["rows_in"], "rows_kept": report["rows_kept"], "rows_removed": report["rows_removed"],
+            **{f"removed_{r}": v for r, v in report["removed_by_reason"].items()},
+        })
+        mlflow.log_params({"threshold": cfg.near.threshold, "keep": cfg.keep, "ngram": cfg.near.ngram,
+                           "num_perm": cfg.near.num_perm, "semantic": cfg.semantic.enabled})
+        log_json(report, f"{stage}/report.json")
+        mlflow.log_artifact(str(out_dir / "cluster_sizes.png"), artifact_path=stage)
+        table_artifact(f"{stage}-per-source", [{"source": s, **v} for s, v in report["per_source"].items()],
+                       description=f"{stage}: rows per source (in, removed by reason, kept)")
+        markdown_artifact(f"{stage}-summary", _markdown(report, stage), description=f"{stage} summary")
+        ctx.layout.mark_done(stage)
+        return result

@@ -3,9 +3,10 @@
 Runs twice in the flow (``label="base"`` and ``label="tuned"``); the promotion stage compares the
 two results. For each evaluated set (the held-out split, plus any ``evaluation.extra_sets``):
 
-1. **Loss / perplexity** on the reference responses: every row is encoded with the training
-   formatting (``sftflow.inference.formatting.encode_for_training``), so only assistant tokens (content +
-   end-of-turn) count, exactly as in training. The loss is the token-weighted mean over the set.
+1. **Loss / perplexity** on the reference responses: training's own held-out loss
+   (``sftflow.training.loss.heldout_loss``: same encoding, same ``max_seq_len`` truncation or
+   ``overlong`` drop, only assistant tokens counted), so evaluation's ``eval_loss`` and training's
+   agree on the same rows. The loss is the token-weighted mean over the set.
 2. **Generation**: the prompt (every turn before the last assistant turn) is formatted with
    ``build_generation_prompt`` and answered with ``sftflow.inference.generation.generate_batch`` (greedy by
    default, ``max_new_tokens`` bounded, batched). Metrics: ROUGE-L F1 against the reference
@@ -14,6 +15,9 @@ two results. For each evaluated set (the held-out split, plus any ``evaluation.e
 3. **Judge** (optional): the logit-based 1-5 rubric scorer of self-curation
    (``sftflow.inference.generation.score_pairs``), run by one fixed judge model so base and tuned are scored
    by the same judge.
+
+Extra sets are read by ingestion's converters (``sftflow.data.formats.load_records``), so every
+format and role alias ingest accepts works here, multi-turn conversations included.
 
 Per-row samples go to a Parquet file (``set, id, prompt, reference, output, rougeL, ...``) that the
 promotion stage joins into the base-vs-tuned side-by-side table.
@@ -27,10 +31,8 @@ Run it alone::
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
 from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy
 from sftflow.data.records import frame_to_records
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
+from sftflow.errors import DataError
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.results import EvalResult
 
@@ -49,9 +52,6 @@ HELDOUT_SET = "heldout"
 # Metric names computed for every set (extra sets get a "<set>/" prefix).
 GENERATION_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate")
 LOSS_METRICS = ("eval_loss", "perplexity", "eval_tokens")
-# Per-set logit memory budget for the loss pass: batches hold about this many logits (tokens x vocab),
-# so a 262k-vocab model (Gemma) gets ~1k-token batches and a 49k-vocab model ~5k-token batches.
-_LOGIT_BUDGET = 1 << 26  # logits floats per batch (256 MB fp32): bounds peak memory with a 262k vocab
 
 
 # --------------------------------------------------------------------------- pure metric helpers
@@ -115,116 +115,30 @@ def split_prompt_reference(messages: list[dict[str, str]]) -> tuple[list[dict[st
 
 
 # --------------------------------------------------------------------------- extra held-out sets
-def _read_json_rows(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(data, dict):  # {"key": row} layouts
-        data = list(data.values())
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    return data
-
-
-def _row_to_messages(row: Any, fmt: str) -> list[dict[str, str]]:
-    """One eval-set row in ``fmt`` -> messages ending with the reference assistant turn."""
-    if not isinstance(row, dict):
-        raise ValueError("row is not a JSON object")
-    if fmt == "auto":
-        if "messages" in row:
-            fmt = "messages"
-        elif "instances" in row:
-            fmt = "self_instruct"
-        elif "response" in row:
-            fmt = "dolly"
-        elif "text" in row:
-            fmt = "human_assistant"
-        else:
-            fmt = "alpaca"
-    if fmt in ("alpaca", "alpaca_eval", "dolly"):
-        instr = row.get("instruction")
-        extra = row.get("input") if fmt != "dolly" else row.get("context")
-        answer = row.get("output") if fmt != "dolly" else row.get("response")
-        if not isinstance(instr, str) or not instr.strip():
-            raise ValueError("missing or empty `instruction`")
-        if not isinstance(answer, str):
-            raise ValueError(f"missing `{'response' if fmt == 'dolly' else 'output'}`")
-        user = instr.strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    if fmt == "self_instruct":
-        instr = row.get("instruction")
-        inst = row.get("instances") or []
-        if not isinstance(instr, str) or not instr.strip():
-            raise ValueError("missing or empty `instruction`")
-        if not inst or not isinstance(inst[0], dict) or not isinstance(inst[0].get("output"), str):
-            raise ValueError("missing `instances[0].output`")
-        extra = inst[0].get("input") or ""
-        user = instr.strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": inst[0]["output"]}]
-    if fmt == "human_assistant":
-        text = row.get("text")
-        if not isinstance(text, str) or "### Assistant:" not in text:
-            raise ValueError("`text` has no '### Assistant:' part")
-        human, _, answer = text.partition("### Assistant:")
-        return [
-            {"role": "user", "content": human.replace("### Human:", "", 1).strip()},
-            {"role": "assistant", "content": answer.strip()},
-        ]
-    if fmt == "messages":
-        msgs = row.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("missing `messages` list")
-        out = []
-        for m in msgs:
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "value"/"text": ...}]
-                content = "".join(str(c.get("value", c.get("text", ""))) for c in content if isinstance(c, dict))
-            out.append({"role": str(m.get("role")), "content": str(content)})
-        return out
-    raise ValueError(f"unknown format {fmt!r}")
-
-
 def load_eval_set(spec: ExtraEvalSet, *, max_rows: int | None = None) -> list[dict[str, Any]]:
     """Load an extra held-out set as ``[{id, messages}]`` (the first ``max_rows`` usable rows).
 
-    Rows that cannot be used (no instruction, no reference) are skipped and counted, never silently:
-    more than half unusable is an error naming the file; otherwise the caller logs the count.
+    Rows are read and converted by ingestion's converters (``sftflow.data.formats.load_records``:
+    every format and role alias ingest knows, every turn kept), so an extra set means what the same
+    file would mean as training data. Rows that cannot be used are skipped and counted, never
+    silently: more than half of the file unusable is an error naming the file and the first rows.
 
     Raises:
-        FileNotFoundError / ValueError naming the file (and row) when the set is unusable.
+        DataError: the file is missing or unusable (``IngestError``), or most of its rows are.
     """
+    from sftflow.data.formats import load_records
     from sftflow.data.records import record_id
 
-    path = Path(spec.path)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluation.extra_sets[{spec.name}].path: file not found: {path}")
+    where = f"evaluation.extra_sets[{spec.name}]"
+    got = load_records(spec.path, format=spec.format, where=where)
+    if not got.records or len(got.rejected) > len(got.records):
+        shown = "; ".join(f"row {r.row}: {r.reason}" for r in got.rejected[:3])
+        raise DataError(f"{where}: {len(got.rejected)} of {got.read} rows in {got.path} are unusable: {shown}")
     limit = spec.max_rows or max_rows
-    rows, errors = [], []
-    for i, raw in enumerate(_read_json_rows(path)):
-        try:
-            msgs = _row_to_messages(raw, spec.format)
-            split_prompt_reference(msgs)
-        except ValueError as e:
-            errors.append(f"{path} row {i}: {e}")
-            continue
-        rows.append({"id": record_id(msgs), "messages": msgs})
-        if limit and len(rows) >= limit:
-            break
-    if not rows or len(errors) > len(rows):
-        shown = "; ".join(errors[:3])
-        raise ValueError(f"evaluation.extra_sets[{spec.name}]: {len(errors)} unusable rows in {path}: {shown}")
-    return rows
+    # Every converted conversation ends with an assistant turn after a user turn (formats checks
+    # it), so each one splits into a prompt and a reference.
+    records = got.records[:limit] if limit else got.records
+    return [{"id": record_id(r.messages), "messages": r.messages} for r in records]
 
 
 def _heldout_rows(heldout: DatasetRef, *, max_rows: int | None) -> list[dict[str, Any]]:
@@ -242,58 +156,20 @@ def _heldout_rows(heldout: DatasetRef, *, max_rows: int | None) -> list[dict[str
 
 
 # --------------------------------------------------------------------------- model passes
-def heldout_loss(
-    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, template: str, max_len: int
-) -> dict[str, float]:
-    """Token-weighted mean cross-entropy on the assistant tokens of ``conversations``.
+def _loss_metrics(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, template: str,
+                  max_seq_len: int, overlong: str, batch_size: int) -> dict[str, float]:
+    """``eval_loss``, ``perplexity`` and ``eval_tokens`` of one set, from training's held-out loss.
 
-    Uses the training encoder, so the masked tokens are exactly the ones training learns.
-    Returns ``eval_loss``, ``perplexity`` and ``eval_tokens`` (NaN loss when no token counts).
+    ``sftflow.training.loss.heldout_loss`` encodes, truncates (or drops) and averages exactly as
+    training's eval loss does, so the two numbers agree on the same rows. NaN when no token counts.
     """
-    import torch
-    import torch.nn.functional as F
+    from sftflow.training.loss import heldout_loss
 
-    from sftflow.inference.formatting import encode_for_training
-
-    encoded = []
-    for msgs in conversations:
-        ids, labels = encode_for_training(tokenizer, msgs, template=template, max_len=max_len)
-        ids, labels = list(ids), list(labels)
-        if any(x != -100 for x in labels[1:]):  # position 0 is never predicted
-            encoded.append((ids, labels))
-    vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
-    budget = max(max_len, _LOGIT_BUDGET // max(vocab, 1))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
-    # Length-sorted batches under a token budget: few pads, bounded logits memory.
-    encoded.sort(key=lambda e: len(e[0]))
-    i = 0
-    with torch.inference_mode():
-        while i < len(encoded):
-            j = i + 1
-            while j < len(encoded) and len(encoded[j][0]) * (j - i + 1) <= budget:
-                j += 1
-            batch = encoded[i:j]
-            i = j
-            width = max(len(e[0]) for e in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            lab = torch.full((len(batch), width), -100, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (x, y) in enumerate(batch):
-                ids[r, : len(x)] = torch.tensor(x)
-                lab[r, : len(y)] = torch.tensor(y)
-                att[r, : len(x)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
-            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-            shift_labels = lab[:, 1:].reshape(-1).to(device)
-            total_loss += float(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum"))
-            total_tokens += int((shift_labels != -100).sum())
-    if total_tokens == 0:
+    got = heldout_loss(model, tokenizer, conversations, template=template, max_seq_len=max_seq_len,
+                       overlong=overlong, batch_size=batch_size)
+    if got.tokens == 0:
         return {"eval_loss": math.nan, "perplexity": math.nan, "eval_tokens": 0.0}
-    loss = total_loss / total_tokens
-    # exp overflows past ~709; report inf rather than crash on a diverged model.
-    return {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "eval_tokens": float(total_tokens)}
+    return {"eval_loss": got.loss, "perplexity": got.perplexity, "eval_tokens": float(got.tokens)}
 
 
 def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig):
@@ -349,6 +225,7 @@ def evaluate(
     template: str | None,
     out_dir: Path,
     max_seq_len: int = 512,
+    overlong: str = "truncate",
     judge: ModelRef | None = None,
     trust_remote_code: bool = False,
 ) -> EvalResult:
@@ -361,7 +238,8 @@ def evaluate(
         label: ``base`` / ``tuned`` / ``champion``; names the samples file.
         template: ``training.template`` (None: the tokenizer's own chat template, else gemma).
         out_dir: folder for the samples Parquet.
-        max_seq_len: ``training.max_seq_len`` (loss is computed on the same truncation as training).
+        max_seq_len: ``training.max_seq_len``, and
+        overlong: ``training.overlong``: the loss is training's held-out loss, on the same truncation.
         judge: the judge model when ``cfg.judge`` (default: ``model`` itself; pass a fixed one so
             two evaluations are scored by the same judge).
         trust_remote_code: passed to the model loader.
@@ -387,7 +265,8 @@ def evaluate(
         prefix = "" if set_name == HELDOUT_SET else f"{set_name}/"
         convs = [r["messages"] for r in rows]
         prompts, refs = zip(*(split_prompt_reference(c) for c in convs)) if convs else ((), ())
-        for k, v in heldout_loss(lm, tok, convs, template=tmpl, max_len=max_seq_len).items():
+        for k, v in _loss_metrics(lm, tok, convs, template=tmpl, max_seq_len=max_seq_len, overlong=overlong,
+                                  batch_size=cfg.batch_size).items():
             metrics[prefix + k] = v
         gens = _generate(lm, tok, list(prompts), template=tmpl, cfg=cfg) if prompts else []
         outputs = [g.text for g in gens]
@@ -475,6 +354,15 @@ def resolve_judge(cfg: EvaluationConfig, model: ModelRef, *, trust_remote_code: 
     return model
 
 
+def evaluate_champion(*, model: ModelRef, heldout: DatasetRef, evaluation: EvaluationConfig,
+                      training: TrainingConfig, template: str | None, out_dir: Path) -> EvalResult:
+    """Evaluate the registry's current champion on this run's held-out set (the promotion gate's
+    ``ChampionEvaluator``): same settings and loss rule as base and tuned, its own template."""
+    return evaluate(model=model, heldout=heldout, cfg=evaluation, label="champion", template=template,
+                    out_dir=out_dir, max_seq_len=training.max_seq_len, overlong=training.overlong,
+                    judge=resolve_judge(evaluation, model))
+
+
 def log_eval_metrics(result: EvalResult, *, parent_run_id: str) -> None:
     """Log ``<label>/<metric>`` to the active (stage) run and to the flow's parent run."""
     import mlflow
@@ -516,7 +404,7 @@ def evaluate_task(
                            "do_sample": cfg.do_sample, "judge": cfg.judge})
         judge = resolve_judge(cfg, model, trust_remote_code=trust_remote_code)
         result = evaluate(model=model, heldout=heldout, cfg=cfg, label=label, template=training.template,
-                          out_dir=out_dir, max_seq_len=training.max_seq_len, judge=judge,
+                          out_dir=out_dir, max_seq_len=training.max_seq_len, overlong=training.overlong, judge=judge,
                           trust_remote_code=trust_remote_code)
         mlflow.set_tags({"sftflow.eval.heldout_sha256": result.heldout_sha256, "sftflow.eval.key": result.eval_key})
         log_eval_metrics(result, parent_run_id=ctx.parent_run_id)

@@ -11,8 +11,11 @@ metric (``promotion.metric`` + ``promotion.direction``):
    another held-out set or with other settings (its recorded ``sftflow.eval.key`` differs) is
    re-evaluated on this run's held-out set first, so the comparison is like for like.
 
-Whatever the outcome, the decision and its numbers are written to the model version (tags and
-description) and to the run (metrics, ``promotion/decision.json``). The stage also logs the
+``promote`` only reads (the registry's current champion, a re-evaluation when needed) and returns
+the decision; ``promote_task`` applies it (``record_decision``: the alias move through
+``sftflow.tracking.registry``, tags and description on the version). Whatever the outcome, the
+decision and its numbers are written to the model version and to the run (metrics,
+``promotion/decision.json``). The stage also logs the
 base-vs-tuned deltas (``delta/<metric>``) and the side-by-side table (prompt, reference, base
 output, tuned output, per-row ROUGE-L) as an MLflow table, an HTML page and a Prefect table.
 """
@@ -21,9 +24,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from prefect import task
@@ -31,13 +34,15 @@ from prefect.cache_policies import NO_CACHE
 
 from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
 from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, table_artifact
-from sftflow.data.refs import DatasetRef, ModelRef, sha256_dir
+from sftflow.data.refs import DatasetRef
+from sftflow.results import EvalResult, PromotionDecision, TrainResult
+from sftflow.tracking.registry import CHAMPION, model_version_ref, set_alias, set_version_tags, version_by_alias
 from sftflow.tracking.runs import StageContext, log_json, stage_run
-from sftflow.results import PromotionDecision
-from tasks.evaluate import EvalResult
 
-CHAMPION = "champion"
-CANDIDATE = "candidate"
+# Evaluates a registered champion on this run's held-out set and settings, called as
+# ``evaluate_champion(model=, heldout=, evaluation=, training=, template=, out_dir=)``
+# (the flow passes the evaluation stage's function; stages do not import each other).
+ChampionEvaluator = Callable[..., EvalResult]
 # Tags written on every model version the gate looks at; a later gate reads them back.
 TAG_DECISION = "sftflow.gate.decision"
 TAG_REASON = "sftflow.gate.reason"
@@ -180,17 +185,7 @@ def side_by_side(base: EvalResult, tuned: EvalResult) -> pd.DataFrame:
     return df
 
 
-# --------------------------------------------------------------------------- registry helpers
-def current_champion(client: Any, name: str) -> Any | None:
-    """The model version holding ``champion`` (None when the alias or the model is absent)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
+# --------------------------------------------------------------------------- the registry record
 def recorded_value(mv: Any, *, metric: str, key: str) -> float | None:
     """The champion's ``metric`` from its tags, when it was evaluated under the same ``eval_key``."""
     tags = mv.tags or {}
@@ -201,86 +196,6 @@ def recorded_value(mv: Any, *, metric: str, key: str) -> float | None:
     except (ValueError, AttributeError):
         return None
     return None if value is None else float(value)
-
-
-def _find_model_dir(root: Path) -> Path | None:
-    """The transformers model folder below ``root`` (config.json + weights, or a peft adapter)."""
-    for cfg in sorted(root.rglob("config.json"), key=lambda p: len(p.parts)):
-        if any(cfg.parent.glob("*.safetensors")):
-            return cfg.parent
-    for cfg in sorted(root.rglob("adapter_config.json"), key=lambda p: len(p.parts)):
-        return cfg.parent
-    return None
-
-
-def _pyfunc_model_config(model_root: Path) -> dict[str, Any]:
-    """``model_config`` of an MLflow pyfunc folder (the train stage records kind/template/base_path)."""
-    import yaml
-
-    mlmodel = model_root / "MLmodel"
-    if not mlmodel.exists():
-        return {}
-    meta = yaml.safe_load(mlmodel.read_text()) or {}
-    pyfunc = (meta.get("flavors") or {}).get("python_function") or {}
-    # MLflow stores a pyfunc's model_config under `config`; `metadata` is the fallback.
-    out = dict(meta.get("metadata") or {})
-    out.update(pyfunc.get("config") or pyfunc.get("model_config") or {})
-    return out
-
-
-def _local_model_root(client: Any, mv: Any) -> Path | None:
-    """The version's pyfunc folder when the artifact store is a local directory (no copy needed)."""
-    from urllib.parse import unquote, urlparse
-
-    locations = []
-    if getattr(mv, "model_id", None):
-        try:
-            locations.append(client.get_logged_model(mv.model_id).artifact_location)
-        except Exception:  # an older version without a LoggedModel
-            pass
-    locations.append(mv.source or "")
-    for loc in locations:
-        u = urlparse(loc or "")
-        if u.scheme in ("file", "") and loc and Path(unquote(u.path)).is_dir():
-            return Path(unquote(u.path))
-    return None
-
-
-def model_version_ref(client: Any, mv: Any, *, download_dir: Path) -> ModelRef:
-    """A loadable ModelRef of a registered version, offline.
-
-    The train stage logs a pyfunc whose artifacts are the merged safetensors (or an adapter plus
-    the local path of its base, in ``model_config``). Looked up in order: a ``sftflow.model_path``
-    tag on the version, the local artifact folder (file stores), a download of the version.
-    ``meta`` carries the ``template`` the model was trained with.
-    """
-    import mlflow
-
-    local = (mv.tags or {}).get("sftflow.model_path")
-    root: Path | None = Path(local) if local and Path(local).is_dir() else None
-    root = root or _local_model_root(client, mv)
-    if root is None or _find_model_dir(root) is None:
-        dst = download_dir / f"v{mv.version}"
-        dst.mkdir(parents=True, exist_ok=True)
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}",
-                                                        dst_path=str(dst)))
-    model_dir = _find_model_dir(root)
-    if model_dir is None:
-        raise FileNotFoundError(
-            f"model version {mv.name}/{mv.version}: no transformers model (config.json + *.safetensors "
-            f"or adapter_config.json) in its artifacts at {root}"
-        )
-    cfg = _pyfunc_model_config(root)
-    kind, base = "merged", ""
-    if cfg.get("kind") == "adapter" or (
-        (model_dir / "adapter_config.json").exists() and not any(model_dir.glob("model*.safetensors"))
-    ):
-        kind = "adapter"
-        base = cfg.get("base_path") or json.loads((model_dir / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path", "")
-    meta = (("template", str(cfg["template"])),) if cfg.get("template") else ()
-    return ModelRef(path=str(model_dir), sha256=sha256_dir(model_dir), kind=kind, base=base,
-                    name=f"{mv.name}/{mv.version}", meta=meta)
 
 
 def record_on_version(client: Any, *, name: str, version: str, decision: PromotionDecision, tuned: EvalResult,
@@ -299,8 +214,7 @@ def record_on_version(client: Any, *, name: str, version: str, decision: Promoti
         TAG_EVAL_METRICS: json.dumps({k: v for k, v in tuned.metrics if math.isfinite(v)}, sort_keys=True)[:5000],
         TAG_RUN: run_id,
     }
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
+    set_version_tags(client, name=name, version=version, tags=tags)
     champ = ("none" if decision.champion_value is None
              else f"v{decision.champion_version} = {decision.champion_value:.4f}"
              + (" (re-evaluated on this held-out set)" if decision.champion_reevaluated else ""))
@@ -321,26 +235,30 @@ def promote(
     registered_name: str,
     registered_version: str,
     cfg: PromotionConfig,
-    heldout: DatasetRef,
+    heldout: DatasetRef | None,
     evaluation: EvaluationConfig,
     training: TrainingConfig,
     out_dir: Path,
-    run_id: str = "",
     client: Any = None,
+    evaluate_champion: ChampionEvaluator | None = None,
 ) -> tuple[PromotionDecision, EvalResult | None]:
-    """Run the gate against the registry and record the decision (alias, tags, description).
+    """Decide whether the candidate version becomes champion. Reads the registry, writes nothing to it.
 
     Args:
         base / tuned: the two evaluations of this run.
         registered_name / registered_version: the candidate model version ("" when not registered).
         cfg: the ``promotion`` section.
         heldout / evaluation / training: what a champion re-evaluation needs (same data and settings).
-        out_dir: where a re-evaluated champion's artifacts and samples go.
-        run_id: the MLflow run recording the gate (written on the version).
+        out_dir: where a re-evaluated champion's model download and samples go.
         client: an ``MlflowClient`` (default: one for the configured tracking URI).
+        evaluate_champion: evaluates the current champion when its recorded numbers come from
+            another held-out set or other settings (see ``ChampionEvaluator``).
 
     Returns:
-        (decision, the champion's re-evaluation or None).
+        (decision, the champion's re-evaluation or None). Apply the decision with ``record_decision``.
+
+    Raises:
+        ValueError: the champion must be re-evaluated and no ``evaluate_champion`` was given.
     """
     from mlflow import MlflowClient
 
@@ -356,29 +274,26 @@ def promote(
                                  champion_value=None, champion_version="", champion_reevaluated=False,
                                  **common), None
 
-    champ_mv = current_champion(client, registered_name)
+    champ_mv = version_by_alias(client, registered_name, CHAMPION)
     champion_value: float | None = None
     champion_eval: EvalResult | None = None
     if champ_mv is not None and str(champ_mv.version) == str(registered_version):
         # The candidate already is the champion (e.g. a cached re-run): nothing to move.
-        decision = PromotionDecision(promoted=True, reason=f"version {registered_version} already holds champion",
-                                     champion_value=tuned_value, champion_version=str(champ_mv.version),
-                                     champion_reevaluated=False, **common)
-        record_on_version(client, name=registered_name, version=str(registered_version), decision=decision,
-                          tuned=tuned, run_id=run_id)
-        return decision, None
+        return PromotionDecision(promoted=True, reason=f"version {registered_version} already holds champion",
+                                 champion_value=tuned_value, champion_version=str(champ_mv.version),
+                                 champion_reevaluated=False, **common), None
     if champ_mv is not None:
         champion_value = recorded_value(champ_mv, metric=metric, key=tuned.eval_key)
         if champion_value is None:
             # Its recorded numbers come from another held-out set or other settings: evaluate it here.
-            from tasks.evaluate import evaluate, resolve_judge
-
+            if evaluate_champion is None:
+                raise ValueError(f"champion {registered_name}/{champ_mv.version} was evaluated on another held-out "
+                                 "set or with other settings; pass evaluate_champion to re-evaluate it")
             ref = model_version_ref(client, champ_mv, download_dir=out_dir / "champion_model")
             # Prompted the way it was trained (its own template), on this run's data and settings.
             template = ref.meta_dict().get("template") or training.template
-            champion_eval = evaluate(model=ref, heldout=heldout, cfg=evaluation, label="champion",
-                                     template=template, out_dir=out_dir,
-                                     max_seq_len=training.max_seq_len, judge=resolve_judge(evaluation, ref))
+            champion_eval = evaluate_champion(model=ref, heldout=heldout, evaluation=evaluation, training=training,
+                                              template=template, out_dir=out_dir)
             champion_value = champion_eval.metric(metric)
 
     outcome = decide(metric=metric, direction=cfg.direction, min_improvement=cfg.min_improvement,
@@ -388,11 +303,21 @@ def promote(
         champion_version="" if champ_mv is None else str(champ_mv.version),
         champion_reevaluated=champion_eval is not None, **common,
     )
-    if outcome.promote:
-        client.set_registered_model_alias(registered_name, CHAMPION, str(registered_version))
-    record_on_version(client, name=registered_name, version=str(registered_version), decision=decision,
-                      tuned=tuned, run_id=run_id)
     return decision, champion_eval
+
+
+def record_decision(client: Any, decision: PromotionDecision, *, tuned: EvalResult, run_id: str) -> None:
+    """Apply a decision to the registry: move ``champion`` when promoted, record the numbers on the version.
+
+    A decision without a registered version changes nothing; a candidate that already holds
+    ``champion`` keeps it (only its record is refreshed).
+    """
+    name, version = decision.registered_name, decision.registered_version
+    if not name or not version:
+        return
+    if decision.promoted and decision.champion_version != version:
+        set_alias(client, name=name, alias=CHAMPION, version=version)
+    record_on_version(client, name=name, version=version, decision=decision, tuned=tuned, run_id=run_id)
 
 
 def _markdown_table(df: pd.DataFrame, *, limit: int, width: int = 160) -> str:
@@ -414,22 +339,38 @@ def _markdown_table(df: pd.DataFrame, *, limit: int, width: int = 160) -> str:
 def promote_task(
     base: EvalResult,
     tuned: EvalResult,
-    train: Any,
+    train: TrainResult | None,
     cfg: PromotionConfig,
     *,
     ctx: StageContext,
     heldout: DatasetRef,
     evaluation: EvaluationConfig,
     training: TrainingConfig,
+    evaluate_champion: ChampionEvaluator | None = None,
 ) -> PromotionDecision:
     """Prefect task: side-by-side table, deltas, and the promotion gate, in the nested run ``promote``.
 
-    ``train`` is the train stage's ``TrainResult`` (``registered_name`` / ``registered_version``).
     Retried on failure: everything here is registry/file I/O (a champion re-evaluation repeats
     deterministically).
+
+    Args:
+        base / tuned: the evaluations of the base and the fine-tuned model.
+        train: the train stage's result (its registered version is the candidate); None when
+            nothing was trained, which promotes nothing.
+        cfg: the ``promotion`` section.
+        ctx: the flow's tracking context.
+        heldout / evaluation / training: what a champion re-evaluation needs.
+        evaluate_champion: the evaluation stage's champion evaluator (``ChampionEvaluator``).
+
+    Raises:
+        TypeError: ``train`` is neither a ``TrainResult`` nor None (a wiring mistake in the flow
+            must not read as "no model to promote").
     """
     import mlflow
     from mlflow import MlflowClient
+
+    if train is not None and not isinstance(train, TrainResult):
+        raise TypeError(f"promote_task: train must be the train stage's TrainResult or None, got {type(train).__name__}")
 
     stage = "promote"
     with stage_run(ctx, stage) as run:
@@ -460,10 +401,12 @@ def promote_task(
 
         with pipeline_lock(ctx.pipeline, what="registry"):
             decision, champion_eval = promote(
-                base=base, tuned=tuned, registered_name=getattr(train, "registered_name", ""),
-                registered_version=getattr(train, "registered_version", ""), cfg=cfg, heldout=heldout,
-                evaluation=evaluation, training=training, out_dir=out_dir, run_id=run.info.run_id, client=client,
+                base=base, tuned=tuned, registered_name=train.registered_name if train else "",
+                registered_version=train.registered_version if train else "", cfg=cfg, heldout=heldout,
+                evaluation=evaluation, training=training, out_dir=out_dir, client=client,
+                evaluate_champion=evaluate_champion,
             )
+            record_decision(client, decision, tuned=tuned, run_id=run.info.run_id)
 
         metrics = {f"delta/{k}": v for k, v in decision.deltas if math.isfinite(v)}
         metrics["promotion/promoted"] = float(decision.promoted)

@@ -5,9 +5,11 @@
 2. The held-out set takes ``heldout_size`` rows (or ``heldout_fraction`` of them), optionally
    stratified by ``source`` or ``category`` (each stratum gets its proportional share, largest
    remainder first, every stratum with >= 2 rows keeps at least one training row).
-3. Leakage: a held-out row whose normalized prompt equals a training row's prompt is an exact
-   leak; a held-out row that near-duplicates a training row (``tasks.dedup.find_cross_duplicates``,
-   MinHash, when ``dedup.near.enabled``) is a near leak. Leaks follow ``dedup.cross_split``:
+3. Leakage: a held-out row that duplicates a training row leaks, by the one rule the dedup stage
+   uses too (``sftflow.data.neardup.find_cross_duplicates`` on ``dedup.near.key``): equal normalized
+   keys are an exact leak, a MinHash near-duplicate (Jaccard >= ``dedup.near.threshold``) a near
+   leak. The check always runs (switching dedup off does not switch leak checks off).
+   Leaks follow ``dedup.cross_split``:
    ``move`` puts the held-out row into train, ``drop`` removes it from both (written to
    ``leaks.parquet``). Either way they are counted and reported; the held-out set may end up
    smaller than asked, never contaminated.
@@ -18,45 +20,35 @@ Accounting: rows in = train + held-out + dropped.
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from prefect import task
 
-from sftflow.config import DedupConfig, ExactDedupConfig, SplitConfig
-from sftflow.errors import DataError
-from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
-from sftflow.data.records import prompt_text
+from sftflow.config import DedupConfig, SplitConfig
+from sftflow.data.neardup import find_cross_duplicates, leak_key, strongest_matches
+from sftflow.data.records import check_accounting
 from sftflow.data.refs import DatasetRef, write_parquet
-from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
+from sftflow.errors import DataError
+from sftflow.ops.orchestration import (
+    IO_RETRIES,
+    markdown_artifact,
+    retry_unless,
+    run_logger,
+    stage_cache_policy,
+    table_artifact,
+)
 from sftflow.results import SplitResult
-from tasks.ingest import retry_unless
+from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 
-log = logging.getLogger(__name__)
-
-
-def _logger() -> Any:
-    """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
-    from sftflow.ops.orchestration import run_logger
-
-    return run_logger(__name__)
 
 class SplitError(DataError):
     """The dataset cannot be split as configured; the message names the config key.
 
     A user error (``sftflow.errors.DataError``): the CLI prints it in one line and exits with 4.
     """
-
-
-def normalize_prompt(text: str, cfg: ExactDedupConfig | None = None) -> str:
-    """The prompt key leakage is checked on: exact dedup's normalization, so both stages agree."""
-    from tasks.dedup import normalize_for_exact
-
-    return normalize_for_exact(text, cfg or ExactDedupConfig())
 
 
 def heldout_count(n: int, cfg: SplitConfig) -> int:
@@ -118,17 +110,8 @@ def choose_heldout(df: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
     return mask
 
 
-def _find_cross_duplicates() -> Callable[..., list[tuple[int, int, float]]] | None:
-    """The dedup stage's cross-set near-duplicate finder, when that module provides it."""
-    try:
-        from tasks.dedup import find_cross_duplicates
-    except ImportError:
-        return None
-    return find_cross_duplicates
-
-
 def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir: Path) -> SplitResult:
-    """Split ``dataset`` into train / held-out without prompt leakage.
+    """Split ``dataset`` into train / held-out so that no held-out row duplicates a training row.
 
     Args:
         dataset: clean canonical records (after dedup).
@@ -141,31 +124,20 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
     df = dataset.read().reset_index(drop=True)
     mask = choose_heldout(df, cfg)
     requested = int(mask.sum())
-    prompts = df["messages"].map(lambda m: normalize_prompt(prompt_text(list(m)), dedup.exact))
+    key = leak_key(dedup)
 
-    # Exact leaks: a held-out prompt that also appears on the train side.
-    train_prompts = set(prompts[~mask])
-    exact_idx = [i for i in np.flatnonzero(mask) if prompts.iloc[i] in train_prompts]
-    # (Held-out rows sharing a prompt among themselves do not leak into training; dedup handles those.)
-    leak_reason: dict[int, str] = {int(i): "exact: same normalized prompt as a training row" for i in exact_idx}
-
+    # The one leak rule: a held-out row leaks when it duplicates a training row (exactly or nearly).
+    held_pos, train_pos = np.flatnonzero(mask), np.flatnonzero(~mask)
+    pairs = find_cross_duplicates(df.iloc[held_pos].reset_index(drop=True), df.iloc[train_pos].reset_index(drop=True),
+                                  cfg=dedup)
+    # (Held-out rows duplicating each other do not leak into training; dedup handles those.)
+    exact_idx = sorted({int(held_pos[p.query]) for p in pairs if p.exact})
+    leak_reason: dict[int, str] = {i: f"exact: same normalized {key} as a training row" for i in exact_idx}
     near_idx: list[int] = []
-    finder = _find_cross_duplicates() if (dedup.enabled and dedup.near.enabled) else None
-    if dedup.enabled and dedup.near.enabled and finder is None:
-        _logger().warning("split: tasks.dedup.find_cross_duplicates is not available; near-duplicate leakage not checked")
-    if finder is not None:
-        held_pos = [i for i in np.flatnonzero(mask) if int(i) not in leak_reason]
-        train_pos = np.flatnonzero(~mask)
-        if held_pos and len(train_pos):
-            pairs = finder(df.iloc[train_pos].reset_index(drop=True), df.iloc[held_pos].reset_index(drop=True), dedup.near)
-            best: dict[int, tuple[int, float]] = {}
-            for h, t, sim in pairs:
-                if h not in best or sim > best[h][1]:
-                    best[int(h)] = (int(t), float(sim))
-            for h, (t, sim) in sorted(best.items()):
-                i = int(held_pos[h])
-                near_idx.append(i)
-                leak_reason[i] = f"near: similarity {sim:.3f} with training row {df.iloc[train_pos[t]]['id']}"
+    for h, p in sorted(strongest_matches(q for q in pairs if int(held_pos[q.query]) not in leak_reason).items()):
+        i = int(held_pos[h])
+        near_idx.append(i)
+        leak_reason[i] = f"near: similarity {p.similarity:.3f} with training row {df.iloc[train_pos[p.match]]['id']}"
 
     leaks = sorted(leak_reason)
     dropped_df = df.iloc[[]]
@@ -177,7 +149,7 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
             keep = np.ones(len(df), dtype=bool)
             keep[leaks] = False
             mask[leaks] = False
-            df, mask, prompts = df[keep], mask[keep], prompts[keep]
+            df, mask = df[keep], mask[keep]
     train_df, held_df = df[~mask], df[mask]
     if len(held_df) == 0:
         raise SplitError(f"every held-out row leaked into train ({len(leaks)} leaks); "
@@ -194,7 +166,7 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
         "heldout_requested": requested,
         "leaks_exact": len(exact_idx),
         "leaks_near": len(near_idx),
-        "near_checked": finder is not None,
+        "leak_key": key,
         "cross_split": dedup.cross_split,
         "dropped": len(dropped_df),
         "stratify_by": cfg.stratify_by,
@@ -204,8 +176,8 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
         "train_by_stratum": (train_df[cfg.stratify_by].astype(str).value_counts().sort_index().to_dict()
                              if cfg.stratify_by else {}),
     }
-    assert rep["rows_in"] == rep["train"] + rep["heldout"] + rep["dropped"], rep  # nothing disappears
-    _logger().info("split: train %d, held-out %d (asked %d); leaks exact %d, near %d (%s)", train.num_rows,
+    check_accounting("split", rep["rows_in"], train=rep["train"], heldout=rep["heldout"], dropped=rep["dropped"])
+    run_logger(__name__).info("split: train %d, held-out %d (asked %d); leaks exact %d, near %d (%s)", train.num_rows,
                    heldout.num_rows, requested, len(exact_idx), len(near_idx), dedup.cross_split)
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(rep, indent=2, sort_keys=True))
@@ -259,7 +231,6 @@ def _markdown(rep: dict[str, Any]) -> str:
         "# Split", "",
         f"- rows in: {rep['rows_in']} → train {rep['train']}, held-out {rep['heldout']} "
         f"(asked {rep['heldout_requested']}), dropped {rep['dropped']}",
-        f"- leaks ({rep['cross_split']}): exact {rep['leaks_exact']}, near {rep['leaks_near']}"
-        + ("" if rep["near_checked"] else " (near-duplicate check not run)"),
+        f"- leaks ({rep['cross_split']}, on the {rep['leak_key']}): exact {rep['leaks_exact']}, near {rep['leaks_near']}",
         f"- seed {rep['seed']}, stratified by {rep['stratify_by'] or 'nothing'}",
     ])

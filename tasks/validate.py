@@ -22,11 +22,9 @@ The same suite runs as a data contract in tests/data on real samples.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +34,20 @@ from prefect import task
 
 from sftflow.errors import DataError
 from sftflow.config import ValidationConfig
-from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.ops.orchestration import (
+    IO_RETRIES,
+    markdown_artifact,
+    retry_unless,
+    run_logger,
+    stage_cache_policy,
+    table_artifact,
+)
+from sftflow.data.quarantine import quarantine_frame, quarantine_row
 from sftflow.data.records import COLUMNS, ORIGINS, ROLES, visible_text, with_optional_columns
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.tracking.runs import StageContext, log_dataset, stage_run
 from sftflow.results import ValidateResult
-from tasks.ingest import RAW_PREVIEW_CHARS, quarantine_frame, retry_unless
 
-log = logging.getLogger(__name__)
-
-
-def _logger() -> Any:
-    """Prefect's run logger inside a flow/task (so messages show in the UI), else this module's."""
-    from sftflow.ops.orchestration import run_logger
-
-    return run_logger(__name__)
 
 SUITE_NAME = "sftflow_canonical"
 ROLE_PATTERN = r"^S?(?:UA)+$"  # optional system turn, then user/assistant pairs, ending on assistant
@@ -325,16 +322,15 @@ def validate(
         rec = df.iloc[i]
         raw = json.dumps({c: _jsonable(rec[c]) for c in df.columns}, ensure_ascii=False, default=str)
         # source/source_row point at the row in its source file; file/row at the stage's input.
-        q_rows.append({"stage": stage, "source": str(rec.get("source", "")), "source_row": _source_row(rec),
-                       "file": dataset.path, "row": i + 1, "reason": "; ".join(reasons[i]),
-                       "raw": raw[:RAW_PREVIEW_CHARS]})
+        q_rows.append(quarantine_row(stage=stage, source=str(rec.get("source", "")), source_row=_source_row(rec),
+                                     file=dataset.path, row=i + 1, reason="; ".join(reasons[i]), raw=raw))
     quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name=f"{stage}_quarantine")
     valid = write_parquet(df[good_mask], out_dir / "valid.parquet", name=f"{stage}_valid")
     (out_dir / "summary.json").write_text(json.dumps(
         {"rows": len(df), "valid": valid.num_rows, "quarantined": quarantine.num_rows, "expectations": summary,
          "statistics": gx_result.statistics}, indent=2, default=str))
 
-    _logger().info("GX suite %s on %s: %d valid, %d quarantined of %d rows", SUITE_NAME, dataset.name,
+    run_logger(__name__).info("GX suite %s on %s: %d valid, %d quarantined of %d rows", SUITE_NAME, dataset.name,
                    valid.num_rows, quarantine.num_rows, len(df))
     fraction = len(bad) / max(len(df), 1)
     if fraction > cfg.max_suite_failure_fraction:

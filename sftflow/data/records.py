@@ -35,6 +35,36 @@ COLUMNS: tuple[str, ...] = ("id", "messages", "source", "origin", "category", "s
 OPTIONAL_COLUMNS: dict[str, Any] = {"category": "", "score": math.nan, "source_row": 0}
 
 _WS = re.compile(r"\s+")
+# Lone surrogates: what `surrogateescape` leaves for bytes that were not valid UTF-8, or a JSON
+# "\ud800" escape that pairs with nothing. Neither is text, and Parquet cannot store them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class AccountingError(RuntimeError):
+    """A row-accounting invariant broke (rows in != rows out + quarantined + removed): a bug, never bad data.
+
+    Raised explicitly (not with ``assert``) so the check also runs under ``python -O``.
+    """
+
+
+def check_accounting(what: str, rows_in: int, **parts: int) -> None:
+    """Raise AccountingError unless ``rows_in`` equals the sum of ``parts`` (e.g. kept=..., removed=...).
+
+    The message names every part: ``"dedup accounting broken: 10 in != 7 kept + 2 removed"``.
+    """
+    if rows_in != sum(parts.values()):
+        shown = " + ".join(f"{v} {k}" for k, v in parts.items())
+        raise AccountingError(f"{what} accounting broken: {rows_in} in != {shown}")
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """True when ``text`` holds a lone UTF-16 surrogate (from invalid UTF-8 or an unpaired escape)."""
+    return _SURROGATE.search(text) is not None
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate shown as U+FFFD, so that Parquet can store it."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def normalize_text(text: str) -> str:

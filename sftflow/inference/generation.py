@@ -11,6 +11,8 @@ as its longest member instead of one full decode loop per prompt. Results come b
 answer would be ``Score: <digit>``, and the rating is the model's probability over the tokens
 ``1``..``5`` at that position, renormalised. There is nothing to parse, so no rating is ever
 lost to free-form output (an open Humpback reimplementation lost 45% of its ratings that way).
+Each score keeps the probability mass the model put on the five rating tokens; ``unparseable_share``
+counts the ratings a text parser would likely have lost (mass below ``RATING_MASS_FLOOR``).
 The rubric text every prompt starts with is run once and its KV cache reused by every batch, so a
 batch pays only for its own instructions and responses.
 
@@ -52,6 +54,11 @@ Answer with the score only, as "Score: <rating>".
 
 SCORE_PREFIX = "Score:"
 SCORE_LABELS: tuple[str, ...] = ("1", "2", "3", "4", "5")
+# Below this probability on the five rating tokens, a rating counts as unparseable: the model
+# more likely than not would have written something other than a digit after "Score:", so a
+# text-parsing scorer would have lost it. The logit scorer still reads a rating from it; the
+# share of such ratings says how far the scores can be trusted.
+RATING_MASS_FLOOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class Score:
         expected: sum of rating * probability, in [1, 5].
         argmax: the most likely rating, 1..5.
         mass: the probability the model put on the five rating tokens before renormalising
-            (a low value means the model did not expect a rating there; a diagnostic only).
+            (a low value means the model did not expect a rating there; see ``unparseable_share``).
     """
 
     probs: tuple[float, float, float, float, float]
@@ -343,7 +350,8 @@ def score_pairs(
             prompts for models without a cache argument. Same scores up to float rounding.
 
     Returns:
-        One ``Score`` per pair, in input order. Every pair gets a score: none is unparseable.
+        One ``Score`` per pair, in input order. Every pair gets a score, and its ``mass`` says
+        whether the model expected a rating there (``unparseable_share`` counts those it did not).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0 (got {batch_size})")
@@ -369,6 +377,25 @@ def score_pairs(
         if was_training:
             model.train()
     return results
+
+
+def unparseable_share(masses: Sequence[float], *, floor: float = RATING_MASS_FLOOR) -> float:
+    """Share of ratings whose probability mass on the rating tokens is below ``floor``.
+
+    Args:
+        masses: ``Score.mass`` of each rated pair (NaN counts as unparseable: no rating was read).
+        floor: the mass below which a rating counts as unparseable (default ``RATING_MASS_FLOOR``).
+
+    Returns:
+        A share in [0, 1]; 0.0 when there are no ratings (none was lost).
+    """
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1] (got {floor})")
+    values = [float(m) for m in masses]
+    if not values:
+        return 0.0
+    # `not m >= floor` also counts NaN.
+    return sum(1 for m in values if not m >= floor) / len(values)
 
 
 def _score_left_padded(model: Any, tokenizer: Any, rows: list[list[int]], digit_ids: Sequence[int], *,

@@ -216,8 +216,9 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
-def _imported_names(path: Path, root: Path) -> set[str]:
-    """Every module name a file may import (top-level and inside functions), absolute."""
+def imported_modules(path: Path, root: Path) -> set[str]:
+    """Every module name a file imports (top-level and inside functions), absolute (the cache keys' code
+    closure and the architecture test both read the import graph through this)."""
     tree = ast.parse(path.read_bytes(), filename=str(path))
     try:
         own = _module_name(path, root)
@@ -276,7 +277,7 @@ def code_closure(start: str | Path, *, root: str | Path | None = None,
         if f in seen:
             continue
         seen.add(f)
-        for name in _imported_names(f, root):
+        for name in imported_modules(f, root):
             parts = name.split(".")
             if parts[0] not in packages:
                 continue

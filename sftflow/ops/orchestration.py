@@ -11,9 +11,11 @@ never retries (it resumes from its last checkpoint when the flow runs again).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from sftflow import layout
+
+
 def stage_cache_policy() -> Any:
     """The cache policy of every stage: ``sftflow.ops.cachekeys.StageCachePolicy`` (``ctx`` excluded).
 
@@ -26,6 +28,25 @@ def stage_cache_policy() -> Any:
 
 # Options for stages whose failures are I/O (files, stores) and safe to retry.
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+
+
+def retry_unless(*errors: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
+    """A Prefect ``retry_condition_fn``: retry (I/O hiccups) unless the failure is one of ``errors``.
+
+    Bad data (too many quarantined rows, a failed GX suite) fails the same way every time, so
+    retrying it only delays the clear error.
+    """
+
+    def should_retry(task: Any, task_run: Any, state: Any) -> bool:
+        exc = getattr(state, "data", None)
+        if not isinstance(exc, BaseException):
+            try:
+                exc = state.result(raise_on_failure=False)
+            except Exception:
+                return True
+        return not isinstance(exc, errors)
+
+    return should_retry
 
 
 def configure_environment() -> None:

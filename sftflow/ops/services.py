@@ -51,7 +51,7 @@ from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 
 from sftflow import layout
 from sftflow.errors import ServiceUnavailable
-from sftflow.ops.processes import call_in_lifetime_thread, die_with_parent, terminate_tree
+from sftflow.ops.processes import call_in_lifetime_thread, die_with_parent, is_alive, terminate_tree
 
 
 LOOPBACK = "127.0.0.1"
@@ -138,21 +138,6 @@ def _pid_file(state: Path, name: str) -> Path:
     return state / f"{name}.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _spawn(name: str, argv: list[str], *, env: dict[str, str], url: str, health: str, state: Path,
            timeout: float, tie_to_parent: bool = False) -> Service:
     """Start ``argv`` detached (own session), record its pid, wait until ``health`` answers.
@@ -162,7 +147,7 @@ def _spawn(name: str, argv: list[str], *, env: dict[str, str], url: str, health:
     """
     state.mkdir(parents=True, exist_ok=True)
     existing = read_service(name, state=state)
-    if existing is not None and _alive(existing.pid):
+    if existing is not None and is_alive(existing.pid):
         raise ServiceError(f"{name} already runs (pid {existing.pid}, {_mask(existing.url)}); "
                            f"stop it first: python -m sftflow.ops.services stop")
     log = state / f"{name}.log"
@@ -645,7 +630,7 @@ def stack_status(*, state: Path | None = None) -> dict[str, Any]:
     for name, health in ((PREFECT_NAME, "/health"), (MLFLOW_NAME, "/health")):
         svc = read_service(name, state=state)
         if svc is not None:
-            out[name] = {"pid": svc.pid, "url": svc.url, "alive": _alive(svc.pid),
+            out[name] = {"pid": svc.pid, "url": svc.url, "alive": is_alive(svc.pid),
                          "healthy": _http_ok(svc.url.rstrip("/") + health), "log": svc.log}
     return out
 
@@ -682,7 +667,7 @@ def run_ui(*, host: str = LOOPBACK, prefect_port: int = 4200, mlflow_port: int =
             print(f"  export {k}={v}")
         print("Ctrl-C stops both.", flush=True)
         while True:
-            dead = [s for s in stack.services if not _alive(s.pid)]
+            dead = [s for s in stack.services if not is_alive(s.pid)]
             if dead:
                 print(f"{dead[0].name} stopped unexpectedly; see {dead[0].log}", file=sys.stderr)
                 break

@@ -94,33 +94,6 @@ def _ts(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _resolve_version(client: Any, name: str, alias: str | None, version: str | None) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        known = sorted(m.name for m in client.search_registered_models())
-        raise LineageError(f"no registered model {name!r}; registered models: {known or 'none'}") from None
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        if version:
-            return client.get_model_version(name, version)
-    except MlflowException:
-        versions = client.search_model_versions(f"name='{name}'")
-        # search_model_versions leaves `aliases` empty; the registered model holds them.
-        aliases = sorted(getattr(client.get_registered_model(name), "aliases", None) or {})
-        what = f"alias {alias!r}" if alias else f"version {version}"
-        raise LineageError(
-            f"model {name!r} has no {what}; versions: {sorted(int(v.version) for v in versions)}, aliases: {aliases}"
-        ) from None
-    versions = client.search_model_versions(f"name='{name}'")
-    if not versions:
-        raise LineageError(f"model {name!r} has no versions")
-    return max(versions, key=lambda v: int(v.version))
-
-
 def _source_uri(raw: str) -> str:
     """Dataset sources are JSON (``{"uri": ...}``, ``{"path": ...}``...); return the location."""
     try:
@@ -230,11 +203,16 @@ def lineage(spec: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from sftflow.tracking.registry import ModelVersionNotFound, resolve_version
+
     uri = resolve_tracking_uri(tracking_uri)
     configure(uri)
     client = MlflowClient(uri)
     name, alias, version = parse_spec(spec)
-    mv = _resolve_version(client, name, alias, version)
+    try:
+        mv = resolve_version(client, name, alias=alias, version=version)
+    except ModelVersionNotFound as e:
+        raise LineageError(str(e)) from None
 
     run_id = mv.run_id or ""
     if not run_id and getattr(mv, "model_id", None):  # MLflow 3: versions point at a LoggedModel

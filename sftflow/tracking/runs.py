@@ -327,6 +327,10 @@ def log_dataset(ref: DatasetRef, *, context: str, source: str | None = None, df:
     for col in flat.columns:
         if flat[col].dtype == object:
             flat[col] = flat[col].map(_flat_value)
+        elif pd.api.types.is_integer_dtype(flat[col]):
+            # MLflow's schema hint warns on every integer column (e.g. ``source_row``); a browsing view
+            # loses nothing as float64 (row numbers stay exact far below 2**53).
+            flat[col] = flat[col].astype("float64")
     import warnings
 
     with warnings.catch_warnings():
@@ -336,8 +340,8 @@ def log_dataset(ref: DatasetRef, *, context: str, source: str | None = None, df:
         # Integer columns (e.g. ``source_row``) are fine here: the view is for browsing, not serving.
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         ds = mlflow.data.from_pandas(flat, source=source or ref.path, name=ref.name, digest=ref.sha256[:36])
-    mlflow.log_input(ds, context=context, tags={"sftflow.sha256": ref.sha256, "sftflow.rows": str(ref.num_rows),
-                                                 "sftflow.path": ref.path})
+        mlflow.log_input(ds, context=context, tags={"sftflow.sha256": ref.sha256, "sftflow.rows": str(ref.num_rows),
+                                                     "sftflow.path": ref.path})
 
 
 def _flat_value(v: Any) -> str:

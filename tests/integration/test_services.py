@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prefect import flow
 
-from sftflow.ops import guards, services
+from sftflow.ops import guards, processes, services
 from sftflow.config import load_pipelines
 from tests.integration.conftest import (
     REPO,
@@ -250,7 +250,7 @@ def test_sftflow_ui_prints_both_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path)
         services.check_prefect_server(f"http://127.0.0.1:{pp}/api")
         assert (home / "prefect" / "prefect.db").exists() and (home / "mlflow" / "mlflow.db").exists()
         recorded = [services.read_service(n, state=home / "services") for n in (services.PREFECT_NAME, services.MLFLOW_NAME)]
-        assert all(r is not None and services._alive(r.pid) for r in recorded)
+        assert all(r is not None and processes.is_alive(r.pid) for r in recorded)
         tree = descendants(proc.pid)
         assert {r.pid for r in recorded} <= set(tree), tree
         t0 = time.monotonic()

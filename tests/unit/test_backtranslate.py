@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, TrainingConfig
-from sftflow.data.records import frame_to_records, make_record, records_to_frame
+from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
+from sftflow.data.records import AccountingError, frame_to_records, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from tasks.backtranslate import (
     BELOW,
@@ -25,6 +25,8 @@ from tasks.backtranslate import (
     load_corpus,
     reverse_records,
     salvage_instruction,
+    seed_duplicate_rule,
+    seed_duplicates,
     segment_filter_reason,
     select_by_threshold,
     select_segments,
@@ -32,7 +34,13 @@ from tasks.backtranslate import (
     tag_records,
     tag_seed,
     training_with_overrides,
+    unparseable_scores,
 )
+
+REPO = Path(__file__).resolve().parents[2]
+# The first 400 leads of ../shared/data's wikipedia_leads_10033.json, in the repository (data/README.md),
+# so the end-to-end tests never depend on ../shared.
+REPO_LEADS = REPO / "data" / "unlabeled" / "wikipedia_leads_400.json"
 
 WIKI = {
     "Photosynthesis": "Photosynthesis is the process by which green plants and some other organisms use sunlight "
@@ -87,6 +95,14 @@ def test_split_into_segments_packs_paragraphs_and_cuts_sentences():
     assert split_into_segments("a b c\nd e", max_words=10) == ["a b c d e"]
 
 
+def test_repo_wikipedia_leads_samples():
+    smoke = load_corpus(CorpusConfig(name="wiki", path=str(REPO / "data" / "smoke" / "wikipedia_leads_20.json")),
+                        max_words=300)
+    assert len(smoke) >= 20 and all(s.text and s.source == "wiki:wikipedia_leads_20.json" for s in smoke)
+    demo = load_corpus(CorpusConfig(name="wiki", path=str(REPO_LEADS), format="wikipedia_leads"), max_words=120)
+    assert len(demo) >= 400 and {s.source for s in demo} == {"wiki:wikipedia_leads_400.json"}
+
+
 def test_real_wikipedia_leads_sample(shared_data: Path):
     path = shared_data / "unlabeled" / "wikipedia_leads_10033.json"
     segs = load_corpus(CorpusConfig(name="wiki", path=str(path), format="wikipedia_leads"), max_words=300)
@@ -125,6 +141,66 @@ def test_select_segments_dedups_and_stops_at_max(tmp_path: Path):
     off = cfg.model_copy(update={"dedup_against_seed": False})
     acc, _ = select_segments(segments, seed_responses=[seed_resp], cfg=off, shuffle_seed=0)
     assert "seed" in {s.id for s in acc}
+
+
+def test_seed_check_is_the_shared_near_duplicate_rule():
+    from sftflow.data.neardup import find_cross_duplicates
+
+    seed_resp = "The capital of France is Paris, a city known for its museums, art and food and many other things."
+    near = seed_resp.replace("many other things", "a great deal more")  # most word 5-grams shared
+    far = "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the cells of green plants."
+    segs = [Segment(id="near", text=near, source="c"), Segment(id="far", text=far, source="c")]
+    cfg = AugmentationConfig(max_segments=10, min_words=5, max_words=60)
+    accepted, rejected = select_segments(segs, seed_responses=[seed_resp], cfg=cfg, shuffle_seed=0)
+    assert [s.id for s in accepted] == ["far"]
+    [(seg, reason, detail)] = rejected
+    assert seg.id == "near" and reason == "seed_duplicate" and "5-gram Jaccard" in detail
+    # The rule is the pipeline's dedup section with the seed check's key and threshold (LSH retuned).
+    rule = seed_duplicate_rule(DedupConfig(near={"threshold": 0.9, "bands": 4, "rows": 2, "key": "prompt"}))
+    assert (rule.near.key, rule.near.threshold, rule.near.ngram, rule.near.bands) == ("response", 0.5, 5, None)
+    assert [p.query for p in find_cross_duplicates([near, far], [seed_resp], cfg=rule)] == [0]
+    # Exact normalisation comes from dedup.exact: with punctuation kept, a copy that differs only in
+    # punctuation is no longer an *exact* copy (it is still a near one).
+    loose = seed_duplicates([seed_resp.replace(",", ";")], [seed_resp], rule=seed_duplicate_rule())
+    strict = seed_duplicates([seed_resp.replace(",", ";")], [seed_resp],
+                             rule=seed_duplicate_rule(DedupConfig(exact={"strip_punctuation": False})))
+    assert loose[0].exact and not strict[0].exact and strict[0].similarity >= 0.5
+
+
+def test_select_segments_in_windows_equals_one_by_one():
+    # 700 segments (more than one examination window): mostly too short, some good, some copies of
+    # a seed response. Windows must pick exactly what examining one segment at a time picks.
+    seed_resp = "Seed answer about the history of the river and the mills that were built along its banks long ago."
+    segs = []
+    for i in range(700):
+        text = (f"Segment {i} describes a subject that people write about for many good reasons in many places."
+                if i % 50 == 0 else seed_resp if i % 97 == 0 else f"short {i}")
+        segs.append(Segment(id=str(i), text=text, source="c"))
+    cfg = AugmentationConfig(max_segments=10, min_words=5, max_words=60)
+    accepted, rejected = select_segments(segs, seed_responses=[seed_resp], cfg=cfg, shuffle_seed=3)
+
+    import random
+
+    order = list(range(len(segs)))
+    random.Random(3).shuffle(order)
+    want_acc, want_rej, seen = [], [], set()
+    rule = seed_duplicate_rule()
+    for i in order:
+        if len(want_acc) >= cfg.max_segments:
+            break
+        seg = segs[i]
+        why = segment_filter_reason(seg.text, min_words=cfg.min_words, max_words=cfg.max_words)
+        why = why[0] if why else None
+        if why is None and seg.text.lower() in seen:
+            why = "duplicate_segment"
+        elif why is None:
+            seen.add(seg.text.lower())
+            if seed_duplicates([seg.text], [seed_resp], rule=rule):
+                why = "seed_duplicate"
+        (want_acc.append(seg.id) if why is None else want_rej.append((seg.id, why)))
+    assert [s.id for s in accepted] == want_acc and len(accepted) == 10
+    assert [(s.id, r) for s, r, _ in rejected] == want_rej
+    assert len(want_rej) > 256 - 10  # the examination really crossed a window boundary
 
 
 # --------------------------------------------------------------------------- reversal / overrides
@@ -238,17 +314,37 @@ def test_accounting_identities_and_unknown_status():
     frame = pd.DataFrame({"status": [FILTERED, FILTERED, REJECTED, BELOW, KEPT, KEPT]})
     assert accounting(frame) == {"segments_in": 6, "segments_filtered": 2, "generated": 4, "rejected": 1,
                                  "scored": 3, "kept": 2, "below_threshold": 1}
-    with pytest.raises(AssertionError, match="unknown candidate statuses"):
+    with pytest.raises(AccountingError, match="unknown candidate statuses"):
         accounting(pd.DataFrame({"status": [KEPT, "lost"]}))
+
+
+def test_unparseable_scores_counts_low_rating_mass():
+    frame = pd.DataFrame({"status": [FILTERED, REJECTED, BELOW, KEPT, KEPT, BELOW],
+                          "mass": [math.nan, math.nan, 0.01, 0.97, 0.49, 0.5]})
+    # Only scored rows count: 2 of 4 put less than half their probability on the ratings.
+    assert unparseable_scores(frame) == pytest.approx(0.5)
+    assert unparseable_scores(frame.assign(mass=[math.nan, math.nan, 0.9, 0.9, 0.6, 1.0])) == 0.0
+    assert unparseable_scores(frame[frame.status == FILTERED]) == 0.0  # nothing scored, nothing lost
 
 
 # --------------------------------------------------------------------------- end to end (tiny model, real training)
 @pytest.mark.parametrize("threshold,iterations", [(1.0, 2), (5.0, 1)])
-def test_backtranslate_end_to_end_tiny(sftflow_home: Path, shared_data: Path, threshold: float, iterations: int):
+def test_backtranslate_end_to_end_tiny(sftflow_home: Path, threshold: float, iterations: int,
+                                       monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+
     from sftflow.inference.models import build_tiny_model
 
+    def no_logging(*_args, **_kwargs):
+        raise AssertionError("the plain backtranslate() must not log to MLflow (its task does)")
+
+    for name in ("start_run", "log_metric", "log_metrics", "log_param", "log_params", "log_artifact", "log_input",
+                 "log_text", "log_dict", "set_tag", "set_tags"):
+        monkeypatch.setattr(mlflow, name, no_logging)
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", no_logging)
+
     base = build_tiny_model("tiny-gemma")
-    leads = json.loads((shared_data / "unlabeled" / "wikipedia_leads_10033.json").read_text())
+    leads = json.loads(REPO_LEADS.read_text())
     corpus = sftflow_home / "leads.json"
     corpus.write_text(json.dumps(dict(list(leads.items())[:14])))
     seed_ref = write_parquet(records_to_frame(_seed_records() * 2), sftflow_home / "seed.parquet", name="seed")
@@ -261,6 +357,7 @@ def test_backtranslate_end_to_end_tiny(sftflow_home: Path, shared_data: Path, th
     training = TrainingConfig(batch_size=2, max_seq_len=128, lora={"r": 4, "alpha": 8}, precision="fp32",
                               checkpoint_every=None, learning_rate=1e-3)
     out = backtranslate(seed=seed_ref, base=base, cfg=cfg, training=training, out_dir=sftflow_home / "bt")
+    assert mlflow.active_run() is None
     counts = dict(out.counts)
     frame = pd.read_parquet(out.candidates.path)
     assert counts["segments_in"] == len(frame) == counts["segments_filtered"] + counts["generated"]
@@ -283,9 +380,15 @@ def test_backtranslate_end_to_end_tiny(sftflow_home: Path, shared_data: Path, th
     rev = frame_to_records(out.reversed.read())
     assert rev[0]["messages"][1]["content"] == "What is the capital of France?"
     assert out.backward_model.kind == "adapter" and Path(out.backward_model.path).is_dir()
+    # Every trained model comes back for the task to log, in training order.
+    names = ["backtranslate.backward", "backtranslate.curation"] + (["backtranslate.curation_iter2"] if iterations == 2 else [])
+    assert [h.run_name for h in out.helpers] == names
+    assert out.helpers[0].output.model == out.backward_model and out.helpers[-1].output.model == out.curation_model
+    # A random tiny model puts almost no probability on "1".."5": every rating is one a parser would lose.
+    assert (scored["mass"] < 0.01).all() and unparseable_scores(frame) == 1.0
 
 
-def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, shared_data: Path, stage_ctx):
+def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, stage_ctx):
     import mlflow
     from mlflow import MlflowClient
 
@@ -293,7 +396,7 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
     from tasks.backtranslate import AugmentResult, backtranslate_task
 
     base = build_tiny_model("tiny-chatml")
-    leads = json.loads((shared_data / "unlabeled" / "wikipedia_leads_10033.json").read_text())
+    leads = json.loads(REPO_LEADS.read_text())
     corpus = sftflow_home / "leads.json"
     corpus.write_text(json.dumps(dict(list(leads.items())[100:106])))
     seed_ref = write_parquet(records_to_frame(_seed_records() * 2), sftflow_home / "seed.parquet", name="seed")
@@ -318,7 +421,10 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
     assert set(runs) == {"backtranslate", "backtranslate.backward", "backtranslate.curation"}
     stage = runs["backtranslate"]
     assert stage.data.tags["mlflow.parentRunId"] == parent
-    assert stage.data.metrics["bt_kept"] == counts["kept"] and stage.data.metrics["bt_unparseable_scores"] == 0
+    assert stage.data.metrics["bt_kept"] == counts["kept"]
+    frame = pd.read_parquet(result.candidates.path)
+    assert stage.data.metrics["bt_unparseable_scores"] == pytest.approx(unparseable_scores(frame))
+    assert stage.data.metrics["bt_unparseable_scores"] == 1.0  # a random model never expects a rating
     files = {f.path for f in client.list_artifacts(stage.info.run_id, "backtranslate")}
     assert {"backtranslate/candidates.parquet", "backtranslate/score_histogram.png", "backtranslate/summary.md"} <= files
     # Each helper model is the logged model of its own run, nested under the stage run.
@@ -328,4 +434,6 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
         models = mlflow.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{run.info.run_id}'",
                                              output_format="list")
         assert len(models) == 1
+        assert run.data.params["train_rows"] == "4" and "loss" in run.data.metrics and "train_loss" in run.data.metrics
+        assert len(client.get_metric_history(run.info.run_id, "loss")) == 1  # one step per helper (max_steps 1)
     assert (Path(ctx.run_dir) / "backtranslate" / "_SUCCESS").exists()

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from sftflow.config import DedupConfig, NearDedupConfig
+from sftflow.config import DedupConfig
 from sftflow.data.minhash import (
     LSHParams,
     Shingler,
@@ -21,7 +21,8 @@ from sftflow.data.minhash import (
     optimal_bands_rows,
 )
 from sftflow.data.records import make_record, records_to_frame
-from tasks.dedup import REMOVED_COLUMNS, dedup, find_cross_duplicates
+from sftflow.data.refs import write_parquet
+from tasks.dedup import REMOVED_COLUMNS, dedup, deduplicate
 
 WORDS = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
@@ -150,7 +151,7 @@ def _accounting(df, kept, removed):
 def test_exact_and_near_removed_keep_longest_response():
     df = _corpus()
     cfg = _cfg(exact={"key": "prompt"}, near={"key": "prompt", "threshold": 0.8})
-    kept, removed, report = dedup(df=df, cfg=cfg)
+    kept, removed, report = deduplicate(df=df, cfg=cfg)
     _accounting(df, kept, removed)
     ids = df["id"].tolist()
     assert set(removed.columns) >= set(REMOVED_COLUMNS)
@@ -176,14 +177,14 @@ def test_keep_first_and_source_priority():
     df = _corpus()
     ids = df["id"].tolist()
     first = _cfg(keep="first", exact={"key": "prompt"}, near={"key": "prompt"})
-    _, removed, _ = dedup(df=df, cfg=first)
+    _, removed, _ = deduplicate(df=df, cfg=first)
     assert set(removed["id"]) == {ids[1], ids[3]}  # earlier rows win
     prio = _cfg(keep="source_priority", source_priority=["s2"], exact={"key": "prompt"}, near={"key": "prompt"})
-    kept, removed, _ = dedup(df=df, cfg=prio)
+    kept, removed, _ = deduplicate(df=df, cfg=prio)
     assert set(removed["id"]) == {ids[0], ids[2]}  # s2 (matched by dataset name before ':') wins
     assert set(removed["kept_id"]) == {ids[1], ids[3]}
     full = _cfg(keep="source_priority", source_priority=["s1:f.json"], exact={"key": "prompt"}, near={"key": "prompt"})
-    _, removed, _ = dedup(df=df, cfg=full)
+    _, removed, _ = deduplicate(df=df, cfg=full)
     assert set(removed["id"]) == {ids[1], ids[3]}
     with pytest.raises(ValidationError, match="source_priority"):
         DedupConfig(keep="source_priority")
@@ -196,7 +197,7 @@ def test_threshold_respected_on_random_corpus():
     recs += [_rec(_perturb(base[i], rng, 1 + i % 10), "r") for i in range(40)]
     df = records_to_frame(recs)
     cfg = _cfg(exact={"enabled": False}, near={"key": "prompt", "threshold": 0.6})
-    kept, removed, report = dedup(df=df, cfg=cfg)
+    kept, removed, report = deduplicate(df=df, cfg=cfg)
     _accounting(df, kept, removed)
     sh = Shingler()
     text = dict(zip(df["id"], base + [r["messages"][0]["content"] for r in recs[40:]]))
@@ -214,40 +215,36 @@ def test_cross_split_leak_detected_and_removed():
     shared = _text(rng, 40)
     train = records_to_frame([_rec(_text(rng, 40), "a"), _rec(shared, "b"), _rec(_text(rng, 40), "c")])
     held = records_to_frame([_rec(_text(rng, 40), "x"), _rec(_perturb(shared, rng, 1), "y")])
-    near = NearDedupConfig(key="prompt", threshold=0.7)
-    pairs = find_cross_duplicates(train, held, near)
-    assert [(h, t) for h, t, _ in pairs] == [(1, 1)]
-    assert pairs[0][2] >= 0.7
     cfg = _cfg(exact={"key": "prompt"}, near={"key": "prompt", "threshold": 0.7})
-    kept, removed, report = dedup(df=train, cfg=cfg, heldout_df=held)
+    kept, removed, report = deduplicate(df=train, cfg=cfg, heldout_df=held)
     _accounting(train, kept, removed)
     assert removed["reason"].tolist() == ["leak"]
     assert removed["id"].tolist() == [train["id"][1]]
     assert removed["kept_id"].tolist() == [held["id"][1]]
     assert report["removed_by_reason"]["leak"] == 1
-    assert find_cross_duplicates(train.iloc[0:0], held, near) == []
+    assert removed["similarity"].iloc[0] >= 0.7
     # Too short for shingles, still a leak when the normalised prompts are equal.
     short_train = records_to_frame([_rec("Hi?", "a"), _rec("other", "b")])
     short_held = records_to_frame([_rec("hi", "c")])
-    _, removed, _ = dedup(df=short_train, cfg=_cfg(near={"key": "prompt", "ngram": 5}, exact={"key": "prompt"}),
+    _, removed, _ = deduplicate(df=short_train, cfg=_cfg(near={"key": "prompt", "ngram": 5}, exact={"key": "prompt"}),
                           heldout_df=short_held)
     assert removed["id"].tolist() == [short_train["id"][0]] and removed["reason"].tolist() == ["leak"]
 
 
 def test_empty_and_single_row_inputs():
     empty = records_to_frame([])
-    kept, removed, report = dedup(df=empty, cfg=DedupConfig())
+    kept, removed, report = deduplicate(df=empty, cfg=DedupConfig())
     assert len(kept) == 0 and len(removed) == 0 and report["rows_in"] == 0
     assert set(removed.columns) >= set(REMOVED_COLUMNS)
     one = records_to_frame([_rec("only row here", "fine")])
-    kept, removed, report = dedup(df=one, cfg=DedupConfig(), heldout_df=one.iloc[0:0])
+    kept, removed, report = deduplicate(df=one, cfg=DedupConfig(), heldout_df=one.iloc[0:0])
     assert len(kept) == 1 and len(removed) == 0
 
 
 def test_rows_without_shingles_do_not_crash():
     df = records_to_frame([_rec("", "ok"), _rec("?", "ok"), _rec("!!", "ok"), _rec("hi", "ok"), _rec("HI", "ok2")])
     cfg = _cfg(exact={"key": "prompt"}, near={"key": "prompt", "ngram": 5})
-    kept, removed, report = dedup(df=df, cfg=cfg)
+    kept, removed, report = deduplicate(df=df, cfg=cfg)
     _accounting(df, kept, removed)
     # "hi"/"HI" are exact duplicates; empty / punctuation-only prompts are not duplicates of anything.
     assert removed["reason"].tolist() == ["exact"]
@@ -256,10 +253,51 @@ def test_rows_without_shingles_do_not_crash():
 
 def test_disabled_and_bad_input():
     df = _corpus()
-    kept, removed, _ = dedup(df=df, cfg=DedupConfig(enabled=False))
+    kept, removed, _ = deduplicate(df=df, cfg=DedupConfig(enabled=False))
     assert len(kept) == len(df) and len(removed) == 0
     with pytest.raises(ValueError, match=r"missing column\(s\) \['messages'\]"):
-        dedup(df=pd.DataFrame({"id": ["a"], "source": ["s"]}), cfg=DedupConfig())
+        deduplicate(df=pd.DataFrame({"id": ["a"], "source": ["s"]}), cfg=DedupConfig())
+
+
+# --------------------------------------------------------------------------- the stage
+def test_plain_dedup_writes_files_and_returns_a_typed_result(tmp_path: Path, monkeypatch):
+    import mlflow
+
+    from sftflow.results import DedupResult
+
+    def no_mlflow(*a, **k):
+        raise AssertionError("the plain stage function must not log to MLflow")
+
+    for name in ("log_metrics", "log_params", "log_artifact", "log_input", "start_run"):
+        monkeypatch.setattr(mlflow, name, no_mlflow)
+    df = _corpus()
+    a = write_parquet(df.iloc[:3], tmp_path / "a.parquet", name="a")
+    b = write_parquet(df.iloc[3:], tmp_path / "b.parquet", name="b")
+    cfg = _cfg(exact={"key": "prompt"}, near={"key": "prompt"})
+    res = dedup(datasets=[a, b], cfg=cfg, out_dir=tmp_path / "out")
+    assert isinstance(res, DedupResult)
+    frames = deduplicate(df=df, cfg=cfg)  # same rows as the in-memory algorithm
+    assert res.kept.read()["id"].tolist() == frames.kept["id"].tolist()
+    assert res.removed.read()["id"].tolist() == frames.removed["id"].tolist()
+    report = json.loads(Path(res.report).read_text())
+    assert report["rows_kept"] == res.kept.num_rows and report["outputs"]["kept"]["sha256"] == res.kept.sha256
+    assert (tmp_path / "out" / "cluster_sizes.png").exists()
+
+
+def test_accounting_invariants_are_explicit_exceptions():
+    import ast
+
+    from sftflow.data.records import AccountingError, check_accounting
+
+    check_accounting("dedup", 5, kept=3, removed=2)
+    with pytest.raises(AccountingError, match=r"dedup accounting broken: 5 in != 3 kept \+ 1 removed"):
+        check_accounting("dedup", 5, kept=3, removed=1)
+    # `assert` vanishes under `python -O`: no stage of the data path may rely on it.
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("ingest", "validate", "dedup", "split"):
+        tree = ast.parse((repo / "tasks" / f"{name}.py").read_text())
+        asserts = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Assert)]
+        assert not asserts, f"tasks/{name}.py: bare assert at line(s) {asserts}"
 
 
 # --------------------------------------------------------------------------- task wrapper
@@ -268,7 +306,6 @@ def test_dedup_task_writes_audit_trail(sftflow_home: Path):
 
     from sftflow.tracking import runs as tracking
     from sftflow.layout import STAGE_DONE_MARKER, RunLayout
-    from sftflow.data.refs import write_parquet
     from tasks.dedup import dedup_task
 
     uri = tracking.default_tracking_uri()
@@ -306,7 +343,7 @@ def test_semantic_dedup_finds_paraphrase():
     ])
     cfg = _cfg(keep="first", exact={"enabled": False}, near={"key": "prompt"},
                semantic={"enabled": True, "threshold": 0.7})
-    kept, removed, report = dedup(df=df, cfg=cfg)
+    kept, removed, report = deduplicate(df=df, cfg=cfg)
     assert removed["reason"].tolist() == ["semantic"]
     assert removed["id"].tolist() == [df["id"][1]]
     assert removed["similarity"].iloc[0] >= 0.7

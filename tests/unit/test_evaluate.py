@@ -12,15 +12,18 @@ import pytest
 from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
+from sftflow.errors import DataError
 from tasks.evaluate import (
     EvalResult,
     eval_key,
+    evaluate,
     generation_metrics,
-    heldout_loss,
     load_eval_set,
     rouge_l,
     split_prompt_reference,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- pure metrics
@@ -94,16 +97,49 @@ def test_load_real_eval_sets(shared_data: Path) -> None:
     assert si[0]["messages"][1]["role"] == "assistant"
 
 
+def test_load_repo_samples_as_eval_sets() -> None:
+    # The repository's own samples (data/README.md), so this runs without ../shared.
+    alpaca = load_eval_set(ExtraEvalSet(name="a", path=str(REPO / "data/instruct/alpaca_gpt4_300.json"),
+                                        format="alpaca_eval"), max_rows=4)
+    first = json.loads((REPO / "data/instruct/alpaca_gpt4_300.json").read_text())[0]
+    assert len(alpaca) == 4 and alpaca[0]["messages"][-1] == {"role": "assistant", "content": first["output"].strip()}
+    assert alpaca[0]["messages"][0]["content"].startswith(first["instruction"].strip())
+    # The smoke file's deliberate defects (a malformed line, a blank answer) are skipped; its
+    # duplicates are kept (an eval set is not deduplicated).
+    dolly = load_eval_set(ExtraEvalSet(name="d", path=str(REPO / "data/smoke/dolly_smoke.jsonl")))
+    assert len(dolly) == 42 and all(m["messages"][-1]["role"] == "assistant" for m in dolly)
+    capped = load_eval_set(ExtraEvalSet(name="d", path=str(REPO / "data/smoke/dolly_smoke.jsonl"), max_rows=5),
+                           max_rows=30)
+    assert [r["id"] for r in capped] == [r["id"] for r in dolly[:5]]  # the set's own max_rows wins
+
+
+def test_eval_sets_use_ingests_converters(tmp_path: Path) -> None:
+    # ShareGPT rows with from/value and human/gpt roles: every turn is kept; the reference is the
+    # last assistant turn and the prompt holds the turns before it.
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello!"},
+        {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]}]))
+    [row] = load_eval_set(ExtraEvalSet(name="sg", path=str(sharegpt)))
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
+    prompt, ref = split_prompt_reference(row["messages"])
+    assert ref == "Blue." and prompt[-1] == {"role": "user", "content": "Name a colour."}
+
+
 def test_load_eval_set_names_file_and_rows(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "", "output": "x"}) + "\n" + json.dumps({"foo": 1}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl row 0: missing or empty `instruction`"):
+    with pytest.raises(DataError, match=r"extra_sets\[bad\]: 2 of 2 rows in \S*bad\.jsonl are unusable: "
+                                        r"row 1: empty instruction.*row 2: missing required field 'instruction'"):
         load_eval_set(ExtraEvalSet(name="bad", path=str(bad), format="alpaca"))
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
+    broken.write_text('{"instruction": "a", "output": "b"}\n{not json\n{not json either\n')
+    with pytest.raises(DataError, match=r"2 of 3 rows in \S*broken\.jsonl are unusable: row 2: malformed JSON"):
         load_eval_set(ExtraEvalSet(name="broken", path=str(broken)))
-    with pytest.raises(FileNotFoundError, match="extra_sets\\[gone\\]"):
+    # One bad row of two is skipped, not fatal.
+    broken.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    assert [r["messages"][0]["content"] for r in load_eval_set(ExtraEvalSet(name="broken", path=str(broken)))] == ["a"]
+    with pytest.raises(DataError, match="extra_sets\\[gone\\]"):
         load_eval_set(ExtraEvalSet(name="gone", path=str(tmp_path / "nope.json")))
 
 
@@ -124,31 +160,57 @@ def _heldout(tmp: Path, n: int = 4):
     return write_parquet(records_to_frame(recs), tmp / "heldout.parquet", name="heldout")
 
 
-def test_heldout_loss_matches_transformers_loss(tiny) -> None:
+def _reference_loss(model, tok, convs, *, template: str, max_seq_len: int) -> tuple[float, int]:
+    """transformers' own shifted, masked mean loss, token-weighted over rows cut to their first
+    ``max_seq_len`` tokens (training's truncation)."""
     import torch
 
-    from sftflow.inference.formatting import encode_for_training, resolve_template
-    from sftflow.inference.models import load_model
+    from sftflow.inference.formatting import encode_for_training
 
-    model, tok = load_model(tiny)
-    tmpl = resolve_template(tok, None)
-    convs = [
-        [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
-        [{"role": "user", "content": "Count to three please."}, {"role": "assistant", "content": "One, two, three."}],
-    ]
-    got = heldout_loss(model, tok, convs, template=tmpl, max_len=128)
-    # Reference: transformers' own shifted, masked mean loss, token-weighted over both rows.
     total, count = 0.0, 0
     for c in convs:
-        ids, labels = encode_for_training(tok, c, template=tmpl, max_len=128)
+        ids, labels = encode_for_training(tok, c, template=template, max_len=None)
+        ids, labels = list(ids)[:max_seq_len], list(labels)[:max_seq_len]
         n = sum(1 for x in labels[1:] if x != -100)
+        if n == 0:
+            continue
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
         total += float(out.loss) * n
         count += n
-    assert got["eval_tokens"] == count
-    assert got["eval_loss"] == pytest.approx(total / count, rel=1e-4)
-    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    return total / count, count
+
+
+def test_eval_loss_is_trainings_heldout_loss(tiny, tmp_path: Path) -> None:
+    from sftflow.inference.formatting import resolve_template
+    from sftflow.inference.models import load_model
+    from sftflow.training.loss import heldout_loss
+
+    model, tok = load_model(tiny)
+    tmpl = resolve_template(tok, None)
+    long_answer = "One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve. " * 3
+    convs = [
+        [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+        [{"role": "user", "content": "Count to three please."}, {"role": "assistant", "content": "One, two, three."}],
+        [{"role": "user", "content": "Count to twelve, three times."}, {"role": "assistant", "content": long_answer}],
+    ]
+    heldout = write_parquet(records_to_frame([make_record(c, source="t:x") for c in convs]), tmp_path / "h.parquet",
+                            name="heldout")
+    cfg = EvaluationConfig(max_new_tokens=2, batch_size=2)
+    for max_seq_len in (128, 40):  # 40 tokens cut the long row: evaluation truncates as training does
+        want, count = _reference_loss(model, tok, convs, template=tmpl, max_seq_len=max_seq_len)
+        got = heldout_loss(model, tok, convs, template=tmpl, max_seq_len=max_seq_len)
+        assert got.tokens == count and got.loss == pytest.approx(want, rel=1e-4)
+        m = evaluate(model=tiny, heldout=heldout, cfg=cfg, label=f"l{max_seq_len}", template=None,
+                     out_dir=tmp_path, max_seq_len=max_seq_len).metrics_dict()
+        assert m["eval_tokens"] == count
+        assert m["eval_loss"] == pytest.approx(want, rel=1e-4)
+        assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]), rel=1e-9)
+    # overlong="drop" (training.overlong) drops the long row instead of cutting it.
+    m = evaluate(model=tiny, heldout=heldout, cfg=cfg, label="drop", template=None, out_dir=tmp_path,
+                 max_seq_len=40, overlong="drop").metrics_dict()
+    assert m["eval_loss"] == pytest.approx(_reference_loss(model, tok, convs[:2], template=tmpl, max_seq_len=40)[0],
+                                           rel=1e-4)
 
 
 def test_evaluate_task_logs_to_stage_and_parent(tiny, sftflow_home: Path, tmp_path: Path, stage_ctx) -> None:

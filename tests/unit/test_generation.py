@@ -18,6 +18,7 @@ from sftflow.inference.generation import (
     rubric_prompt_ids,
     score_pairs,
     score_token_ids,
+    unparseable_share,
 )
 from sftflow.inference.models import build_tiny_model, load_model
 
@@ -190,6 +191,30 @@ def test_score_renormalises_over_rating_tokens(tiny):
     assert s.probs == pytest.approx((1 / 7, 1 / 7, 3 / 7, 1 / 7, 1 / 7), abs=1e-6)
     assert s.argmax == 3 and s.expected == pytest.approx(3.0, abs=1e-6)
     assert s.mass == pytest.approx(7 / (len(tok) - 5 + 7), rel=1e-4)
+
+
+def test_unparseable_share_counts_ratings_the_model_did_not_expect(tiny):
+    _, tok, template = tiny
+    _, digit_ids = score_token_ids(tok)
+    pairs = [("q", "a"), ("a longer question here", "a longer answer, with more words in it"), ("mid q", "mid answer")]
+    lengths = [len(rubric_prompt_ids(tok, q, a, template=template)) for q, a in pairs]
+    rest = len(tok) - 5  # every other token has logit 0 (weight 1 each)
+
+    def digit_logit(mass: float) -> float:  # equal logits on the five ratings giving this raw mass
+        return math.log(mass * rest / (5 * (1 - mass)))
+
+    # Pair 0: the ratings hold nearly all the mass; pair 1: a rating is as likely as any token
+    # (what a model that never learnt the rubric does); pair 2: just under the floor.
+    table = {lengths[0]: [20.0] * 5, lengths[1]: [0.0] * 5, lengths[2]: [digit_logit(0.45)] * 5}
+    scores = score_pairs(StubLM(len(tok), digit_ids, table, other=0.0), tok, pairs, template=template, batch_size=3)
+    masses = [s.mass for s in scores]
+    assert masses[0] > 0.99 and masses[1] < 0.01 and masses[2] == pytest.approx(0.45, rel=1e-3)
+    assert unparseable_share(masses) == pytest.approx(2 / 3)
+    assert unparseable_share(masses, floor=0.4) == pytest.approx(1 / 3)
+    assert unparseable_share(masses[:1]) == 0.0 and unparseable_share([]) == 0.0
+    assert unparseable_share([math.nan, 1.0]) == 0.5  # no rating read counts as unparseable
+    with pytest.raises(ValueError, match="floor"):
+        unparseable_share(masses, floor=1.5)
 
 
 def test_score_pairs_batched_equals_single_on_real_model(tiny):

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from sftflow.config import IngestConfig, SourceConfig
-from tasks.ingest import IngestError, detect_format, ingest, ingest_task, mixture_counts
+from sftflow.data.formats import detect_format
+from sftflow.data.readers import IngestError
+from tasks.ingest import ingest, ingest_task, mixture_counts
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "data" / "smoke"
@@ -333,7 +335,7 @@ def test_ingest_task_logs_to_mlflow(stage_ctx) -> None:
 def test_bad_data_is_not_retried_but_io_errors_are() -> None:
     from prefect.states import Failed
 
-    from tasks.ingest import retry_unless
+    from sftflow.ops.orchestration import retry_unless
 
     cond = retry_unless(IngestError)
     assert cond(None, None, Failed(data=IngestError("too many bad rows"))) is False

@@ -18,7 +18,8 @@ import pytest
 from sftflow.config import DedupConfig, IngestConfig, SourceConfig, SplitConfig, ValidationConfig
 from sftflow.data.records import is_blank, make_record, records_to_frame, visible_text
 from sftflow.data.refs import write_parquet
-from tasks.ingest import MAX_JSON_DEPTH, IngestError, ingest
+from sftflow.data.readers import MAX_JSON_DEPTH, IngestError
+from tasks.ingest import ingest
 from tasks.validate import validate
 
 GOOD = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
@@ -480,11 +481,11 @@ def test_validation_quarantine_points_at_the_source_line_through_dedup_and_split
     assert long_line != q.iloc[0]["row"]  # row = position in the intermediate Parquet, kept apart
     assert q.iloc[0]["file"] == res.dataset.path
     # dedup and split keep the column (and its values).
-    kept, removed, _ = dedup(df=v.valid.read(), cfg=DedupConfig(near={"enabled": False}))
+    d = dedup(datasets=[v.valid], cfg=DedupConfig(near={"enabled": False}), out_dir=tmp_path / "dedup")
+    kept, removed = d.kept.read(), d.removed.read()
     assert "source_row" in kept.columns and "source_row" in removed.columns
     assert list(removed["source_row"]) == [len(raw) - 1]  # the duplicate, on the file's last line
-    ref = write_parquet(kept, tmp_path / "clean.parquet", name="clean")
-    sp = split(dataset=ref, cfg=SplitConfig(heldout_size=5), dedup=DedupConfig(near={"enabled": False}),
+    sp = split(dataset=d.kept, cfg=SplitConfig(heldout_size=5), dedup=DedupConfig(near={"enabled": False}),
                out_dir=tmp_path / "split")
     both = pd.concat([sp.train.read(), sp.heldout.read()])
     assert both["source_row"].dtype == "int64"

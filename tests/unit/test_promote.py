@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +12,9 @@ import pytest
 from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
-from tasks.evaluate import EvalResult
+from sftflow.results import EvalResult, TrainResult
+from sftflow.tracking.registry import CHAMPION
 from tasks.promote import (
-    CHAMPION,
     TAG_DECISION,
     TAG_EVAL_KEY,
     TAG_EVAL_METRICS,
@@ -23,6 +22,7 @@ from tasks.promote import (
     deltas,
     metric_name,
     promote,
+    record_decision,
     side_by_side,
 )
 
@@ -135,14 +135,35 @@ def test_side_by_side_and_deltas(tmp_path: Path) -> None:
     assert d["rougeL"] == pytest.approx(0.3) and d["eval_loss"] == pytest.approx(-0.3)
 
 
+def _gate(client, *, run_id: str = "run", **kw):
+    """What promote_task does with the registry: decide (read only), then apply the decision."""
+    decision, reeval = promote(client=client, **kw)
+    record_decision(client, decision, tuned=kw["tuned"], run_id=run_id)
+    return decision, reeval
+
+
+def test_plain_promote_decides_without_writing_to_the_registry(client, tmp_path: Path) -> None:
+    name = "sftflow-readonly"
+    v1 = _register(client, name)
+    d, _ = promote(base=_result(tmp_path, "base", 0.2), tuned=_result(tmp_path, "tuned", 0.4), registered_name=name,
+                   registered_version=v1, cfg=PromotionConfig(metric="rougeL"), heldout=None,
+                   evaluation=EvaluationConfig(), training=TrainingConfig(), out_dir=tmp_path, client=client)
+    assert d.promoted
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == v1
+    assert CHAMPION not in (client.get_registered_model(name).aliases or {})  # the alias did not move
+    assert TAG_DECISION not in (client.get_model_version(name, v1).tags or {})
+    record_decision(client, d, tuned=_result(tmp_path, "tuned", 0.4), run_id="r")
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
+
+
 def test_gate_first_version_becomes_champion_then_worse_does_not(client, tmp_path: Path) -> None:
     cfg = PromotionConfig(metric="rougeL", min_improvement=0.05)
     name = "sftflow-gate"
     v1 = _register(client, name)
     base = _result(tmp_path, "base", 0.20)
-    d1, reeval = promote(base=base, tuned=_result(tmp_path, "tuned", 0.40), registered_name=name,
-                         registered_version=v1, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
-                         training=TrainingConfig(), out_dir=tmp_path, run_id="run-1", client=client)
+    d1, reeval = _gate(client, base=base, tuned=_result(tmp_path, "tuned", 0.40), registered_name=name,
+                       registered_version=v1, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
+                       training=TrainingConfig(), out_dir=tmp_path, run_id="run-1")
     assert d1.promoted and d1.champion_value is None and reeval is None
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
     mv1 = client.get_model_version(name, v1)
@@ -152,9 +173,9 @@ def test_gate_first_version_becomes_champion_then_worse_does_not(client, tmp_pat
 
     # v2 beats the base by the margin but not the champion (same eval key: recorded value used).
     v2 = _register(client, name)
-    d2, reeval = promote(base=base, tuned=_result(tmp_path, "tuned2", 0.30), registered_name=name,
-                         registered_version=v2, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
-                         training=TrainingConfig(), out_dir=tmp_path, run_id="run-2", client=client)
+    d2, reeval = _gate(client, base=base, tuned=_result(tmp_path, "tuned2", 0.30), registered_name=name,
+                       registered_version=v2, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
+                       training=TrainingConfig(), out_dir=tmp_path, run_id="run-2")
     assert not d2.promoted and reeval is None
     assert d2.champion_value == pytest.approx(0.40) and d2.champion_version == v1
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
@@ -163,18 +184,26 @@ def test_gate_first_version_becomes_champion_then_worse_does_not(client, tmp_pat
 
     # v3 within the margin over the base: rejected before looking at the champion.
     v3 = _register(client, name)
-    d3, _ = promote(base=base, tuned=_result(tmp_path, "tuned3", 0.22), registered_name=name, registered_version=v3,
-                    cfg=cfg, heldout=None, evaluation=EvaluationConfig(), training=TrainingConfig(),
-                    out_dir=tmp_path, run_id="run-3", client=client)
+    d3, _ = _gate(client, base=base, tuned=_result(tmp_path, "tuned3", 0.22), registered_name=name,
+                  registered_version=v3, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
+                  training=TrainingConfig(), out_dir=tmp_path, run_id="run-3")
     assert not d3.promoted and "within the margin" in d3.reason
 
     # v4 beats both: champion moves.
     v4 = _register(client, name)
-    d4, _ = promote(base=base, tuned=_result(tmp_path, "tuned4", 0.55), registered_name=name, registered_version=v4,
-                    cfg=cfg, heldout=None, evaluation=EvaluationConfig(), training=TrainingConfig(),
-                    out_dir=tmp_path, run_id="run-4", client=client)
+    d4, _ = _gate(client, base=base, tuned=_result(tmp_path, "tuned4", 0.55), registered_name=name,
+                  registered_version=v4, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
+                  training=TrainingConfig(), out_dir=tmp_path, run_id="run-4")
     assert d4.promoted and d4.champion_version == v1
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v4
+
+    # A re-run with v4 already champion: promoted, nothing moves, its record is refreshed.
+    d5, _ = _gate(client, base=base, tuned=_result(tmp_path, "tuned5", 0.55), registered_name=name,
+                  registered_version=v4, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
+                  training=TrainingConfig(), out_dir=tmp_path, run_id="run-5")
+    assert d5.promoted and "already holds champion" in d5.reason
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v4
+    assert client.get_model_version(name, v4).tags["sftflow.gate.run_id"] == "run-5"
 
 
 def test_gate_without_registered_version(tmp_path: Path) -> None:
@@ -192,21 +221,19 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
     import mlflow
 
     from sftflow.data.refs import ModelRef
-    from tasks.promote import model_version_ref
-    from tasks.train import TrainOutput, log_model
+    from sftflow.tracking.registry import log_model, model_version_ref
+    from tasks.evaluate import evaluate, resolve_judge
 
     tiny = build_tiny_model("tiny-gemma")
     name = "sftflow-reeval"
     # Register the champion exactly as the train stage does: a pyfunc wrapping the merged safetensors.
     merged = ModelRef(path=tiny.path, sha256=tiny.sha256, kind="merged", name="tiny")
-    out = TrainOutput(model=merged, adapter=None, merged=merged, metrics=(("train_loss", 1.0),),
-                      out_dir=str(tmp_path), loss_curve="", template="gemma")
     from sftflow.tracking.runs import ensure_experiment, resolve_tracking_uri
 
     # An experiment of ours: its artifacts live under $SFTFLOW_HOME (Default's would go to ./mlruns).
     exp = ensure_experiment("sftflow-reeval", uri=resolve_tracking_uri())
     with mlflow.start_run(experiment_id=exp):
-        _, _, v1 = log_model(out, register_as=name)
+        _, _, v1 = log_model(model=merged, template="gemma", metrics=(("train_loss", 1.0),), register_as=name)
     client.set_registered_model_alias(name, CHAMPION, v1)
     ref = model_version_ref(client, client.get_model_version(name, v1), download_dir=tmp_path / "dl")
     assert ref.kind == "merged" and ref.meta_dict()["template"] == "gemma"
@@ -227,8 +254,17 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
                        heldout_sha256=heldout.sha256, eval_key=key)
     v2 = _register(client, name)
     cfg = PromotionConfig(metric="eval_loss", direction="minimize", min_improvement=0.5)
-    d, champ = promote(base=base, tuned=tuned, registered_name=name, registered_version=v2, cfg=cfg, heldout=heldout,
-                       evaluation=evaluation, training=training, out_dir=tmp_path / "gate", client=client)
+    gate = dict(base=base, tuned=tuned, registered_name=name, registered_version=v2, cfg=cfg, heldout=heldout,
+                evaluation=evaluation, training=training, out_dir=tmp_path / "gate")
+    with pytest.raises(ValueError, match="evaluate_champion"):  # never compared with numbers from another set
+        promote(client=client, **gate)
+
+    def evaluate_champion(*, model, heldout, evaluation, training, template, out_dir):
+        # What the flow passes (the evaluation stage's champion evaluator).
+        return evaluate(model=model, heldout=heldout, cfg=evaluation, label="champion", template=template,
+                        out_dir=out_dir, max_seq_len=training.max_seq_len, judge=resolve_judge(evaluation, model))
+
+    d, champ = _gate(client, evaluate_champion=evaluate_champion, **gate)
     assert champ is not None and d.champion_reevaluated
     # A random tiny model's loss is about ln(vocab) (> 1.0), so the candidate wins; -100 was ignored.
     assert d.champion_value == pytest.approx(champ.metric("eval_loss")) and d.champion_value > 1.0
@@ -237,10 +273,11 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
     assert "re-evaluated" in client.get_model_version(name, v2).description
 
 
-@dataclass(frozen=True)
-class _Train:
-    registered_name: str
-    registered_version: str
+def _train_result(name: str, version: str) -> TrainResult:
+    from sftflow.data.refs import ModelRef
+
+    return TrainResult(model=ModelRef(path="/m", sha256="s", kind="merged"), run_id="r", model_uri="models:/m",
+                       registered_name=name, registered_version=version, metrics=())
 
 
 def test_promote_task_records_table_deltas_and_decision(client, sftflow_home: Path, tmp_path: Path) -> None:
@@ -257,7 +294,7 @@ def test_promote_task_records_table_deltas_and_decision(client, sftflow_home: Pa
     name = "sftflow-task"
     v1 = _register(client, name)
     decision = promote_task.fn(_result(tmp_path, "base", 0.2), _result(tmp_path, "tuned", 0.3),
-                               _Train(name, v1), PromotionConfig(), ctx=ctx, heldout=None,
+                               _train_result(name, v1), PromotionConfig(), ctx=ctx, heldout=None,
                                evaluation=EvaluationConfig(), training=TrainingConfig())
     assert decision.promoted
     assert decision.summary()["deltas"]["rougeL"] == pytest.approx(0.1)
@@ -271,3 +308,20 @@ def test_promote_task_records_table_deltas_and_decision(client, sftflow_home: Pa
     table = json.loads(Path(client.download_artifacts(parent, "eval/side_by_side.json", str(tmp_path / "dl"))).read_text())
     assert "tuned_output" in table["columns"] and len(table["data"]) == 2
     assert client.get_model_version(name, v1).tags["sftflow.gate.run_id"] == stage.info.run_id
+
+
+def test_promote_task_rejects_a_wrong_train_argument(client, sftflow_home: Path, tmp_path: Path) -> None:
+    """A wiring mistake (not a TrainResult) is an error, not a silent "no model to promote"."""
+    from sftflow.tracking.runs import StageContext, ensure_experiment, resolve_tracking_uri
+    from tasks.promote import promote_task
+
+    uri = resolve_tracking_uri()
+    exp = ensure_experiment("sftflow-promote-test", uri=uri)
+    ctx = StageContext(pipeline="t", run_id="r2", run_dir=str(sftflow_home / "runs/t/r2"), tracking_uri=uri,
+                       experiment_id=exp, parent_run_id="")
+    args = (_result(tmp_path, "base", 0.2), _result(tmp_path, "tuned", 0.3))
+    kw = dict(ctx=ctx, heldout=None, evaluation=EvaluationConfig(), training=TrainingConfig())
+    with pytest.raises(TypeError, match="TrainResult or None, got dict"):
+        promote_task.fn(*args, {"registered_name": "m", "registered_version": "1"}, PromotionConfig(), **kw)
+    none = promote_task.fn(*args, None, PromotionConfig(), **kw)
+    assert not none.promoted and "no registered model version" in none.reason

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftflow.ops import guards, services
+from sftflow.ops import guards, processes, services
 from sftflow.config import config_hash, resolve_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ def test_stop_service_ends_the_process_group_by_pid(tmp_path: Path) -> None:
     services.stop_service(svc, state=tmp_path, timeout=10)
     proc.wait(timeout=5)
     time.sleep(0.5)
-    assert not services._alive(children[0])
+    assert not processes.is_alive(children[0])
     assert not (tmp_path / "fake.json").exists()
 
 

@@ -1,4 +1,4 @@
-"""Split: deterministic, sized, stratified, and leak-free (exact and near-duplicate prompts)."""
+"""Split: deterministic, sized, stratified, and leak-free (exact and near duplicates, by the one leak rule)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import DedupConfig, SplitConfig
+from sftflow.config import DedupConfig, ExactDedupConfig, SplitConfig
+from sftflow.data.neardup import find_cross_duplicates, normalize_for_exact
 from sftflow.data.records import make_record, prompt_text, records_to_frame
 from sftflow.data.refs import write_parquet
-from tasks.split import SplitError, heldout_count, normalize_prompt, split, split_task
+from tasks.split import SplitError, heldout_count, split, split_task
 
+# Near *dedup* off; the leak check runs anyway (on dedup.near.key, here prompt + response).
 NO_NEAR = DedupConfig(near={"enabled": False})
+# Leaks judged on the prompt alone (as the demo pipeline does).
+PROMPT_LEAKS = DedupConfig(near={"enabled": False, "key": "prompt"})
+
+
+def normalize_prompt(text: str) -> str:
+    return normalize_for_exact(text, ExactDedupConfig())
 
 
 def _rec(q: str, a: str, source: str = "s:f.json", category: str = "") -> dict:
@@ -76,7 +84,7 @@ def test_exact_prompt_leaks_are_moved(tmp_path: Path) -> None:
     # Every prompt appears twice (different answers / spelling), so any held-out row would leak.
     base = _distinct(20)
     twins = [_rec(prompt_text(r["messages"]).upper() + "!", "A different answer.") for r in base]
-    res, tr, he = _split(tmp_path, base + twins + _distinct(40)[20:], SplitConfig(heldout_size=10, seed=1))
+    res, tr, he = _split(tmp_path, base + twins + _distinct(40)[20:], SplitConfig(heldout_size=10, seed=1), PROMPT_LEAKS)
     train_prompts = {normalize_prompt(prompt_text(list(m))) for m in tr["messages"]}
     held_prompts = {normalize_prompt(prompt_text(list(m))) for m in he["messages"]}
     assert train_prompts.isdisjoint(held_prompts)
@@ -90,7 +98,7 @@ def test_exact_prompt_leaks_are_moved(tmp_path: Path) -> None:
 def test_exact_leaks_dropped_when_configured(tmp_path: Path) -> None:
     base = _distinct(20)
     twins = [_rec(prompt_text(r["messages"]), "Another answer.") for r in base]
-    dedup = DedupConfig(near={"enabled": False}, cross_split="drop")
+    dedup = DedupConfig(near={"enabled": False, "key": "prompt"}, cross_split="drop")
     res, tr, he = _split(tmp_path, base + twins + _distinct(40)[20:], SplitConfig(heldout_size=10, seed=1), dedup)
     assert res.dropped == res.leaks_moved > 0
     assert len(tr) + len(he) + res.dropped == 60
@@ -101,13 +109,10 @@ def test_exact_leaks_dropped_when_configured(tmp_path: Path) -> None:
 def test_everything_leaks_is_a_clear_error(tmp_path: Path) -> None:
     recs = [_rec("Same question?", f"answer {i}") for i in range(10)]
     with pytest.raises(SplitError, match="every held-out row leaked into train"):
-        _split(tmp_path, recs, SplitConfig(heldout_size=3))
+        _split(tmp_path, recs, SplitConfig(heldout_size=3), PROMPT_LEAKS)
 
 
-def test_near_duplicate_leaks_use_dedup_finder(tmp_path: Path) -> None:
-    dedup_mod = pytest.importorskip("tasks.dedup")
-    if not hasattr(dedup_mod, "find_cross_duplicates"):
-        pytest.skip("tasks.dedup.find_cross_duplicates not available yet")
+def test_near_duplicate_leaks_are_moved(tmp_path: Path) -> None:
     story = ("the quick brown fox jumps over the lazy dog near the quiet river bank while the farmer "
              "watches from his old wooden porch and drinks a cup of strong black coffee every morning")
     base = [_rec(f"{story} variant {i} about topic number {i}", f"answer {i}") for i in range(12)]
@@ -119,6 +124,19 @@ def test_near_duplicate_leaks_use_dedup_finder(tmp_path: Path) -> None:
     assert held_story == []  # every near-duplicate of a training prompt left the held-out set
     leaks = pd.read_parquet(tmp_path / "out" / "leaks.parquet")
     assert leaks["reason"].str.startswith("near: similarity").sum() == res.leaks_near
+
+
+def test_leak_rule_is_the_shared_one_and_not_optional(tmp_path: Path) -> None:
+    # Same prompt, different answers: a leak on the prompt key, even with dedup switched off entirely.
+    base = _distinct(20)
+    twins = [_rec(prompt_text(r["messages"]), "Another answer.") for r in base]
+    off = DedupConfig(enabled=False, near={"enabled": False, "key": "prompt"})
+    res, tr, he = _split(tmp_path, base + twins + _distinct(40)[20:], SplitConfig(heldout_size=10, seed=1), off)
+    assert res.leaks_moved > 0
+    # What split left behind holds no pair by the rule dedup's held-out pass applies (sftflow.data.neardup).
+    assert find_cross_duplicates(he, tr, cfg=off) == []
+    rep = json.loads(Path(res.report).read_text())
+    assert rep["leak_key"] == "prompt"
 
 
 def test_split_task_logs_to_mlflow(tmp_path: Path, stage_ctx) -> None:

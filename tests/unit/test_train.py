@@ -1,4 +1,5 @@
-"""The SFT training stage on tiny random models: loss, batching, resume after SIGKILL, MLflow registry."""
+"""The SFT recipe (sftflow.training) and stage (tasks.train) on tiny random models: loss, batching,
+the shared held-out loss, resume after SIGKILL, MLflow registry."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _cfg(**kw) -> TrainingConfig:
 
 # ----------------------------------------------------------------------------- loss
 def test_fused_cross_entropy_matches_reference() -> None:
-    from tasks.train import _FusedLinearCrossEntropy
+    from sftflow.training.loss import FusedLinearCrossEntropy
 
     torch.manual_seed(0)
     h = torch.randn(37, 16, requires_grad=True)
@@ -57,7 +58,7 @@ def test_fused_cross_entropy_matches_reference() -> None:
     b = torch.randn(50, requires_grad=True)
     t = torch.randint(0, 50, (37,))
     for softcap in (None, 5.0):
-        ours = _FusedLinearCrossEntropy.apply(h, w, b, t, softcap, torch.float32, 8)
+        ours = FusedLinearCrossEntropy.apply(h, w, b, t, softcap, torch.float32, 8)
         gh, gw, gb = torch.autograd.grad(ours * 0.5, (h, w, b))
         logits = h @ w.T + b
         if softcap:
@@ -73,7 +74,8 @@ def test_fused_cross_entropy_matches_reference() -> None:
 def test_label_position_loss_equals_model_loss(sftflow_home: Path, name: str) -> None:
     """The head-only loss equals transformers' own masked loss on the same batch."""
     from sftflow.inference.models import build_tiny_model, load_model
-    from tasks.train import CausalLMLoss, collate
+    from sftflow.training.data import collate
+    from sftflow.training.loss import CausalLMLoss
 
     model, tok = load_model(build_tiny_model(name))
     rows = [encode_for_training(tok, r["messages"], template="gemma", max_len=None) for r in _records(3)]
@@ -88,7 +90,7 @@ def test_label_position_loss_equals_model_loss(sftflow_home: Path, name: str) ->
 def test_packing_isolates_examples(sftflow_home: Path) -> None:
     """A packed example sees only itself: its hidden states equal those of the example alone."""
     from sftflow.inference.models import build_tiny_model, load_model
-    from tasks.train import collate
+    from sftflow.training.data import collate
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))
     rows = [encode_for_training(tok, r["messages"], template="gemma", max_len=None) for r in _records(3, 7)]
@@ -106,7 +108,7 @@ def test_packing_isolates_examples(sftflow_home: Path) -> None:
 def test_length_grouping_cuts_padding() -> None:
     import numpy as np
 
-    from tasks.train import collate, epoch_batches
+    from sftflow.training.data import collate, epoch_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 400, size=256).tolist()
@@ -131,7 +133,7 @@ def test_length_grouping_cuts_padding() -> None:
 
 def test_overlong_truncate_and_drop_are_counted(sftflow_home: Path, data) -> None:
     from sftflow.inference.models import build_tiny_model, load_model
-    from tasks.train import encode_dataset
+    from sftflow.training.data import encode_dataset
 
     train, _ = data
     _, tok = load_model(build_tiny_model("tiny-gemma"))
@@ -146,7 +148,7 @@ def test_overlong_truncate_and_drop_are_counted(sftflow_home: Path, data) -> Non
 
 def test_malformed_row_names_the_row(sftflow_home: Path) -> None:
     from sftflow.inference.models import build_tiny_model, load_model
-    from tasks.train import encode_dataset
+    from sftflow.training.data import encode_dataset
 
     rec = make_record([{"role": "user", "content": "only a question"}], source="unit:bad")
     ref = write_parquet(records_to_frame([rec]), sftflow_home / "bad.parquet", name="train")
@@ -157,24 +159,24 @@ def test_malformed_row_names_the_row(sftflow_home: Path) -> None:
 
 def test_qlora_without_cuda_is_a_clear_error(sftflow_home: Path, data) -> None:
     from sftflow.inference.models import build_tiny_model
-    from tasks.train import train
+    from sftflow.training.loop import train
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
         train(train=data[0], heldout=None, base=build_tiny_model("tiny-gemma"), cfg=_cfg(method="qlora"),
-              out_dir=sftflow_home / "q", log_to_mlflow=False)
+              out_dir=sftflow_home / "q")
 
 
 # ----------------------------------------------------------------------------- training
 @pytest.mark.parametrize("method", ["dora", "rslora", "full"])
 def test_methods_train_and_lower_the_loss(sftflow_home: Path, data, method: str) -> None:
     from sftflow.inference.models import build_tiny_model, load_model
-    from tasks.train import train
+    from sftflow.training.loop import train
 
     out = train(train=data[0], heldout=data[1], base=build_tiny_model("tiny-gemma"),
                 cfg=_cfg(method=method, max_steps=8, eval_every=8, learning_rate=3e-3, packing=method == "full"),
-                out_dir=sftflow_home / method, log_to_mlflow=False)
+                out_dir=sftflow_home / method)
     hist = json.loads((Path(out.out_dir) / "history.json").read_text())
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert out.model.kind == "merged" and (Path(out.model.path) / "model.safetensors").exists()
@@ -182,24 +184,29 @@ def test_methods_train_and_lower_the_loss(sftflow_home: Path, data, method: str)
     if out.adapter is not None:
         cfg = json.loads((Path(out.adapter.path) / "adapter_config.json").read_text())
         assert cfg["use_dora"] == (method == "dora") and cfg["use_rslora"] == (method == "rslora")
+    # The merged model is the base architecture: every parameter of the trained model but the adapter's.
     model, _ = load_model(out.model)
-    assert sum(p.numel() for p in model.parameters()) == out.metrics_dict()["total_params"] or method != "full"
+    m = out.metrics_dict()
+    adapter_params = 0 if method == "full" else m["trainable_params"]
+    if method != "full":
+        assert 0 < adapter_params < m["total_params"]
+    assert sum(p.numel() for p in model.parameters()) == m["total_params"] - adapter_params
 
 
 def test_early_stopping_stops_when_eval_loss_stalls(sftflow_home: Path, data) -> None:
     from sftflow.inference.models import build_tiny_model
-    from tasks.train import train
+    from sftflow.training.loop import train
 
     # A learning rate of 1e-12 leaves the eval loss flat: every eval after the first is "no improvement".
     out = train(train=data[0], heldout=data[1], base=build_tiny_model("tiny-gemma"),
                 cfg=_cfg(max_steps=20, eval_every=1, early_stopping_patience=2, learning_rate=1e-12, warmup_ratio=0),
-                out_dir=sftflow_home / "es", log_to_mlflow=False)
+                out_dir=sftflow_home / "es")
     m = out.metrics_dict()
     assert m["stopped_early"] == 1.0 and m["steps"] == 3.0
 
 
 def _cli(home: Path, out: Path, data, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "tasks.train", "--train", data[0].path, "--heldout", data[1].path,
+    return [sys.executable, "-m", "sftflow.training", "--train", data[0].path, "--heldout", data[1].path,
             "--base", "tiny-gemma", "--out", str(out), *extra]
 
 
@@ -292,10 +299,12 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
 def test_bf16_weight_cast_changes_no_number_and_is_undone(sftflow_home: Path) -> None:
     """Pre-casting frozen linears to bf16 gives the autocast loss exactly, and restore brings fp32 back."""
     from sftflow.inference.models import build_tiny_model, load_model
-    from tasks.train import CausalLMLoss, _apply_method, cast_frozen_linears, collate, restore_weights
+    from sftflow.training.data import collate
+    from sftflow.training.loss import CausalLMLoss
+    from sftflow.training.model import apply_method, cast_frozen_linears, restore_weights
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))
-    model = _apply_method(model, _cfg())
+    model = apply_method(model, _cfg())
     rows = [encode_for_training(tok, r["messages"], template="gemma", max_len=None) for r in _records(4)]
     b = collate(rows, [0, 1, 2, 3], packed=False, pad_id=tok.pad_token_id, max_len=512)
     loss_mod = CausalLMLoss(model, compute_dtype=torch.bfloat16)

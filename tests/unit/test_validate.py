@@ -12,7 +12,8 @@ import pytest
 from sftflow.config import IngestConfig, SourceConfig, ValidationConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
-from tasks.ingest import QUARANTINE_COLUMNS, ingest
+from sftflow.data.quarantine import QUARANTINE_COLUMNS
+from tasks.ingest import ingest
 from tasks.validate import SOURCE_PATTERN, ValidationFailed, derive_frame, validate, validate_task
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,251 @@
+"""The loss of a causal LM on assistant tokens, and THE held-out loss.
+
+``CausalLMLoss`` runs the decoder on every token but the LM head only where a label is learned,
+through a fused, chunked cross-entropy (Gemma's 262k-token head would otherwise dominate FLOPs and
+memory). ``encoded_loss`` is the held-out loss training logs (eval loss, early stopping);
+``heldout_loss`` wraps it for evaluation: same encoder (``data.encode_records``), same truncation,
+same masked tokens, so the two stages report the same number for the same model and rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from sftflow.inference.formatting import IGNORE_INDEX
+
+log = logging.getLogger("sftflow.train")
+
+# Rows of the fused LM head + cross-entropy computed at once: bounds the logits buffer
+# (rows x vocab floats) to ~256 MB for Gemma's 262k vocabulary.
+_HEAD_CHUNK_ELEMS = 64 * 1024 * 1024
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of ``hidden @ weight.T`` without materialising all logits.
+
+    The logits are computed chunk by chunk; the gradient w.r.t. ``hidden`` (and ``weight`` when it
+    trains) is computed in the same pass, so backward costs no second pass over the vocabulary and
+    only one chunk of logits is ever alive.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, compute_dtype, chunk):  # type: ignore[override]
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk].to(compute_dtype)
+            t = targets[s : s + chunk]
+            logits = (h @ w.T).float()
+            if bias is not None:
+                logits += bias.float()
+            if softcap:
+                tanh = torch.tanh(logits / softcap)
+                logits = tanh * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                # d(lse - logit_t)/d logits = softmax - onehot (computed in place, one buffer)
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(t), device=g.device), t] -= 1.0
+                if softcap:
+                    g *= 1.0 - tanh * tanh
+                if need_b:
+                    grad_b += g.sum(0)
+                gc = g.to(compute_dtype)
+                if need_h:
+                    grad_h[s : s + chunk] = (gc @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w += (gc.T @ h).float()
+        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (grad_h, grad_w, grad_b)))
+        ctx.needs = (need_h, need_w, need_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs
+        return (grad_h * grad_out if need_h else None, grad_w * grad_out if need_w else None,
+                grad_b * grad_out if need_b else None, None, None, None, None)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Summed cross-entropy over label positions of a causal LM, and the number of those positions.
+
+    The decoder runs on every token; the LM head only on positions whose next token is learned
+    (on SFT data that skips the prompt, and the pads). Wrapping the whole loss in one module lets
+    DDP see a single forward.
+
+    Args:
+        model: a transformers causal LM, possibly peft-wrapped.
+        compute_dtype: dtype of the head matmuls (bf16 under bf16 precision).
+        fused: use the fused head; False calls the model's own head module on the selected
+            positions (needed when the head itself carries an adapter).
+    """
+
+    def __init__(self, model: Any, *, compute_dtype: torch.dtype, fused: bool = True):
+        super().__init__()
+        self.model = model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = inner.get_decoder()
+        self.head = inner.get_output_embeddings()
+        self.softcap = getattr(inner.config, "final_logit_softcapping", None)
+        self.compute_dtype = compute_dtype
+        self.fused = fused and type(self.head) is torch.nn.Linear
+        self._frozen_w: tuple[int, torch.Tensor] | None = None
+        vocab = self.head.weight.shape[0]
+        self.chunk = max(16, _HEAD_CHUNK_ELEMS // vocab)
+
+    def _head_weight(self) -> torch.Tensor:
+        w = self.head.weight
+        if w.requires_grad or w.dtype == self.compute_dtype:
+            return w
+        # A frozen head (LoRA) is cast to the compute dtype once, not on every step.
+        key = w._version
+        if self._frozen_w is None or self._frozen_w[0] != key:
+            self._frozen_w = (key, w.detach().to(self.compute_dtype))
+        return self._frozen_w[1]
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        h = hidden[:, :-1][keep]
+        t = targets[keep]
+        n = t.numel()
+        if n == 0:
+            return hidden.sum() * 0.0, n
+        if self.fused:
+            loss = FusedLinearCrossEntropy.apply(h, self._head_weight(), self.head.bias, t, self.softcap,
+                                                  self.compute_dtype, self.chunk)
+        else:
+            logits = self.head(h).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            loss = torch.nn.functional.cross_entropy(logits, t, reduction="sum")
+        return loss, n
+
+
+def check_head_matches_model(loss_mod: CausalLMLoss, model: Any, sample: dict[str, torch.Tensor], *,
+                              device: torch.device) -> None:
+    """Compare our head-only loss with the model's own forward once; fall back if they differ.
+
+    Guards against architectures that post-process logits in ways the fused head does not know.
+    """
+    ids, labels = sample["input_ids"][:1, :64].to(device), sample["labels"][:1, :64].to(device)
+    if (labels[:, 1:] != IGNORE_INDEX).sum() == 0:
+        return
+    with torch.no_grad():
+        ours, n = loss_mod(ids, labels)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum")
+    if not torch.allclose(ours.float(), ref, rtol=2e-2, atol=1e-2 * n):
+        log.warning("fused LM-head loss %.4f differs from the model's own %.4f; using the model's head",
+                    float(ours) / n, float(ref) / n)
+        loss_mod.fused = False
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast under ``precision == "bf16"``, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class HeldoutLoss:
+    """Token-averaged cross-entropy on the assistant tokens of held-out rows.
+
+    Attributes:
+        loss: mean loss per label token (NaN when no token counts).
+        tokens: label tokens the mean is over.
+        rows: rows that contributed (after the over-long policy).
+    """
+
+    loss: float
+    tokens: int
+    rows: int
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(loss)``; inf past ~700 (a diverged model) rather than an overflow."""
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+
+def encoded_loss(loss_mod: CausalLMLoss, rows: list[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int,
+                 device: torch.device, precision: str, world: int = 1, rank: int = 0) -> HeldoutLoss:
+    """Held-out loss of already encoded rows: length-sorted batches, no grad, right padding.
+
+    Under data parallelism each rank takes every ``world``-th batch and the sums are all-reduced.
+    """
+    from sftflow.training.data import collate
+
+    was_training = loss_mod.model.training
+    loss_mod.model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)][rank::world]
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), autocast(device, precision):
+        for b in batches:
+            t = collate(rows, b, packed=False, pad_id=pad_id, max_len=max(len(rows[i][0]) for i in b))
+            loss, n = loss_mod(t["input_ids"].to(device), t["labels"].to(device), attention_mask=t["attention_mask"].to(device))
+            total += torch.tensor([float(loss), n], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    loss_mod.model.train(was_training)
+    tokens = int(total[1])
+    return HeldoutLoss(loss=float(total[0] / tokens) if tokens else math.nan, tokens=tokens, rows=len(rows))
+
+
+def heldout_loss(model: Any, tokenizer: Any, conversations: Iterable[list[Mapping[str, str]]], *, template: str,
+                 max_seq_len: int, overlong: str = "truncate", batch_size: int = 8,
+                 precision: str = "auto") -> HeldoutLoss:
+    """The held-out loss of ``model`` on ``conversations``, exactly as training measures it.
+
+    Rows are encoded with training's encoder and over-long policy (pass ``training.max_seq_len``
+    and ``training.overlong``), so evaluation and training's eval loss agree on the same rows.
+
+    Args:
+        model: a transformers causal LM (possibly peft-wrapped), already on its device.
+        tokenizer: its tokenizer.
+        conversations: message lists (``[{role, content}, ...]``); the loss is on assistant turns.
+        template: the resolved prompt template.
+        max_seq_len: longest row in tokens (``training.max_seq_len``).
+        overlong: ``truncate`` or ``drop`` (``training.overlong``).
+        batch_size: rows per forward pass.
+        precision: ``auto`` computes the head in the model's own dtype without autocast;
+            ``bf16`` autocasts as bf16 training does; ``fp32`` computes in float32.
+
+    Returns:
+        ``HeldoutLoss`` (NaN loss and 0 tokens when no row has an answer token).
+
+    Raises:
+        ValueError: a conversation is malformed (the message names its index).
+    """
+    from sftflow.training.data import collate, encode_records
+
+    data = encode_records(({"messages": list(c)} for c in conversations), tokenizer, template=template,
+                          max_seq_len=max_seq_len, overlong=overlong)
+    if not data.rows:
+        return HeldoutLoss(loss=math.nan, tokens=0, rows=0)
+    head_dtype = model.get_output_embeddings().weight.dtype
+    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(precision, head_dtype)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss_mod = CausalLMLoss(model, compute_dtype=compute_dtype)
+    first = collate(data.rows, [0], packed=False, pad_id=pad_id, max_len=max_seq_len)
+    check_head_matches_model(loss_mod, model, first, device=device)
+    return encoded_loss(loss_mod, data.rows, batch_size=batch_size, pad_id=pad_id, device=device,
+                        precision="bf16" if precision == "bf16" else "fp32")

@@ -1,0 +1,164 @@
+"""Set-up of a training run: where it runs (device, ranks, threads), in what precision, and the
+model it trains (the base, loaded once; peft adapters or full fine-tuning; bf16 weight casts;
+NEFTune noise)."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sftflow.config import TrainingConfig
+from sftflow.data.refs import ModelRef
+
+LORA_METHODS = ("lora", "dora", "rslora", "qlora")
+DEFAULT_LR = {"full": 2e-5, **{m: 2e-4 for m in LORA_METHODS}}
+
+
+def learning_rate(cfg: TrainingConfig) -> float:
+    """The configured peak lr, else the usual default of the method (LoRA 2e-4, full 2e-5)."""
+    return cfg.learning_rate if cfg.learning_rate is not None else DEFAULT_LR[cfg.method]
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is the fast path."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA with bf16 support or a bf16-capable CPU, else ``fp32``.
+
+    On this project's CPUs bf16 autocast keeps the loss within noise of fp32 (see bench/train.py)
+    at ~3x the matmul throughput, so it is the default where the hardware has it.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun/accelerate environment variables."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_device(world: int, local_rank: int) -> torch.device:
+    """CUDA when present (one GPU per local rank), else CPU with every core we may use."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, cores // max(1, local_world)))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def load_base(base: ModelRef, cfg: TrainingConfig, *, device: torch.device, trust_remote_code: bool):
+    """Load the base model in float32 (QLoRA: 4-bit on CUDA); an adapter base is merged first."""
+    from sftflow.inference.models import load_model
+
+    if cfg.method == "qlora":
+        if device.type != "cuda":
+            raise RuntimeError("training.method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is "
+                               "present here. Use method: lora (same adapter, full-precision base) on CPU.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise RuntimeError("training.method=qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, device_map={"": device.index},
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        return model, tokenizer
+    model, tokenizer = load_model(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if base.kind == "adapter":  # continue training from an adapter: start from its merged weights
+        model = model.merge_and_unload()
+    return model.to(device), tokenizer
+
+
+def apply_method(model: Any, cfg: TrainingConfig) -> Any:
+    """Wrap the model with peft (LoRA family) or unfreeze everything (full)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,  # "all-linear" = every linear layer but the LM head
+        use_dora=cfg.method == "dora",
+        use_rslora=cfg.method == "rslora",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def cast_frozen_linears(model: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Store the frozen weights of linear layers in ``dtype`` once; return the originals.
+
+    Under bf16 autocast every matmul rounds its fp32 weight to bf16 on each call anyway, so this
+    changes no number, but it removes a cast of ~100M weights per forward (and per backward).
+    The originals are restored (``restore_weights``) before merging, so merged weights stay exact.
+    """
+    originals: dict[str, torch.Tensor] = {}
+    # The LM head is left alone: it is often tied to the input embeddings (whose fp32 output
+    # starts the residual stream), and the fused loss keeps its own bf16 copy.
+    head = model.get_output_embeddings()
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if mod is head or getattr(w, "data_ptr", lambda: 0)() == head.weight.data_ptr():
+            continue
+        if isinstance(mod, torch.nn.Linear) and w is not None and not w.requires_grad and w.dtype != dtype:
+            originals[name] = w.data
+            mod.weight.data = w.data.to(dtype)
+    return originals
+
+
+def restore_weights(model: Any, originals: dict[str, torch.Tensor]) -> None:
+    """Undo ``cast_frozen_linears``."""
+    mods = dict(model.named_modules())
+    for name, data in originals.items():
+        mods[name].weight.data = data
+
+
+def neftune_hook(alpha: float, active: list[bool]):
+    """NEFTune: uniform noise of scale alpha/sqrt(seq_len * hidden) on input embeddings (training only)."""
+
+    def hook(_module, _inputs, output):
+        if not active[0]:
+            return output
+        mag = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-mag, mag)
+
+    return hook
