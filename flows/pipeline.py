@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from sftflow.config import resolve_pipeline
 from sftflow.layout import RunLayout
 from sftflow.ops.preflight import preflight
-from sftflow.ops.recovery import active_run, reap_orphans
+from sftflow.ops.recovery import active_run, reap_orphans, register_active_run
 from sftflow.tracking.runs import end_pipeline_run, run_url, start_pipeline_run
 from tasks.backtranslate import backtranslate_task
 from tasks.dedup import dedup_task
@@ -76,6 +76,9 @@ def sftflow_pipeline(
                 return {"pipeline": pipeline, "skipped": True, "reason": why}
 
         ctx = start_pipeline_run(cfg, pipeline=pipeline, run_id=run_id, run_dir=layout.root)
+        # From here on a kill -9 leaves a record that names the MLflow runs the next run must close.
+        register_active_run(flow_run_id=run_id, pipeline=pipeline, tracking_uri=ctx.tracking_uri,
+                            parent_run_id=ctx.parent_run_id)
         log.info("MLflow parent run %s; run directory %s", ctx.parent_run_id, layout.root)
         summary: dict[str, Any] = {"pipeline": pipeline, "flow_run_id": run_id, "run_dir": str(layout.root),
                                    "mlflow_run_id": ctx.parent_run_id, "mlflow": run_url(ctx)}

@@ -165,7 +165,7 @@ def register_active_run(*, flow_run_id: str, pipeline: str, tracking_uri: str | 
                         parent_run_id: str | None = None) -> Path:
     """Write (or update) the active-run record of ``flow_run_id`` for this process.
 
-    Called at flow start, and again by ``tracking.start_pipeline_run`` once the MLflow parent run
+    Called at flow start, and again by the flow once ``tracking.start_pipeline_run`` made the parent run
     exists. Returns the record's path.
     """
     path = _record_path(flow_run_id)

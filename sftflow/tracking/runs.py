@@ -396,18 +396,15 @@ def start_pipeline_run(
 
     The parent run is created through ``MlflowClient`` (not the thread-local fluent API) so that
     no thread's "active run" state can end it by accident; stages nest under it by id. Runs left
-    RUNNING by a killed earlier run are closed first (``sftflow.ops.recovery.reap_orphans``), and an
-    active-run record is written so this run is closed the same way if it is killed.
+    RUNNING by a killed earlier run are closed by the flow before it calls this
+    (``sftflow.ops.recovery.reap_orphans``), and the flow records the returned parent run in its
+    active-run record (``register_active_run``) so a killed run is closed the same way.
     """
     from mlflow.tracking import MlflowClient
 
     from sftflow.config import config_hash
-    from sftflow.ops.recovery import reap_orphans, register_active_run
-
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_server(uri)
-    # Close what a killed earlier run left RUNNING before this run adds its own.
-    reap_orphans(logger=_logger())
     experiment_id = ensure_experiment(cfg.tracking.experiment or f"sftflow-{pipeline}", uri=uri)
     chash = config_hash(cfg)
     tags = {
@@ -424,8 +421,6 @@ def start_pipeline_run(
     }
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
-    # From here on a kill -9 leaves a record that the next run uses to close this one.
-    register_active_run(flow_run_id=run_id, pipeline=pipeline, tracking_uri=uri, parent_run_id=run.info.run_id)
     ctx = StageContext(
         pipeline=pipeline,
         run_id=run_id,
@@ -449,15 +444,6 @@ def end_pipeline_run(ctx: StageContext, *, status: str = "FINISHED", summary: di
     if summary is not None:
         client.log_text(ctx.parent_run_id, json.dumps(summary, indent=2, sort_keys=True, default=str), "summary.json")
     client.set_terminated(ctx.parent_run_id, status=status)
-    from sftflow.ops.recovery import clear_active_run
-
-    clear_active_run(ctx.run_id)
-
-
-def _logger() -> Any:
-    from sftflow.ops.orchestration import run_logger
-
-    return run_logger("sftflow.tracking.runs")
 
 
 def run_url(ctx: StageContext) -> str:
