@@ -18,7 +18,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Union, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -175,6 +175,11 @@ class TrainingConfig(_Section):
     log_every: int = Field(10, gt=0, description="steps between progress log lines")
     merge: bool = True
     seed: int = 0
+    trainable_tokens: Union[Literal["auto", "none"], list[Union[str, int]]] = Field(
+        "auto",
+        description="embedding/output rows trained besides the adapter: 'auto' = the template's control tokens "
+                    "whose rows look untrained (e.g. Gemma 3 base's <end_of_turn>), 'none', or a list of tokens/ids",
+    )
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -264,8 +269,14 @@ class PromotionConfig(_Section):
     enabled: bool = True
     model_name: Optional[str] = Field(None, description="registered model name (default: sftflow-<pipeline>)")
     metric: str = "rougeL"
-    direction: Literal["maximize", "minimize"] = "maximize"
-    min_improvement: float = Field(0.0, ge=0)
+    direction: Optional[Literal["maximize", "minimize"]] = Field(
+        None, description="implied by the metric (loss/perplexity/rates: minimize; rougeL/judge: maximize); "
+                          "a contradictory value is refused")
+    min_improvement: float = Field(0.0, ge=0, description="the bootstrap lower bound of the gain must exceed this")
+    bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples over held-out examples")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided confidence level of the gain's interval")
+    allow_point_estimate: bool = Field(
+        False, description="promote on the point gain when the metric has no per-example values (no interval)")
 
 
 class ScheduleConfig(_Section):

@@ -224,6 +224,12 @@ class PromotionDecision:
     registered_name: str
     registered_version: str
     deltas: tuple[tuple[str, float], ...] = ()
+    ci_low: float | None = None
+    ci_high: float | None = None
+    confidence: float | None = None
+    n_examples: int = 0
+    champion_ci_low: float | None = None
+    champion_ci_high: float | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-able dict (for the flow summary and ``promotion/decision.json``)."""

@@ -3,13 +3,22 @@
 Inputs are the two evaluations of the flow (``base`` and ``tuned``, same held-out data, same
 settings) and the model version the train stage registered (alias ``candidate`` already set).
 
-The gate (``decide``, a pure function) promotes the new version only when, on the pipeline's chosen
-metric (``promotion.metric`` + ``promotion.direction``):
+The gate (``sftflow.gate.decide``, a pure function) promotes the new version only when, on the pipeline's chosen
+metric (``promotion.metric``; its better direction is implied by the metric, see ``sftflow.stats``,
+and an explicit ``promotion.direction`` that contradicts it is refused):
 
-1. it beats the base model by at least ``promotion.min_improvement`` (and strictly), and
-2. it beats the current ``champion`` (strictly) on the same held-out data. A champion evaluated on
-   another held-out set or with other settings (its recorded ``sftflow.eval.key`` differs) is
-   re-evaluated on this run's held-out set first, so the comparison is like for like.
+1. it beats the base model with confidence: a paired bootstrap over the held-out examples
+   (``promotion.bootstrap_samples`` resamples, seeded) gives a ``promotion.confidence`` interval of
+   the per-example gain, and its lower bound must exceed ``promotion.min_improvement``. A metric
+   without per-example values in the samples (``eval_loss`` until the evaluation writes per-row
+   losses) has no interval: its point gain is reported and it is not promoted on it (unless
+   ``promotion.allow_point_estimate`` is set), and
+2. it beats the current ``champion`` on the same held-out data: the interval's lower bound against
+   the champion must exceed 0 when the champion's per-example values exist (it was re-evaluated
+   here); otherwise (recorded numbers only) the candidate must beat its value strictly, and the
+   reason says the comparison was a point comparison. A champion evaluated on another held-out set
+   or with other settings (its recorded ``sftflow.eval.key`` differs) is re-evaluated on this
+   run's held-out set first, so the comparison is like for like.
 
 ``promote`` only reads (the registry's current champion, a re-evaluation when needed) and returns
 the decision; ``promote_task`` applies it (``record_decision``: the alias move through
@@ -17,14 +26,16 @@ the decision; ``promote_task`` applies it (``record_decision``: the alias move t
 decision and its numbers are written to the model version and to the run (metrics,
 ``promotion/decision.json``). The stage also logs the
 base-vs-tuned deltas (``delta/<metric>``) and the side-by-side table (prompt, reference, base
-output, tuned output, per-row ROUGE-L) as an MLflow table, an HTML page and a Prefect table.
+output, tuned output, per-row ROUGE-L) as an MLflow table, an HTML page and a Prefect table, and the
+gate's per-example table (the gated metric for base, tuned, champion, and the gains) as
+``promotion/per_example.*``; the interval and that table are also on the model version.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +47,8 @@ from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
 from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, table_artifact
 from sftflow.data.refs import DatasetRef
 from sftflow.results import EvalResult, PromotionDecision, TrainResult
+from sftflow.gate import GateEvidence, decide, gate_evidence, interval_lines, metric_name, per_example_markdown
+from sftflow.stats import resolve_direction
 from sftflow.tracking.registry import CHAMPION, model_version_ref, set_alias, set_version_tags, version_by_alias
 from sftflow.tracking.runs import StageContext, log_json, stage_run
 
@@ -55,111 +68,8 @@ TAG_EVAL_KEY = "sftflow.eval.key"
 TAG_HELDOUT = "sftflow.eval.heldout_sha256"
 TAG_EVAL_METRICS = "sftflow.eval.metrics"
 TAG_RUN = "sftflow.gate.run_id"
-
-
-# --------------------------------------------------------------------------- pure decision
-@dataclass(frozen=True)
-class GateOutcome:
-    """The pure gate's verdict.
-
-    Attributes:
-        promote: move ``champion`` to the candidate.
-        reason: one sentence with the numbers.
-        gain_over_base: improvement over the base in the better direction (positive = better).
-        gain_over_champion: same against the champion (None when there is none).
-    """
-
-    promote: bool
-    reason: str
-    gain_over_base: float
-    gain_over_champion: float | None
-
-
-def improvement(*, new: float, old: float, direction: str) -> float:
-    """How much better ``new`` is than ``old`` (positive = better) for ``maximize``/``minimize``."""
-    if direction == "maximize":
-        return new - old
-    if direction == "minimize":
-        return old - new
-    raise ValueError(f"direction must be 'maximize' or 'minimize' (got {direction!r})")
-
-
-def decide(
-    *,
-    metric: str,
-    direction: str,
-    min_improvement: float,
-    base: float,
-    candidate: float,
-    champion: float | None,
-) -> GateOutcome:
-    """Decide promotion from numbers alone (no I/O).
-
-    Args:
-        metric: metric name (for the reason text).
-        direction: ``maximize`` or ``minimize``.
-        min_improvement: the margin the candidate must gain over the base (>= 0).
-        base: the base model's value.
-        candidate: the fine-tuned model's value.
-        champion: the current champion's value on the same held-out data; None when there is none.
-
-    Returns:
-        GateOutcome. The candidate is promoted when it gains strictly more than zero and at least
-        ``min_improvement`` over the base, and strictly beats the champion (when there is one).
-        A NaN anywhere is never promoted.
-    """
-    if min_improvement < 0:
-        raise ValueError(f"min_improvement must be >= 0 (got {min_improvement})")
-    if math.isnan(candidate) or math.isnan(base):
-        return GateOutcome(False, f"{metric} is NaN (candidate={candidate}, base={base}); not promoted",
-                           math.nan, None)
-    gain_base = improvement(new=candidate, old=base, direction=direction)
-    better = "higher" if direction == "maximize" else "lower"
-    if gain_base <= 0 or gain_base < min_improvement:
-        within = " (within the margin)" if gain_base > 0 else ""
-        return GateOutcome(
-            False,
-            f"{metric} {candidate:.4f} vs base {base:.4f}: gain {gain_base:+.4f} < required "
-            f"{max(min_improvement, 0.0):.4f} ({better} is better){within}; not promoted",
-            gain_base,
-            None,
-        )
-    if champion is None:
-        return GateOutcome(
-            True,
-            f"{metric} {candidate:.4f} beats base {base:.4f} by {gain_base:+.4f} (>= {min_improvement:.4f}); "
-            f"no champion yet; promoted",
-            gain_base,
-            None,
-        )
-    if math.isnan(champion):
-        return GateOutcome(False, f"champion's {metric} is NaN; not promoted (re-evaluate the champion)",
-                           gain_base, math.nan)
-    gain_champ = improvement(new=candidate, old=champion, direction=direction)
-    if gain_champ <= 0:
-        return GateOutcome(
-            False,
-            f"{metric} {candidate:.4f} beats base {base:.4f} by {gain_base:+.4f} but not the champion "
-            f"{champion:.4f} ({gain_champ:+.4f}, {better} is better); not promoted",
-            gain_base,
-            gain_champ,
-        )
-    return GateOutcome(
-        True,
-        f"{metric} {candidate:.4f} beats base {base:.4f} by {gain_base:+.4f} and the champion {champion:.4f} "
-        f"by {gain_champ:+.4f}; promoted",
-        gain_base,
-        gain_champ,
-    )
-
-
-def metric_name(cfg: PromotionConfig) -> str:
-    """The configured metric without a ``base/``/``tuned/`` prefix (``tuned/rougeL`` -> ``rougeL``)."""
-    name = cfg.metric
-    for prefix in ("tuned/", "base/", "champion/", "delta/"):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+TAG_CI = "sftflow.gate.ci"
+TAG_CHAMPION_CI = "sftflow.gate.champion_ci"
 
 
 def deltas(base: EvalResult, tuned: EvalResult) -> dict[str, float]:
@@ -198,9 +108,17 @@ def recorded_value(mv: Any, *, metric: str, key: str) -> float | None:
     return None if value is None else float(value)
 
 
+# Model version descriptions are stored in a 5000-character column.
+_DESCRIPTION_LIMIT = 5000
+
+
 def record_on_version(client: Any, *, name: str, version: str, decision: PromotionDecision, tuned: EvalResult,
-                      run_id: str) -> None:
-    """Write the gate's decision and numbers on the model version (tags + description)."""
+                      run_id: str, evidence: GateEvidence | None = None) -> None:
+    """Write the gate's decision and numbers on the model version (tags + description).
+
+    With ``evidence`` the intervals go to tags (``sftflow.gate.ci``, ``sftflow.gate.champion_ci``)
+    and the description carries them and as much of the per-example table as fits.
+    """
     tags = {
         TAG_DECISION: "promoted" if decision.promoted else "rejected",
         TAG_REASON: decision.reason[:5000],
@@ -214,6 +132,10 @@ def record_on_version(client: Any, *, name: str, version: str, decision: Promoti
         TAG_EVAL_METRICS: json.dumps({k: v for k, v in tuned.metrics if math.isfinite(v)}, sort_keys=True)[:5000],
         TAG_RUN: run_id,
     }
+    if evidence is not None:
+        tags[TAG_CI] = evidence.over_base.text() if evidence.over_base else "none (no per-example values)"
+        if evidence.over_champion is not None:
+            tags[TAG_CHAMPION_CI] = evidence.over_champion.text()
     set_version_tags(client, name=name, version=version, tags=tags)
     champ = ("none" if decision.champion_value is None
              else f"v{decision.champion_version} = {decision.champion_value:.4f}"
@@ -222,9 +144,17 @@ def record_on_version(client: Any, *, name: str, version: str, decision: Promoti
         f"Promotion gate: {'PROMOTED to champion' if decision.promoted else 'not promoted'}.\n"
         f"{decision.metric} ({decision.direction}, min improvement {decision.min_improvement}): "
         f"tuned {decision.tuned_value:.4f}, base {decision.base_value:.4f}, champion {champ}.\n"
-        f"{decision.reason}\nHeld-out sha256: {tuned.heldout_sha256}. Gate run: {run_id}."
+        f"{decision.reason}\n{interval_lines(evidence)}\n"
+        f"Held-out sha256: {tuned.heldout_sha256}. Gate run: {run_id}."
     )
-    client.update_model_version(name, version, description=description)
+    if evidence is not None and len(evidence.table):
+        # As many per-example rows as fit (the full table is the run's promotion/per_example.json).
+        for limit in (len(evidence.table), 50, 20, 5):
+            full = f"{description}\n\nPer example ({decision.metric}):\n{per_example_markdown(evidence, limit=limit)}"
+            if len(full) <= _DESCRIPTION_LIMIT:
+                description = full
+                break
+    client.update_model_version(name, version, description=description[:_DESCRIPTION_LIMIT])
 
 
 # --------------------------------------------------------------------------- the stage
@@ -259,14 +189,18 @@ def promote(
 
     Raises:
         ValueError: the champion must be re-evaluated and no ``evaluate_champion`` was given.
+        sftflow.config.ConfigError: ``promotion.direction`` contradicts the metric, or the metric
+            implies no direction and none is set.
     """
     from mlflow import MlflowClient
 
+    # Refused before anything is read: a contradictory direction would promote a worse model.
+    direction = resolve_direction(metric=cfg.metric, direction=cfg.direction)
     client = client or MlflowClient()
     metric = metric_name(cfg)
     base_value, tuned_value = base.metric(metric), tuned.metric(metric)
     d = tuple(deltas(base, tuned).items())
-    common = dict(metric=metric, direction=cfg.direction, min_improvement=cfg.min_improvement,
+    common = dict(metric=metric, direction=direction, min_improvement=cfg.min_improvement,
                   base_value=base_value, tuned_value=tuned_value, registered_name=registered_name,
                   registered_version=str(registered_version or ""), deltas=d)
     if not registered_name or not registered_version:
@@ -296,28 +230,40 @@ def promote(
                                               template=template, out_dir=out_dir)
             champion_value = champion_eval.metric(metric)
 
-    outcome = decide(metric=metric, direction=cfg.direction, min_improvement=cfg.min_improvement,
-                     base=base_value, candidate=tuned_value, champion=champion_value)
+    evidence = gate_evidence(base=base, tuned=tuned, champion=champion_eval, cfg=cfg, direction=direction)
+    outcome = decide(metric=metric, direction=direction, min_improvement=cfg.min_improvement,
+                     base=base_value, candidate=tuned_value, champion=champion_value,
+                     over_base=evidence.over_base, over_champion=evidence.over_champion,
+                     allow_point_estimate=cfg.allow_point_estimate)
     decision = PromotionDecision(
         promoted=outcome.promote, reason=outcome.reason, champion_value=champion_value,
         champion_version="" if champ_mv is None else str(champ_mv.version),
         champion_reevaluated=champion_eval is not None, **common,
+        ci_low=None if evidence.over_base is None else evidence.over_base.low,
+        ci_high=None if evidence.over_base is None else evidence.over_base.high,
+        confidence=cfg.confidence,
+        n_examples=0 if evidence.over_base is None else evidence.over_base.n,
+        champion_ci_low=None if evidence.over_champion is None else evidence.over_champion.low,
+        champion_ci_high=None if evidence.over_champion is None else evidence.over_champion.high,
     )
     return decision, champion_eval
 
 
-def record_decision(client: Any, decision: PromotionDecision, *, tuned: EvalResult, run_id: str) -> None:
+def record_decision(client: Any, decision: PromotionDecision, *, tuned: EvalResult, run_id: str,
+                    evidence: GateEvidence | None = None) -> None:
     """Apply a decision to the registry: move ``champion`` when promoted, record the numbers on the version.
 
     A decision without a registered version changes nothing; a candidate that already holds
-    ``champion`` keeps it (only its record is refreshed).
+    ``champion`` keeps it (only its record is refreshed). ``evidence`` (``gate_evidence``) adds the
+    intervals and the per-example table to the version's record.
     """
     name, version = decision.registered_name, decision.registered_version
     if not name or not version:
         return
     if decision.promoted and decision.champion_version != version:
         set_alias(client, name=name, alias=CHAMPION, version=version)
-    record_on_version(client, name=name, version=version, decision=decision, tuned=tuned, run_id=run_id)
+    record_on_version(client, name=name, version=version, decision=decision, tuned=tuned, run_id=run_id,
+                      evidence=evidence)
 
 
 def _markdown_table(df: pd.DataFrame, *, limit: int, width: int = 160) -> str:
@@ -378,23 +324,6 @@ def promote_task(
         client = MlflowClient()
         parent = ctx.parent_run_id
 
-        # Side-by-side table: in this run and in the parent run (where people look first).
-        table = side_by_side(base, tuned)
-        table_path = out_dir / "side_by_side.parquet"
-        table.to_parquet(table_path, index=False)
-        html = table.to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="", escape=True)
-        md = _markdown_table(table, limit=evaluation.samples_in_table)
-        for rid in [run.info.run_id] + ([parent] if parent else []):
-            mlflow.log_table(table, artifact_file="eval/side_by_side.json", run_id=rid)
-            client.log_text(rid, html, "eval/side_by_side.html")
-            client.log_text(rid, md, "eval/side_by_side.md")
-        table_artifact(
-            "side-by-side",
-            [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-             for r in table.head(evaluation.samples_in_table).to_dict(orient="records")],
-            description="held-out prompts: reference, base output, tuned output, per-row ROUGE-L",
-        )
-
         # Read champion -> compare -> move alias as one critical section per pipeline, so a manual
         # run and a scheduled run finishing together cannot both crown themselves.
         from sftflow.ops.guards import pipeline_lock
@@ -406,10 +335,43 @@ def promote_task(
                 evaluation=evaluation, training=training, out_dir=out_dir, client=client,
                 evaluate_champion=evaluate_champion,
             )
-            record_decision(client, decision, tuned=tuned, run_id=run.info.run_id)
+            # Deterministic (fixed seed): the same intervals ``promote`` decided on.
+            evidence = gate_evidence(base=base, tuned=tuned, champion=champion_eval, cfg=cfg,
+                                     direction=decision.direction)
+            record_decision(client, decision, tuned=tuned, run_id=run.info.run_id, evidence=evidence)
+
+        verdict = (f"**Promotion gate: {'promoted' if decision.promoted else 'not promoted'}.** {decision.reason}\n\n"
+                   f"{interval_lines(evidence)}\n\n")
+        # Side-by-side table, headed by the decision: in this run and in the parent run (where people look first).
+        table = side_by_side(base, tuned)
+        table_path = out_dir / "side_by_side.parquet"
+        table.to_parquet(table_path, index=False)
+        html = (f"<p>{escape(verdict)}</p>\n"
+                + table.to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="", escape=True))
+        md = verdict + _markdown_table(table, limit=evaluation.samples_in_table)
+        gate_md = (verdict + f"Per example ({decision.metric}, gains positive = better):\n\n"
+                   + per_example_markdown(evidence, limit=len(evidence.table) or 1))
+        evidence.table.to_parquet(out_dir / "per_example.parquet", index=False)
+        for rid in [run.info.run_id] + ([parent] if parent else []):
+            mlflow.log_table(table, artifact_file="eval/side_by_side.json", run_id=rid)
+            client.log_text(rid, html, "eval/side_by_side.html")
+            client.log_text(rid, md, "eval/side_by_side.md")
+            if len(evidence.table):
+                mlflow.log_table(evidence.table, artifact_file="promotion/per_example.json", run_id=rid)
+            client.log_text(rid, gate_md, "promotion/per_example.md")
+        table_artifact(
+            "side-by-side",
+            [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+             for r in table.head(evaluation.samples_in_table).to_dict(orient="records")],
+            description="held-out prompts: reference, base output, tuned output, per-row ROUGE-L",
+        )
 
         metrics = {f"delta/{k}": v for k, v in decision.deltas if math.isfinite(v)}
         metrics["promotion/promoted"] = float(decision.promoted)
+        for which, iv in (("base", evidence.over_base), ("champion", evidence.over_champion)):
+            if iv is not None:
+                metrics.update({f"promotion/gain_over_{which}": iv.gain, f"promotion/gain_over_{which}_low": iv.low,
+                                f"promotion/gain_over_{which}_high": iv.high})
         if champion_eval is not None:
             metrics.update({f"champion/{k}": v for k, v in champion_eval.metrics if math.isfinite(v)})
         if decision.champion_value is not None and math.isfinite(decision.champion_value):
@@ -431,12 +393,13 @@ def promote_task(
         markdown_artifact(
             "promotion",
             f"### Promotion gate: {'promoted' if decision.promoted else 'not promoted'}\n\n"
-            f"{decision.reason}\n\n"
+            f"{decision.reason}\n\n{interval_lines(evidence)}\n\n"
             f"| | {decision.metric} |\n|---|---|\n| base | {decision.base_value:.4f} |\n"
             f"| tuned | {decision.tuned_value:.4f} |\n"
             f"| champion (v{decision.champion_version or '-'}) | "
             f"{'-' if decision.champion_value is None else f'{decision.champion_value:.4f}'} |\n\n"
-            f"Model: `{decision.registered_name}` version {decision.registered_version or '-'}",
+            f"Model: `{decision.registered_name}` version {decision.registered_version or '-'}\n\n"
+            + per_example_markdown(evidence, limit=evaluation.samples_in_table),
             description="promotion decision",
         )
         ctx.layout.mark_done(stage)

@@ -291,6 +291,11 @@ def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]
             hint = " (set evaluation.judge: true)" if metric.endswith("judge_score") else ""
             problems.append(f"{p}.promotion.metric: {cfg.promotion.metric!r} is not a metric the evaluation "
                             f"reports{hint}; expected one of {', '.join(per_set)} (or <extra set>/<metric>)")
+        from sftflow.stats import direction_problem
+
+        problem = direction_problem(metric=cfg.promotion.metric, direction=cfg.promotion.direction)
+        if problem:
+            problems.append(f"{p}.{problem}")
 
     if cfg.evaluation.enabled and cfg.split.heldout_size is not None and cfg.evaluation.max_examples is not None \
             and cfg.evaluation.max_examples > cfg.split.heldout_size:

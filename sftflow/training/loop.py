@@ -46,6 +46,7 @@ from sftflow.training.model import (
     seed_everything,
     setup_device,
 )
+from sftflow.training.tokens import resolve_trainable_tokens
 
 LOGGER_NAME = "sftflow.train"
 # Step-record keys handed to ``on_metrics`` (the rest of a record is bookkeeping).
@@ -130,11 +131,16 @@ def train(
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_method(model, cfg)
+    template = resolve_template(tokenizer, cfg.template)
+    # Control-token rows the adapter cannot move (e.g. an untrained <end_of_turn>) train as well.
+    token_ids = [] if cfg.method == "full" else resolve_trainable_tokens(model, tokenizer, template, cfg.trainable_tokens)
+    if rank == 0 and cfg.method != "full":
+        logger.info("trainable token rows (training.trainable_tokens=%s): %s", cfg.trainable_tokens,
+                    {i: tokenizer.convert_ids_to_tokens(i) for i in token_ids} or "none")
+    model = apply_method(model, cfg, token_ids=token_ids)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    template = resolve_template(tokenizer, cfg.template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ---------------------------------------------------------------- data
@@ -155,8 +161,11 @@ def train(
     # ---------------------------------------------------------------- optimizer, schedule, loss
     from transformers import get_scheduler
 
-    decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on biases and norm scales
-    no_decay = [p for p in trainable if p.ndim < 2]
+    # No weight decay on biases, norm scales, nor token rows (peft stores whole rows there: decay
+    # would pull them towards zero, not towards where they started).
+    rows = {id(p) for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+    decay = [p for p in trainable if p.ndim >= 2 and id(p) not in rows]
+    no_decay = [p for p in trainable if p.ndim < 2 or id(p) in rows]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=learning_rate(cfg), betas=(0.9, 0.999), eps=1e-8,
@@ -281,6 +290,7 @@ def train(
     if cfg.early_stopping_patience and best_path.exists():
         load_trainable(model, torch.load(best_path, map_location=device))  # the best eval-loss weights
     metrics = _summary_metrics(state, data=data, n_trainable=n_trainable, n_total=n_total, run_seconds=time.perf_counter() - t_run)
+    metrics["trainable_token_rows"] = float(len(token_ids))
     output = None
     if rank == 0:
         output = save_outputs(model, tokenizer, base=base, cfg=cfg, out_dir=out_dir, template=template,

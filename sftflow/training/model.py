@@ -104,8 +104,18 @@ def load_base(base: ModelRef, cfg: TrainingConfig, *, device: torch.device, trus
     return model.to(device), tokenizer
 
 
-def apply_method(model: Any, cfg: TrainingConfig) -> Any:
-    """Wrap the model with peft (LoRA family) or unfreeze everything (full)."""
+def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tuple[int, ...] = ()) -> Any:
+    """Wrap the model with peft (LoRA family) or unfreeze everything (full).
+
+    Args:
+        model: the base model.
+        cfg: the training config.
+        token_ids: embedding rows to train besides the adapter (``sftflow.training.tokens``), through
+            peft's ``trainable_token_indices``: for tied embeddings peft ties the LM head's rows to
+            them; for untied ones the same rows of the LM head train too. ``merge_and_unload``
+            bakes them into the weights and the adapter file stores them. Ignored for full
+            fine-tuning, where every row trains.
+    """
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -120,8 +130,19 @@ def apply_method(model: Any, cfg: TrainingConfig) -> Any:
         use_dora=cfg.method == "dora",
         use_rslora=cfg.method == "rslora",
         task_type="CAUSAL_LM",
+        trainable_token_indices=_token_targets(model, list(token_ids)) if token_ids else None,
     )
     return get_peft_model(model, lcfg)
+
+
+def _token_targets(model: Any, ids: list[int]) -> list[int] | dict[str, list[int]]:
+    """peft's ``trainable_token_indices``: the ids (input embeddings, and with them a tied head), or
+    for an untied head the same ids on both the embedding and the head module."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() == emb.weight.data_ptr():
+        return ids
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(emb)]: ids, names[id(head)]: ids}
 
 
 def cast_frozen_linears(model: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -135,14 +156,23 @@ def cast_frozen_linears(model: Any, dtype: torch.dtype) -> dict[str, torch.Tenso
     # The LM head is left alone: it is often tied to the input embeddings (whose fp32 output
     # starts the residual stream), and the fused loss keeps its own bf16 copy.
     head = model.get_output_embeddings()
+    # A peft wrapper (trainable token rows) computes ``.weight`` afresh on each access (a copy of
+    # the whole matrix): read the wrapped layer's weight, once.
+    head_ptr = _unwrapped(head).weight.data_ptr()
     for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
-        if mod is head or getattr(w, "data_ptr", lambda: 0)() == head.weight.data_ptr():
+        if mod is head or getattr(w, "data_ptr", lambda: 0)() == head_ptr:
             continue
         if isinstance(mod, torch.nn.Linear) and w is not None and not w.requires_grad and w.dtype != dtype:
             originals[name] = w.data
             mod.weight.data = w.data.to(dtype)
     return originals
+
+
+def _unwrapped(module: Any) -> Any:
+    """The plain layer inside a peft wrapper (``original_module`` / ``base_layer``), else the module."""
+    module = getattr(module, "original_module", None) or module
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
 def restore_weights(model: Any, originals: dict[str, torch.Tensor]) -> None:

@@ -9,25 +9,32 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
+from sftflow.config import ConfigError, EvaluationConfig, PromotionConfig, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.results import EvalResult, TrainResult
 from sftflow.tracking.registry import CHAMPION
+from sftflow.gate import decide as gate_decide
+from sftflow.gate import metric_name
 from tasks.promote import (
+    TAG_CI,
     TAG_DECISION,
     TAG_EVAL_KEY,
     TAG_EVAL_METRICS,
-    decide,
     deltas,
-    metric_name,
     promote,
     record_decision,
     side_by_side,
 )
 
 
-# --------------------------------------------------------------------------- pure decision
+# --------------------------------------------------------------------------- pure decision (point rule)
+# These check the point-estimate rule (used without per-example values, when it is allowed); the
+# interval rule is tested in test_gate.py.
+def decide(**kw):
+    return gate_decide(allow_point_estimate=True, **kw)
+
+
 def test_better_than_base_no_champion_is_promoted() -> None:
     out = decide(metric="rougeL", direction="maximize", min_improvement=0.01, base=0.20, candidate=0.25, champion=None)
     assert out.promote and "no champion yet" in out.reason
@@ -83,11 +90,13 @@ def test_metric_name_strips_label_prefix() -> None:
 
 
 # --------------------------------------------------------------------------- helpers for registry tests
-def _samples(tmp: Path, label: str, outputs: list[str], rouge: list[float]):
+def _samples(tmp: Path, label: str, outputs: list[str], rouge: list[float], loss: list[float] | None = None):
     df = pd.DataFrame({"set": "heldout", "id": [f"id{i}" for i in range(len(outputs))],
                        "prompt": [f"p{i}" for i in range(len(outputs))],
                        "reference": [f"r{i}" for i in range(len(outputs))],
                        "output": outputs, "rougeL": rouge, "num_tokens": 3, "finished": True, "judge": math.nan})
+    if loss is not None:  # per-example answer loss, as the evaluation is to write it
+        df["loss"], df["loss_tokens"] = loss, 1
     return write_parquet(df, tmp / f"samples_{label}.parquet", name=f"eval_samples_{label}")
 
 
@@ -187,7 +196,7 @@ def test_gate_first_version_becomes_champion_then_worse_does_not(client, tmp_pat
     d3, _ = _gate(client, base=base, tuned=_result(tmp_path, "tuned3", 0.22), registered_name=name,
                   registered_version=v3, cfg=cfg, heldout=None, evaluation=EvaluationConfig(),
                   training=TrainingConfig(), out_dir=tmp_path, run_id="run-3")
-    assert not d3.promoted and "within the margin" in d3.reason
+    assert not d3.promoted and "lower bound +0.0200 <= required 0.0500" in d3.reason
 
     # v4 beats both: champion moves.
     v4 = _register(client, name)
@@ -248,10 +257,12 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
     evaluation = EvaluationConfig(max_new_tokens=4, batch_size=3)
     training = TrainingConfig(max_seq_len=64)
     key = eval_key(heldout=heldout, cfg=evaluation, template="gemma", max_seq_len=64)
-    base = EvalResult(label="base", metrics=(("eval_loss", 50.0),), samples=_samples(tmp_path, "b", ["x"], [0.0]),
-                      heldout_sha256=heldout.sha256, eval_key=key)
-    tuned = EvalResult(label="tuned", metrics=(("eval_loss", 1.0),), samples=_samples(tmp_path, "t", ["y"], [0.0]),
-                       heldout_sha256=heldout.sha256, eval_key=key)
+    base = EvalResult(label="base", metrics=(("eval_loss", 50.0),),
+                      samples=_samples(tmp_path, "b", ["x"], [0.0], loss=[50.0]), heldout_sha256=heldout.sha256,
+                      eval_key=key)
+    tuned = EvalResult(label="tuned", metrics=(("eval_loss", 1.0),),
+                       samples=_samples(tmp_path, "t", ["y"], [0.0], loss=[1.0]), heldout_sha256=heldout.sha256,
+                       eval_key=key)
     v2 = _register(client, name)
     cfg = PromotionConfig(metric="eval_loss", direction="minimize", min_improvement=0.5)
     gate = dict(base=base, tuned=tuned, registered_name=name, registered_version=v2, cfg=cfg, heldout=heldout,
@@ -271,6 +282,8 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
     assert champ.heldout_sha256 == heldout.sha256 and champ.eval_key == key
     assert d.promoted and str(client.get_model_version_by_alias(name, CHAMPION).version) == v2
     assert "re-evaluated" in client.get_model_version(name, v2).description
+    # The re-evaluated champion's samples have no per-row loss (yet): compared on its value, and said so.
+    assert "point comparison" in d.reason
 
 
 def _train_result(name: str, version: str) -> TrainResult:
@@ -304,7 +317,15 @@ def test_promote_task_records_table_deltas_and_decision(client, sftflow_home: Pa
     parent_files = {f.path for f in client.list_artifacts(parent, "eval")}
     assert {"eval/side_by_side.json", "eval/side_by_side.html", "eval/side_by_side.md"} <= parent_files
     stage = mlflow.search_runs([exp], filter_string="tags.`sftflow.stage` = 'promote'", output_format="list")[0]
-    assert {f.path for f in client.list_artifacts(stage.info.run_id, "promotion")} == {"promotion/decision.json"}
+    assert {f.path for f in client.list_artifacts(stage.info.run_id, "promotion")} == {
+        "promotion/decision.json", "promotion/per_example.json", "promotion/per_example.md"}
+    assert {"promotion/per_example.json", "promotion/per_example.md"} <= {
+        f.path for f in client.list_artifacts(parent, "promotion")}
+    mv = client.get_model_version(name, v1)
+    assert mv.tags[TAG_CI].startswith("+0.1000 [95% CI +0.1000, +0.1000], n=2")
+    assert "Per example (rougeL)" in mv.description and "| id0 | 0.2000 | 0.3000 | 0.1000 |" in mv.description
+    md = Path(client.download_artifacts(parent, "eval/side_by_side.md", str(tmp_path / "dl2"))).read_text()
+    assert md.startswith("**Promotion gate: promoted.**") and "95% CI" in md
     table = json.loads(Path(client.download_artifacts(parent, "eval/side_by_side.json", str(tmp_path / "dl"))).read_text())
     assert "tuned_output" in table["columns"] and len(table["data"]) == 2
     assert client.get_model_version(name, v1).tags["sftflow.gate.run_id"] == stage.info.run_id
@@ -325,3 +346,48 @@ def test_promote_task_rejects_a_wrong_train_argument(client, sftflow_home: Path,
         promote_task.fn(*args, {"registered_name": "m", "registered_version": "1"}, PromotionConfig(), **kw)
     none = promote_task.fn(*args, None, PromotionConfig(), **kw)
     assert not none.promoted and "no registered model version" in none.reason
+
+
+# --------------------------------------------------------------------------- direction and bootstrap through promote
+def _seq_result(tmp: Path, label: str, rouge: list[float], loss: list[float]) -> EvalResult:
+    s = _samples(tmp, label, [f"{label} {i}" for i in range(len(rouge))], rouge, loss=loss)
+    return EvalResult(label=label, metrics=(("eval_loss", sum(loss) / len(loss)), ("rougeL", sum(rouge) / len(rouge))),
+                      samples=s, heldout_sha256="h", eval_key="key-A")
+
+
+def test_contradictory_direction_is_refused_before_any_work(tmp_path: Path) -> None:
+    base = _seq_result(tmp_path, "base", [0.2] * 4, [2.5] * 4)
+    tuned = _seq_result(tmp_path, "tuned", [0.3] * 4, [2.0] * 4)
+    kw = dict(base=base, tuned=tuned, registered_name="m", registered_version="1", heldout=None,
+              evaluation=EvaluationConfig(), training=TrainingConfig(), out_dir=tmp_path,
+              client=object())  # never touched: the check comes first
+    contradiction = r"promotion\.direction: 'maximize' contradicts promotion\.metric 'eval_loss'"
+    with pytest.raises(ConfigError, match=contradiction):
+        promote(cfg=PromotionConfig(metric="eval_loss", direction="maximize"), **kw)
+    with pytest.raises(ConfigError, match=r"promotion\.direction"):
+        promote(cfg=PromotionConfig(metric="mean_words"), **kw)
+
+
+def test_direction_implied_by_eval_loss_promotes_lower_loss(client, tmp_path: Path) -> None:
+    name = "sftflow-implied"
+    base = _seq_result(tmp_path, "base", [0.2] * 8, [2.5, 2.6, 2.4, 2.5, 2.7, 2.3, 2.5, 2.6])
+    lower = _seq_result(tmp_path, "lower", [0.2] * 8, [2.1, 2.2, 2.0, 2.1, 2.3, 1.9, 2.1, 2.2])
+    higher = _seq_result(tmp_path, "higher", [0.2] * 8, [2.9, 3.0, 2.8, 2.9, 3.1, 2.7, 2.9, 3.0])
+    cfg = PromotionConfig(metric="eval_loss")  # direction None: minimize
+    kw = dict(heldout=None, evaluation=EvaluationConfig(), training=TrainingConfig(), out_dir=tmp_path, client=client)
+    v1 = _register(client, name)
+    d_bad, _ = promote(base=base, tuned=higher, registered_name=name, registered_version=v1, cfg=cfg, **kw)
+    assert not d_bad.promoted and d_bad.direction == "minimize" and "lower is better" in d_bad.reason
+    d, _ = promote(base=base, tuned=lower, registered_name=name, registered_version=v1, cfg=cfg, **kw)
+    assert d.promoted and d.direction == "minimize" and "95% CI +0.4000, +0.4000" in d.reason
+
+
+def test_noisy_gain_is_not_promoted_through_promote(client, tmp_path: Path) -> None:
+    name = "sftflow-noise"
+    v1 = _register(client, name)
+    base = _seq_result(tmp_path, "base", [0.2] * 8, [2.0] * 8)
+    noisy = _seq_result(tmp_path, "noisy", [0.3, 0.1, 0.35, 0.05, 0.3, 0.1, 0.25, 0.16], [2.0] * 8)  # mean +0.0013
+    d, _ = promote(base=base, tuned=noisy, registered_name=name, registered_version=v1, cfg=PromotionConfig(),
+                   heldout=None, evaluation=EvaluationConfig(), training=TrainingConfig(), out_dir=tmp_path,
+                   client=client)
+    assert d.tuned_value > d.base_value and not d.promoted and "noise" in d.reason

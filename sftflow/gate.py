@@ -1,0 +1,263 @@
+"""The promotion gate's decision: per-example evidence, paired bootstrap intervals, the verdict.
+
+Pure (no registry, no MLflow): ``gate_evidence`` pairs the base, tuned (and champion) evaluations
+example by example on the gated metric (from each evaluation's samples Parquet) and bootstraps the
+gains (``sftflow.stats.paired_bootstrap``); ``decide`` turns values and intervals into a
+``GateOutcome``. ``tasks/promote.py`` reads the registry, calls these and records the result.
+
+The rule: promote only when the lower bound of the gain over the base exceeds
+``promotion.min_improvement`` and the candidate beats the champion (lower bound > 0 with the
+champion's per-example values, strictly on its recorded value without them). A metric without
+per-example values has no interval and is not promoted on its point gain unless
+``allow_point_estimate``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from sftflow.config import PromotionConfig
+from sftflow.results import EvalResult
+from sftflow.stats import LABEL_PREFIXES, MAXIMIZE, MINIMIZE, GainInterval, paired_bootstrap
+
+# The evaluation's name for the held-out set's rows in its samples (tasks/evaluate.py HELDOUT_SET;
+# stages do not import each other).
+HELDOUT_SET = "heldout"
+# Fixed so that the same evaluations always give the same interval and decision (a re-run of the
+# gate must not flip on the bootstrap's draw).
+BOOTSTRAP_SEED = 0
+
+
+# --------------------------------------------------------------------------- pure decision
+@dataclass(frozen=True)
+class GateOutcome:
+    """The pure gate's verdict.
+
+    Attributes:
+        promote: move ``champion`` to the candidate.
+        reason: one sentence with the numbers (and the intervals, when there are).
+        gain_over_base: improvement over the base in the better direction (positive = better).
+        gain_over_champion: same against the champion (None when there is none).
+    """
+
+    promote: bool
+    reason: str
+    gain_over_base: float
+    gain_over_champion: float | None
+
+
+def improvement(*, new: float, old: float, direction: str) -> float:
+    """How much better ``new`` is than ``old`` (positive = better) for ``maximize``/``minimize``."""
+    if direction == MAXIMIZE:
+        return new - old
+    if direction == MINIMIZE:
+        return old - new
+    raise ValueError(f"direction must be 'maximize' or 'minimize' (got {direction!r})")
+
+
+def decide(
+    *,
+    metric: str,
+    direction: str,
+    min_improvement: float,
+    base: float,
+    candidate: float,
+    champion: float | None,
+    over_base: GainInterval | None = None,
+    over_champion: GainInterval | None = None,
+    allow_point_estimate: bool = False,
+) -> GateOutcome:
+    """Decide promotion from numbers alone (no I/O).
+
+    Args:
+        metric: metric name (for the reason text).
+        direction: ``maximize`` or ``minimize`` (already resolved, see ``sftflow.stats.resolve_direction``).
+        min_improvement: the margin the gain's lower bound must exceed (>= 0).
+        base: the base model's value.
+        candidate: the fine-tuned model's value.
+        champion: the current champion's value on the same held-out data; None when there is none.
+        over_base: the paired bootstrap interval of the candidate's gain over the base; None when
+            the metric has no per-example values.
+        over_champion: same against the champion; None when the champion's per-example values are
+            unavailable (its recorded value is then compared as a point).
+        allow_point_estimate: without ``over_base``, judge the point gain (> 0 and >=
+            ``min_improvement``) instead of refusing.
+
+    Returns:
+        GateOutcome. Promoted when the gain over the base is confidently above the margin
+        (``over_base.low > min_improvement``), and the candidate beats the champion (when there is
+        one): ``over_champion.low > 0``, or strictly on the point value without an interval.
+        A NaN anywhere is never promoted.
+    """
+    if min_improvement < 0:
+        raise ValueError(f"min_improvement must be >= 0 (got {min_improvement})")
+    if math.isnan(candidate) or math.isnan(base):
+        return GateOutcome(False, f"{metric} is NaN (candidate={candidate}, base={base}); not promoted",
+                           math.nan, None)
+    gain_base = improvement(new=candidate, old=base, direction=direction)
+    better = "higher" if direction == MAXIMIZE else "lower"
+    head = f"{metric} {candidate:.4f} vs base {base:.4f} ({better} is better)"
+    if over_base is not None:
+        head += f": gain {over_base.text()}"
+        if not over_base.low > min_improvement:
+            straddle = " (the interval includes no gain: noise)" if over_base.low <= 0 < over_base.high else ""
+            return GateOutcome(False, f"{head}; lower bound {over_base.low:+.4f} <= required "
+                                      f"{min_improvement:.4f}{straddle}; not promoted", gain_base, None)
+    else:
+        head += f": gain {gain_base:+.4f} (no per-example values: no interval)"
+        if not allow_point_estimate:
+            return GateOutcome(False, f"{head}; not promoted on a point estimate (a gain on a few examples can be "
+                                      "noise; set promotion.allow_point_estimate to accept it)", gain_base, None)
+        if gain_base <= 0 or gain_base < min_improvement:
+            within = " (within the margin)" if gain_base > 0 else ""
+            return GateOutcome(False, f"{head} < required {max(min_improvement, 0.0):.4f}{within}; not promoted",
+                               gain_base, None)
+    if champion is None:
+        return GateOutcome(True, f"{head} >= {min_improvement:.4f}; no champion yet; promoted", gain_base, None)
+    if math.isnan(champion):
+        return GateOutcome(False, f"{head}; the champion's {metric} is NaN; not promoted (re-evaluate the champion)",
+                           gain_base, math.nan)
+    gain_champ = improvement(new=candidate, old=champion, direction=direction)
+    if over_champion is not None:
+        vs = f"the champion {champion:.4f}: gain {over_champion.text()}"
+        beats = over_champion.low > 0
+    else:
+        vs = (f"the champion {champion:.4f}: gain {gain_champ:+.4f} (point comparison: the champion's "
+              "per-example values are unavailable)")
+        beats = gain_champ > 0
+    if not beats:
+        return GateOutcome(False, f"{head}; but not {vs}; not promoted", gain_base, gain_champ)
+    return GateOutcome(True, f"{head}; and beats {vs}; promoted", gain_base, gain_champ)
+
+
+def metric_name(cfg: PromotionConfig) -> str:
+    """The configured metric without a ``base/``/``tuned/`` prefix (``tuned/rougeL`` -> ``rougeL``)."""
+    name = cfg.metric
+    for prefix in LABEL_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+# --------------------------------------------------------------------------- per-example evidence
+# Per-example columns of the evaluation's samples Parquet (tasks/evaluate.py) behind each metric:
+# the metric is the mean of these values over a set's rows (``eval_loss``: weighted by scored tokens).
+def _per_example(df: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series] | None:
+    """(values, weights) of ``metric`` per row of ``df``, or None when the samples lack them."""
+    ones = pd.Series(1.0, index=df.index)
+    if metric == "rougeL" and "rougeL" in df:
+        return df["rougeL"].astype(float), ones
+    if metric == "judge_score" and "judge" in df and df["judge"].notna().any():
+        return df["judge"].astype(float), ones
+    if metric == "runaway_rate" and "finished" in df:
+        return (~df["finished"].astype(bool)).astype(float), ones
+    if metric == "empty_rate" and "output" in df:
+        return (df["output"].fillna("").str.strip() == "").astype(float), ones
+    if metric == "eval_loss" and {"loss", "loss_tokens"} <= set(df.columns):
+        return df["loss"].astype(float), df["loss_tokens"].astype(float)
+    return None
+
+
+def per_example_values(result: EvalResult, metric: str) -> pd.DataFrame | None:
+    """The gated metric per example of its set: columns ``set, id, _n, value, weight``; None if unavailable.
+
+    ``metric`` is unprefixed (``rougeL``) for the held-out set or ``<set>/<metric>`` for an extra set.
+    ``_n`` numbers repeated ids within a set, so duplicates pair up by position.
+    """
+    set_name, _, bare = metric.rpartition("/")
+    set_name = set_name or HELDOUT_SET
+    df = pd.read_parquet(result.samples.path)
+    if not len(df) or not {"set", "id"} <= set(df.columns):
+        return None
+    df = df[df["set"] == set_name].reset_index(drop=True)
+    got = _per_example(df, bare) if len(df) else None
+    if got is None:
+        return None
+    out = df[["set", "id"]].copy()
+    out["_n"] = out.groupby(["set", "id"]).cumcount()
+    out["value"], out["weight"] = got[0].to_numpy(), got[1].to_numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class GateEvidence:
+    """The per-example comparison behind a decision.
+
+    Attributes:
+        direction: the resolved direction.
+        over_base / over_champion: paired bootstrap intervals of the candidate's gain (None: no
+            per-example values for that pair).
+        table: one row per example: ``set, id, base, tuned, gain_over_base`` (+ ``champion,
+            gain_over_champion`` when available); gains are sign-adjusted (positive = better).
+            Empty when the metric has no per-example values.
+    """
+
+    direction: str
+    over_base: GainInterval | None
+    over_champion: GainInterval | None
+    table: pd.DataFrame
+
+
+def _interval(pairs: pd.DataFrame, *, old: str, new: str, direction: str, cfg: PromotionConfig) -> GainInterval:
+    return paired_bootstrap(base=pairs[old].to_numpy(), tuned=pairs[new].to_numpy(), weights=pairs["weight"].to_numpy(),
+                            direction=direction, resamples=cfg.bootstrap_samples, confidence=cfg.confidence,
+                            seed=BOOTSTRAP_SEED)
+
+
+def gate_evidence(*, base: EvalResult, tuned: EvalResult, champion: EvalResult | None, cfg: PromotionConfig,
+                  direction: str) -> GateEvidence:
+    """Pair base, tuned (and champion) per example on the gated metric and bootstrap the gains.
+
+    Examples are joined on (set, id, position); only examples both models were scored on count.
+    The weight of an example is the tuned evaluation's (scored tokens for a loss; 1 otherwise).
+    """
+    metric = metric_name(cfg)
+    b, t = per_example_values(base, metric), per_example_values(tuned, metric)
+    if b is None or t is None:
+        return GateEvidence(direction, None, None, pd.DataFrame())
+    keys = ["set", "id", "_n"]
+    pairs = b.drop(columns="weight").rename(columns={"value": "base"}).merge(
+        t.rename(columns={"value": "tuned"}), on=keys, how="inner", validate="one_to_one")
+    sign = 1.0 if direction == MAXIMIZE else -1.0
+    pairs["gain_over_base"] = sign * (pairs["tuned"] - pairs["base"])
+    over_base = _interval(pairs, old="base", new="tuned", direction=direction, cfg=cfg) if len(pairs) else None
+    over_champion = None
+    c = per_example_values(champion, metric) if champion is not None else None
+    if c is not None:
+        pairs = pairs.merge(c.drop(columns="weight").rename(columns={"value": "champion"}), on=keys, how="left",
+                            validate="one_to_one")
+        pairs["gain_over_champion"] = sign * (pairs["tuned"] - pairs["champion"])
+        both = pairs.dropna(subset=["champion"])
+        if len(both):
+            over_champion = _interval(both, old="champion", new="tuned", direction=direction, cfg=cfg)
+    return GateEvidence(direction, over_base, over_champion, pairs.drop(columns="_n"))
+
+
+def per_example_markdown(evidence: GateEvidence, *, limit: int, width: int = 40) -> str:
+    """The gate's per-example table as Markdown (first ``limit`` rows; ids cut to ``width``)."""
+    df = evidence.table
+    if not len(df):
+        return "(no per-example values for the gated metric)"
+    cols = [c for c in ("id", "base", "tuned", "gain_over_base", "champion", "gain_over_champion") if c in df]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.head(limit).iterrows():
+        cells = [str(row[c])[:width] if c == "id" else ("" if pd.isna(row[c]) else f"{row[c]:.4f}") for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(df) > limit:
+        lines.append(f"({len(df) - limit} more rows in the promote run's promotion/per_example.json)")
+    return "\n".join(lines)
+
+
+def interval_lines(evidence: GateEvidence | None) -> str:
+    """One line per interval, for descriptions and the Prefect summary ("" without evidence)."""
+    if evidence is None:
+        return ""
+    out = [f"Gain over base: {evidence.over_base.text()} ({evidence.over_base.resamples} paired bootstrap "
+           f"resamples)." if evidence.over_base else "Gain over base: no per-example values, no interval."]
+    if evidence.over_champion is not None:
+        out.append(f"Gain over champion: {evidence.over_champion.text()}.")
+    return "\n".join(out)
+
