@@ -20,12 +20,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from sftflow.config import PromotionConfig
-from sftflow.results import EvalResult
-from sftflow.stats import LABEL_PREFIXES, MAXIMIZE, MINIMIZE, GainInterval, paired_bootstrap
+from sftflow.results import HELDOUT_SET, EvalResult
+from sftflow.stats import MAXIMIZE, MINIMIZE, GainInterval, paired_bootstrap, strip_label
 
-# The evaluation's name for the held-out set's rows in its samples (tasks/evaluate.py HELDOUT_SET;
-# stages do not import each other).
-HELDOUT_SET = "heldout"
 # Fixed so that the same evaluations always give the same interval and decision (a re-run of the
 # gate must not flip on the bootstrap's draw).
 BOOTSTRAP_SEED = 0
@@ -135,11 +132,7 @@ def decide(
 
 def metric_name(cfg: PromotionConfig) -> str:
     """The configured metric without a ``base/``/``tuned/`` prefix (``tuned/rougeL`` -> ``rougeL``)."""
-    name = cfg.metric
-    for prefix in LABEL_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+    return strip_label(cfg.metric)
 
 
 # --------------------------------------------------------------------------- per-example evidence

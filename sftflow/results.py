@@ -12,6 +12,9 @@ from typing import Any
 
 from sftflow.data.refs import DatasetRef, ModelRef
 
+# The ``set`` of held-out rows in evaluation samples (extra eval sets carry their own names).
+HELDOUT_SET = "heldout"
+
 
 @dataclass(frozen=True)
 class SourceCounts:

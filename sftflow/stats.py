@@ -48,11 +48,16 @@ _SUFFIX_DIRECTIONS: tuple[tuple[str, str], ...] = (
 LABEL_PREFIXES = ("tuned/", "base/", "champion/", "delta/")
 
 
-def bare_metric(metric: str) -> str:
-    """``tuned/rougeL`` -> ``rougeL``; ``alpaca/eval_loss`` -> ``eval_loss`` (label and set prefixes dropped)."""
+def strip_label(metric: str) -> str:
+    """``tuned/rougeL`` -> ``rougeL``; an extra set's prefix stays (``tuned/alpaca/rougeL`` -> ``alpaca/rougeL``)."""
     for prefix in LABEL_PREFIXES:
         metric = metric.removeprefix(prefix)
-    return metric.rsplit("/", 1)[-1]
+    return metric
+
+
+def bare_metric(metric: str) -> str:
+    """``tuned/rougeL`` -> ``rougeL``; ``alpaca/eval_loss`` -> ``eval_loss`` (label and set prefixes dropped)."""
+    return strip_label(metric).rsplit("/", 1)[-1]
 
 
 def implied_direction(metric: str) -> str | None:

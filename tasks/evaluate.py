@@ -46,9 +46,8 @@ from sftflow.data.records import frame_to_records
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.errors import DataError
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
-from sftflow.results import EvalResult
+from sftflow.results import HELDOUT_SET, EvalResult
 
-HELDOUT_SET = "heldout"
 # Metric names computed for every set (extra sets get a "<set>/" prefix).
 GENERATION_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate")
 LOSS_METRICS = ("eval_loss", "perplexity", "eval_tokens")

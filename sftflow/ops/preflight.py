@@ -282,9 +282,9 @@ def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]
                         "eval_every steps)")
 
     if cfg.evaluation.enabled and cfg.promotion.enabled:
-        metric = cfg.promotion.metric
-        for prefix in ("tuned/", "base/", "champion/", "delta/"):
-            metric = metric.removeprefix(prefix)
+        from sftflow.stats import strip_label
+
+        metric = strip_label(cfg.promotion.metric)
         per_set = list(EVAL_METRICS) + (["judge_score"] if cfg.evaluation.judge else [])
         available = per_set + [f"{s.name}/{m}" for s in cfg.evaluation.extra_sets for m in per_set]
         if metric not in available:
