@@ -1,7 +1,9 @@
-"""The registered model's MLflow pyfunc class: chat generation with the fine-tuned weights.
+"""The MLflow pyfunc class of model versions registered before the transformers chat flavor.
 
-MLflow pickles the class *by reference* to this module, so it imports nothing heavy at module
-level (no Prefect, no torch): the model loads wherever ``sftflow`` is installed.
+New versions are MLflow's ``transformers`` flavor (``registry.log_model``), which loads and serves
+without this repository. This class stays so that versions logged earlier, which MLflow pickled
+*by reference* to this module, still load (wherever ``sftflow`` is installed); it imports nothing
+heavy at module level (no Prefect, no torch).
 """
 
 from __future__ import annotations

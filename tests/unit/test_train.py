@@ -287,8 +287,10 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
     assert result.model.kind == "merged" and dict(result.metrics)["steps"] == 4.0
     # Load back through the registry alias and generate (offline: weights are artifacts).
     loaded = mlflow.pyfunc.load_model("models:/sftflow-unit@candidate")
-    out = loaded.predict(pd.DataFrame({"prompt": ["What is 2 plus 2?", "Name a colour."]}), params={"max_new_tokens": 5})
-    assert len(out) == 2 and all(isinstance(x, str) for x in out)
+    # The transformers chat flavor: OpenAI-style chat requests in, chat completions out.
+    out = [loaded.predict({"messages": [{"role": "user", "content": p}], "max_tokens": 5})[0]
+           for p in ("What is 2 plus 2?", "Name a colour.")]
+    assert all(isinstance(x["choices"][0]["message"]["content"], str) for x in out)
     # A second run of the stage registers version 2 and moves `candidate` to it.
     result2 = train_task.fn(data[0], data[1], build_tiny_model("tiny-gemma"), _cfg(max_steps=4, eval_every=2),
                             ctx=ctx, register_as="sftflow-unit")
