@@ -10,12 +10,16 @@ Examples::
     sftflow serve                            # deployments with cron schedules, served
     sftflow ui                               # local Prefect UI + MLflow UI on 127.0.0.1
     sftflow lineage sftflow-demo@champion    # audit a registered model's lineage
+    sftflow runs demo --limit 5              # recent runs, metrics, champion/candidate (--json)
 
 Every path derives from ``$SFTFLOW_HOME`` (default ``./.sftflow``).
 
 Errors the user can cause (a bad config, a bad data file, a server that does not answer, an
 unusable ``$SFTFLOW_HOME``) end the command with one line naming the file / key / row and a
 documented exit code (``sftflow.errors``); ``--debug`` or ``SFTFLOW_DEBUG=1`` shows the traceback.
+``sftflow run`` keeps the console quiet (one line per stage, progress with ETA, a closing summary
+table); third-party warnings, progress bars and stage details go to ``<run dir>/sftflow.log``
+(``sftflow.ops.console``); ``--verbose`` shows everything on the console.
 The config is loaded and checked (schema, files, sizes: ``sftflow.ops.preflight``) before anything is
 created under ``$SFTFLOW_HOME``; the environment (Prefect home...) is set up only for a command
 that will really do work.
@@ -78,6 +82,16 @@ def _debug_parent() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per verb)."""
     dbg = _debug_parent()
@@ -100,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute every stage (refresh Prefect's cache)")
     run.add_argument("--skip-if-unchanged", action="store_true",
                      help="do nothing when sources and config equal the last successful run's")
+    run.add_argument("--verbose", "-v", action="store_true",
+                     help="show every log line, third-party warning and progress bar on the console "
+                          "(default: one line per stage; the rest goes to <run dir>/sftflow.log)")
     _add_common(run)
 
     val = sub.add_parser("validate-config", **each, help="validate pipelines.yaml (nothing runs)",
@@ -139,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("model", help="e.g. sftflow-demo@champion or sftflow-demo/3")
     lin.add_argument("--json", action="store_true", help="print JSON instead of text")
     lin.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
+
+    runs = sub.add_parser("runs", **each, help="list recent runs of each pipeline",
+                          description="Recent flow runs of each pipeline (default: every pipeline in pipelines.yaml) "
+                                      "from MLflow: run id, start, status, duration, base/tuned rougeL, eval_loss, "
+                                      "gate decision, the version each run registered, and the current champion "
+                                      "and candidate versions of the pipeline's model.")
+    runs.add_argument("pipeline", nargs="?", default=None, help="only this pipeline")
+    runs.add_argument("--limit", "-n", type=_positive_int, default=10, help="runs per pipeline (default 10)")
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    runs.add_argument("--tracking-uri", default=None,
+                      help="MLflow tracking URI (default: the pipeline's tracking.tracking_uri, $MLFLOW_TRACKING_URI "
+                           "or the embedded store)")
+    _add_common(runs)
     return parser
 
 
@@ -191,34 +221,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _prepare_environment(args)
     if args.no_cache:  # before anything imports prefect: it reads its settings once
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    from sftflow.ops.recovery import guard_ephemeral_server
+    from sftflow.ops.console import RunConsole
 
-    guard_ephemeral_server()  # Prefect's temporary server dies with this process; its start is serialised
-    from flows.pipeline import sftflow_pipeline
+    # Quiet console + the run's log file (third-party warnings, bars); imports prefect, so after the env above.
+    console = RunConsole(pipeline=args.pipeline, verbose=args.verbose,
+                         tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
+                         experiment=cfg.tracking.experiment or f"sftflow-{args.pipeline}").install()
+    try:
+        from sftflow.ops.recovery import guard_ephemeral_server
 
-    # Pass the raw value strings: the flow parses them once, exactly as the UI's form values
-    # (parsing here too would turn a quoted "123" into the int 123 on the second pass).
-    overrides = {key.strip(): value for key, _, value in (o.partition("=") for o in args.overrides)}
-    summary = sftflow_pipeline(pipeline=args.pipeline, overrides=overrides or None,
-                               pipelines_file=args.pipelines_file, skip_if_unchanged=args.skip_if_unchanged)
-    _print_summary(summary)
+        guard_ephemeral_server()  # Prefect's temporary server dies with this process; its start is serialised
+        from flows.pipeline import sftflow_pipeline
+
+        # Pass the raw value strings: the flow parses them once, exactly as the UI's form values
+        # (parsing here too would turn a quoted "123" into the int 123 on the second pass).
+        overrides = {key.strip(): value for key, _, value in (o.partition("=") for o in args.overrides)}
+        summary = sftflow_pipeline(pipeline=args.pipeline, overrides=overrides or None,
+                                   pipelines_file=args.pipelines_file, skip_if_unchanged=args.skip_if_unchanged)
+        console.finish(summary)
+    except BaseException:
+        if console.log_path is not None:
+            console.line(f"Log: {console.log_path}")
+        raise
+    finally:
+        console.close()
     return 0
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    print("\n" + "=" * 72)
-    if summary.get("skipped"):
-        print(f"Skipped: {summary.get('reason')}")
-        return
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("mlflow",)}, indent=2, default=str))
-    print("-" * 72)
-    print(f"MLflow run:     {summary.get('mlflow_run_id')}")
-    print(f"MLflow:         {summary.get('mlflow')}")
-    print(f"Run directory:  {summary.get('run_dir')}")
-    if summary.get("model"):
-        m = summary["model"]
-        print(f"Model:          {m.get('name')} version {m.get('version')} ({m.get('uri')})")
-    print("Browse both UIs with `sftflow ui`; audit with `sftflow lineage <model>@champion`.")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -301,6 +328,39 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from sftflow.config import load_pipelines
+    from sftflow.tracking.history import format_runs, recent_runs, targets_from_config
+    from sftflow.tracking.runs import is_local_store, resolve_tracking_uri
+
+    pipes = load_pipelines(args.pipelines_file, check_files=False)
+    if args.pipeline is not None:
+        if args.pipeline not in pipes:
+            raise NotFoundError(f"no pipeline {args.pipeline!r} in pipelines.yaml (known: {', '.join(sorted(pipes))})")
+        pipes = {args.pipeline: pipes[args.pipeline]}
+    for k, v in _LINEAGE_HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+    # Pipelines may log to different stores: list each store's pipelines together.
+    by_uri: dict[str, dict[str, Any]] = {}
+    for name, cfg in pipes.items():
+        by_uri.setdefault(resolve_tracking_uri(args.tracking_uri or cfg.tracking.tracking_uri), {})[name] = cfg
+    result = []
+    for uri, group in by_uri.items():
+        _check_tracking(uri)
+        if is_local_store(uri):
+            _require_local_store(uri)
+        entries = recent_runs(targets_from_config(group), tracking_uri=uri, limit=args.limit)
+        result.append((uri, entries))
+    if args.json:
+        from sftflow.tracking.runs import mask_uri
+
+        print(json.dumps([{"tracking_uri": mask_uri(uri), **e} for uri, entries in result for e in entries],
+                         indent=2, default=str))
+    else:
+        print("\n\n".join(format_runs(entries, tracking_uri=uri) for uri, entries in result))
+    return 0
+
+
 def _require_local_store(uri: str) -> None:
     """A file-based store must exist: reading lineage must not create an empty store (and say "no model")."""
     from urllib.parse import urlparse
@@ -319,6 +379,7 @@ COMMANDS = {
     "serve": _cmd_serve,
     "ui": _cmd_ui,
     "lineage": _cmd_lineage,
+    "runs": _cmd_runs,
 }
 
 

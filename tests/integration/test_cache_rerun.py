@@ -81,7 +81,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     seen: set[str] = set()
 
     def step(*extra: str) -> Step:
-        proc = _run_cli(proj, home, "run", "smoke", "-f", str(pfile), *extra)
+        proc = _run_cli(proj, home, "run", "smoke", "--verbose", "-f", str(pfile), *extra)  # Prefect's per-task lines
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
         exp = client.get_experiment_by_name("sftflow-smoke")
         runs = client.search_runs([exp.experiment_id], max_results=500)

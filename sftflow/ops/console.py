@@ -1,0 +1,734 @@
+"""The console of ``sftflow run``: quiet by default, everything kept in the run's log file.
+
+What a person watching a run needs is where it is and how far it has to go. By default
+(``RunConsole(verbose=False)``) the console shows:
+
+- one line per stage when it finishes: state (Prefect's: Completed / Cached / Failed), seconds,
+  rows in -> rows out (read from the stage's MLflow run), and a short note;
+- a progress line with ETA for training (the recipe's ``step a/b ... eta`` lines) and for anything
+  that reports through :class:`Progress` (generation, evaluation); on a terminal it is one live
+  line rewritten in place, elsewhere (pipes, CI) at most one line every ``PIPE_PROGRESS_EVERY_S``;
+- warnings the stages log themselves (``sftflow``/Prefect run loggers) and every error, one line each;
+- a final summary table (:func:`summary_table`): stage times, rows in/out, base vs tuned metrics,
+  the gate decision and what to run next.
+
+Everything else (third-party ``UserWarning``/``FutureWarning``s, MLflow's own log lines, stage
+detail lines, Prefect's per-task lines, stray ``print``s) goes to ``<run dir>/sftflow.log`` with
+full timestamps; ``warnings`` are routed there with ``logging.captureWarnings``. Progress bars
+(tqdm, Hugging Face "Loading weights" / "Writing model shards", MLflow "Downloading artifacts",
+GGUF conversion) are switched off through their libraries' environment switches, which child
+processes inherit too. ``--verbose`` (``verbose=True``) changes nothing: every line and bar shows
+as the libraries print them, and the summary table still closes the run.
+
+Nothing happens at import time: ``RunConsole.install`` (called by the CLI) does it all and
+``RunConsole.close`` undoes it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, TextIO
+
+# Environment switches that turn progress bars off (read by each library when it starts a bar or is
+# imported; inherited by training subprocesses). Values the user set explicitly are kept.
+QUIET_ENV: dict[str, str] = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub, and transformers' logging.tqdm follows it
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets (map/filter/load bars)
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" / uploads
+    "TQDM_DISABLE": "1",  # any other tqdm bar (tqdm >= 4.66 reads TQDM_* env overrides)
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+LOG_FILE_NAME = "sftflow.log"
+# Loggers whose records are the run's own story (stage warnings/errors may be shown on the console).
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "sftflow", "flows", "tasks")
+PIPE_PROGRESS_EVERY_S = 30.0
+_STEP_LINE = re.compile(r"\bstep (?P<done>\d+)/(?P<total>\d+) \| loss (?P<loss>[-\d.naif]+).*?\beta (?P<m>\d+)m(?P<s>\d+)s")
+_PROGRESS_LINE = re.compile(r"^progress (?P<what>\S+) (?P<done>\d+)/(?P<total>\d+)(?P<rest>.*?)\beta (?P<m>\d+)m(?P<s>\d+)s")
+_FINISHED = re.compile(r"^Finished in state (?P<state>[A-Za-z]+)")
+_TASK_SUFFIX = re.compile(r"-[0-9a-f]{3}$")
+# Metrics shown in the base-vs-tuned table (those present, in this order; the gate's metric first).
+TABLE_METRICS = ("rougeL", "eval_loss", "perplexity", "runaway_rate", "empty_rate", "judge_score")
+
+
+# ------------------------------------------------------------------ the summary table (pure)
+@dataclass(frozen=True)
+class StageRow:
+    """One stage of a run, as the summary table shows it.
+
+    Attributes:
+        name: stage name (the MLflow ``sftflow.stage`` tag when known, else Prefect's task name).
+        state: Prefect's final state name (Completed, Cached, Failed ...).
+        seconds: wall time of the stage (MLflow run duration when known), None if unknown.
+        rows_in: rows the stage read, None when it reads no rows / unknown.
+        rows_out: rows it produced (text: a split shows ``72 + 8``), None when unknown.
+        note: a few words (quarantined / removed counts, steps, the gate decision ...).
+    """
+
+    name: str
+    state: str = "Completed"
+    seconds: float | None = None
+    rows_in: int | None = None
+    rows_out: str | None = None
+    note: str = ""
+
+
+def _int(metrics: dict[str, float], *keys: str) -> int | None:
+    for k in keys:
+        v = metrics.get(k)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            return int(round(v))
+    return None
+
+
+def stage_row(stage: str, metrics: dict[str, float], *, state: str = "Completed",
+              seconds: float | None = None) -> StageRow:
+    """Build the table row of ``stage`` from the metrics its MLflow run logged.
+
+    Args:
+        stage: the ``sftflow.stage`` tag (``ingest``, ``validate_augmented``, ``evaluate.tuned`` ...).
+        metrics: the stage run's metrics (``rows_read``, ``rows_kept`` ...); may be empty.
+        state: Prefect's final state name.
+        seconds: the stage's wall time.
+
+    Returns:
+        The row; counts the stage did not log stay None (shown as ``-``).
+    """
+    m = metrics
+    kind = stage.split(".")[0].split("_")[0]
+    rin: int | None = None
+    rout: str | None = None
+    note = ""
+
+    def out(*keys: str) -> str | None:
+        v = _int(m, *keys)
+        return None if v is None else str(v)
+
+    if kind == "ingest":
+        rin, rout = _int(m, "rows_read"), out("rows_kept")
+        if _int(m, "rows_quarantined"):
+            note = f"{_int(m, 'rows_quarantined')} quarantined"
+    elif kind == "validate":
+        rin, rout = _int(m, "rows_read"), out("rows_valid")
+        if _int(m, "rows_quarantined"):
+            note = f"{_int(m, 'rows_quarantined')} quarantined"
+    elif kind == "dedup":
+        rin, rout = _int(m, "rows_in"), out("rows_kept")
+        if _int(m, "rows_removed"):
+            parts = [f"{_int(m, k)} {k.removeprefix('removed_')}" for k in
+                     ("removed_exact", "removed_near", "removed_semantic", "removed_leak") if _int(m, k)]
+            note = f"{_int(m, 'rows_removed')} removed" + (f" ({', '.join(parts)})" if parts else "")
+    elif kind == "split":
+        rin = _int(m, "rows_in")
+        train, held = _int(m, "rows_train"), _int(m, "rows_heldout")
+        if train is not None and held is not None:
+            rout = f"{train} + {held}"
+            note = "train + held-out"
+        leaks = _int(m, "leaks_moved")
+        if leaks:
+            note += f", {leaks} leaks moved"
+    elif kind == "backtranslate":
+        rin, rout = _int(m, "bt_segments_in"), out("bt_kept")
+        if _int(m, "bt_generated") is not None:
+            note = f"{_int(m, 'bt_generated')} generated, {_int(m, 'bt_kept') or 0} curated"
+    elif kind == "train":
+        rin = _int(m, "train_rows")
+        bits = []
+        if _int(m, "steps") is not None:
+            bits.append(f"{_int(m, 'steps')} steps")
+        for k in ("train_loss", "eval_loss"):
+            if m.get(k) is not None:
+                bits.append(f"{k} {m[k]:.4f}")
+        note = ", ".join(bits)
+    elif kind == "evaluate":
+        label = stage.partition(".")[2]
+        prefix = f"{label}/" if label else ""
+        rin = _int(m, f"{prefix}num_examples", "num_examples")
+        for key in ("rougeL", "eval_loss"):
+            v = m.get(f"{prefix}{key}", m.get(key))
+            if v is not None:
+                note += (", " if note else "") + f"{key} {v:.4f}"
+    elif kind == "promote":
+        promoted = m.get("promotion/promoted")
+        if promoted is not None:
+            note = "promoted" if promoted >= 0.5 else "not promoted"
+    else:
+        rin, rout = _int(m, "rows_in", "rows_read"), out("rows_out", "rows_kept")
+    if state != "Completed" and not note:
+        note = "served from cache" if state == "Cached" else ""
+    return StageRow(name=stage, state=state, seconds=seconds, rows_in=rin, rows_out=rout, note=note)
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{sec:02d}s"
+
+
+def _fmt_value(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[str]], *, right: Iterable[int] = ()) -> list[str]:
+    """Aligned columns (two spaces apart); column indexes in ``right`` are right-aligned."""
+    right = set(right)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def next_commands(summary: dict[str, Any]) -> list[str]:
+    """What to run after this run: the lineage of the champion when the gate promoted this
+    run's model, else of the candidate version this run registered (``MODEL/VERSION``).
+
+    Args:
+        summary: the dict the flow returned.
+
+    Returns:
+        Command lines (may be empty when the run registered no model).
+    """
+    model = summary.get("model") or {}
+    name, version = model.get("name"), model.get("version")
+    promotion = summary.get("promotion") or {}
+    cmds = []
+    if name and promotion.get("promoted"):
+        cmds.append(f"sftflow lineage {name}@champion")
+    elif name and version:
+        cmds.append(f"sftflow lineage {name}/{version}")
+    cmds.append(f"sftflow runs {summary.get('pipeline', '')}".rstrip())
+    return cmds
+
+
+def summary_table(summary: dict[str, Any], stages: list[StageRow], *, total_seconds: float | None = None,
+                  log_path: str | None = None) -> str:
+    """The closing summary of ``sftflow run``, as text.
+
+    Args:
+        summary: the dict the flow returned (``pipeline``, ``model``, ``metrics``, ``promotion``,
+            ``mlflow_run_id``, ``mlflow``, ``run_dir``; missing keys are skipped).
+        stages: the stages in the order they ran.
+        total_seconds: wall time of the whole run.
+        log_path: the run's log file (warnings, progress bars, detail lines).
+
+    Returns:
+        Lines joined by newlines (no trailing newline).
+    """
+    lines: list[str] = []
+    pipe = summary.get("pipeline", "?")
+    took = f" in {_fmt_seconds(total_seconds)}" if total_seconds is not None else ""
+    if summary.get("skipped"):
+        lines.append(f"Pipeline {pipe}: skipped{took}: {summary.get('reason', '')}")
+        if log_path:
+            lines.append(f"Log:            {log_path}")
+        return "\n".join(lines)
+    lines.append(f"Pipeline {pipe} finished{took}")
+    if stages:
+        lines.append("")
+        rows = [[s.name, s.state, _fmt_seconds(s.seconds), "-" if s.rows_in is None else str(s.rows_in),
+                 s.rows_out or "-", s.note] for s in stages]
+        lines += _table(["stage", "state", "time", "rows in", "rows out", "note"], rows, right=(2, 3, 4))
+
+    metrics = summary.get("metrics") or {}
+    base, tuned = metrics.get("base") or {}, metrics.get("tuned") or {}
+    promotion = summary.get("promotion") or {}
+    if base or tuned:
+        gate_metric = str(promotion.get("metric") or "")
+        bare = gate_metric.split("/")[-1]
+        names = [bare] if bare and (bare in base or bare in tuned) else []
+        names += [k for k in TABLE_METRICS if k not in names and (k in base or k in tuned)]
+        rows = []
+        for k in names:
+            b, t = base.get(k), tuned.get(k)
+            numeric = all(isinstance(v, (int, float)) and not math.isnan(v) for v in (b, t))
+            delta = f"{t - b:+.4f}" if numeric else "-"
+            rows.append([k + (" (gate)" if k == bare else ""), _fmt_value(b), _fmt_value(t), delta])
+        lines.append("")
+        lines += _table(["metric", "base", "tuned", "delta"], rows, right=(1, 2, 3))
+    if promotion:
+        verdict = "PROMOTED to champion" if promotion.get("promoted") else "not promoted (champion unchanged)"
+        lines.append("")
+        lines.append(f"Gate:           {verdict}")
+        if promotion.get("reason"):
+            lines.append(f"                {promotion['reason']}")
+    lines.append("")
+    model = summary.get("model") or {}
+    if model.get("name"):
+        alias = "champion" if promotion.get("promoted") else "candidate"
+        lines.append(f"Model:          {model['name']} version {model.get('version')} (@{alias}; {model.get('uri', '')})")
+    if summary.get("mlflow_run_id"):
+        lines.append(f"MLflow run:     {summary['mlflow_run_id']}")
+    if summary.get("run_dir"):
+        lines.append(f"Run directory:  {summary['run_dir']}")
+    if log_path:
+        lines.append(f"Log:            {log_path}  (warnings, progress bars, stage details)")
+    cmds = next_commands(summary)
+    if cmds:
+        lines.append("Next:           " + cmds[0])
+        lines += [" " * 16 + c for c in cmds[1:]]
+        lines.append(" " * 16 + "sftflow ui  (Prefect and MLflow UIs)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ progress reporting (for stages)
+class Progress:
+    """Report progress with ETA through the run logger, so the console can show one line for it.
+
+    Use in a loop of known length (generation batches, evaluation examples)::
+
+        progress = Progress("generate", total=len(prompts))
+        for batch in batches:
+            ...
+            progress.advance(len(batch))
+
+    Lines (``progress generate 64/256 | 12.1/s | eta 0m16s``) go to Prefect's run logger (the UI
+    shows them too) at most every ``every_s`` seconds, plus the last one.
+    """
+
+    def __init__(self, what: str, *, total: int, every_s: float = 5.0, logger: Any = None) -> None:
+        self.what = what
+        self.total = max(0, int(total))
+        self.done = 0
+        self.every_s = every_s
+        self._t0 = time.monotonic()
+        self._last = -math.inf
+        self._logger = logger
+
+    def advance(self, n: int = 1) -> None:
+        """Count ``n`` more items done; log a line when due."""
+        self.done = min(self.total, self.done + n) if self.total else self.done + n
+        now = time.monotonic()
+        if now - self._last < self.every_s and self.done < self.total:
+            return
+        self._last = now
+        rate = self.done / max(1e-9, now - self._t0)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        logger = self._logger
+        if logger is None:
+            from sftflow.ops.orchestration import run_logger
+
+            logger = run_logger("sftflow.progress")
+        logger.info("progress %s %d/%d | %.1f/s | eta %dm%02ds", self.what, self.done, self.total, rate,
+                    int(eta // 60), int(eta % 60))
+
+
+# ------------------------------------------------------------------ the live console
+class _StreamToLogFile(io.TextIOBase):
+    """A ``sys.stdout``/``sys.stderr`` stand-in that writes into the run's log file (stray prints,
+    bars a library drew anyway, warnings printed without logging)."""
+
+    def __init__(self, sink: Callable[[str], None], *, name: str) -> None:
+        self._sink = sink
+        self.name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if s:
+            self._sink(s)
+        return len(s)
+
+    def isatty(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+
+@dataclass
+class _Live:
+    """What the console knows about the running stage."""
+
+    name: str = ""
+    started: float = 0.0
+    progress: str = ""
+    last_progress_print: float = -math.inf
+
+
+@dataclass
+class _State:
+    flow_run_id: str = ""
+    flow_run_name: str = ""
+    parent_run_id: str = ""
+    experiment_id: str = ""
+    seen_runs: set[str] = field(default_factory=set)
+    stages: list[StageRow] = field(default_factory=list)
+    live: _Live = field(default_factory=_Live)
+    last_finish: float = 0.0
+
+
+class _RecordHandler(logging.Handler):
+    def __init__(self, console: "RunConsole") -> None:
+        super().__init__(level=logging.DEBUG)
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._console._on_record(record)
+        except Exception:  # noqa: BLE001 - the console must never break a run
+            self.handleError(record)
+
+
+class RunConsole:
+    """Quiet console + log file for one ``sftflow run``.
+
+    Args:
+        pipeline: the pipeline name (log file location, run directory).
+        verbose: True shows every third-party line and bar on the console, as without this class.
+        tracking_uri: the MLflow store the run logs to (row counts of each stage are read from it).
+        experiment: the pipeline's MLflow experiment name.
+        out: where the console writes (default: the real ``sys.stdout``).
+        tty: force live-line mode on/off (default: ``out.isatty()``).
+    """
+
+    def __init__(self, *, pipeline: str, verbose: bool = False, tracking_uri: str | None = None,
+                 experiment: str | None = None, out: TextIO | None = None, tty: bool | None = None) -> None:
+        self.pipeline = pipeline
+        self.verbose = verbose
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment or f"sftflow-{pipeline}"
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        self.log_path: Path | None = None
+        self._log: TextIO | None = None
+        self._lock = threading.RLock()
+        self._busy = threading.local()
+        self._state = _State()
+        self._t0 = time.monotonic()
+        self._saved: dict[str, Any] = {}
+        self._handler: _RecordHandler | None = None
+        self._file_handler: logging.Handler | None = None
+        self._installed = False
+        self._live_shown = False
+
+    # ------------------------------------------------------------------ set-up / tear-down
+    def install(self) -> "RunConsole":
+        """Take over the console (quiet mode) and open the log file; call before the flow starts.
+
+        Prefect must already be configured (``configure_environment``); this imports it so that its
+        logging set-up is done before its console handler is replaced.
+        """
+        from sftflow import layout
+
+        self._t0 = time.monotonic()
+        self._state.last_finish = self._t0
+        if not self.verbose:
+            for k, v in QUIET_ENV.items():
+                os.environ.setdefault(k, v)
+        import prefect  # noqa: F401 - runs Prefect's logging set-up now, not after ours
+
+        root = logging.getLogger()
+        self._handler = _RecordHandler(self)
+        root.addHandler(self._handler)
+        if self.verbose:
+            self._installed = True
+            return self
+        logs = layout.ensure(layout.sftflow_home() / "logs")
+        self.log_path = logs / f"run-{layout.safe_name(self.pipeline)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        self._log = open(self.log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
+        # Everything that reaches the root logger (Prefect's run lines, py.warnings, third-party
+        # warnings) is written to the file in Prefect's own format; Prefect's console handler goes.
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        fmt: logging.Formatter | None = None
+        removed = []
+        for h in list(root.handlers):
+            if isinstance(h, PrefectConsoleHandler):
+                fmt = fmt or h.formatter
+                root.removeHandler(h)
+                removed.append(h)
+        self._saved["root_handlers"] = removed
+        fh = logging.StreamHandler(self._log)
+        fh.setFormatter(_FileFormatter(fmt))
+        root.addHandler(fh)
+        self._file_handler = fh
+        # MLflow's logger writes to sys.stderr at call time (MlflowLoggingStream): the redirect below
+        # takes it to the file, as it does for tqdm bars and warnings printed without logging.
+        logging.captureWarnings(True)
+        self._saved["stdout"], self._saved["stderr"] = sys.stdout, sys.stderr
+        sys.stdout = _StreamToLogFile(self._write_log, name="<stdout>")  # type: ignore[assignment]
+        sys.stderr = _StreamToLogFile(self._write_log, name="<stderr>")  # type: ignore[assignment]
+        self._installed = True
+        self.line(f"sftflow run {self.pipeline}: third-party warnings and progress bars go to the run's log "
+                  "(--verbose shows them here)")
+        return self
+
+    def close(self) -> None:
+        """Give the console back (restore streams and Prefect's console handler); idempotent."""
+        if not self._installed:
+            return
+        self._installed = False
+        self._clear_live()
+        root = logging.getLogger()
+        if self._handler is not None:
+            root.removeHandler(self._handler)
+        if self.verbose:
+            return
+        sys.stdout, sys.stderr = self._saved["stdout"], self._saved["stderr"]
+        logging.captureWarnings(False)
+        if self._file_handler is not None:
+            root.removeHandler(self._file_handler)
+        for h in self._saved.get("root_handlers", []):
+            root.addHandler(h)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "RunConsole":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ output
+    def _write_log(self, text: str) -> None:
+        with self._lock:
+            if self._log is not None:
+                self._log.write(text)
+
+    def _clear_live(self) -> None:
+        if self._live_shown:
+            self.out.write("\r\x1b[2K")
+            self.out.flush()
+            self._live_shown = False
+
+    def line(self, text: str) -> None:
+        """Print one permanent console line (above the live line); also kept in the log file."""
+        with self._lock:
+            self._clear_live()
+            self.out.write(text + "\n")
+            self.out.flush()
+            if self._log is not None and not self.verbose:
+                self._log.write(f"{time.strftime('%H:%M:%S')} | CONSOLE | {text}\n")
+
+    def _live(self, text: str, *, now: float) -> None:
+        """A progress line: rewritten in place on a terminal; throttled lines elsewhere."""
+        if self.verbose:
+            return
+        live = self._state.live
+        with self._lock:
+            if self.tty:
+                width = 119
+                self.out.write("\r\x1b[2K" + text[:width])
+                self.out.flush()
+                self._live_shown = True
+            elif now - live.last_progress_print >= PIPE_PROGRESS_EVERY_S:
+                live.last_progress_print = now
+                self.line(text)
+
+    def _elapsed(self, now: float | None = None) -> str:
+        s = int((now or time.monotonic()) - self._t0)
+        return f"{s // 60:d}:{s % 60:02d}"
+
+    # ------------------------------------------------------------------ records
+    def _on_record(self, record: logging.LogRecord) -> None:
+        if getattr(self._busy, "on", False):
+            return  # a record logged while we read MLflow for the previous one
+        self._busy.on = True
+        try:
+            self._handle(record)
+        finally:
+            self._busy.on = False
+
+    def _handle(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        name = record.name
+        msg = record.getMessage()
+        task_run = getattr(record, "task_run_name", None)
+        if name.startswith("prefect.flow_runs"):
+            flow_run_id = str(getattr(record, "flow_run_id", "") or "")
+            if flow_run_id and flow_run_id != "<unknown>" and not self._state.flow_run_id:
+                self._state.flow_run_id = flow_run_id
+                self._state.flow_run_name = str(getattr(record, "flow_run_name", "") or "")
+                self._show(f"  flow run {self._state.flow_run_name or flow_run_id} ({flow_run_id})")
+            # The flow logs its set-up (parent run, run directory) just before the first stage starts.
+            self._state.last_finish = now
+            self._maybe_relocate()
+        if task_run and name.startswith("prefect.task_runs"):
+            self._on_task_record(record, msg, str(task_run), now)
+            return
+        if record.levelno >= logging.ERROR:
+            first = msg.strip().splitlines()[0] if msg.strip() else record.levelname
+            self._show(f"  ERROR {first[:300]}")
+        elif record.levelno >= logging.WARNING and name.startswith(_RUN_LOGGERS):
+            self._show(f"  warning: {msg.strip().splitlines()[0][:300] if msg.strip() else ''}")
+
+    def _show(self, text: str) -> None:
+        if not self.verbose:
+            self.line(text)
+
+    def _on_task_record(self, record: logging.LogRecord, msg: str, task_run: str, now: float) -> None:
+        live = self._state.live
+        stage = _TASK_SUFFIX.sub("", task_run)
+        finished = _FINISHED.match(msg)
+        if live.name != task_run:
+            self._maybe_relocate()
+            self._state.live = live = _Live(name=task_run, started=self._state.last_finish or now)
+            if not finished:  # a stage that logged nothing before it finished gets its finish line only
+                self._live(f"[{self._elapsed()}] {stage} running ...", now=now)
+        if finished:
+            state = finished.group("state")
+            self._finish(stage, state, seconds=now - live.started, now=now)
+            return
+        step = _STEP_LINE.search(msg)
+        prog = _PROGRESS_LINE.search(msg)
+        if step:
+            d, t = int(step["done"]), int(step["total"])
+            text = (f"[{self._elapsed()}] {stage}: step {d}/{t} {_bar(d, t)} loss {step['loss']} "
+                    f"eta {step['m']}m{step['s']}s")
+            self._live(text, now=now)
+        elif prog:
+            d, t = int(prog["done"]), int(prog["total"])
+            text = f"[{self._elapsed()}] {stage}: {prog['what']} {d}/{t} {_bar(d, t)} eta {prog['m']}m{prog['s']}s"
+            self._live(text, now=now)
+        elif record.levelno >= logging.ERROR:
+            first = msg.strip().splitlines()[0] if msg.strip() else record.levelname
+            self._show(f"  ERROR {stage}: {first[:300]}")
+        elif record.levelno >= logging.WARNING:
+            first = msg.strip().splitlines()[0] if msg.strip() else ""
+            self._show(f"  warning {stage}: {first[:300]}")
+
+    def _finish(self, stage: str, state: str, *, seconds: float, now: float) -> None:
+        self._state.last_finish = now
+        row = StageRow(name=stage, state=state, seconds=seconds)
+        if state == "Completed":
+            found = self._stage_run()
+            if found is not None:
+                tag, metrics, run_seconds = found
+                row = stage_row(tag, metrics, state=state, seconds=run_seconds if run_seconds else seconds)
+                row = replace(row, seconds=seconds if run_seconds is None else row.seconds)
+        elif state == "Cached":
+            row = replace(row, note="served from cache")
+        self._state.stages.append(row)
+        mark = {"Completed": "ok", "Cached": "ok"}.get(state, "!!")
+        counts = ""
+        if row.rows_out is not None:
+            counts = f"{'-' if row.rows_in is None else row.rows_in} -> {row.rows_out} rows"
+        elif row.rows_in is not None:
+            counts = f"{row.rows_in} rows"
+        detail = "  ".join(x for x in (counts, row.note) if x)
+        self._show(f"[{self._elapsed(now)}] {mark} {row.name:<19} {state:<9} {_fmt_seconds(seconds):>7}"
+                   + (f"  {detail}" if detail else ""))
+
+    # ------------------------------------------------------------------ MLflow / run dir
+    def _stage_run(self) -> tuple[str, dict[str, float], float | None] | None:
+        """The stage run that just finished under this flow run's parent MLflow run (newest not yet seen)."""
+        if not self.tracking_uri or not self._state.flow_run_id:
+            return None
+        try:
+            from mlflow.tracking import MlflowClient
+
+            from sftflow.tracking.runs import TAG_FLOW_RUN, TAG_KIND, TAG_STAGE
+
+            client = MlflowClient(self.tracking_uri)
+            st = self._state
+            if not st.parent_run_id:
+                exp = client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    return None
+                parents = client.search_runs([exp.experiment_id], max_results=1, filter_string=(
+                    f"tags.`{TAG_FLOW_RUN}` = '{st.flow_run_id}' and tags.`{TAG_KIND}` = 'pipeline'"))
+                if not parents:
+                    return None
+                st.parent_run_id, st.experiment_id = parents[0].info.run_id, exp.experiment_id
+            runs = client.search_runs([st.experiment_id], max_results=50, order_by=["attributes.start_time DESC"],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{st.parent_run_id}'")
+            for r in runs:
+                if r.info.run_id in st.seen_runs:
+                    continue
+                st.seen_runs.add(r.info.run_id)
+                secs = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time and r.info.start_time else None
+                return r.data.tags.get(TAG_STAGE, "?"), dict(r.data.metrics), secs
+        except Exception as e:  # noqa: BLE001 - counts are a nicety; the run goes on
+            self._write_log(f"console: could not read the stage run from MLflow: {e}\n")
+        return None
+
+    def _maybe_relocate(self) -> None:
+        """Move the log file into the run directory once the flow created it."""
+        if self.verbose or self._log is None or not self._state.flow_run_id or self.log_path is None:
+            return
+        if self.log_path.parent.name != "logs":
+            return  # already moved
+        from sftflow.layout import RunLayout
+
+        root = RunLayout.create(pipeline=self.pipeline, run_id=self._state.flow_run_id).root
+        if root.is_dir():
+            self.relocate(root)
+
+    def relocate(self, run_dir: str | Path) -> None:
+        """Move the log file to ``run_dir/sftflow.log`` (the open handle keeps writing to it)."""
+        if self.log_path is None:
+            return
+        target = Path(run_dir) / LOG_FILE_NAME
+        if target == self.log_path:
+            return
+        with self._lock:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.log_path, target)
+                self.log_path = target
+            except OSError as e:
+                self._write_log(f"console: could not move the log to {target}: {e}\n")
+
+    # ------------------------------------------------------------------ the end
+    @property
+    def stages(self) -> list[StageRow]:
+        """The stages seen so far, in order."""
+        return list(self._state.stages)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Print the closing summary table for the flow's returned ``summary``."""
+        if summary.get("run_dir") and not self.verbose:
+            self.relocate(summary["run_dir"])
+        if self._log is not None:
+            import json
+
+            self._write_log("summary: " + json.dumps(summary, indent=2, default=str) + "\n")
+        text = summary_table(summary, self.stages, total_seconds=time.monotonic() - self._t0,
+                             log_path=str(self.log_path) if self.log_path else None)
+        self.line("")
+        self.line("=" * 72)
+        for ln in text.splitlines():
+            self.line(ln)
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    frac = 0.0 if total <= 0 else min(1.0, done / total)
+    full = int(round(frac * width))
+    return "[" + "#" * full + "." * (width - full) + f"] {frac:4.0%}"
+
+
+class _FileFormatter(logging.Formatter):
+    """Prefect's format (flow/task run names) when available, else a plain one with the logger name."""
+
+    def __init__(self, prefect_fmt: logging.Formatter | None) -> None:
+        super().__init__("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S")
+        self._prefect = prefect_fmt
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._prefect is not None:
+            try:
+                return self._prefect.format(record)
+            except Exception:  # noqa: BLE001
+                pass
+        return super().format(record)

@@ -1,0 +1,155 @@
+"""The console of `sftflow run` (sftflow/ops/console.py): the summary table, the stage rows built
+from MLflow metrics, what to run next, and how log records become console lines."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from sftflow.ops.console import Progress, RunConsole, StageRow, next_commands, stage_row, summary_table
+from sftflow.tracking.history import format_runs
+
+SUMMARY = {
+    "pipeline": "smoke",
+    "run_dir": "/h/runs/smoke/abc",
+    "mlflow_run_id": "ce14",
+    "model": {"name": "sftflow-smoke", "version": "3", "uri": "models:/m-1"},
+    "metrics": {"base": {"rougeL": 0.1, "eval_loss": 2.5, "eval_seconds": 1.0, "runaway_rate": float("nan")},
+                "tuned": {"rougeL": 0.2, "eval_loss": 2.0, "eval_seconds": 1.1, "runaway_rate": float("nan")}},
+    "promotion": {"promoted": False, "metric": "rougeL", "reason": "lower bound -0.01 <= required 0.0"},
+}
+
+
+def test_stage_rows_from_metrics() -> None:
+    assert stage_row("ingest", {"rows_read": 89.0, "rows_kept": 84.0, "rows_quarantined": 5.0}) == StageRow(
+        name="ingest", rows_in=89, rows_out="84", note="5 quarantined")
+    r = stage_row("dedup_augmented", {"rows_in": 84.0, "rows_kept": 80.0, "rows_removed": 4.0, "removed_exact": 4.0})
+    assert (r.rows_in, r.rows_out, r.note) == (84, "80", "4 removed (4 exact)")
+    r = stage_row("split", {"rows_in": 80.0, "rows_train": 72.0, "rows_heldout": 8.0})
+    assert (r.rows_in, r.rows_out) == (80, "72 + 8")
+    r = stage_row("evaluate.tuned", {"tuned/num_examples": 8.0, "tuned/rougeL": 0.25})
+    assert r.rows_in == 8 and "rougeL 0.2500" in r.note
+    assert stage_row("promote", {"promotion/promoted": 1.0}).note == "promoted"
+    assert stage_row("train", {}, state="Cached").note == "served from cache"
+
+
+def test_next_command_names_the_champion_only_when_promoted() -> None:
+    assert next_commands(SUMMARY)[0] == "sftflow lineage sftflow-smoke/3"
+    promoted = {**SUMMARY, "promotion": {**SUMMARY["promotion"], "promoted": True}}
+    assert next_commands(promoted)[0] == "sftflow lineage sftflow-smoke@champion"
+    assert next_commands({"pipeline": "smoke"}) == ["sftflow runs smoke"]
+
+
+def test_summary_table() -> None:
+    stages = [StageRow(name="ingest", seconds=1.25, rows_in=89, rows_out="84", note="5 quarantined"),
+              StageRow(name="train", state="Cached", seconds=0.4)]
+    text = summary_table(SUMMARY, stages, total_seconds=125.0, log_path="/h/runs/smoke/abc/sftflow.log")
+    lines = text.splitlines()
+    assert lines[0] == "Pipeline smoke finished in 2m05s"
+    header = next(ln for ln in lines if ln.startswith("stage"))
+    ingest = next(ln for ln in lines if ln.startswith("ingest"))
+    # aligned: the numbers end where their right-aligned headers end
+    assert ingest.index("89") + 2 == header.index("rows in") + len("rows in")
+    assert "Cached" in next(ln for ln in lines if ln.startswith("train"))
+    gate = next(ln for ln in lines if ln.startswith("rougeL (gate)"))
+    assert gate.split()[-3:] == ["0.1000", "0.2000", "+0.1000"]
+    assert next(ln for ln in lines if ln.startswith("runaway_rate")).split()[-1] == "-"  # nan: no delta
+    assert not any(ln.startswith("eval_seconds") for ln in lines)
+    assert "not promoted" in text and "lower bound -0.01" in text
+    assert "Model:          sftflow-smoke version 3 (@candidate" in text
+    assert "Next:           sftflow lineage sftflow-smoke/3" in text
+    assert "MLflow run:     ce14" in text and "Run directory:  /h/runs/smoke/abc" in text
+    assert "@champion" not in text.split("Next:")[1]
+
+
+def test_summary_of_a_skipped_run() -> None:
+    text = summary_table({"pipeline": "demo", "skipped": True, "reason": "sources unchanged"}, [])
+    assert text == "Pipeline demo: skipped: sources unchanged"
+
+
+def _record(msg: str, *, task_run: str | None = None, level: int = logging.INFO, name: str | None = None,
+            flow_run_id: str = "") -> logging.LogRecord:
+    rec = logging.LogRecord(name or ("prefect.task_runs" if task_run else "prefect.flow_runs"), level, __file__, 1,
+                            msg, None, None)
+    if task_run:
+        rec.task_run_name = task_run
+    if flow_run_id:
+        rec.flow_run_id, rec.flow_run_name = flow_run_id, "happy-run"
+    return rec
+
+
+def test_records_become_one_line_per_stage_and_throttled_progress() -> None:
+    out = io.StringIO()
+    console = RunConsole(pipeline="smoke", out=out, tty=False)  # no tracking URI: no MLflow reads
+    feed = console._on_record
+    feed(_record("Beginning flow run", flow_run_id="f-1"))
+    feed(_record("Finished in state Completed()", task_run="provision-05b"))
+    feed(_record("source dolly: detected as format alpaca", task_run="train-233"))
+    for i in range(1, 40):
+        feed(_record(f"step {i}/40 | loss 6.9{i:02d} | lr 1e-3 | eta 0m{40 - i:02d}s", task_run="train-233"))
+    feed(_record("Self-curation kept no candidate pairs", task_run="train-233", level=logging.WARNING))
+    feed(_record("some UserWarning from a library", name="py.warnings", level=logging.WARNING))
+    feed(_record("Finished in state Cached(type=COMPLETED)", task_run="train-233"))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  flow run happy-run (f-1)"
+    assert "ok provision" in lines[1] and "Completed" in lines[1]
+    assert "train running" in lines[2]
+    assert not any("step" in ln for ln in lines)  # within 30 s of the start line: throttled
+    assert lines[3] == "  warning train: Self-curation kept no candidate pairs"
+    assert "ok train" in lines[4] and "Cached" in lines[4] and "served from cache" in lines[4]
+    assert len(lines) == 5  # the detail line and the third-party warning stay out
+    assert [s.name for s in console.stages] == ["provision", "train"]
+
+
+def test_live_progress_line_on_a_terminal() -> None:
+    out = io.StringIO()
+    console = RunConsole(pipeline="smoke", out=out, tty=True)
+    console._on_record(_record("step 3/4 | loss 6.9208 | lr 2.5e-04 | eta 0m01s", task_run="train-233"))
+    text = out.getvalue()
+    assert "\n" not in text and text.endswith("train: step 3/4 [###############.....]  75% loss 6.9208 eta 0m01s")
+    console._on_record(_record("Finished in state Completed()", task_run="train-233"))
+    assert out.getvalue().count("\n") == 1 and "\r\x1b[2K" in out.getvalue()
+
+
+def test_progress_lines_are_parsed_by_the_console() -> None:
+    logger = logging.getLogger("test.progress")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    h = Keep()
+    logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    try:
+        p = Progress("generate", total=10, every_s=3600, logger=logger)
+        for _ in range(10):
+            p.advance()
+    finally:
+        logger.removeHandler(h)
+    assert len(seen) == 2 and seen[-1].startswith("progress generate 10/10 |") and "eta 0m00s" in seen[-1]
+    out = io.StringIO()
+    console = RunConsole(pipeline="smoke", out=out, tty=True)
+    console._on_record(_record(seen[0], task_run="evaluate-base"))
+    assert "evaluate-base: generate 1/10" in out.getvalue()
+
+
+def test_runs_table_is_aligned() -> None:
+    entries = [{"pipeline": "smoke", "experiment": "sftflow-smoke", "model": "sftflow-smoke", "champion": None,
+                "candidate": "2", "runs": [
+                    {"run_id": "a" * 32, "start_time": "2026-01-02T03:04:05+00:00", "status": "FINISHED",
+                     "duration_s": 78.2, "base_rougeL": 0.1, "tuned_rougeL": 0.25, "eval_loss": None,
+                     "promoted": False, "model_version": "2"},
+                    {"run_id": "b" * 32, "start_time": None, "status": "FAILED", "duration_s": None,
+                     "base_rougeL": None, "tuned_rougeL": None, "eval_loss": None, "promoted": None,
+                     "model_version": None}]},
+               {"pipeline": "demo", "experiment": "sftflow-demo", "model": "sftflow-demo", "champion": None,
+                "candidate": None, "runs": []}]
+    lines = format_runs(entries).splitlines()
+    assert lines[0] == "smoke  (experiment sftflow-smoke; model sftflow-smoke: champion -, candidate 2)"
+    header, first, second = lines[1], lines[2], lines[3]
+    assert first.split()[:5] == ["aaaaaaaaaaaa", "2026-01-02", "03:04:05", "FINISHED", "1m18s"]
+    assert first.index("0.2500") + 6 == header.index("tuned rougeL") + len("tuned rougeL")
+    assert "FAILED" in second and second.split()[-1] == "-"
+    assert lines[-1] == "  no runs yet"
