@@ -14,7 +14,10 @@ by weight / cap. Nothing disappears silently:
   not UTF-8 (with the byte offset), a table without a column its format needs, or of an unknown
   format raises ``IngestError`` naming the file and what was expected;
 * per source: ``read = kept + quarantined`` and ``kept = mixed + not_sampled`` (mixing only ever
-  takes a subset; rows left out by a weight or cap are counted, not hidden).
+  takes a subset; rows left out by a weight or cap are counted, not hidden);
+* keys a row carries that its format does not read (a KTO ``label`` the format would not use, a
+  ``loss_weight`` on turns, an ``id``...) are counted per source and key (``unknown_keys`` in
+  ``report.json``, the log and the summary), never ignored silently.
 
 Each file is read once; the sha256 of those bytes is what lineage logs (``IngestResult.files``).
 ``SourceConfig.format`` is one of ``sftflow.data.formats.FORMATS`` or ``auto`` (detected per file
@@ -31,7 +34,8 @@ from __future__ import annotations
 import glob as globlib
 import json
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +95,7 @@ class _SourceOut:
     formats: list[str]
     files: list[SourceFile]
     read: int
+    unknown_keys: Counter = field(default_factory=Counter)
 
 
 def _load(src: SourceConfig, path: Path | None, cfg: IngestConfig) -> LoadedRecords:
@@ -99,9 +104,10 @@ def _load(src: SourceConfig, path: Path | None, cfg: IngestConfig) -> LoadedReco
     if path is None:
         rows = read_hub(src.hub, split=src.hub_split, what=f"source {src.name!r}")
         return convert_rows(rows, label=src.hub, format=src.format, tabular=True, columns=src.columns,
-                            max_record_chars=cfg.max_record_chars, where=where)
+                            max_record_chars=cfg.max_record_chars, where=where, reasoning=src.reasoning,
+                            preference=src.preference)
     return load_records(path, format=src.format, columns=src.columns, max_record_chars=cfg.max_record_chars,
-                        split=src.hub_split, where=where)
+                        split=src.hub_split, where=where, reasoning=src.reasoning, preference=src.preference)
 
 
 def ingest_source(src: SourceConfig, cfg: IngestConfig) -> _SourceOut:
@@ -125,8 +131,13 @@ def ingest_source(src: SourceConfig, cfg: IngestConfig) -> _SourceOut:
                                                  reason=bad.reason, raw=bad.raw))
         for rec in got.records:
             category = replace_lone_surrogates(rec.category or src.category or "")  # Parquet needs valid UTF-8
-            out.records.append(make_record(rec.messages, source=source, category=category, source_row=rec.row))
+            out.records.append(make_record(rec.messages, source=source, category=category, source_row=rec.row,
+                                           tools=rec.tools, answer=rec.answer))
         out.read += got.read
+        out.unknown_keys.update(dict(got.unknown_keys))
+        if got.unknown_keys:
+            run_logger(__name__).warning("source %s: %s: keys the %s format does not read (rows): %s", src.name,
+                                         got.path, got.format, dict(got.unknown_keys))
         out.files.append(SourceFile(source=src.name, path=got.path, sha256=got.sha256, rows=got.read))
     return out
 
@@ -193,7 +204,7 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path) -> 
         counts.append(SourceCounts(
             source=s.name, formats=",".join(sorted(set(o.formats))), files=len(o.files), read=o.read,
             kept=len(o.records), quarantined=len(o.quarantine), mixed=len(pool),
-            not_sampled=len(o.records) - len(pool),
+            not_sampled=len(o.records) - len(pool), unknown_keys=tuple(sorted(o.unknown_keys.items())),
         ))
 
     q_rows = [q for o in outs for q in o.quarantine]
@@ -228,7 +239,8 @@ def report(result: IngestResult) -> dict[str, Any]:
     return {
         "dataset": result.dataset.to_dict(),
         "quarantine": result.quarantine.to_dict(),
-        "sources": [{**c.__dict__, "share": round(mix[c.source], 6)} for c in result.counts],
+        "sources": [{**c.__dict__, "unknown_keys": dict(c.unknown_keys), "share": round(mix[c.source], 6)}
+                    for c in result.counts],
         "files": [f.__dict__ for f in result.files],
         "totals": {k: sum(getattr(c, k) for c in result.counts)
                    for k in ("read", "kept", "quarantined", "mixed", "not_sampled")},
@@ -268,7 +280,9 @@ def ingest_task(sources: list[SourceConfig], cfg: IngestConfig, *, ctx: StageCon
                 _log_source_file(f)
         log_json(rep, "ingest/report.json")
         mlflow.log_artifact(result.quarantine.path, "ingest")
-        rows = [{**{k: v for k, v in c.__dict__.items()}, "share": f"{result.mixture()[c.source]:.1%}"} for c in result.counts]
+        rows = [{**{k: v for k, v in c.__dict__.items() if k != "unknown_keys"},
+                 "unknown_keys": ", ".join(f"{k} ({n})" for k, n in c.unknown_keys),
+                 "share": f"{result.mixture()[c.source]:.1%}"} for c in result.counts]
         table_artifact("ingest-accounting", rows, description="rows read = kept + quarantined; kept = mixed + not_sampled")
         markdown_artifact("ingest-summary", _markdown(result), description="ingestion summary")
         ctx.layout.mark_done("ingest")
@@ -290,6 +304,10 @@ def _markdown(result: IngestResult) -> str:
     mix = result.mixture()
     for c in result.counts:
         lines.append(f"| {c.source} | {c.formats} | {c.read} | {c.kept} | {c.quarantined} | {c.mixed} | {mix[c.source]:.1%} |")
+    unknown = [f"- {c.source}: " + ", ".join(f"`{k}` ({n} rows)" for k, n in c.unknown_keys)
+               for c in result.counts if c.unknown_keys]
+    if unknown:
+        lines += ["", "Keys the rows carry that their format does not read (ignored):", *unknown]
     lines += ["", f"Dataset: `{result.dataset.path}` ({result.dataset.num_rows} rows, sha256 `{result.dataset.sha256[:12]}`)",
               f"Quarantine: `{result.quarantine.path}` ({result.quarantine.num_rows} rows)"]
     return "\n".join(lines)

@@ -50,7 +50,9 @@ from sftflow.results import ValidateResult
 
 
 SUITE_NAME = "sftflow_canonical"
-ROLE_PATTERN = r"^S?(?:UA)+$"  # optional system turn, then user/assistant pairs, ending on assistant
+# Optional system turn, then user/assistant pairs ending on assistant; an assistant tool call is
+# followed by its tool results (T) and the assistant again (ingestion checks the exact order).
+ROLE_PATTERN = r"^S?(?:UA(?:T+A)*)+$"
 ID_PATTERN = r"^[0-9a-f]{16}$"
 SOURCE_PATTERN = r"^[^:]*\S[^:]*:.*\S.*$"  # "<source name>:<file name>", neither part blank
 SCALAR_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c != "messages")
@@ -58,7 +60,7 @@ DERIVED_COLUMNS: tuple[str, ...] = (
     "row", "field_types", "messages_shape", "n_turns", "role_pattern", "min_user_chars", "min_assistant_chars",
     "min_system_chars", "prompt_chars", "response_chars", "total_chars", "n_tokens", "non_printable_fraction",
 )
-_ROLE_LETTER = {"system": "S", "user": "U", "assistant": "A"}
+_ROLE_LETTER = {"system": "S", "user": "U", "assistant": "A", "tool": "T"}
 
 
 class ValidationFailed(DataError, RuntimeError):
@@ -124,7 +126,8 @@ def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
             texts.append("")
             continue
         user = [m["content"] for m in msgs if m["role"] == "user"]
-        asst = [m["content"] for m in msgs if m["role"] == "assistant"]
+        # An assistant turn that only calls tools has its calls (JSON text) as its response text.
+        asst = [m["content"] + (m.get("tool_calls") or "") for m in msgs if m["role"] == "assistant"]
         system = [m["content"] for m in msgs if m["role"] == "system"]
         joined = "\n".join(m["content"] for m in msgs)
         rows.append({

@@ -3,7 +3,10 @@
 One row::
 
     id        stable hash of the normalized messages (same content -> same id)
-    messages  list of {"role": "system"|"user"|"assistant", "content": str}
+    messages  list of {"role": "system"|"user"|"assistant"|"tool", "content": str}; an assistant
+              turn that calls tools also carries ``tool_calls``: a JSON string of
+              ``[{"name": str, "arguments": {...}}, ...]`` (its ``content`` may then be empty); a
+              ``tool`` turn is a tool's result (never a training target)
     source    "<dataset name>:<file name>" (where the row came from)
     origin    "seed" | "backtranslated"
     category  optional str ("" when unknown)
@@ -11,6 +14,10 @@ One row::
     source_row optional int: where the row came from inside its source file (JSONL/CSV line
               number, or 1-based record index for JSON lists/Parquet/saved datasets); 0 when
               unknown (e.g. a generated record). Quarantine rows of later stages point back to it.
+    tools     optional str: the JSON list of tool (function) schemas a tool-calling conversation
+              may use (``[{"name", "description", "parameters"}]``); "" when none
+    answer    optional str: the final answer of a verifiable task (GSM8K ``#### 72`` -> "72"); ""
+              when none (``sftflow.data.answers`` compares answers)
 
 Parquet stores ``messages`` as a list of structs; ``records_to_frame``/``frame_to_records``
 convert to/from plain Python dicts.
@@ -27,12 +34,12 @@ from typing import Any, Iterable, Literal
 
 import pandas as pd
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 ORIGINS: tuple[str, ...] = ("seed", "backtranslated")
-COLUMNS: tuple[str, ...] = ("id", "messages", "source", "origin", "category", "score", "source_row")
+COLUMNS: tuple[str, ...] = ("id", "messages", "source", "origin", "category", "score", "source_row", "tools", "answer")
 # Optional metadata columns and the value a row gets when it carries none (older frames, generated rows).
-OPTIONAL_COLUMNS: dict[str, Any] = {"category": "", "score": math.nan, "source_row": 0}
+OPTIONAL_COLUMNS: dict[str, Any] = {"category": "", "score": math.nan, "source_row": 0, "tools": "", "answer": ""}
 
 _WS = re.compile(r"\s+")
 # Lone surrogates: what `surrogateescape` leaves for bytes that were not valid UTF-8, or a JSON
@@ -72,10 +79,31 @@ def normalize_text(text: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip().lower()
 
 
-def record_id(messages: list[dict[str, str]]) -> str:
-    """Stable id of a conversation: sha256 of its normalized (role, content) turns, 16 hex chars."""
-    canon = [[m["role"], normalize_text(m["content"])] for m in messages]
-    return hashlib.sha256(json.dumps(canon, ensure_ascii=False).encode()).hexdigest()[:16]
+def record_id(messages: list[dict[str, str]], *, tools: str = "") -> str:
+    """Stable id of a conversation: sha256 of its normalized (role, content) turns, 16 hex chars.
+
+    A turn with ``tool_calls`` adds them (normalized) to its entry and a non-empty ``tools`` wraps
+    the turns with it, so conversations differing only in their calls or tools differ; a plain
+    conversation hashes exactly as it always has (its id never changes).
+    """
+    canon: list[Any] = []
+    for m in messages:
+        entry = [m["role"], normalize_text(m["content"])]
+        calls = m.get("tool_calls")
+        if calls:
+            entry.append(normalize_text(calls))
+        canon.append(entry)
+    payload: Any = {"messages": canon, "tools": normalize_text(tools)} if tools else canon
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _turn(m: dict[str, Any]) -> dict[str, str]:
+    """One canonical turn: role and content, plus ``tool_calls`` only where the turn has calls."""
+    out = {"role": str(m["role"]), "content": str(m["content"])}
+    calls = m.get("tool_calls")
+    if calls is not None and not (isinstance(calls, float) and math.isnan(calls)) and str(calls):
+        out["tool_calls"] = calls if isinstance(calls, str) else json.dumps(calls, ensure_ascii=False)
+    return out
 
 
 def make_record(
@@ -86,21 +114,26 @@ def make_record(
     category: str = "",
     score: float = math.nan,
     source_row: int = 0,
+    tools: str = "",
+    answer: str = "",
 ) -> dict[str, Any]:
-    """Build one canonical record (id computed from the messages).
+    """Build one canonical record (id computed from the messages and tools).
 
     ``source_row`` is the line (or record index) in the source file, 0 when unknown; it is
-    provenance only and never part of the id.
+    provenance only and never part of the id. ``tools`` (JSON list of tool schemas) is part of
+    the id; ``answer`` (a verifiable task's final answer, derived from the response) is not.
     """
-    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    msgs = [_turn(m) for m in messages]
     return {
-        "id": record_id(msgs),
+        "id": record_id(msgs, tools=tools or ""),
         "messages": msgs,
         "source": source,
         "origin": origin,
         "category": category or "",
         "score": float(score),
         "source_row": int(source_row),
+        "tools": tools or "",
+        "answer": answer or "",
     }
 
 
@@ -151,6 +184,8 @@ def records_to_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
         df["category"] = df["category"].fillna("").astype(str)
         df["score"] = df["score"].astype(float)
         df["source_row"] = df["source_row"].fillna(0).astype("int64")
+        df["tools"] = df["tools"].fillna("").astype(str)
+        df["answer"] = df["answer"].fillna("").astype(str)
     else:
         df = df.astype({"score": "float64", "source_row": "int64"})
     return df
@@ -167,7 +202,7 @@ def with_optional_columns(df: pd.DataFrame) -> pd.DataFrame:
     if not missing:
         return df
     df = df.copy()
-    dtypes = {"category": object, "score": "float64", "source_row": "int64"}
+    dtypes = {"category": object, "score": "float64", "source_row": "int64", "tools": object, "answer": object}
     for col in missing:
         df[col] = pd.Series([OPTIONAL_COLUMNS[col]] * len(df), index=df.index, dtype=dtypes[col])
     return df
@@ -177,6 +212,7 @@ def frame_to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows as plain dicts, ``messages`` as a list of plain dicts (Parquet gives numpy arrays)."""
     out = []
     for row in df.to_dict(orient="records"):
-        row["messages"] = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
+        # Parquet gives every turn of a mixed frame a ``tool_calls`` slot (None where it has none).
+        row["messages"] = [_turn(m) for m in row["messages"]]
         out.append(row)
     return out

@@ -28,10 +28,21 @@ never forge a turn marker.
 
 Training labels are ``-100`` on system/user turns and template tokens; the assistant content and its
 end-of-turn marker are learned, so the model learns to stop.
+
+Tool calling (additive: a conversation without tools, tool calls or ``tool`` turns renders exactly
+as above). Messages may carry role ``tool`` (a tool's result) and assistant messages
+``tool_calls`` (JSON text or a list of ``{name, arguments}``, OpenAI ``{type, function}`` accepted);
+``tools`` (JSON text or a list of schemas) is a keyword argument. A ``native`` template that renders
+tools (``supports_tools``: it uses ``tools`` and ``tool_calls``) renders them itself; every other
+template gets the text fallback of ``tool_text_fallback`` (schemas in the system turn, calls as
+``<tool_call>{...}</tool_call>`` lines in the assistant turn, results as a user-side
+``<tool_response>`` turn). Either way the assistant's calls and answers are learned and tool results
+never are.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Sequence
 
@@ -173,24 +184,31 @@ def _builtin_segments(tokenizer: Any, msgs: list[dict[str, str]], template: str,
 _PLACEHOLDER = "SFTFLOWMSG{}X7Q"
 
 
-def _render(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_prompt: bool,
+            render_kwargs: dict[str, Any] | None = None) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **(render_kwargs or {}))
 
 
-def _native_pieces(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_prompt: bool) -> list[tuple[str, bool]]:
+def _native_pieces(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_prompt: bool,
+                   render_kwargs: dict[str, Any] | None = None) -> list[tuple[str, bool]]:
     """The rendered conversation as ``(text, is_message_text)`` pieces whose concatenation is the rendering.
 
     The template is rendered once with placeholders for the contents (giving the template's own
     text) and once for real; the real rendering must be the template text with each placeholder
     replaced by its message's content (or the content trimmed, as many templates ``| trim`` it).
     """
-    real = _render(tokenizer, msgs, add_generation_prompt=add_generation_prompt)
-    marks = [_PLACEHOLDER.format(i) for i in range(len(msgs))]
-    if any(mk in m["content"] for m in msgs for mk in marks):  # paranoid: data that spells a placeholder
+    real = _render(tokenizer, msgs, add_generation_prompt=add_generation_prompt, render_kwargs=render_kwargs)
+    if render_kwargs is None:
+        marks = [_PLACEHOLDER.format(i) for i in range(len(msgs))]
+    else:
+        # Tool mode: an empty content (a pure tool call) stays empty; templates test it (``if content``).
+        marks = [_PLACEHOLDER.format(i) if m["content"] else "" for i, m in enumerate(msgs)]
+    if any(mk and mk in m["content"] for m in msgs for mk in marks):  # paranoid: data that spells a placeholder
         raise ValueError("message text contains sftflow's internal placeholder string")
-    skeleton = _render(tokenizer, [{**m, "content": mk} for m, mk in zip(msgs, marks)],
-                       add_generation_prompt=add_generation_prompt)
-    parts = re.split("(" + "|".join(re.escape(mk) for mk in marks) + ")", skeleton)
+    skeleton = _render(tokenizer, [{**m, "content": mk or m["content"]} for m, mk in zip(msgs, marks)],
+                       add_generation_prompt=add_generation_prompt, render_kwargs=render_kwargs)
+    parts = re.split("(" + "|".join(re.escape(mk) for mk in marks if mk) + ")", skeleton)
     pieces: list[tuple[str, bool]] = []
     cur = 0
     for k, part in enumerate(parts):
@@ -219,7 +237,7 @@ def _native_pieces(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation
 
 
 def _native_ids(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_prompt: bool,
-                offsets: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+                offsets: bool = False, render_kwargs: dict[str, Any] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids of the rendered conversation: template text may hold control tokens, message text never does.
 
     Returns ids and (with ``offsets``) each token's char span in the rendering.
@@ -227,7 +245,8 @@ def _native_ids(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_pr
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
     base = 0
-    for text, is_content in _native_pieces(tokenizer, msgs, add_generation_prompt=add_generation_prompt):
+    for text, is_content in _native_pieces(tokenizer, msgs, add_generation_prompt=add_generation_prompt,
+                                           render_kwargs=render_kwargs):
         kwargs: dict[str, Any] = {"split_special_tokens": True} if is_content else {}
         if offsets:
             kwargs["return_offsets_mapping"] = True
@@ -239,19 +258,20 @@ def _native_ids(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_pr
     return ids, spans
 
 
-def _native_learned_spans(tokenizer: Any, msgs: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def _native_learned_spans(tokenizer: Any, msgs: list[dict[str, str]],
+                          render_kwargs: dict[str, Any] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Full rendering + char spans of each assistant turn (content + end-of-turn).
 
     Rendering ``msgs[:i]`` with the generation prompt gives where assistant turn ``i`` starts;
     rendering ``msgs[:i+1]`` gives where it ends. Both must be prefixes of the full rendering.
     """
-    full = _render(tokenizer, msgs, add_generation_prompt=False)
+    full = _render(tokenizer, msgs, add_generation_prompt=False, render_kwargs=render_kwargs)
     spans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start_text = _render(tokenizer, msgs[:i], add_generation_prompt=True)
-        end_text = _render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        start_text = _render(tokenizer, msgs[:i], add_generation_prompt=True, render_kwargs=render_kwargs)
+        end_text = _render(tokenizer, msgs[: i + 1], add_generation_prompt=False, render_kwargs=render_kwargs)
         if not (full.startswith(start_text) and full.startswith(end_text) and len(end_text) > len(start_text)):
             raise ValueError(
                 "the tokenizer's chat template does not render conversations prefix by prefix, so the "
@@ -262,9 +282,10 @@ def _native_learned_spans(tokenizer: Any, msgs: list[dict[str, str]]) -> tuple[s
     return full, spans
 
 
-def _native_encode(tokenizer: Any, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    _, spans = _native_learned_spans(tokenizer, msgs)
-    ids, offsets = _native_ids(tokenizer, msgs, add_generation_prompt=False, offsets=True)
+def _native_encode(tokenizer: Any, msgs: list[dict[str, str]],
+                   render_kwargs: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
+    _, spans = _native_learned_spans(tokenizer, msgs, render_kwargs=render_kwargs)
+    ids, offsets = _native_ids(tokenizer, msgs, add_generation_prompt=False, offsets=True, render_kwargs=render_kwargs)
     labels = [IGNORE_INDEX] * len(ids)
     for k, (start, end) in enumerate(offsets):
         if end > start and any(s <= start < e for s, e in spans):
@@ -279,14 +300,17 @@ def encode_for_training(
     *,
     template: str,
     max_len: int | None = None,
+    tools: Any = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation.
 
     Args:
         tokenizer: a transformers tokenizer (fast, for ``native``).
-        messages: ``[{role, content}, ...]``: optional system, then alternating user/assistant.
+        messages: ``[{role, content}, ...]``: optional system, then alternating user/assistant;
+            in a tool conversation also ``tool`` turns and assistant ``tool_calls``.
         template: a resolved template (``resolve_template``).
         max_len: truncate to this many tokens (from the right); ``None`` keeps everything.
+        tools: the tool schemas (the record's ``tools``: JSON text or a list); None/"" for none.
 
     Returns:
         ``(input_ids, labels)`` of equal length; labels are ``-100`` except on assistant content
@@ -296,6 +320,8 @@ def encode_for_training(
         ValueError: malformed conversation or template.
     """
     template = resolve_template(tokenizer, template) if template not in ("gemma", "chatml") else template
+    if is_tool_conversation(messages, tools):
+        return _encode_tool_conversation(tokenizer, messages, template=template, tools=tools, max_len=max_len)
     msgs = _check_messages(messages, for_generation=False)
     if template == "native":
         ids, labels = _native_encode(tokenizer, msgs)
@@ -309,15 +335,20 @@ def encode_for_training(
     return ids, labels
 
 
-def build_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], *, template: str) -> list[int]:
+def build_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], *, template: str,
+                            tools: Any = None) -> list[int]:
     """Prompt ids ending with the assistant-turn opener (the model continues with the answer).
 
     The ids equal the training encoding of the same conversation up to the assistant content.
+    ``tools`` (schemas) and tool turns render as in ``encode_for_training``; such a prompt may
+    also end with a ``tool`` turn (the model continues after the tool's result).
 
     Raises:
         ValueError: the conversation ends with an assistant turn or is malformed.
     """
     template = resolve_template(tokenizer, template) if template not in ("gemma", "chatml") else template
+    if is_tool_conversation(messages, tools):
+        return _tool_generation_prompt(tokenizer, messages, template=template, tools=tools)
     msgs = _check_messages(messages, for_generation=True)
     if template == "native":
         return _native_ids(tokenizer, msgs, add_generation_prompt=True)[0]
@@ -355,3 +386,187 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
 def end_of_turn_text(template: str) -> str | None:
     """The end-of-turn marker string of a built-in template (None for native)."""
     return _BUILTIN[template]["close"] if template in _BUILTIN else None
+
+
+# --------------------------------------------------------------------------- tool calling
+# Text fallback for templates without tool support (gemma, chatml, a native template that never
+# mentions tools). It turns a tool conversation into plain system/user/assistant turns, so the
+# ordinary path renders it and the usual mask applies:
+#   * the tool schemas go at the end of the system turn (one JSON object per line inside
+#     <tools>…</tools>, with one sentence saying how to call them); a system turn is added if
+#     there is none (Gemma folds it into the first user turn as always);
+#   * each assistant call is a line ``<tool_call>{"name": …, "arguments": {…}}</tool_call>``
+#     after the assistant's text, inside the assistant turn: learned, like the answer;
+#   * the tool results following a call form one user-side turn, each result wrapped in
+#     ``<tool_response>\n…\n</tool_response>``: context, never learned.
+# The markers are plain text (never special tokens), so generation produces them as text too.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+TOOLS_PREAMBLE = (
+    "You can call the tools below (JSON schemas). To call one, reply with a line "
+    '<tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call> per call; '
+    "each result comes back inside <tool_response></tool_response>."
+)
+
+
+def _parse_json_field(value: Any) -> Any:
+    """A JSON-string field parsed (Parquet stores ``tool_calls``/``tools`` as JSON text); None when empty."""
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return None
+    if isinstance(value, str):
+        return json.loads(value) if value.strip() else None
+    return list(value) if not isinstance(value, (dict, list)) else value
+
+
+def _calls_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A turn's tool calls as ``[{"name", "arguments"}]`` (OpenAI ``{function: {...}}`` unwrapped)."""
+    calls = _parse_json_field(message.get("tool_calls"))
+    if not calls:
+        return []
+    out = []
+    for c in calls if isinstance(calls, list) else [calls]:
+        c = c["function"] if isinstance(c, dict) and isinstance(c.get("function"), dict) else c
+        args = c.get("arguments", {})
+        out.append({"name": c["name"], "arguments": json.loads(args) if isinstance(args, str) else args})
+    return out
+
+
+def _tools_of(tools: Any) -> list[dict[str, Any]]:
+    """Tool schemas as a list of ``{name, description, parameters}`` (OpenAI wrapper unwrapped)."""
+    parsed = _parse_json_field(tools)
+    if not parsed:
+        return []
+    parsed = parsed if isinstance(parsed, list) else [parsed]
+    return [t["function"] if isinstance(t, dict) and isinstance(t.get("function"), dict) else t for t in parsed]
+
+
+def is_tool_conversation(messages: Sequence[dict[str, Any]], tools: Any = None) -> bool:
+    """True when a conversation has tool schemas, tool calls or tool results (the tool rendering applies)."""
+    return bool(_tools_of(tools)) or any(m.get("role") == "tool" or _calls_of(m) for m in messages)
+
+
+def supports_tools(tokenizer: Any) -> bool:
+    """True when the tokenizer's own chat template renders tools (it uses both ``tools`` and ``tool_calls``)."""
+    tpl = getattr(tokenizer, "chat_template", None)
+    return isinstance(tpl, str) and "tools" in tpl and "tool_calls" in tpl
+
+
+def tool_call_text(calls: Sequence[dict[str, Any]]) -> str:
+    """The fallback text of tool calls: one ``<tool_call>{"name": …, "arguments": …}</tool_call>`` line each."""
+    return "\n".join(f"{TOOL_CALL_OPEN}{json.dumps({'name': c['name'], 'arguments': c['arguments']}, ensure_ascii=False)}"
+                     f"{TOOL_CALL_CLOSE}" for c in calls)
+
+
+def tool_text_fallback(messages: Sequence[dict[str, Any]], tools: Any = None) -> list[dict[str, str]]:
+    """A tool conversation as plain system/user/assistant turns (the documented text fallback above)."""
+    schemas = _tools_of(tools)
+    out: list[dict[str, str]] = []
+    if schemas:
+        block = TOOLS_PREAMBLE + "\n<tools>\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in schemas) + "\n</tools>"
+        first = messages[0] if messages else None
+        if first is not None and first.get("role") == "system" and str(first["content"]).strip():
+            out.append({"role": "system", "content": f"{first['content']}\n\n{block}"})
+        else:
+            out.append({"role": "system", "content": block})
+    for m in messages:
+        role, content = str(m["role"]), str(m["content"])
+        if role == "system":
+            if not schemas:
+                out.append({"role": "system", "content": content})
+            continue
+        if role == "tool":
+            wrapped = f"{TOOL_RESPONSE_OPEN}\n{content}\n{TOOL_RESPONSE_CLOSE}"
+            if out and out[-1].get("_tool"):
+                out[-1]["content"] += "\n" + wrapped
+            else:
+                out.append({"role": "user", "content": wrapped, "_tool": "1"})
+            continue
+        calls = _calls_of(m)
+        if role == "assistant" and calls:
+            content = "\n".join(x for x in (content.strip(), tool_call_text(calls)) if x)
+        out.append({"role": role, "content": content})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
+
+
+def _hf_tool_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages in the transformers chat-template convention for tools (OpenAI-style ``tool_calls``)."""
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": str(m["role"]), "content": str(m["content"])}
+        calls = _calls_of(m)
+        if calls:
+            d["tool_calls"] = [{"type": "function", "function": c} for c in calls]
+        out.append(d)
+    return out
+
+
+def _check_tool_messages(msgs: list[dict[str, Any]], *, for_generation: bool) -> None:
+    """The order rules of a tool conversation (as ``sftflow.data.formats`` checks at ingestion)."""
+    body = [m for m in msgs if m["role"] != "system"]
+    if any(m["role"] == "system" for m in msgs[1:]):
+        raise ValueError("a system message may only come first")
+    if not body or body[0]["role"] != "user":
+        raise ValueError("conversation must start with a user turn (after an optional system turn)")
+    for i, m in enumerate(msgs):
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"messages[{i}].role: must be system|user|assistant|tool (got {m['role']!r})")
+    for prev, cur in zip(body, body[1:]):
+        called = prev["role"] == "assistant" and bool(_calls_of(prev))
+        if cur["role"] == "tool" and not (called or prev["role"] == "tool"):
+            raise ValueError("a tool message must follow an assistant message with tool_calls")
+        if called and cur["role"] != "tool":
+            raise ValueError("an assistant message with tool_calls must be followed by tool messages")
+        if cur["role"] == prev["role"] and cur["role"] != "tool":
+            raise ValueError(f"turns must alternate; two {cur['role']!r} turns in a row")
+    if for_generation and body[-1]["role"] not in ("user", "tool"):
+        raise ValueError("a generation prompt must end with a user or tool turn")
+    if not for_generation and not any(m["role"] == "assistant" for m in body):
+        raise ValueError("a training conversation needs at least one assistant turn")
+
+
+def _control_texts(tokenizer: Any) -> list[str]:
+    """Strings the tokenizer turns into special/added control tokens."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    texts.update(t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()
+                 if getattr(t, "special", False))
+    return sorted(t for t in texts if t)
+
+
+def _native_tool_render_kwargs(tokenizer: Any, msgs: list[dict[str, Any]], tools: Any) -> dict[str, Any]:
+    """``apply_chat_template`` extras for a native template with tool support, after a safety check.
+
+    Tool calls and schemas are rendered by the template itself (e.g. ``| tojson``), so they are
+    tokenized as template text: a control token spelled inside them would become a real one. Such
+    a conversation is refused rather than rendered.
+    """
+    schemas = _tools_of(tools)
+    data = json.dumps([_calls_of(m) for m in msgs] + [schemas], ensure_ascii=False)
+    bad = [t for t in _control_texts(tokenizer) if t in data]
+    if bad:
+        raise ValueError(f"tool calls or tool schemas contain control-token text {bad[:3]}; they would be rendered "
+                         "as template control tokens (remove them from the data)")
+    return {"tools": [{"type": "function", "function": t} for t in schemas]} if schemas else {}
+
+
+def _encode_tool_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]], *, template: str,
+                              tools: Any, max_len: int | None) -> tuple[list[int], list[int]]:
+    msgs = [dict(m) for m in messages]
+    _check_tool_messages(msgs, for_generation=False)
+    if template == "native" and supports_tools(tokenizer):
+        kwargs = _native_tool_render_kwargs(tokenizer, msgs, tools)
+        hf = _hf_tool_messages(msgs)
+        ids, labels = _native_encode(tokenizer, hf, render_kwargs=kwargs)
+        if max_len is not None:
+            ids, labels = ids[:max_len], labels[:max_len]
+        return ids, labels
+    return encode_for_training(tokenizer, tool_text_fallback(msgs, tools), template=template, max_len=max_len)
+
+
+def _tool_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], *, template: str,
+                            tools: Any) -> list[int]:
+    msgs = [dict(m) for m in messages]
+    _check_tool_messages(msgs, for_generation=True)
+    if template == "native" and supports_tools(tokenizer):
+        kwargs = _native_tool_render_kwargs(tokenizer, msgs, tools)
+        return _native_ids(tokenizer, _hf_tool_messages(msgs), add_generation_prompt=True, render_kwargs=kwargs)[0]
+    return build_generation_prompt(tokenizer, tool_text_fallback(msgs, tools), template=template)

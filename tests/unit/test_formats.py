@@ -75,4 +75,4 @@ def test_convert_row_and_detection() -> None:
     assert isinstance(err, RowError) and "record too long" in str(err)
     assert detect_format([{"instruction": "a", "response": "b"}] * 3 + [{"text": "x"}]) == "dolly"
     assert detect_format([{"q": 1}]) is None
-    assert set(FORMATS) == {"alpaca", "dolly", "human_assistant", "messages", "self_instruct"}
+    assert set(FORMATS) == {"alpaca", "dolly", "human_assistant", "messages", "self_instruct", "gsm8k"}

@@ -219,8 +219,8 @@ def test_messages_bad_turns(tmp_path: Path) -> None:
     assert res.counts[0].kept == 1
     assert list(q["reason"]) == [
         "conversation must end with an assistant turn",
-        "turn 0: unsupported role 'tool' (expected user/assistant/system or human/gpt)",
-        "turn 0: unsupported content part of type 'image' (only text is supported)",
+        "conversation must start with a user turn",
+        "turn 0: unsupported content part of type 'image' (only text and reasoning parts are supported)",
         "conversation must start with a user turn",
         "`messages` must be a list of turns, got str",
     ]

@@ -342,7 +342,7 @@ def test_non_string_content_values(tmp_path: Path) -> None:
     assert list(q["reason"]) == [
         "turn 0: content must be a string or a list of text parts, got int",
         "turn 0: missing `content`/`value`",
-        "turn 1: unsupported content part of type 'int' (only text is supported)",
+        "turn 1: unsupported content part of type 'int' (only text and reasoning parts are supported)",
     ]
 
 

@@ -73,7 +73,7 @@ def test_row_level_failures_are_quarantined_with_expectation_names(tmp_path: Pat
     reasons = dict(zip(q["row"], q["reason"]))
     assert reasons == {
         21: "expect_column_values_to_be_between(min_assistant_chars >= 1)",
-        22: "expect_column_values_to_match_regex(role_pattern ~ ^S?(?:UA)+$)",
+        22: "expect_column_values_to_match_regex(role_pattern ~ ^S?(?:UA(?:T+A)*)+$)",
         23: "expect_column_values_to_be_between(total_chars <= 200)",
         24: "expect_column_values_to_be_between(non_printable_fraction <= 0.1)",
         25: "expect_column_values_to_be_in_set(origin in ['seed', 'backtranslated'])",
@@ -89,9 +89,9 @@ def test_derive_frame_flags_malformed_messages_and_types() -> None:
     df = pd.DataFrame({"id": ["a" * 16, "b" * 16, "c" * 16], "source": ["s:f"] * 3, "origin": ["seed"] * 3,
                        "category": ["", 7, ""], "score": [math.nan] * 3,
                        "messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                                    "just text", [{"role": "tool", "content": "x"}]]})
+                                    "just text", [{"role": "robot", "content": "x"}]]})
     d = derive_frame(df)
-    assert list(d["messages_shape"]) == ["ok", "not a list (str)", "unknown role 'tool'"]
+    assert list(d["messages_shape"]) == ["ok", "not a list (str)", "unknown role 'robot'"]
     assert list(d["field_types"]) == ["ok", "category is int", "ok"]
     assert list(d["role_pattern"]) == ["UA", "", ""]
 
