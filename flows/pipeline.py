@@ -89,11 +89,17 @@ def sftflow_pipeline(
             clean = dedup_task([valid.valid], cfg.dedup, ctx=ctx).kept if cfg.dedup.enabled else valid.valid
             split = split_task(clean, cfg.split, cfg.dedup, ctx=ctx)
             train_data = split.train
+            # Evaluation and training's eval loss read the held-out set with the prompts training saw:
+            # with augmentation, tagged like the seed.
+            heldout = split.heldout
 
             if cfg.augmentation.enabled:
-                aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx, dedup=cfg.dedup)
-                summary["augmentation"] = {"candidates": aug.candidates.num_rows, "curated": aug.curated.num_rows}
+                aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx, dedup=cfg.dedup,
+                                         heldout=split.heldout)
+                summary["augmentation"] = {"candidates": aug.candidates.num_rows, "curated": aug.curated.num_rows,
+                                           **dict(aug.quality)}
                 train_data = aug.seed or split.train
+                heldout = aug.heldout or split.heldout
                 if aug.curated.num_rows:
                     aug_valid = validate_task(aug.curated, cfg.validation, tokenizer=base, ctx=ctx,
                                               stage="validate_augmented")
@@ -104,20 +110,30 @@ def sftflow_pipeline(
                     log.warning("Self-curation kept no candidate pairs; training on the seed data only.")
 
             model_name = cfg.promotion.model_name or f"sftflow-{pipeline}"
-            trained = train_task(train_data, split.heldout, base, cfg.training, ctx=ctx, register_as=model_name)
+            trained = train_task(train_data, heldout, base, cfg.training, ctx=ctx, register_as=model_name)
+            seed_only = None
+            if cfg.augmentation.enabled and cfg.augmentation.ablation:
+                # The Humpback ablation: the same recipe and steps on the (tagged) seed alone.
+                seed_only = train_task(aug.seed or split.train, heldout, base, cfg.training, ctx=ctx, register_as=None,
+                                       stage="train.seed_only")
             summary["model"] = {"name": trained.registered_name, "version": trained.registered_version,
                                 "uri": trained.model_uri, "path": trained.model.path}
 
             if cfg.evaluation.enabled:
-                base_eval = evaluate_task(base, split.heldout, cfg.evaluation, label="base", ctx=ctx,
+                base_eval = evaluate_task(base, heldout, cfg.evaluation, label="base", ctx=ctx,
                                           training=cfg.training)
-                tuned_eval = evaluate_task(trained.model, split.heldout, cfg.evaluation, label="tuned", ctx=ctx,
+                tuned_eval = evaluate_task(trained.model, heldout, cfg.evaluation, label="tuned", ctx=ctx,
                                            training=cfg.training)
                 summary["metrics"] = {"base": dict(base_eval.metrics), "tuned": dict(tuned_eval.metrics)}
+                others = ()
+                if seed_only is not None:
+                    others = (evaluate_task(seed_only.model, heldout, cfg.evaluation, label="seed_only", ctx=ctx,
+                                            training=cfg.training),)
+                    summary["metrics"]["seed_only"] = dict(others[0].metrics)
                 if cfg.promotion.enabled:
                     decision = promote_task(base_eval, tuned_eval, trained, cfg.promotion, ctx=ctx,
-                                            heldout=split.heldout, evaluation=cfg.evaluation, training=cfg.training,
-                                            evaluate_champion=evaluate_champion)
+                                            heldout=heldout, evaluation=cfg.evaluation, training=cfg.training,
+                                            evaluate_champion=evaluate_champion, others=others)
                     summary["promotion"] = decision.summary()
         except BaseException:
             end_pipeline_run(ctx, status="FAILED", summary=summary)

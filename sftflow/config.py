@@ -18,7 +18,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Union, Any, Literal, Optional
+from typing import Annotated, Union, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -48,8 +48,14 @@ class SourceConfig(_Section):
     path: Optional[str] = Field(None, description="file, glob or datasets.save_to_disk folder")
     hub: Optional[str] = Field(None, description="hub dataset id (needs a reachable hub)")
     hub_split: str = "train"
-    format: Literal["auto", "alpaca", "dolly", "human_assistant", "messages", "self_instruct"] = "auto"
+    format: Literal["auto", "alpaca", "dolly", "human_assistant", "messages", "self_instruct", "sharegpt",
+                    "gsm8k"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="rename map: file column -> expected column")
+    preference: Optional[Literal["chosen"]] = Field(
+        None, description="preference (DPO) rows {chosen, rejected}: `chosen` trains on the chosen response; "
+                          "unset: such rows are quarantined")
+    reasoning: Literal["keep", "drop"] = Field(
+        "keep", description="content parts of type `reasoning`: keep as <think>…</think> before the answer, or drop")
     weight: Optional[float] = Field(None, gt=0, description="relative sampling weight in the mixture")
     max_rows: Optional[int] = Field(None, gt=0, description="cap on rows taken from this source")
     category: Optional[str] = Field(None, description="category for rows that carry none")
@@ -180,6 +186,11 @@ class TrainingConfig(_Section):
         description="embedding/output rows trained besides the adapter: 'auto' = the template's control tokens "
                     "whose rows look untrained (e.g. Gemma 3 base's <end_of_turn>), 'none', or a list of tokens/ids",
     )
+    trainable_tokens_lr: Optional[float] = Field(
+        None, gt=0,
+        description="peak learning rate of the trainable token rows (default: 10x the adapter's learning rate; "
+                    "an untrained row starts far from where it must go and Adam moves each coordinate ~lr per step)",
+    )
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -204,7 +215,14 @@ class GenerationConfig(_Section):
 class CurationConfig(_Section):
     model: Literal["forward", "base"] | str = Field("forward", description="forward (M0), base, or a model name/path")
     threshold: float = Field(4.0, ge=1, le=5, description="keep pairs whose expected score >= threshold")
+    keep: Literal["threshold", "score5"] = Field(
+        "threshold",
+        description="threshold: expected score >= threshold; score5: the paper's rule, the most likely rating is 5",
+    )
     batch_size: int = Field(8, gt=0)
+    auc_examples: int = Field(
+        32, ge=0, description="held-out rows the curator is checked on (AUC of true vs mismatched answers; 0: off)"
+    )
 
 
 class AugmentationConfig(_Section):
@@ -225,6 +243,10 @@ class AugmentationConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
     curation: CurationConfig = CurationConfig()
     iterations: int = Field(1, ge=1, le=5)
+    ablation: bool = Field(
+        False, description="also train a seed-only model at the same steps and report it beside seed+curated "
+                           "(the Humpback ablation; costs one more training and evaluation)",
+    )
     seed_system_prompt: Optional[str] = "Answer in the style of an AI Assistant."
     augmented_system_prompt: Optional[str] = "Answer with knowledge from web search."
 
@@ -248,7 +270,12 @@ class ExtraEvalSet(_Section):
 class EvaluationConfig(_Section):
     enabled: bool = True
     max_examples: Optional[int] = Field(64, gt=0)
-    max_new_tokens: int = Field(128, gt=0, le=2048)
+    max_new_tokens: Union[Literal["auto"], Annotated[int, Field(gt=0, le=2048)]] = Field(
+        128, description="generation bound per answer; 'auto': the held-out references' length quantile "
+                         "(auto_quantile) plus the end marker, within auto_max_new_tokens",
+    )
+    auto_quantile: float = Field(0.9, gt=0, le=1, description="reference-length quantile max_new_tokens: auto covers")
+    auto_max_new_tokens: int = Field(384, gt=0, le=2048, description="upper bound of max_new_tokens: auto")
     batch_size: int = Field(8, gt=0)
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0, description="sampling temperature (only when do_sample)")

@@ -31,6 +31,8 @@ class SourceCounts:
     quarantined: int
     mixed: int
     not_sampled: int
+    # Keys the rows carried that their format does not read, as (key, rows) pairs (turn keys: ``turn.<key>``).
+    unknown_keys: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,9 @@ class AugmentResult:
         curation_model: the model that scored the kept pairs.
         seed: the seed data tagged with ``seed_system_prompt`` (train on this + curated).
         counts: the accounting, as (name, value) pairs.
+        heldout: the held-out set tagged like the seed: evaluate and train's eval loss use it, so
+            their prompts are built exactly as the training rows (None: no held-out was given).
+        quality: curator AUC, backward-model finished rate, as (name, value) pairs.
     """
 
     curated: DatasetRef
@@ -148,6 +153,8 @@ class AugmentResult:
     curation_model: ModelRef
     seed: DatasetRef | None = None
     counts: tuple[tuple[str, int], ...] = ()
+    heldout: DatasetRef | None = None
+    quality: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,8 @@ class EvalResult:
         eval_key: digest of everything that makes two evaluations comparable (held-out digest,
             extra sets, generation settings, template); the gate re-evaluates a champion whose
             recorded key differs.
+        judge: the judge model that scored the outputs (None without ``evaluation.judge``); a
+            re-evaluated champion is scored by the same one.
     """
 
     label: str
@@ -182,6 +191,7 @@ class EvalResult:
     samples: DatasetRef
     heldout_sha256: str = ""
     eval_key: str = ""
+    judge: ModelRef | None = None
 
     def metrics_dict(self) -> dict[str, float]:
         """``metrics`` as a dict."""

@@ -32,6 +32,8 @@ METRIC_DIRECTIONS: dict[str, str] = {
     "runaway_rate": MINIMIZE,
     "empty_rate": MINIMIZE,
     "rougeL": MAXIMIZE,
+    "end_prob": MAXIMIZE,
+    "answer_loss": MINIMIZE,
     "rouge1": MAXIMIZE,
     "rouge2": MAXIMIZE,
     "judge_score": MAXIMIZE,
@@ -191,3 +193,18 @@ def paired_bootstrap(
     low, high = np.quantile(draws, [alpha, 1.0 - alpha])
     return GainInterval(gain=float(gain(np.arange(n))), low=float(low), high=float(high), confidence=confidence,
                         n=n, resamples=resamples)
+
+
+def auc(positives: "list[float] | np.ndarray", negatives: "list[float] | np.ndarray") -> float:
+    """Area under the ROC curve: P(a random positive scores above a random negative), ties half.
+
+    The Mann-Whitney statistic over every (positive, negative) pair; NaN scores are left out and
+    NaN is returned when either side is empty. 0.5 is a scorer no better than chance.
+    """
+    pos = np.asarray(positives, dtype=float)
+    neg = np.asarray(negatives, dtype=float)
+    pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)

@@ -77,6 +77,7 @@ from sftflow.inference.generation import RATING_MASS_FLOOR, unparseable_share
 from sftflow.inference.models import release_memory
 from sftflow.data.neardup import CrossPair, find_cross_duplicates, strongest_matches
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
+from sftflow.data.tags import tag_dataset, tag_records  # noqa: F401  (tag_records: re-exported for callers)
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.results import AugmentResult
 
@@ -130,6 +131,8 @@ class AugmentOutput:
         counts: the accounting, as sorted (name, value) pairs.
         iteration_kept: pairs kept after each curation iteration.
         helpers: every model trained here, in training order (for the task to log).
+        heldout: the held-out set tagged like the seed (evaluation prompts = training prompts), or None.
+        quality: curator and backward-model quality figures (``curator_auc``, ``backward_finished_rate``...).
     """
 
     curated: DatasetRef
@@ -141,6 +144,8 @@ class AugmentOutput:
     counts: tuple[tuple[str, int], ...]
     iteration_kept: tuple[int, ...]
     helpers: tuple[HelperModel, ...] = ()
+    heldout: DatasetRef | None = None
+    quality: tuple[tuple[str, float], ...] = ()
 
 
 # =========================================================================== 1. corpus
@@ -552,29 +557,26 @@ def select_by_threshold(expected: Sequence[float], threshold: float) -> list[boo
     return [not math.isnan(e) and e >= threshold for e in expected]
 
 
-# =========================================================================== 6. tagging
-def tag_records(records: Iterable[dict[str, Any]], system_prompt: str | None, *, origin: str | None = None
-                ) -> list[dict[str, Any]]:
-    """Records with ``system_prompt`` as their system turn (ids recomputed).
+def select_pairs(scores: Sequence[Any], *, keep: str, threshold: float) -> tuple[list[bool], list[str]]:
+    """The keep decision for each scored pair under ``curation.keep``, with the reason in words.
 
-    An existing system prompt is kept after the tag (``"<tag>\\n\\n<existing>"``), so the tag is
-    always the start of the system turn. ``None`` leaves the messages unchanged.
+    ``threshold`` keeps an expected score >= ``threshold``; ``score5`` is the Humpback paper's rule:
+    keep only pairs the curator rates 5 (its most likely rating is 5). NaN scores never pass.
+
+    Returns:
+        (keep flags, detail strings), one per score.
     """
-    out = []
-    for r in records:
-        msgs = [dict(m) for m in r["messages"]]
-        if system_prompt:
-            if msgs and msgs[0]["role"] == "system":
-                if not msgs[0]["content"].startswith(system_prompt):
-                    existing = msgs[0]["content"].strip()
-                    msgs[0]["content"] = f"{system_prompt}\n\n{existing}" if existing else system_prompt
-            else:
-                msgs.insert(0, {"role": "system", "content": system_prompt})
-        out.append(make_record(msgs, source=r["source"], origin=origin or r.get("origin") or "seed",
-                               category=r.get("category", "") or "", score=r.get("score", math.nan)))
-    return out
+    if keep == "score5":
+        flags = [not math.isnan(s.expected) and int(s.argmax) == 5 for s in scores]
+        details = [f"most likely rating {int(s.argmax)} {'==' if k else '!='} 5 (expected {s.expected:.2f})"
+                   for s, k in zip(scores, flags)]
+        return flags, details
+    flags = select_by_threshold([s.expected for s in scores], threshold)
+    details = [f"expected {s.expected:.2f} {'>=' if k else '<'} threshold {threshold}" for s, k in zip(scores, flags)]
+    return flags, details
 
 
+# =========================================================================== 6. tagging
 def tag_seed(ref: DatasetRef, system_prompt: str | None, out_path: Path) -> DatasetRef:
     """Write the seed dataset with ``system_prompt`` as its system turn and ``origin=seed``.
 
@@ -586,8 +588,7 @@ def tag_seed(ref: DatasetRef, system_prompt: str | None, out_path: Path) -> Data
     Returns:
         The tagged dataset.
     """
-    records = tag_records(frame_to_records(ref.read()), system_prompt, origin="seed")
-    return write_parquet(records_to_frame(records), out_path, name="seed_tagged")
+    return tag_dataset(ref, system_prompt, out_path, name="seed_tagged", origin="seed")
 
 
 def curated_records(rows: Iterable[dict[str, Any]], *, system_prompt: str | None) -> list[dict[str, Any]]:
@@ -675,6 +676,7 @@ def backtranslate(
     out_dir: Path,
     trust_remote_code: bool = False,
     dedup: DedupConfig | None = None,
+    heldout: DatasetRef | None = None,
 ) -> AugmentOutput:
     """Run instruction backtranslation end to end (see the module docstring).
 
@@ -687,6 +689,10 @@ def backtranslate(
         trust_remote_code: passed to model loading.
         dedup: the pipeline's ``dedup`` section, for the seed near-duplicate check
             (``seed_duplicate_rule``; None: its defaults).
+        heldout: the held-out split. It comes back tagged with ``seed_system_prompt`` (the
+            paper's inference prompt, and the tag the seed trains with) so that evaluation and
+            training's eval loss see the prompts training saw; its first ``curation.auc_examples``
+            rows also check the curator (``curator_auc``).
 
     Returns:
         The refs and counts (``AugmentOutput``), and the models it trained (``helpers``). Nothing
@@ -777,16 +783,27 @@ def backtranslate(
             curation = helpers[-1].output.model
         scores = _score(curation, to_score, cfg=cfg, training=forward_cfg, trust_remote_code=trust_remote_code) \
             if to_score else []
-        keep = select_by_threshold([s.expected for s in scores], cfg.curation.threshold)
-        for r, s, k in zip(to_score, scores, keep):
+        keep, details = select_pairs(scores, keep=cfg.curation.keep, threshold=cfg.curation.threshold)
+        for r, s, k, detail in zip(to_score, scores, keep, details):
             r.update(probs=list(s.probs), expected=s.expected, argmax=s.argmax, mass=s.mass,
-                     status=KEPT if k else BELOW,
-                     reason="" if k else "below_threshold",
-                     detail=f"expected {s.expected:.2f} {'>=' if k else '<'} threshold {cfg.curation.threshold}")
+                     status=KEPT if k else BELOW, reason="" if k else "below_threshold", detail=detail)
             r[f"expected_iter{it}"] = s.expected
         iteration_kept.append(sum(keep))
 
-    # 6. outputs: the audit table, the tagged curated records
+    # 6. quality of the helpers: does M_yx end its instructions, can the curator tell a true answer
+    #    from another question's answer (held-out rows, never trained on)?
+    quality: dict[str, float] = {}
+    if generated:
+        quality["backward_finished_rate"] = sum(bool(r["finished"]) for r in generated) / len(generated)
+    heldout_tagged = None
+    if heldout is not None:
+        heldout_tagged = tag_dataset(heldout, cfg.seed_system_prompt, out_dir / "heldout_tagged.parquet",
+                                     name="heldout_tagged")
+        if cfg.curation.auc_examples:
+            quality.update(curator_auc(curation, frame_to_records(heldout.read())[: cfg.curation.auc_examples],
+                                       cfg=cfg, training=forward_cfg, trust_remote_code=trust_remote_code))
+
+    # 7. outputs: the audit table, the tagged curated records
     frame = pd.DataFrame(rows + generated)
     for col in CANDIDATE_COLUMNS:
         if col not in frame.columns:
@@ -800,7 +817,36 @@ def backtranslate(
                                 out_dir / "curated.parquet", name="curated")
     return AugmentOutput(curated=curated_ref, candidates=candidates_ref, seed=seed_tagged, reversed=reversed_ref,
                          backward_model=backward, curation_model=curation, counts=tuple(sorted(counts.items())),
-                         iteration_kept=tuple(iteration_kept), helpers=tuple(helpers))
+                         iteration_kept=tuple(iteration_kept), helpers=tuple(helpers), heldout=heldout_tagged,
+                         quality=tuple(sorted(quality.items())))
+
+
+def curator_auc(curation: ModelRef, records: Sequence[dict[str, Any]], *, cfg: AugmentationConfig,
+                training: TrainingConfig, trust_remote_code: bool = False) -> dict[str, float]:
+    """How well the curator separates a row's true answer from another row's answer.
+
+    Each held-out row is scored twice with the curation rubric: (its instruction, its answer) and
+    (its instruction, the next row's answer). The AUC of the two score sets is the chance that a
+    true pair outscores a mismatched one: 0.5 is a curator that cannot tell them apart.
+
+    Returns:
+        ``curator_auc``, ``curator_true_mean``, ``curator_mismatched_mean`` and ``curator_auc_pairs``
+        (empty with fewer than two usable rows).
+    """
+    from sftflow.data.records import prompt_text
+    from sftflow.stats import auc
+
+    rows = [(prompt_text(r["messages"]), response_text(r["messages"])) for r in records]
+    rows = [(q, a) for q, a in rows if q.strip() and a.strip()]
+    if len(rows) < 2:
+        return {}
+    true = [{"instruction": q, "segment": a} for q, a in rows]
+    mismatched = [{"instruction": q, "segment": rows[(i + 1) % len(rows)][1]} for i, (q, _) in enumerate(rows)]
+    scores = _score(curation, true + mismatched, cfg=cfg, training=training, trust_remote_code=trust_remote_code)
+    pos = [s.expected for s in scores[: len(true)]]
+    neg = [s.expected for s in scores[len(true):]]
+    return {"curator_auc": auc(pos, neg), "curator_true_mean": float(sum(pos) / len(pos)),
+            "curator_mismatched_mean": float(sum(neg) / len(neg)), "curator_auc_pairs": float(len(rows))}
 
 
 def _row(seg: Segment, *, status: str, reason: str, detail: str) -> dict[str, Any]:
@@ -876,13 +922,22 @@ def _examples(frame: pd.DataFrame, *, n: int = 5) -> list[dict[str, Any]]:
 
 
 def _markdown_summary(counts: dict[str, int], frame: pd.DataFrame, cfg: AugmentationConfig,
-                      iteration_kept: Sequence[int], *, unparseable: float) -> str:
+                      iteration_kept: Sequence[int], *, unparseable: float,
+                      quality: dict[str, float] | None = None) -> str:
     reasons = frame[frame.reason != ""].groupby(["status", "reason"]).size()
     lines = [f"## Backtranslation: {counts['kept']} of {counts['segments_in']} segments kept",
              "", "| step | rows |", "|---|---|"]
     order = ("segments_in", "segments_filtered", "generated", "rejected", "scored", "kept", "below_threshold")
     lines += [f"| {k} | {counts[k]} |" for k in order if k in counts]
-    lines += ["", f"Kept per curation iteration: {list(iteration_kept)} (threshold {cfg.curation.threshold})",
+    rule = "most likely rating 5" if cfg.curation.keep == "score5" else f"threshold {cfg.curation.threshold}"
+    q = quality or {}
+    if "backward_finished_rate" in q:
+        lines += ["", f"Backward model ended its instruction in {q['backward_finished_rate']:.0%} of generations"]
+    if "curator_auc" in q:
+        lines += ["", f"Curator AUC on {int(q['curator_auc_pairs'])} held-out rows (true vs mismatched answer): "
+                  f"{q['curator_auc']:.3f} (mean expected score {q['curator_true_mean']:.2f} vs "
+                  f"{q['curator_mismatched_mean']:.2f}; 0.5 = chance)"]
+    lines += ["", f"Kept per curation iteration: {list(iteration_kept)} ({rule})",
               "", f"Unparseable ratings (probability on 1-5 below {RATING_MASS_FLOOR}): {unparseable:.1%} "
               "of scored pairs",
               "", "| status | reason | rows |", "|---|---|---|"]
@@ -931,6 +986,7 @@ def backtranslate_task(
     ctx: StageContext,
     trust_remote_code: bool = False,
     dedup: DedupConfig | None = None,
+    heldout: DatasetRef | None = None,
 ) -> AugmentResult:
     """Prefect task: ``backtranslate`` in its own MLflow run, each model it trained in a nested run.
 
@@ -947,6 +1003,8 @@ def backtranslate_task(
         ctx: the flow's stage context (tracking URI, parent run, run folder).
         trust_remote_code: passed to model loading.
         dedup: the pipeline's ``dedup`` section, for the seed near-duplicate check (None: its defaults).
+        heldout: the held-out split; returned tagged like the seed (``AugmentResult.heldout``) and
+            used to measure the curator (``bt_curator_auc``).
     """
     import mlflow
 
@@ -957,16 +1015,18 @@ def backtranslate_task(
             "min_words": cfg.min_words, "max_words": cfg.max_words, "temperature": cfg.generation.temperature,
             "top_p": cfg.generation.top_p, "max_new_tokens": cfg.generation.max_new_tokens,
             "curation_model": cfg.curation.model, "threshold": cfg.curation.threshold, "iterations": cfg.iterations,
+            "curation_keep": cfg.curation.keep,
         })
         log_dataset(seed, context="backtranslate.seed")
         out = backtranslate(seed=seed, base=base, cfg=cfg, training=training, out_dir=out_dir,
-                            trust_remote_code=trust_remote_code, dedup=dedup)
+                            trust_remote_code=trust_remote_code, dedup=dedup, heldout=heldout)
         # Each helper model is the logged model of its own run, nested in the stage run.
         for helper in out.helpers:
             with stage_run(ctx, helper.run_name):
                 _log_helper(helper, base=base)
         counts = dict(out.counts)
         mlflow.log_metrics({f"bt_{k}": float(v) for k, v in counts.items()})
+        mlflow.log_metrics({f"bt_{k}": float(v) for k, v in out.quality})
         for it, kept in enumerate(out.iteration_kept, start=1):
             mlflow.log_metric("bt_kept_per_iteration", float(kept), step=it)
         frame = pd.read_parquet(out.candidates.path)
@@ -981,9 +1041,12 @@ def backtranslate_task(
         mlflow.log_artifact(out.candidates.path, artifact_path="backtranslate")
         png = score_histogram_png(frame, out_dir / "score_histogram.png", threshold=cfg.curation.threshold)
         mlflow.log_artifact(str(png), artifact_path="backtranslate")
-        summary = _markdown_summary(counts, frame, cfg, out.iteration_kept, unparseable=unparseable)
+        summary = _markdown_summary(counts, frame, cfg, out.iteration_kept, unparseable=unparseable,
+                                    quality=dict(out.quality))
         mlflow.log_text(summary, "backtranslate/summary.md")
-        log_json({"counts": counts, "iteration_kept": list(out.iteration_kept),
+        if out.heldout is not None:
+            log_dataset(out.heldout, context="backtranslate.heldout_tagged")
+        log_json({"counts": counts, "iteration_kept": list(out.iteration_kept), "quality": dict(out.quality),
                   "backward_model": out.backward_model.path, "curation_model": out.curation_model.path},
                  "backtranslate/summary.json")
         table_artifact(f"{ctx.pipeline}-backtranslate-examples", _examples(frame),
@@ -996,4 +1059,5 @@ def backtranslate_task(
                           description="Backtranslation accounting and score histogram")
     ctx.layout.mark_done(STAGE)
     return AugmentResult(curated=out.curated, candidates=out.candidates, backward_model=out.backward_model,
-                         curation_model=out.curation_model, seed=out.seed, counts=out.counts)
+                         curation_model=out.curation_model, seed=out.seed, counts=out.counts, heldout=out.heldout,
+                         quality=out.quality)

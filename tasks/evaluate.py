@@ -49,8 +49,9 @@ from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.results import HELDOUT_SET, EvalResult
 
 # Metric names computed for every set (extra sets get a "<set>/" prefix).
-GENERATION_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate")
-LOSS_METRICS = ("eval_loss", "perplexity", "eval_tokens")
+GENERATION_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate", "runaway_rate_all",
+                      "fit_fraction")
+LOSS_METRICS = ("eval_loss", "perplexity", "eval_tokens", "answer_loss", "end_prob")
 
 
 # --------------------------------------------------------------------------- pure metric helpers
@@ -74,28 +75,62 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
 
 
 def generation_metrics(
-    *, outputs: list[str], references: list[str], num_tokens: list[int], finished: list[bool]
+    *, outputs: list[str], references: list[str], num_tokens: list[int], finished: list[bool],
+    fits: list[bool] | None = None,
 ) -> tuple[dict[str, float], list[float]]:
     """Aggregate generation metrics of one set, plus per-row ROUGE-L.
 
+    Args:
+        fits: per row, whether the reference (and its end marker) fits in ``max_new_tokens``; a
+            model that is cut off on a reference longer than the bound is not running away.
+            None: every reference fits.
+
     Returns:
         (metrics, per-row rougeL). ``empty_rate`` counts whitespace-only outputs; ``runaway_rate``
-        counts generations that never produced an end-of-turn (cut at ``max_new_tokens``).
+        counts generations that never produced an end-of-turn (cut at ``max_new_tokens``) among
+        the rows whose reference fits (NaN when none does); ``runaway_rate_all`` over every row;
+        ``fit_fraction`` is the share of rows whose reference fits.
     """
     n = len(outputs)
-    if not (n == len(references) == len(num_tokens) == len(finished)):
-        raise ValueError("generation_metrics: outputs, references, num_tokens and finished differ in length")
+    fits = [True] * n if fits is None else list(fits)
+    if not (n == len(references) == len(num_tokens) == len(finished) == len(fits)):
+        raise ValueError("generation_metrics: outputs, references, num_tokens, finished and fits differ in length")
     scores = rouge_l(outputs, references)
     if n == 0:
         return {k: math.nan for k in GENERATION_METRICS}, scores
+    n_fit = sum(fits)
     metrics = {
         "rougeL": sum(scores) / n,
         "mean_new_tokens": sum(num_tokens) / n,
         "mean_words": sum(len(o.split()) for o in outputs) / n,
         "empty_rate": sum(1 for o in outputs if not o.strip()) / n,
-        "runaway_rate": sum(1 for f in finished if not f) / n,
+        "runaway_rate": sum(1 for f, ok in zip(finished, fits) if ok and not f) / n_fit if n_fit else math.nan,
+        "runaway_rate_all": sum(1 for f in finished if not f) / n,
+        "fit_fraction": n_fit / n,
     }
     return metrics, scores
+
+
+def reference_lengths(tokenizer: Any, references: list[str]) -> list[int]:
+    """Tokens of each reference answer, plus one for the end marker the model must also emit."""
+    return [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in references]
+
+
+def resolve_max_new_tokens(cfg: EvaluationConfig, ref_lengths: list[int]) -> int:
+    """The generation bound of one set: ``evaluation.max_new_tokens``, or for ``auto`` the
+    ``auto_quantile`` of the references' lengths (end marker included), rounded up to a multiple
+    of 8, within [16, ``auto_max_new_tokens``].
+
+    A bound below the references' lengths caps every model's ROUGE-L and makes a model that would
+    have stopped look like a runaway; a bound far above them only costs time on runaways.
+    """
+    if cfg.max_new_tokens != "auto":
+        return int(cfg.max_new_tokens)
+    if not ref_lengths:
+        return 16
+    ordered = sorted(ref_lengths)
+    q = ordered[min(len(ordered) - 1, max(0, math.ceil(cfg.auto_quantile * len(ordered)) - 1))]
+    return int(min(cfg.auto_max_new_tokens, max(16, -(-q // 8) * 8)))
 
 
 def split_prompt_reference(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
@@ -156,22 +191,47 @@ def _heldout_rows(heldout: DatasetRef, *, max_rows: int | None) -> list[dict[str
 
 # --------------------------------------------------------------------------- model passes
 def _loss_metrics(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, template: str,
-                  max_seq_len: int, overlong: str, batch_size: int) -> dict[str, float]:
-    """``eval_loss``, ``perplexity`` and ``eval_tokens`` of one set, from training's held-out loss.
+                  max_seq_len: int, overlong: str, batch_size: int) -> tuple[dict[str, float], pd.DataFrame]:
+    """Loss metrics of one set, and the per-row losses behind them.
 
-    ``sftflow.training.loss.heldout_loss`` encodes, truncates (or drops) and averages exactly as
-    training's eval loss does, so the two numbers agree on the same rows. NaN when no token counts.
+    ``eval_loss``/``perplexity``/``eval_tokens`` come from ``sftflow.training.loss.heldout_loss``,
+    which encodes, truncates (or drops) and averages exactly as training's eval loss does, so the
+    two numbers agree on the same rows. ``row_losses`` splits each row's loss into its answer
+    tokens (``answer_loss``, the end marker left out) and the end marker (``end_prob``: mean
+    probability of the end-of-turn token where the reference truly ends). NaN when no token counts.
+
+    Returns:
+        (metrics, per-row frame with columns ``loss`` (mean per token), ``loss_tokens``,
+        ``answer_loss``, ``answer_tokens``, ``end_prob``; NaN/0 for rows without labels).
     """
-    from sftflow.training.loss import heldout_loss
+    from sftflow.inference.formatting import stop_token_ids
+    from sftflow.training.loss import heldout_loss, row_losses
 
     got = heldout_loss(model, tokenizer, conversations, template=template, max_seq_len=max_seq_len,
                        overlong=overlong, batch_size=batch_size)
-    if got.tokens == 0:
-        return {"eval_loss": math.nan, "perplexity": math.nan, "eval_tokens": 0.0}
-    return {"eval_loss": got.loss, "perplexity": got.perplexity, "eval_tokens": float(got.tokens)}
+    rows = row_losses(model, tokenizer, conversations, template=template, max_seq_len=max_seq_len,
+                      overlong=overlong, stop_ids=stop_token_ids(tokenizer, template), batch_size=batch_size)
+    per_row = pd.DataFrame({
+        "loss": [r.loss / r.tokens if r and r.tokens else math.nan for r in rows],
+        "loss_tokens": [r.tokens if r else 0 for r in rows],
+        "answer_loss": [r.answer_loss / r.answer_tokens if r and r.answer_tokens else math.nan for r in rows],
+        "answer_tokens": [r.answer_tokens if r else 0 for r in rows],
+        "end_prob": [math.exp(r.end_logprob) if r and not math.isnan(r.end_logprob) else math.nan for r in rows],
+    })
+    answer_tokens = int(per_row["answer_tokens"].sum())
+    answer_sum = sum(r.answer_loss for r in rows if r)
+    metrics = {
+        "eval_loss": got.loss if got.tokens else math.nan,
+        "perplexity": got.perplexity if got.tokens else math.nan,
+        "eval_tokens": float(got.tokens),
+        "answer_loss": answer_sum / answer_tokens if answer_tokens else math.nan,
+        "end_prob": float(per_row["end_prob"].mean()) if per_row["end_prob"].notna().any() else math.nan,
+    }
+    return metrics, per_row
 
 
-def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig):
+def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig,
+              max_new_tokens: int):
     from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
     from sftflow.inference.generation import generate_batch
 
@@ -180,7 +240,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *
         model,
         tokenizer,
         ids,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=cfg.temperature if cfg.do_sample else 0.0,
         top_p=cfg.top_p if cfg.do_sample else 1.0,
         batch_size=cfg.batch_size,
@@ -203,6 +263,7 @@ def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None
             "extra": extra,
             "max_examples": cfg.max_examples,
             "max_new_tokens": cfg.max_new_tokens,
+            "auto": [cfg.auto_quantile, cfg.auto_max_new_tokens] if cfg.max_new_tokens == "auto" else None,
             "do_sample": cfg.do_sample,
             "temperature": cfg.temperature if cfg.do_sample else None,
             "top_p": cfg.top_p if cfg.do_sample else None,
@@ -264,19 +325,23 @@ def evaluate(
         prefix = "" if set_name == HELDOUT_SET else f"{set_name}/"
         convs = [r["messages"] for r in rows]
         prompts, refs = zip(*(split_prompt_reference(c) for c in convs)) if convs else ((), ())
-        for k, v in _loss_metrics(lm, tok, convs, template=tmpl, max_seq_len=max_seq_len, overlong=overlong,
-                                  batch_size=cfg.batch_size).items():
-            metrics[prefix + k] = v
-        gens = _generate(lm, tok, list(prompts), template=tmpl, cfg=cfg) if prompts else []
+        loss_metrics, losses = _loss_metrics(lm, tok, convs, template=tmpl, max_seq_len=max_seq_len,
+                                             overlong=overlong, batch_size=cfg.batch_size)
+        metrics.update({prefix + k: v for k, v in loss_metrics.items()})
+        ref_len = reference_lengths(tok, list(refs))
+        bound = resolve_max_new_tokens(cfg, ref_len)
+        gens = _generate(lm, tok, list(prompts), template=tmpl, cfg=cfg, max_new_tokens=bound) if prompts else []
         outputs = [g.text for g in gens]
         gm, per_row = generation_metrics(
             outputs=outputs,
             references=list(refs),
             num_tokens=[int(g.num_tokens) for g in gens],
             finished=[bool(g.finished) for g in gens],
+            fits=[n <= bound for n in ref_len],
         )
         metrics.update({prefix + k: v for k, v in gm.items()})
         metrics[prefix + "num_examples"] = float(len(rows))
+        metrics[prefix + "max_new_tokens"] = float(bound)
         frame = pd.DataFrame(
             {
                 "set": set_name,
@@ -287,9 +352,12 @@ def evaluate(
                 "rougeL": per_row,
                 "num_tokens": [int(g.num_tokens) for g in gens],
                 "finished": [bool(g.finished) for g in gens],
+                "reference_tokens": ref_len,
+                "fits": [n <= bound for n in ref_len],
                 "judge": math.nan,
             }
         )
+        frame = pd.concat([frame, losses], axis=1)
         frames.append(frame)
     samples_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -307,6 +375,7 @@ def evaluate(
         heldout_sha256=heldout.sha256,
         # The resolved template: `None` and `"gemma"` on a tokenizer without a chat template are the same prompts.
         eval_key=eval_key(heldout=heldout, cfg=cfg, template=tmpl, max_seq_len=max_seq_len),
+        judge=(judge or model) if cfg.judge else None,
     )
 
 
@@ -354,12 +423,18 @@ def resolve_judge(cfg: EvaluationConfig, model: ModelRef, *, trust_remote_code: 
 
 
 def evaluate_champion(*, model: ModelRef, heldout: DatasetRef, evaluation: EvaluationConfig,
-                      training: TrainingConfig, template: str | None, out_dir: Path) -> EvalResult:
+                      training: TrainingConfig, template: str | None, out_dir: Path,
+                      judge: ModelRef | None = None) -> EvalResult:
     """Evaluate the registry's current champion on this run's held-out set (the promotion gate's
-    ``ChampionEvaluator``): same settings and loss rule as base and tuned, its own template."""
+    ``ChampionEvaluator``): same settings and loss rule as base and tuned, its own template.
+
+    Args:
+        judge: the judge that scored base and tuned (``EvalResult.judge``), so the champion is
+            scored by the same one; None falls back to ``resolve_judge`` (the champion's base).
+    """
     return evaluate(model=model, heldout=heldout, cfg=evaluation, label="champion", template=template,
                     out_dir=out_dir, max_seq_len=training.max_seq_len, overlong=training.overlong,
-                    judge=resolve_judge(evaluation, model))
+                    judge=judge or resolve_judge(evaluation, model))
 
 
 def log_eval_metrics(result: EvalResult, *, parent_run_id: str) -> None:

@@ -37,7 +37,7 @@ import json
 import math
 from html import escape
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 from prefect import task
@@ -53,7 +53,7 @@ from sftflow.tracking.registry import CHAMPION, model_version_ref, set_alias, se
 from sftflow.tracking.runs import StageContext, log_json, stage_run
 
 # Evaluates a registered champion on this run's held-out set and settings, called as
-# ``evaluate_champion(model=, heldout=, evaluation=, training=, template=, out_dir=)``
+# ``evaluate_champion(model=, heldout=, evaluation=, training=, template=, out_dir=, judge=)``
 # (the flow passes the evaluation stage's function; stages do not import each other).
 ChampionEvaluator = Callable[..., EvalResult]
 # Tags written on every model version the gate looks at; a later gate reads them back.
@@ -95,6 +95,40 @@ def side_by_side(base: EvalResult, tuned: EvalResult) -> pd.DataFrame:
     return df
 
 
+# Held-out metrics of the side-by-side metrics table, in reading order (those an evaluation lacks are left out).
+SIDE_BY_SIDE_METRICS = ("rougeL", "judge_score", "eval_loss", "answer_loss", "end_prob", "runaway_rate",
+                        "runaway_rate_all", "fit_fraction", "mean_new_tokens", "max_new_tokens", "num_examples")
+
+
+def metrics_markdown(base: EvalResult, tuned: EvalResult, champion: EvalResult | None = None,
+                     others: Sequence[EvalResult] = ()) -> str:
+    """The held-out metrics of base, tuned (and a re-evaluated champion, and ``others`` such as the
+    seed-only ablation, one column each by label) side by side, with tuned - base.
+
+    ``answer_loss`` is the loss on answer tokens without the end marker, ``end_prob`` the mean
+    probability of the end-of-turn token where the reference ends, ``runaway_rate`` counts only
+    references that fit in ``max_new_tokens`` (``runaway_rate_all``: every row).
+    """
+    b, t = base.metrics_dict(), tuned.metrics_dict()
+    extra = ([("champion", champion.metrics_dict())] if champion is not None else []) + [
+        (o.label, o.metrics_dict()) for o in others]
+    head = "| metric | base | tuned | tuned - base |" + "".join(f" {label} |" for label, _ in extra)
+    lines = [head, "|---|---|---|---|" + "---|" * len(extra)]
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None or not math.isfinite(v) else f"{v:.4g}"
+
+    for m in SIDE_BY_SIDE_METRICS:
+        if m not in b and m not in t:
+            continue
+        bv, tv = b.get(m), t.get(m)
+        delta = tv - bv if bv is not None and tv is not None else None
+        row = f"| {m} | {fmt(bv)} | {fmt(tv)} | {fmt(delta)} |"
+        row += "".join(f" {fmt(d.get(m))} |" for _, d in extra)
+        lines.append(row)
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the registry record
 def recorded_value(mv: Any, *, metric: str, key: str) -> float | None:
     """The champion's ``metric`` from its tags, when it was evaluated under the same ``eval_key``."""
@@ -113,7 +147,7 @@ _DESCRIPTION_LIMIT = 5000
 
 
 def record_on_version(client: Any, *, name: str, version: str, decision: PromotionDecision, tuned: EvalResult,
-                      run_id: str, evidence: GateEvidence | None = None) -> None:
+                      run_id: str, evidence: GateEvidence | None = None, metrics_md: str = "") -> None:
     """Write the gate's decision and numbers on the model version (tags + description).
 
     With ``evidence`` the intervals go to tags (``sftflow.gate.ci``, ``sftflow.gate.champion_ci``)
@@ -147,6 +181,8 @@ def record_on_version(client: Any, *, name: str, version: str, decision: Promoti
         f"{decision.reason}\n{interval_lines(evidence)}\n"
         f"Held-out sha256: {tuned.heldout_sha256}. Gate run: {run_id}."
     )
+    if metrics_md:
+        description += f"\n\nHeld-out metrics:\n{metrics_md}"
     if evidence is not None and len(evidence.table):
         # As many per-example rows as fit (the full table is the run's promotion/per_example.json).
         for limit in (len(evidence.table), 50, 20, 5):
@@ -226,8 +262,9 @@ def promote(
             ref = model_version_ref(client, champ_mv, download_dir=out_dir / "champion_model")
             # Prompted the way it was trained (its own template), on this run's data and settings.
             template = ref.meta_dict().get("template") or training.template
+            # Scored by the judge that scored base and tuned, not by itself.
             champion_eval = evaluate_champion(model=ref, heldout=heldout, evaluation=evaluation, training=training,
-                                              template=template, out_dir=out_dir)
+                                              template=template, out_dir=out_dir, judge=tuned.judge or base.judge)
             champion_value = champion_eval.metric(metric)
 
     evidence = gate_evidence(base=base, tuned=tuned, champion=champion_eval, cfg=cfg, direction=direction)
@@ -250,7 +287,7 @@ def promote(
 
 
 def record_decision(client: Any, decision: PromotionDecision, *, tuned: EvalResult, run_id: str,
-                    evidence: GateEvidence | None = None) -> None:
+                    evidence: GateEvidence | None = None, metrics_md: str = "") -> None:
     """Apply a decision to the registry: move ``champion`` when promoted, record the numbers on the version.
 
     A decision without a registered version changes nothing; a candidate that already holds
@@ -263,7 +300,7 @@ def record_decision(client: Any, decision: PromotionDecision, *, tuned: EvalResu
     if decision.promoted and decision.champion_version != version:
         set_alias(client, name=name, alias=CHAMPION, version=version)
     record_on_version(client, name=name, version=version, decision=decision, tuned=tuned, run_id=run_id,
-                      evidence=evidence)
+                      evidence=evidence, metrics_md=metrics_md)
 
 
 def _markdown_table(df: pd.DataFrame, *, limit: int, width: int = 160) -> str:
@@ -293,6 +330,7 @@ def promote_task(
     evaluation: EvaluationConfig,
     training: TrainingConfig,
     evaluate_champion: ChampionEvaluator | None = None,
+    others: Sequence[EvalResult] = (),
 ) -> PromotionDecision:
     """Prefect task: side-by-side table, deltas, and the promotion gate, in the nested run ``promote``.
 
@@ -307,6 +345,8 @@ def promote_task(
         ctx: the flow's tracking context.
         heldout / evaluation / training: what a champion re-evaluation needs.
         evaluate_champion: the evaluation stage's champion evaluator (``ChampionEvaluator``).
+        others: further evaluations shown beside base and tuned (e.g. the seed-only ablation);
+            they do not take part in the decision.
 
     Raises:
         TypeError: ``train`` is neither a ``TrainResult`` nor None (a wiring mistake in the flow
@@ -338,10 +378,12 @@ def promote_task(
             # Deterministic (fixed seed): the same intervals ``promote`` decided on.
             evidence = gate_evidence(base=base, tuned=tuned, champion=champion_eval, cfg=cfg,
                                      direction=decision.direction)
-            record_decision(client, decision, tuned=tuned, run_id=run.info.run_id, evidence=evidence)
+            metrics_md = metrics_markdown(base, tuned, champion_eval, others)
+            record_decision(client, decision, tuned=tuned, run_id=run.info.run_id, evidence=evidence,
+                            metrics_md=metrics_md)
 
         verdict = (f"**Promotion gate: {'promoted' if decision.promoted else 'not promoted'}.** {decision.reason}\n\n"
-                   f"{interval_lines(evidence)}\n\n")
+                   f"{interval_lines(evidence)}\n\n{metrics_md}\n\n")
         # Side-by-side table, headed by the decision: in this run and in the parent run (where people look first).
         table = side_by_side(base, tuned)
         table_path = out_dir / "side_by_side.parquet"
@@ -359,6 +401,7 @@ def promote_task(
             if len(evidence.table):
                 mlflow.log_table(evidence.table, artifact_file="promotion/per_example.json", run_id=rid)
             client.log_text(rid, gate_md, "promotion/per_example.md")
+            client.log_text(rid, metrics_md, "eval/metrics_side_by_side.md")
         table_artifact(
             "side-by-side",
             [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
@@ -393,7 +436,7 @@ def promote_task(
         markdown_artifact(
             "promotion",
             f"### Promotion gate: {'promoted' if decision.promoted else 'not promoted'}\n\n"
-            f"{decision.reason}\n\n{interval_lines(evidence)}\n\n"
+            f"{decision.reason}\n\n{interval_lines(evidence)}\n\n{metrics_md}\n\n"
             f"| | {decision.metric} |\n|---|---|\n| base | {decision.base_value:.4f} |\n"
             f"| tuned | {decision.tuned_value:.4f} |\n"
             f"| champion (v{decision.champion_version or '-'}) | "

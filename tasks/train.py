@@ -40,9 +40,9 @@ from sftflow.training.model import learning_rate
 TAG_REUSED = "sftflow.train.reused_output"
 
 
-@task(name="train", cache_policy=stage_cache_policy(), persist_result=True)  # no retries: training resumes instead
+@task(name="train", task_run_name="{stage}", cache_policy=stage_cache_policy(), persist_result=True)  # no retries: training resumes instead
 def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cfg: TrainingConfig, *,
-               ctx: StageContext, register_as: str | None) -> TrainResult:
+               ctx: StageContext, register_as: str | None, stage: str = "train") -> TrainResult:
     """The SFT stage of the flow: train, log to the stage's MLflow run, register the candidate.
 
     Not retried on failure: when the flow runs again with the same inputs (bytes of the data and
@@ -56,13 +56,14 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
         cfg: the ``training`` section.
         ctx: the flow's tracking context (parent run, run folder).
         register_as: registered model name (None: log the model without registering it).
+        stage: the stage name (MLflow run, run folder); e.g. ``train.seed_only`` for the ablation.
 
     Returns:
         ``TrainResult``: the model (with its MLflow run and model URI), the registered version, metrics.
     """
     import mlflow
 
-    with stage_run(ctx, "train") as run:
+    with stage_run(ctx, stage) as run:
         log_dataset(train, context="training")
         if heldout is not None:
             log_dataset(heldout, context="heldout")
@@ -78,7 +79,7 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
 
         key, comps = training_key(train=train, heldout=heldout, base=base, cfg=cfg, module=Path(__file__))
         work_dir = ctx.layout.root.parent / "_train" / key[:16]
-        (ctx.stage_dir("train") / "work_dir.txt").write_text(str(work_dir) + "\n")
+        (ctx.stage_dir(stage) / "work_dir.txt").write_text(str(work_dir) + "\n")
         with FileLock(str(work_dir) + ".lock"):
             done_file = work_dir / OUTPUT_FILE
             if done_file.exists() and refresh_cache_requested():
@@ -103,8 +104,8 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
         for card in {output.model.path, output.adapter.path if output.adapter else output.model.path}:
             mlflow.log_artifact(str(Path(card) / "README.md"), artifact_path=f"model_card/{Path(card).name}")
         metrics = output.metrics_dict()
-        markdown_artifact("train-summary", _summary_markdown(output, model_uri=model_uri, name=name, version=version))
-        ctx.layout.mark_done("train")
+        markdown_artifact(stage.replace(".", "-").replace("_", "-") + "-summary", _summary_markdown(output, model_uri=model_uri, name=name, version=version))
+        ctx.layout.mark_done(stage)
         meta = output.model.meta + (("mlflow_run_id", run.info.run_id), ("model_uri", model_uri))
         model = ModelRef(path=output.model.path, sha256=output.model.sha256, kind=output.model.kind,
                          base=output.model.base, name=output.model.name, meta=meta)

@@ -249,3 +249,89 @@ def heldout_loss(model: Any, tokenizer: Any, conversations: Iterable[list[Mappin
     check_head_matches_model(loss_mod, model, first, device=device)
     return encoded_loss(loss_mod, data.rows, batch_size=batch_size, pad_id=pad_id, device=device,
                         precision="bf16" if precision == "bf16" else "fp32")
+
+
+@dataclass(frozen=True)
+class RowLoss:
+    """One held-out row's loss, split into its answer tokens and its end-of-turn marker.
+
+    Attributes:
+        loss: summed cross-entropy over every label token (answer + end marker), as training counts.
+        tokens: label tokens in ``loss``.
+        answer_loss: summed cross-entropy over the answer tokens only (stop-id labels left out).
+        answer_tokens: tokens in ``answer_loss``.
+        end_logprob: log p(end marker) where the reference's last turn truly ends (NaN when
+            truncation cut that marker off).
+    """
+
+    loss: float
+    tokens: int
+    answer_loss: float
+    answer_tokens: int
+    end_logprob: float
+
+
+def row_losses(model: Any, tokenizer: Any, conversations: Iterable[list[Mapping[str, str]]], *, template: str,
+               max_seq_len: int, overlong: str = "truncate", stop_ids: Iterable[int] = (),
+               batch_size: int = 8) -> list[RowLoss | None]:
+    """Per-row held-out losses, aligned with ``conversations`` (None for a row that has no label).
+
+    Rows are encoded and truncated exactly as ``heldout_loss``/training do (``encode_for_training``
+    + ``training.max_seq_len``/``overlong``); ``overlong: drop`` gives None for an over-long row.
+    The end marker (a label in ``stop_ids``) is scored apart from the answer, because on a base model
+    whose end-of-turn row is untrained it dominates the loss (p ~ 1e-14) and hides whether the
+    answer itself got better.
+
+    Args:
+        model: a causal LM on its device. tokenizer: its tokenizer. template: resolved template.
+        max_seq_len / overlong: training's over-long policy.
+        stop_ids: the template's end-of-turn ids (``formatting.stop_token_ids``).
+        batch_size: rows per decoder pass (the head runs one row at a time: bounded logits memory).
+    """
+    from sftflow.inference.formatting import encode_for_training
+    from sftflow.training.data import collate
+
+    stops = {int(i) for i in stop_ids}
+    encoded: list[tuple[list[int], list[int]] | None] = []
+    for c in conversations:
+        ids, labels = encode_for_training(tokenizer, list(c), template=template, max_len=None)
+        if len(ids) > max_seq_len:
+            if overlong == "drop":
+                encoded.append(None)
+                continue
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        encoded.append((list(ids), list(labels)) if any(lab != IGNORE_INDEX for lab in labels[1:]) else None)
+    out: list[RowLoss | None] = [None] * len(encoded)
+    present = [i for i, e in enumerate(encoded) if e is not None]
+    if not present:
+        return out
+    rows = [encoded[i] for i in present]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    head_mod = CausalLMLoss(model, compute_dtype=model.get_output_embeddings().weight.dtype)
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda k: len(rows[k][0]))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            b = order[s : s + batch_size]
+            t = collate(rows, b, packed=False, pad_id=pad_id, max_len=max(len(rows[k][0]) for k in b))
+            hidden = head_mod.decoder(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device),
+                                      use_cache=False).last_hidden_state
+            targets = t["labels"][:, 1:].to(device)
+            for j, k in enumerate(b):
+                keep = targets[j] != IGNORE_INDEX
+                tgt = targets[j][keep]
+                logits = head_mod.head(hidden[j, :-1][keep]).float()
+                if head_mod.softcap:
+                    logits = torch.tanh(logits / head_mod.softcap) * head_mod.softcap
+                logp = torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None]).squeeze(1)
+                is_stop = torch.tensor([int(x) in stops for x in tgt.tolist()], device=logp.device)
+                end = torch.nonzero(is_stop).flatten()
+                out[present[k]] = RowLoss(
+                    loss=float(-logp.sum()), tokens=int(tgt.numel()),
+                    answer_loss=float(-logp[~is_stop].sum()), answer_tokens=int((~is_stop).sum()),
+                    end_logprob=float(logp[end[-1]]) if len(end) else math.nan,
+                )
+    model.train(was_training)
+    return out

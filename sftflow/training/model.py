@@ -25,6 +25,11 @@ def learning_rate(cfg: TrainingConfig) -> float:
     return cfg.learning_rate if cfg.learning_rate is not None else DEFAULT_LR[cfg.method]
 
 
+def token_rows_learning_rate(cfg: TrainingConfig) -> float:
+    """Peak lr of the trainable token rows: ``training.trainable_tokens_lr``, else 10x the adapter's."""
+    return cfg.trainable_tokens_lr if cfg.trainable_tokens_lr is not None else 10.0 * learning_rate(cfg)
+
+
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is the fast path."""
     try:

@@ -237,7 +237,9 @@ def test_evaluate_task_logs_to_stage_and_parent(tiny, sftflow_home: Path, tmp_pa
               "extra/rougeL", "extra/eval_loss", "extra/judge_score"):
         assert k in m, k
     assert m["num_examples"] == 4 and m["extra/num_examples"] == 2
-    assert 0 <= m["runaway_rate"] <= 1 and 0 <= m["rougeL"] <= 1 and 1 <= m["judge_score"] <= 5
+    assert 0 <= m["runaway_rate_all"] <= 1 and 0 <= m["rougeL"] <= 1 and 1 <= m["judge_score"] <= 5
+    # No reference fits in 6 new tokens: a cut-off answer is not a runaway, so the rate is undefined.
+    assert m["fit_fraction"] == 0 and math.isnan(m["runaway_rate"])
     assert m["mean_new_tokens"] <= 6
     assert result.metric("base/rougeL") == m["rougeL"]
     assert result.heldout_sha256 == heldout.sha256

@@ -270,7 +270,7 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
     with pytest.raises(ValueError, match="evaluate_champion"):  # never compared with numbers from another set
         promote(client=client, **gate)
 
-    def evaluate_champion(*, model, heldout, evaluation, training, template, out_dir):
+    def evaluate_champion(*, model, heldout, evaluation, training, template, out_dir, judge=None):
         # What the flow passes (the evaluation stage's champion evaluator).
         return evaluate(model=model, heldout=heldout, cfg=evaluation, label="champion", template=template,
                         out_dir=out_dir, max_seq_len=training.max_seq_len, judge=resolve_judge(evaluation, model))

@@ -166,3 +166,21 @@ def test_bf16_cast_leaves_the_tied_head_of_a_token_wrapper_alone(sftflow_home: P
     assert originals and not any("lm_head" in n for n in originals)
     assert model.get_input_embeddings().token_adapter.base_layer.weight.dtype == torch.float32
     restore_weights(model, originals)
+
+
+def test_token_rows_train_at_their_own_larger_learning_rate(sftflow_home: Path, untrained_base, data) -> None:
+    """An untrained row must travel far in few steps: it gets ``trainable_tokens_lr`` (default 10x)."""
+    from sftflow.training.loop import train
+    from sftflow.training.model import token_rows_learning_rate
+
+    base, eot = untrained_base
+    assert token_rows_learning_rate(_cfg(learning_rate=1e-4)) == pytest.approx(1e-3)
+    assert token_rows_learning_rate(_cfg(trainable_tokens_lr=5e-2)) == 5e-2
+    before = _embedding(base.path)[eot]
+    moved = {}
+    for lr in (1e-4, 1e-2):
+        out = train(train=data, heldout=None, base=base, cfg=_cfg(learning_rate=1e-4, trainable_tokens_lr=lr),
+                    out_dir=sftflow_home / f"train-lr-{lr}")
+        moved[lr] = float((_embedding(out.merged.path)[eot] - before).abs().max())
+    # Adam moves each coordinate by about lr per step: 4 steps at 1e-2 move the row ~100x further.
+    assert moved[1e-2] > 20 * moved[1e-4] > 0
