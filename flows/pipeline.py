@@ -14,10 +14,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from sftflow.config import resolve_pipeline
 from sftflow.layout import RunLayout
+from sftflow.ops.engine import activate as activate_engine, release as release_engine
 from sftflow.ops.preflight import preflight
 from sftflow.ops.recovery import active_run, reap_orphans, register_active_run
+from sftflow.run_options import RunOptions, resolve_run_config
 from sftflow.tracking.runs import end_pipeline_run, run_url, start_pipeline_run
 from tasks.backtranslate import backtranslate_task
 from tasks.dedup import dedup_task
@@ -25,6 +26,7 @@ from tasks.evaluate import evaluate_champion, evaluate_task
 from tasks.ingest import ingest_task
 from tasks.promote import promote_task
 from tasks.provision import provision_task
+from tasks.rejection import rejection_task
 from tasks.split import split_task
 from tasks.train import train_task
 from tasks.validate import validate_task
@@ -40,6 +42,7 @@ def _flow_run_id() -> str:
 @flow(name="sftflow", log_prints=True, persist_result=True)
 def sftflow_pipeline(
     pipeline: str = "demo",
+    options: RunOptions | None = None,
     overrides: dict[str, Any] | None = None,
     pipelines_file: str | None = None,
     skip_if_unchanged: bool = False,
@@ -48,7 +51,10 @@ def sftflow_pipeline(
 
     Args:
         pipeline: name of the pipeline in pipelines.yaml.
-        overrides: ``{"training.max_steps": 10, ...}`` key paths relative to the pipeline.
+        options: the knobs people change (base model, training steps/learning rate, source rows,
+            augmentation, evaluation size, promotion gate); an empty field keeps pipelines.yaml's value.
+        overrides: ``{"training.max_steps": 10, ...}`` key paths relative to the pipeline, for
+            everything else; they win over ``options``.
         pipelines_file: path of pipelines.yaml (default: ``$SFTFLOW_PIPELINES`` or the repo's).
         skip_if_unchanged: stop early when sources and config equal the last successful run's
             (what scheduled retraining uses).
@@ -62,7 +68,7 @@ def sftflow_pipeline(
     reap_orphans(logger=log)
     # While this record exists, a kill of this process is cleaned up the same way by the next run.
     with active_run(flow_run_id=run_id, pipeline=pipeline):
-        cfg = resolve_pipeline(pipeline, overrides=overrides, path=pipelines_file)
+        cfg = resolve_run_config(pipeline, options=options, overrides=overrides, path=pipelines_file)
         for warning in preflight(cfg, pipeline=pipeline):  # UI-triggered runs do not go through the CLI's checks
             log.warning(warning)
         layout = RunLayout.create(pipeline=pipeline, run_id=run_id)
@@ -75,6 +81,8 @@ def sftflow_pipeline(
                 log.info("Skipping retraining: %s", why)
                 return {"pipeline": pipeline, "skipped": True, "reason": why}
 
+        # The data stages' engine (execution.engine: local, or Ray tasks over Parquet shards), once per run.
+        activate_engine(cfg.execution)
         ctx = start_pipeline_run(cfg, pipeline=pipeline, run_id=run_id, run_dir=layout.root)
         # From here on a kill -9 leaves a record that names the MLflow runs the next run must close.
         register_active_run(flow_run_id=run_id, pipeline=pipeline, tracking_uri=ctx.tracking_uri,
@@ -110,12 +118,24 @@ def sftflow_pipeline(
                     log.warning("Self-curation kept no candidate pairs; training on the seed data only.")
 
             model_name = cfg.promotion.model_name or f"sftflow-{pipeline}"
-            trained = train_task(train_data, heldout, base, cfg.training, ctx=ctx, register_as=model_name)
+            rft = cfg.rejection_sampling.enabled
+            # With rejection sampling, round 2 is the registered candidate; round 1 is not registered.
+            trained = train_task(train_data, heldout, base, cfg.training, ctx=ctx,
+                                 register_as=None if rft else model_name)
             seed_only = None
             if cfg.augmentation.enabled and cfg.augmentation.ablation:
                 # The Humpback ablation: the same recipe and steps on the (tagged) seed alone.
                 seed_only = train_task(aug.seed or split.train, heldout, base, cfg.training, ctx=ctx, register_as=None,
                                        stage="train.seed_only")
+            round1 = None
+            if rft:
+                # RFT: best-of-k samples of the round-1 model, then round 2 on its data + the selected samples.
+                rs = rejection_task(train_data, heldout, trained.model, cfg.rejection_sampling, cfg.training, ctx=ctx,
+                                    base=base, dedup=cfg.dedup, trust_remote_code=cfg.trust_remote_code)
+                summary["rejection_sampling"] = dict(rs.counts)
+                round1 = trained
+                trained = train_task(rs.train_round2, heldout, base, cfg.rejection_sampling.round2(cfg.training),
+                                     ctx=ctx, register_as=model_name, stage="train.round2")
             summary["model"] = {"name": trained.registered_name, "version": trained.registered_version,
                                 "uri": trained.model_uri, "path": trained.model.path}
 
@@ -130,14 +150,22 @@ def sftflow_pipeline(
                     others = (evaluate_task(seed_only.model, heldout, cfg.evaluation, label="seed_only", ctx=ctx,
                                             training=cfg.training),)
                     summary["metrics"]["seed_only"] = dict(others[0].metrics)
+                if round1 is not None:
+                    # Round 1 beside round 2 (the `tuned` candidate the gate sees), on the same held-out set.
+                    round1_eval = evaluate_task(round1.model, heldout, cfg.evaluation, label="round1", ctx=ctx,
+                                                training=cfg.training)
+                    others = (*others, round1_eval)
+                    summary["metrics"]["round1"] = dict(round1_eval.metrics)
                 if cfg.promotion.enabled:
                     decision = promote_task(base_eval, tuned_eval, trained, cfg.promotion, ctx=ctx,
                                             heldout=heldout, evaluation=cfg.evaluation, training=cfg.training,
                                             evaluate_champion=evaluate_champion, others=others)
                     summary["promotion"] = decision.summary()
         except BaseException:
+            release_engine()
             end_pipeline_run(ctx, status="FAILED", summary=summary)
             raise
+        release_engine()
         end_pipeline_run(ctx, status="FINISHED", summary=summary)
         return summary
 

@@ -7,7 +7,10 @@ started from the Prefect UI, the API (``run_deployment``) or the schedule is the
 * Schedule: ``schedule.cron`` + ``schedule.timezone`` of the pipeline. Runs created by the
   schedule pass ``skip_if_unchanged`` (``schedule.skip_if_unchanged``): they stop early when the
   sources and config equal the last successful run's. Manual runs always train.
-* Parameters are the flow's typed signature, so the UI renders a form (pipeline, overrides...).
+* Parameters are the flow's typed signature, so the UI renders a form. Its ``options`` section
+  (sftflow/run_options.py) is built per pipeline: each field shows that pipeline's current value
+  from pipelines.yaml as its default (refreshed each time ``sftflow serve`` registers the
+  deployments); ``overrides`` takes any other key path and wins over ``options``.
 * Concurrency: each deployment holds a concurrency limit of 1 with the ENQUEUE strategy, so a
   scheduled run and a manual trigger of the same pipeline run one after the other (no shared
   registry aliases or caches in flight); different pipelines still run side by side.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -53,6 +57,25 @@ def schedules_for(cfg: PipelineConfig) -> list[Any]:
         return []
     return [Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone,
                  parameters={"skip_if_unchanged": cfg.schedule.skip_if_unchanged})]
+
+
+def parameter_schema_for(flow: Any, cfg: PipelineConfig, *, pipeline: str) -> Any:
+    """The flow's parameter schema with ``options`` typed for one pipeline (its values as defaults).
+
+    Prefect derives a deployment's form from the flow's signature, which is the same for every
+    pipeline; this is that schema with the ``options`` annotation swapped for the pipeline's model
+    (``sftflow.run_options.options_model``), so the form pre-fills the pipeline's current values.
+    """
+    from prefect.utilities.callables import generate_parameter_schema, parameter_docstrings
+
+    from sftflow.run_options import options_model
+
+    model = options_model(cfg, pipeline=pipeline)
+    signature = inspect.signature(flow.fn, eval_str=True)
+    params = [p.replace(annotation=model, default=model()) if p.name == "options" else p
+              for p in signature.parameters.values()]
+    return generate_parameter_schema(signature.replace(parameters=params),
+                                     parameter_docstrings(inspect.getdoc(flow.fn)))
 
 
 def build_deployments(*, pipelines_file: str | None = None, limit_concurrency: bool = True,
@@ -86,7 +109,7 @@ def build_deployments(*, pipelines_file: str | None = None, limit_concurrency: b
     for name, cfg in pipelines.items():
         if only and name not in only:
             continue
-        out.append(flow.to_deployment(
+        deployment = flow.to_deployment(
             name=name,
             schedules=schedules_for(cfg),
             parameters={"pipeline": name, "pipelines_file": str(path)},
@@ -95,7 +118,12 @@ def build_deployments(*, pipelines_file: str | None = None, limit_concurrency: b
             tags=["sftflow", f"pipeline:{name}"],
             # A module path runs from any working directory (the package is installed).
             entrypoint_type=EntrypointType.MODULE_PATH,
-        ))
+        )
+        if "options" in inspect.signature(flow.fn).parameters:
+            # RunnerDeployment keeps the schema it registers in a private field (set from the flow by
+            # to_deployment); Prefect's own `freeze` handling edits it the same way.
+            deployment._parameter_openapi_schema = parameter_schema_for(flow, cfg, pipeline=name)
+        out.append(deployment)
     return out
 
 

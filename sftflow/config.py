@@ -149,6 +149,25 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class FormatDiversificationConfig(_Section):
+    """Render a share of the training rows with varied prompt wrappers (``sftflow.data.wrappers``)."""
+
+    share: float = Field(0.0, ge=0, le=1, description="fraction of training rows whose user turns get a wrapper")
+    wrappers: list[str] = Field(
+        default_factory=lambda: ["instruction_response", "qa", "human_assistant", "system_line", "alpaca",
+                                 "task_colon"],
+        min_length=1, description="wrapper names (sftflow/data/wrappers.py WRAPPER_NAMES) the wrapped rows draw from")
+
+    @model_validator(mode="after")
+    def _known_wrappers(self) -> "FormatDiversificationConfig":
+        from sftflow.data.wrappers import WRAPPER_NAMES
+
+        unknown = [w for w in self.wrappers if w not in WRAPPER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown wrappers {unknown}; allowed: {list(WRAPPER_NAMES)}")
+        return self
+
+
 class TrainingConfig(_Section):
     """SFT hyper-parameters; defaults follow common SFT practice."""
 
@@ -178,6 +197,11 @@ class TrainingConfig(_Section):
     early_stopping_patience: Optional[int] = Field(None, gt=0)
     checkpoint_every: Optional[int] = Field(50, gt=0)
     keep_checkpoints: int = Field(1, gt=0, description="how many recent checkpoints to keep on disk")
+    num_processes: int = Field(
+        1, gt=0,
+        description="data-parallel training processes (DDP under torchrun; gloo on CPU, NCCL with one GPU per "
+                    "process); the global batch is batch_size x grad_accum x num_processes",
+    )
     log_every: int = Field(10, gt=0, description="steps between progress log lines")
     merge: bool = True
     seed: int = 0
@@ -188,8 +212,13 @@ class TrainingConfig(_Section):
     )
     trainable_tokens_lr: Optional[float] = Field(
         None, gt=0,
-        description="peak learning rate of the trainable token rows (default: 10x the adapter's learning rate; "
+        description="peak learning rate of the trainable token rows (default: 25x the adapter's learning rate; "
                     "an untrained row starts far from where it must go and Adam moves each coordinate ~lr per step)",
+    )
+    format_diversification: FormatDiversificationConfig = Field(
+        FormatDiversificationConfig(),
+        description="wrap a share of the training prompts in varied instruction formats, inside the chat template "
+                    "(deterministic by seed and row id; the held-out set is never wrapped)",
     )
 
 
@@ -259,12 +288,67 @@ class AugmentationConfig(_Section):
         return self
 
 
+class RejectionSamplingConfig(_Section):
+    """Rejection-sampling fine-tuning (RFT / best-of-n) after a first SFT round (``tasks/rejection.py``)."""
+
+    enabled: bool = False
+    prompts: str = Field("train", description="prompt pool: `train` (the train split's prompts) or a file path "
+                                               "(.jsonl/.json with prompt/instruction/question [+ answer], or .txt lines)")
+    max_prompts: Optional[int] = Field(64, gt=0, description="cap on prompts sampled (first N after a seeded shuffle)")
+    k: int = Field(4, ge=1, le=64, description="samples per prompt")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(128, gt=0, le=2048)
+    batch_size: int = Field(8, gt=0, description="prompts per prefill (decode batch = batch_size * k)")
+    seed: int = 0
+    scorer: Literal["auto", "rubric", "answer"] = Field(
+        "auto", description="rubric: logit 1-5 rubric score; answer: final-answer correctness (rows with `answer`); "
+                            "auto: answer where the row has one, else rubric",
+    )
+    scorer_model: Literal["tuned", "base"] | str = Field(
+        "tuned", description="the rubric scorer: tuned (the round-1 model), base, or a model name/path")
+    threshold: float = Field(3.5, ge=1, le=5, description="keep the best sample when its rubric expected score >= this")
+    score_batch_size: int = Field(8, gt=0)
+    require_finished: bool = Field(True, description="a sample that ran into max_new_tokens is never selected")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Partial TrainingConfig overrides for round 2 (only the keys given replace the pipeline's
+    # `training` section; checked by `round2_training`, which names the key path).
+    round2_training: dict[str, Any] = Field(default_factory=dict, description="training overrides for round 2")
+
+    def round2(self, training: "TrainingConfig") -> "TrainingConfig":
+        """The round-2 training settings: ``training`` with ``round2_training`` merged in (nested dicts merge).
+
+        Raises:
+            ConfigError: naming ``rejection_sampling.round2_training.<field>`` for a bad key or value.
+        """
+        try:
+            return TrainingConfig.model_validate(merge_training(training, dict(self.round2_training)))
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, "rejection_sampling.round2_training")) from None
+
+
 # --------------------------------------------------------------------------- evaluation / promotion
 class ExtraEvalSet(_Section):
     name: str
     path: str
     format: Literal["auto", "alpaca", "dolly", "human_assistant", "messages", "self_instruct", "alpaca_eval"] = "auto"
     max_rows: Optional[int] = Field(None, gt=0)
+
+
+class FormatRobustnessConfig(_Section):
+    """Answer the held-out prompts under several prompt wrappers and report the spread of ROUGE-L."""
+
+    wrappers: int = Field(0, ge=0, description="evaluate under the first N of sftflow/data/wrappers.py WRAPPER_NAMES "
+                                                "('plain' first; 0: off, else >= 2)")
+    max_examples: Optional[int] = Field(None, gt=0, description="held-out rows used (default: evaluation.max_examples)")
+
+    @model_validator(mode="after")
+    def _enough_wrappers(self) -> "FormatRobustnessConfig":
+        from sftflow.data.wrappers import WRAPPER_NAMES
+
+        if self.wrappers == 1 or self.wrappers > len(WRAPPER_NAMES):
+            raise ValueError(f"wrappers must be 0 (off) or between 2 and {len(WRAPPER_NAMES)} (got {self.wrappers})")
+        return self
 
 
 class EvaluationConfig(_Section):
@@ -287,6 +371,7 @@ class EvaluationConfig(_Section):
         None, description="model that scores responses 1-5 (embedded name or path; default: the pipeline's base model)"
     )
     samples_in_table: int = Field(20, ge=0)
+    format_robustness: FormatRobustnessConfig = FormatRobustnessConfig()
     dtype: Literal["float32", "bfloat16"] = Field(
         "bfloat16", description="inference dtype (bf16 matmuls are ~4x faster on CPUs with AVX512-BF16/AMX)"
     )
@@ -304,6 +389,9 @@ class PromotionConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided confidence level of the gain's interval")
     allow_point_estimate: bool = Field(
         False, description="promote on the point gain when the metric has no per-example values (no interval)")
+    max_task_regression: Optional[float] = Field(
+        None, ge=0, description="refuse promotion when the gated metric of any task (held-out source or category) "
+                                "is worse for tuned than for base by more than this (None: not checked)")
 
 
 class ScheduleConfig(_Section):
@@ -318,6 +406,20 @@ class TrackingConfig(_Section):
 
 
 # --------------------------------------------------------------------------- pipeline
+class ExecutionConfig(_Section):
+    """Where the data stages run (``execution:``): in this process, or as Ray tasks over Parquet shards.
+
+    Results do not depend on it (same kept ids, quarantine and split); only time and memory do.
+    """
+
+    engine: Literal["local", "ray"] = Field("local", description="local (this process) or ray (Ray tasks)")
+    address: Optional[str] = Field(
+        None, description="Ray cluster: 'auto', 'ray://host:10001', or None to start a local cluster")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of a local Ray cluster (None: all)")
+    num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray cluster (None: detected)")
+    shard_rows: int = Field(100_000, gt=0, description="rows per Parquet shard the data stages map over")
+
+
 class PipelineConfig(_Section):
     """One named pipeline of pipelines.yaml."""
 
@@ -331,11 +433,13 @@ class PipelineConfig(_Section):
     dedup: DedupConfig = DedupConfig()
     split: SplitConfig = SplitConfig()
     augmentation: AugmentationConfig = AugmentationConfig()
+    rejection_sampling: RejectionSamplingConfig = RejectionSamplingConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     tracking: TrackingConfig = TrackingConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "PipelineConfig":
@@ -432,6 +536,9 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         for s in ev.get("extra_sets") or []:
             if isinstance(s, dict) and "path" in s:
                 s["path"] = fix(s["path"])
+    rs = raw.get("rejection_sampling") or {}
+    if isinstance(rs, dict) and rs.get("prompts") not in (None, "train"):
+        rs["prompts"] = fix(rs["prompts"])
     bm = raw.get("base_model")
     if isinstance(bm, str) and (bm.startswith("./") or bm.startswith("../")):
         raw["base_model"] = fix(bm)
@@ -449,6 +556,10 @@ def _check_files(name: str, cfg: PipelineConfig) -> None:
     for i, s in enumerate(cfg.evaluation.extra_sets):
         if not _exists_or_glob(s.path):
             problems.append(f"pipelines.{name}.evaluation.extra_sets.{i}.path: file not found: {s.path}")
+    rs = cfg.rejection_sampling
+    if rs.enabled and rs.prompts != "train" and not Path(rs.prompts).exists():
+        problems.append(f"pipelines.{name}.rejection_sampling.prompts: file not found: {rs.prompts} "
+                        "(expected `train` or a prompt file)")
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -601,6 +712,8 @@ def validate_pipeline(name: str, raw: dict[str, Any], *, base_dir: Path, check_f
     problems = [line for key in ("backward_training", "forward_training")
                 for line in training_override_errors(cfg.training, getattr(cfg.augmentation, key),
                                                      prefix=f"{prefix}.augmentation.{key}")]
+    problems += training_override_errors(cfg.training, cfg.rejection_sampling.round2_training,
+                                         prefix=f"{prefix}.rejection_sampling.round2_training")
     if problems:
         raise ConfigError("\n".join(problems))
     if check_files:

@@ -9,16 +9,20 @@ The rule: promote only when the lower bound of the gain over the base exceeds
 ``promotion.min_improvement`` and the candidate beats the champion (lower bound > 0 with the
 champion's per-example values, strictly on its recorded value without them). A metric without
 per-example values has no interval and is not promoted on its point gain unless
-``allow_point_estimate``.
+``allow_point_estimate``. With ``promotion.max_task_regression`` a candidate that passes is still
+refused when, on any task of the held-out mixture (a ``source`` or ``category`` of its rows, see
+``sftflow.breakdown``), the gated metric is worse for tuned than for base by more than that
+margin; the reason names the task.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
+from sftflow.breakdown import BREAKDOWNS, task_name, weighted_mean
 from sftflow.config import PromotionConfig
 from sftflow.results import HELDOUT_SET, EvalResult
 from sftflow.stats import MAXIMIZE, MINIMIZE, GainInterval, paired_bootstrap, strip_label
@@ -66,6 +70,8 @@ def decide(
     over_base: GainInterval | None = None,
     over_champion: GainInterval | None = None,
     allow_point_estimate: bool = False,
+    max_task_regression: float | None = None,
+    tasks: pd.DataFrame | None = None,
 ) -> GateOutcome:
     """Decide promotion from numbers alone (no I/O).
 
@@ -82,6 +88,10 @@ def decide(
             unavailable (its recorded value is then compared as a point).
         allow_point_estimate: without ``over_base``, judge the point gain (> 0 and >=
             ``min_improvement``) instead of refusing.
+        max_task_regression: refuse a candidate that passes when any task's gain over the base
+            (``tasks``) is below ``-max_task_regression``; None: not checked.
+        tasks: per-task gains (``task_gains``: columns ``task, n, base, tuned, gain_over_base``);
+            None or empty with ``max_task_regression`` set refuses (the check cannot be made).
 
     Returns:
         GateOutcome. Promoted when the gain over the base is confidently above the margin
@@ -89,6 +99,45 @@ def decide(
         one): ``over_champion.low > 0``, or strictly on the point value without an interval.
         A NaN anywhere is never promoted.
     """
+    outcome = _decide_overall(metric=metric, direction=direction, min_improvement=min_improvement, base=base,
+                              candidate=candidate, champion=champion, over_base=over_base,
+                              over_champion=over_champion, allow_point_estimate=allow_point_estimate)
+    if not outcome.promote or max_task_regression is None:
+        return outcome
+    refusal = task_regression_refusal(tasks, metric=metric, margin=max_task_regression)
+    if refusal is None:
+        return GateOutcome(True, outcome.reason.removesuffix("; promoted")
+                           + f"; no task regresses by more than {max_task_regression:.4f}; promoted",
+                           outcome.gain_over_base, outcome.gain_over_champion)
+    return GateOutcome(False, outcome.reason.removesuffix("; promoted") + f"; but {refusal}; not promoted",
+                       outcome.gain_over_base, outcome.gain_over_champion)
+
+
+def task_regression_refusal(tasks: pd.DataFrame | None, *, metric: str, margin: float) -> str | None:
+    """Why the per-task check refuses (None: every task is within ``margin``).
+
+    A task regresses when its gain over the base (positive = better) is below ``-margin``; the
+    text names the worst task with its values and how many tasks regress.
+    """
+    if margin < 0:
+        raise ValueError(f"max_task_regression must be >= 0 (got {margin})")
+    if tasks is None or not len(tasks):
+        return (f"promotion.max_task_regression is set and {metric} has no per-task values (the samples lack "
+                "per-example values or source/category columns), so no task can be checked")
+    known = tasks.dropna(subset=["gain_over_base"])
+    bad = known[known["gain_over_base"] < -margin].sort_values("gain_over_base")
+    if not len(bad):
+        return None
+    w = bad.iloc[0]
+    more = f" ({len(bad)} tasks regress: {', '.join(bad['task'])})" if len(bad) > 1 else ""
+    return (f"task {w['task']} regresses: {metric} {w['tuned']:.4f} vs base {w['base']:.4f} on {int(w['n'])} "
+            f"examples (gain {w['gain_over_base']:+.4f} < -{margin:.4f} = -promotion.max_task_regression){more}")
+
+
+def _decide_overall(*, metric: str, direction: str, min_improvement: float, base: float, candidate: float,
+                    champion: float | None, over_base: GainInterval | None, over_champion: GainInterval | None,
+                    allow_point_estimate: bool) -> GateOutcome:
+    """``decide`` on the overall metric only (see there)."""
     if min_improvement < 0:
         raise ValueError(f"min_improvement must be >= 0 (got {min_improvement})")
     if math.isnan(candidate) or math.isnan(base):
@@ -143,6 +192,9 @@ def _per_example(df: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series] |
     ones = pd.Series(1.0, index=df.index)
     if metric == "rougeL" and "rougeL" in df:
         return df["rougeL"].astype(float), ones
+    if metric == "accuracy" and "correct" in df and df["correct"].notna().any():
+        # Rows without a reference answer are NaN: the bootstrap and the per-task means skip them.
+        return df["correct"].astype(float), ones
     if metric == "judge_score" and "judge" in df and df["judge"].notna().any():
         return df["judge"].astype(float), ones
     if metric == "runaway_rate" and "finished" in df:
@@ -155,7 +207,8 @@ def _per_example(df: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series] |
 
 
 def per_example_values(result: EvalResult, metric: str) -> pd.DataFrame | None:
-    """The gated metric per example of its set: columns ``set, id, _n, value, weight``; None if unavailable.
+    """The gated metric per example of its set: columns ``set, id, _n, value, weight`` (plus ``source`` and
+    ``category`` when the samples have them); None if unavailable.
 
     ``metric`` is unprefixed (``rougeL``) for the held-out set or ``<set>/<metric>`` for an extra set.
     ``_n`` numbers repeated ids within a set, so duplicates pair up by position.
@@ -169,7 +222,7 @@ def per_example_values(result: EvalResult, metric: str) -> pd.DataFrame | None:
     got = _per_example(df, bare) if len(df) else None
     if got is None:
         return None
-    out = df[["set", "id"]].copy()
+    out = df[["set", "id"] + [c for c, _ in BREAKDOWNS if c in df]].copy()
     out["_n"] = out.groupby(["set", "id"]).cumcount()
     out["value"], out["weight"] = got[0].to_numpy(), got[1].to_numpy()
     return out
@@ -186,12 +239,40 @@ class GateEvidence:
         table: one row per example: ``set, id, base, tuned, gain_over_base`` (+ ``champion,
             gain_over_champion`` when available); gains are sign-adjusted (positive = better).
             Empty when the metric has no per-example values.
+        tasks: per task of the mixture (``task_gains``): ``task, n, base, tuned, gain_over_base``.
     """
 
     direction: str
     over_base: GainInterval | None
     over_champion: GainInterval | None
     table: pd.DataFrame
+    tasks: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def task_gains(pairs: pd.DataFrame, *, direction: str) -> pd.DataFrame:
+    """The gated metric per task (``by_source/<name>``, ``by_category/<name>``) for base and tuned.
+
+    Each task's value is the weighted mean of its examples (the same aggregation as the overall
+    metric, so the tasks' values weighted by ``weight`` sum back to it); examples without a finite
+    value for both models are left out.
+
+    Returns:
+        Columns ``task, n, weight, base, tuned, gain_over_base`` (gain sign-adjusted, positive =
+        better), one row per task; empty when ``pairs`` has no source/category column.
+    """
+    sign = 1.0 if direction == MAXIMIZE else -1.0
+    rows = []
+    both = pairs[pairs["base"].notna() & pairs["tuned"].notna()]
+    for column, prefix in BREAKDOWNS:
+        if column not in both:
+            continue
+        names = both[column].map(lambda v, c=column: task_name(v, column=c))
+        for name, grp in both.groupby(names, sort=True):
+            b, w = weighted_mean(grp["base"], grp["weight"])
+            t, _ = weighted_mean(grp["tuned"], grp["weight"])
+            rows.append({"task": f"{prefix}/{name}", "n": len(grp), "weight": w, "base": b, "tuned": t,
+                         "gain_over_base": sign * (t - b)})
+    return pd.DataFrame(rows, columns=["task", "n", "weight", "base", "tuned", "gain_over_base"])
 
 
 def _interval(pairs: pd.DataFrame, *, old: str, new: str, direction: str, cfg: PromotionConfig) -> GainInterval:
@@ -212,7 +293,8 @@ def gate_evidence(*, base: EvalResult, tuned: EvalResult, champion: EvalResult |
     if b is None or t is None:
         return GateEvidence(direction, None, None, pd.DataFrame())
     keys = ["set", "id", "_n"]
-    pairs = b.drop(columns="weight").rename(columns={"value": "base"}).merge(
+    # Task columns come from the tuned side (both evaluated the same held-out rows).
+    pairs = b[keys + ["value"]].rename(columns={"value": "base"}).merge(
         t.rename(columns={"value": "tuned"}), on=keys, how="inner", validate="one_to_one")
     sign = 1.0 if direction == MAXIMIZE else -1.0
     pairs["gain_over_base"] = sign * (pairs["tuned"] - pairs["base"])
@@ -220,13 +302,15 @@ def gate_evidence(*, base: EvalResult, tuned: EvalResult, champion: EvalResult |
     over_champion = None
     c = per_example_values(champion, metric) if champion is not None else None
     if c is not None:
-        pairs = pairs.merge(c.drop(columns="weight").rename(columns={"value": "champion"}), on=keys, how="left",
+        pairs = pairs.merge(c[keys + ["value"]].rename(columns={"value": "champion"}), on=keys, how="left",
                             validate="one_to_one")
         pairs["gain_over_champion"] = sign * (pairs["tuned"] - pairs["champion"])
         both = pairs.dropna(subset=["champion"])
         if len(both):
             over_champion = _interval(both, old="champion", new="tuned", direction=direction, cfg=cfg)
-    return GateEvidence(direction, over_base, over_champion, pairs.drop(columns="_n"))
+    tasks = task_gains(pairs, direction=direction)
+    return GateEvidence(direction, over_base, over_champion,
+                        pairs.drop(columns=["_n"] + [c for c, _ in BREAKDOWNS if c in pairs]), tasks)
 
 
 def per_example_markdown(evidence: GateEvidence, *, limit: int, width: int = 40) -> str:

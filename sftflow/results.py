@@ -158,6 +158,23 @@ class AugmentResult:
 
 
 @dataclass(frozen=True)
+class RejectionResult:
+    """What rejection sampling (``tasks.rejection``) returns to the flow.
+
+    Attributes:
+        selected: the selected samples as canonical records (``origin=rejection_sampled``).
+        candidates: every sample (prompt id, sample index, response, score, finished, kept, reason).
+        train_round2: the round-1 training data + ``selected``: what round 2 trains on.
+        counts: the accounting (prompts in = kept + rejected by reason), as (name, value) pairs.
+    """
+
+    selected: DatasetRef
+    candidates: DatasetRef
+    train_round2: DatasetRef
+    counts: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """What ``train_task`` returns to the flow (per ARCHITECTURE.md)."""
 

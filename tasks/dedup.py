@@ -35,7 +35,14 @@ from prefect import task
 
 from sftflow.config import DedupConfig, SemanticDedupConfig
 from sftflow.data.minhash import connected_components, find_near_duplicates
-from sftflow.data.neardup import find_cross_duplicates, key_texts, lsh_params, normalize_for_exact, strongest_matches
+from sftflow.data.neardup import (
+    exact_keys_shard,
+    find_cross_duplicates,
+    key_texts,
+    lsh_params,
+    normalize_for_exact,
+    strongest_matches,
+)
 from sftflow.data.records import check_accounting, prompt_text, response_text
 from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
 from sftflow.data.refs import DatasetRef, write_parquet
@@ -177,7 +184,8 @@ def _check_columns(df: pd.DataFrame, *, what: str) -> None:
         raise ValueError(f"{what}: missing column(s) {missing}; dedup needs canonical records (sftflow.data.records)")
 
 
-def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame | None = None) -> DedupFrames:
+def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame | None = None,
+                engine: Any = None) -> DedupFrames:
     """Remove exact, near, (semantic) duplicates and, given ``heldout_df``, rows that leak it (in memory).
 
     Args:
@@ -185,6 +193,10 @@ def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame 
         cfg: the pipeline's ``dedup`` section.
         heldout_df: held-out records; train rows that duplicate one (``find_cross_duplicates``) are
             removed as ``leak``.
+        engine: ``sftflow.ops.engine.Engine`` that runs the per-shard steps (exact keys, MinHash
+            signatures, pair verification; shards of ``engine.shard_rows`` rows); clustering (union-find)
+            is one merge over all shards, so the result is the same for every engine (default: the
+            active one, local when none).
 
     Returns:
         DedupFrames: kept rows (input columns), removed rows (input columns + ``cluster_id``,
@@ -194,6 +206,10 @@ def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame 
         ValueError: a frame lacks a canonical column.
         AccountingError: rows in != kept + removed (a bug; never silently).
     """
+    from sftflow.ops.engine import current_engine
+
+    engine = engine or current_engine()
+    shard = engine.shard_rows
     _check_columns(df, what="dedup input")
     if heldout_df is not None:
         _check_columns(heldout_df, what="dedup heldout")
@@ -235,12 +251,15 @@ def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame 
 
     if cfg.enabled and n:
         if cfg.exact.enabled:
-            norm = [normalize_for_exact(t, cfg.exact) for t in key_texts(df, cfg.exact.key)]
+            msgs = df["messages"]
+            norm = [k for part in engine.map(exact_keys_shard, [(list(msgs.iloc[lo:lo + shard]), cfg.exact)
+                                                                  for lo in range(0, n, shard)]) for k in part]
             pairs = _exact_pairs(norm)
             apply("exact", np.arange(n), pairs, np.ones(len(pairs)), {"key": cfg.exact.key})
         if cfg.near.enabled:
             idx = np.flatnonzero(alive)
-            res = find_near_duplicates(key_texts(df.iloc[idx], cfg.near.key), lsh_params(cfg.near))
+            res = find_near_duplicates(key_texts(df.iloc[idx], cfg.near.key), lsh_params(cfg.near),
+                                       map_fn=engine.map, shard_docs=shard)
             apply("near", idx, res.pairs, res.similarity, {
                 "key": cfg.near.key, "threshold": cfg.near.threshold, "shingle": f"{cfg.near.shingle} {cfg.near.ngram}-grams",
                 "num_perm": cfg.near.num_perm, "bands": res.bands, "rows": res.rows, "verify": cfg.near.verify,
@@ -255,7 +274,7 @@ def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame 
         idx = np.flatnonzero(alive)
         heldout_df = heldout_df.reset_index(drop=True)
         # The one leak rule (sftflow.data.neardup), the same one the split stage applies.
-        pairs = find_cross_duplicates(df.iloc[idx], heldout_df, cfg=cfg)
+        pairs = find_cross_duplicates(df.iloc[idx], heldout_df, cfg=cfg, map_fn=engine.map, shard_docs=shard)
         best = strongest_matches(pairs)  # each leaking train row: its most similar held-out row
         hid = heldout_df["id"].astype(str).to_numpy()
         if best:

@@ -12,14 +12,27 @@ two results. For each evaluated set (the held-out split, plus any ``evaluation.e
    default, ``max_new_tokens`` bounded, batched). Metrics: ROUGE-L F1 against the reference
    (``rouge_score``), mean response length (new tokens and words), empty rate, runaway rate
    (generations that hit the token bound without an end-of-turn).
-3. **Judge** (optional): the logit-based 1-5 rubric scorer of self-curation
+3. **Answer accuracy** (verifiable tasks): when rows carry a reference ``answer`` (GSM8K-style
+   sources, ``format: gsm8k``), the final answer of the greedy output is extracted
+   (``sftflow.data.answers.extract_final_answer``) and compared with it (``answers_match``):
+   ``accuracy`` is the exact-match rate over those rows (``accuracy_examples`` of them); per row
+   ``pred_answer`` and ``correct`` (NaN for rows without a reference answer).
+4. **Per task**: the held-out metrics broken down by the rows' ``source`` and ``category``
+   (``sftflow.breakdown``: ``by_source/<name>/rougeL``, ``by_category/<name>/accuracy``, … with
+   ``num_examples``); each group's mean weighted by its weight sums back to the overall metric.
+5. **Format robustness** (``evaluation.format_robustness.wrappers: N``): the held-out prompts are
+   answered again under the first N prompt wrappers of ``sftflow.data.wrappers`` (``plain`` is the
+   ordinary run, reused), giving ``format/<wrapper>/rougeL`` (and ``/accuracy``), their
+   ``format_spread`` (max - min) and ``format_std``; per-row outputs go to ``format_<label>.parquet``.
+6. **Judge** (optional): the logit-based 1-5 rubric scorer of self-curation
    (``sftflow.inference.generation.score_pairs``), run by one fixed judge model so base and tuned are scored
    by the same judge.
 
 Extra sets are read by ingestion's converters (``sftflow.data.formats.load_records``), so every
 format and role alias ingest accepts works here, multi-turn conversations included.
 
-Per-row samples go to a Parquet file (``set, id, prompt, reference, output, rougeL, ...``) that the
+Per-row samples go to a Parquet file (``set, id, source, category, prompt, reference, output, rougeL,
+answer, pred_answer, correct, ...``) that the
 promotion stage joins into the base-vs-tuned side-by-side table.
 
 Run it alone::
@@ -42,6 +55,8 @@ from prefect import task
 from sftflow import layout
 from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
 from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy
+from sftflow.breakdown import per_task_metrics
+from sftflow.data.answers import answers_match, extract_final_answer
 from sftflow.data.records import frame_to_records
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.errors import DataError
@@ -72,6 +87,28 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
             continue
         out.append(float(scorer.score(ref, pred)["rougeL"].fmeasure))
     return out
+
+
+def answer_accuracy(*, outputs: list[str], answers: list[str]) -> tuple[dict[str, float], list, list[float]]:
+    """Exact-match accuracy of the outputs' final answers against the reference answers.
+
+    Args:
+        outputs: the generated responses (worked solutions).
+        answers: per row, the reference final answer ("" for a row without one: not scored).
+
+    Returns:
+        (metrics, per-row predicted answer (None when the output has none), per-row correct
+        (1.0 / 0.0, NaN for rows without a reference)). ``metrics`` is empty when no row has a
+        reference answer, else ``accuracy`` and ``accuracy_examples``.
+    """
+    if len(outputs) != len(answers):
+        raise ValueError(f"answer_accuracy: {len(outputs)} outputs vs {len(answers)} answers")
+    preds = [extract_final_answer(o) for o in outputs]
+    correct = [float(answers_match(o, a)) if a else math.nan for o, a in zip(outputs, answers)]
+    scored = [c for c in correct if not math.isnan(c)]
+    if not scored:
+        return {}, preds, correct
+    return {"accuracy": sum(scored) / len(scored), "accuracy_examples": float(len(scored))}, preds, correct
 
 
 def generation_metrics(
@@ -172,7 +209,13 @@ def load_eval_set(spec: ExtraEvalSet, *, max_rows: int | None = None) -> list[di
     # Every converted conversation ends with an assistant turn after a user turn (formats checks
     # it), so each one splits into a prompt and a reference.
     records = got.records[:limit] if limit else got.records
-    return [{"id": record_id(r.messages), "messages": r.messages} for r in records]
+    return [{"id": record_id(r.messages), "messages": r.messages, "source": spec.name, "category": r.category,
+             "answer": r.answer} for r in records]
+
+
+def _text(value: Any) -> str:
+    """A metadata cell as text: "" for a missing value (None, NaN: older frames lack the column)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def _heldout_rows(heldout: DatasetRef, *, max_rows: int | None) -> list[dict[str, Any]]:
@@ -183,7 +226,8 @@ def _heldout_rows(heldout: DatasetRef, *, max_rows: int | None) -> list[dict[str
             split_prompt_reference(rec["messages"])
         except ValueError as e:
             raise ValueError(f"held-out dataset {heldout.path} row id={rec['id']}: {e}") from None
-        rows.append({"id": rec["id"], "messages": rec["messages"]})
+        rows.append({"id": rec["id"], "messages": rec["messages"], "source": _text(rec.get("source")),
+                     "category": _text(rec.get("category")), "answer": _text(rec.get("answer"))})
         if max_rows and len(rows) >= max_rows:
             break
     return rows
@@ -249,6 +293,58 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *
     )
 
 
+def _format_robustness(lm: Any, tok: Any, *, prompts: list[list[dict[str, str]]], refs: list[str],
+                       answers: list[str], plain: pd.DataFrame, template: str, cfg: EvaluationConfig,
+                       max_new_tokens: int, out_path: Path) -> dict[str, float]:
+    """ROUGE-L (and accuracy) of the held-out prompts under the first N prompt wrappers, and their spread.
+
+    ``plain`` (the prompts as they are) reuses the ordinary run's outputs (``plain``: the held-out
+    samples frame); every other wrapper rewrites the user turns (``sftflow.data.wrappers``), still
+    inside the chat template, and generates with the same settings and bound. With
+    ``format_robustness.max_examples`` below the held-out size, evenly spaced rows are used (the
+    held-out file may be ordered by source; the first rows could all be one task). Writes the
+    per-row outputs of every wrapper to ``out_path``.
+
+    Returns:
+        ``format/<wrapper>/rougeL`` (+ ``/accuracy`` with reference answers), ``format_spread``
+        (max - min ROUGE-L over the wrappers), ``format_std`` (population std), ``format_wrappers``
+        and ``format_examples``.
+    """
+    from sftflow.data.wrappers import WRAPPER_NAMES, wrap_messages
+
+    total = len(prompts)
+    n = min(total, cfg.format_robustness.max_examples or total)
+    rows = [i * total // n for i in range(n)]
+    metrics: dict[str, float] = {}
+    frames = []
+    scores = []
+    for name in WRAPPER_NAMES[: cfg.format_robustness.wrappers]:
+        if name == "plain":
+            outputs = [str(plain["output"].iloc[i]) for i in rows]
+            per_row = [float(plain["rougeL"].iloc[i]) for i in rows]
+        else:
+            wrapped = [wrap_messages(prompts[i], name) for i in rows]
+            outputs = [g.text for g in _generate(lm, tok, wrapped, template=template, cfg=cfg,
+                                                 max_new_tokens=max_new_tokens)] if n else []
+            per_row = rouge_l(outputs, [refs[i] for i in rows])
+        acc, _, correct = answer_accuracy(outputs=outputs, answers=[answers[i] for i in rows])
+        value = sum(per_row) / n if n else math.nan
+        scores.append(value)
+        metrics[f"format/{name}/rougeL"] = value
+        if acc:
+            metrics[f"format/{name}/accuracy"] = acc["accuracy"]
+        frames.append(pd.DataFrame({"wrapper": name, "id": [plain["id"].iloc[i] for i in rows], "output": outputs,
+                                    "rougeL": per_row, "correct": correct}))
+    finite = [v for v in scores if math.isfinite(v)]
+    metrics["format_spread"] = max(finite) - min(finite) if finite else math.nan
+    metrics["format_std"] = float(pd.Series(finite).std(ddof=0)) if finite else math.nan
+    metrics["format_wrappers"] = float(len(scores))
+    metrics["format_examples"] = float(n)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames, ignore_index=True).to_parquet(out_path, index=False)
+    return metrics
+
+
 def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None, max_seq_len: int) -> str:
     """Digest of what makes two evaluations comparable (data + generation settings + formatting)."""
     from sftflow.data.refs import sha256_file, sha256_json
@@ -257,8 +353,12 @@ def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None
     for s in cfg.extra_sets:
         p = Path(s.path)
         extra.append([s.name, s.format, s.max_rows, sha256_file(p) if p.is_file() else s.path])
+    key: dict[str, Any] = {}
+    if cfg.format_robustness.wrappers:  # only when on, so that keys of earlier evaluations stay valid
+        key["format_robustness"] = [cfg.format_robustness.wrappers, cfg.format_robustness.max_examples]
     return sha256_json(
         {
+            **key,
             "heldout": heldout.sha256,
             "extra": extra,
             "max_examples": cfg.max_examples,
@@ -340,6 +440,9 @@ def evaluate(
             fits=[n <= bound for n in ref_len],
         )
         metrics.update({prefix + k: v for k, v in gm.items()})
+        answers = [r.get("answer", "") for r in rows]
+        acc, pred_answers, correct = answer_accuracy(outputs=outputs, answers=answers)
+        metrics.update({prefix + k: v for k, v in acc.items()})
         metrics[prefix + "num_examples"] = float(len(rows))
         metrics[prefix + "max_new_tokens"] = float(bound)
         frame = pd.DataFrame(
@@ -355,9 +458,21 @@ def evaluate(
                 "reference_tokens": ref_len,
                 "fits": [n <= bound for n in ref_len],
                 "judge": math.nan,
+                "source": [r.get("source", set_name) for r in rows],
+                "category": [r.get("category", "") for r in rows],
+                "answer": answers,
+                "pred_answer": pred_answers,
+                "correct": correct,
             }
         )
         frame = pd.concat([frame, losses], axis=1)
+        if set_name == HELDOUT_SET:
+            # Per task (source, category) of the held-out mixture; extra sets are one task each.
+            metrics.update(per_task_metrics(frame))
+            if cfg.format_robustness.wrappers:
+                metrics.update(_format_robustness(lm, tok, prompts=list(prompts), refs=list(refs), answers=answers,
+                                                  plain=frame, template=tmpl, cfg=cfg, max_new_tokens=bound,
+                                                  out_path=Path(out_dir) / f"format_{layout.safe_name(label)}.parquet"))
         frames.append(frame)
     samples_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -485,6 +600,9 @@ def evaluate_task(
         samples_df = pd.read_parquet(result.samples.path)
         log_dataset(result.samples, context="eval.samples", df=samples_df)
         mlflow.log_artifact(result.samples.path, artifact_path="eval")
+        robustness = Path(out_dir) / f"format_{layout.safe_name(label)}.parquet"
+        if cfg.format_robustness.wrappers and robustness.exists():
+            mlflow.log_artifact(str(robustness), artifact_path="eval")
         mlflow.log_table(samples_df, artifact_file=f"eval/samples_{label}.json")
         log_json(dict(result.metrics), f"eval/metrics_{label}.json")
         lines = [f"### Evaluation: {label}", "", "| metric | value |", "|---|---|"]

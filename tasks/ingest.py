@@ -96,6 +96,8 @@ class _SourceOut:
     files: list[SourceFile]
     read: int
     unknown_keys: Counter = field(default_factory=Counter)
+    detected: list[tuple[str, str]] = field(default_factory=list)  # (file, format) detected by ``auto``
+    unknown_by_file: list[tuple[str, str, dict]] = field(default_factory=list)  # (file, format, key counts)
 
 
 def _load(src: SourceConfig, path: Path | None, cfg: IngestConfig) -> LoadedRecords:
@@ -110,36 +112,66 @@ def _load(src: SourceConfig, path: Path | None, cfg: IngestConfig) -> LoadedReco
                         split=src.hub_split, where=where, reasoning=src.reasoning, preference=src.preference)
 
 
-def ingest_source(src: SourceConfig, cfg: IngestConfig) -> _SourceOut:
-    """Read and convert one source (all its files); bad rows become quarantine rows.
+def ingest_file(args: tuple) -> _SourceOut:
+    """Read and convert one file of a source (or its hub dataset, ``path=None``): the per-file map step.
+
+    Pure apart from reading the file: ``args`` is ``(src, path, cfg)``; logging happens in the merge
+    (``ingest_source``), so this runs the same in a Ray worker.
+    """
+    src, path, cfg = args
+    out = _SourceOut(records=[], quarantine=[], formats=[], files=[], read=0)
+    got = _load(src, path, cfg)
+    fname = src.hub if path is None else path.name
+    source = replace_lone_surrogates(f"{src.name}:{fname}")  # an undecodable file name still fits Parquet
+    out.detected = [(got.path, got.format)] if got.detected else []
+    if got.format != "auto":
+        out.formats.append(got.format)
+    for bad in got.rejected:
+        out.quarantine.append(quarantine_row(stage="ingest", source=source, file=got.path, row=bad.row,
+                                             reason=bad.reason, raw=bad.raw))
+    for rec in got.records:
+        category = replace_lone_surrogates(rec.category or src.category or "")  # Parquet needs valid UTF-8
+        out.records.append(make_record(rec.messages, source=source, category=category, source_row=rec.row,
+                                       tools=rec.tools, answer=rec.answer))
+    out.read += got.read
+    out.unknown_keys.update(dict(got.unknown_keys))
+    out.unknown_by_file = [(got.path, got.format, dict(got.unknown_keys))] if got.unknown_keys else []
+    out.files.append(SourceFile(source=src.name, path=got.path, sha256=got.sha256, rows=got.read))
+    return out
+
+
+def merge_files(src: SourceConfig, parts: list[_SourceOut]) -> _SourceOut:
+    """One source's files merged in file order (the merge step); logs what each file reported."""
+    out = _SourceOut(records=[], quarantine=[], formats=[], files=[], read=0)
+    log = run_logger(__name__)
+    for part in parts:
+        for path, fmt in part.detected:
+            log.info("source %s: %s detected as format %r", src.name, path, fmt)
+        for path, fmt, keys in part.unknown_by_file:
+            log.warning("source %s: %s: keys the %s format does not read (rows): %s", src.name, path, fmt, keys)
+        out.records.extend(part.records)
+        out.quarantine.extend(part.quarantine)
+        out.formats.extend(part.formats)
+        out.files.extend(part.files)
+        out.read += part.read
+        out.unknown_keys.update(part.unknown_keys)
+    return out
+
+
+def _source_paths(src: SourceConfig) -> list[Path | None]:
+    return [None] if src.hub else list(resolve_files(src))
+
+
+def ingest_source(src: SourceConfig, cfg: IngestConfig, *, engine: Any = None) -> _SourceOut:
+    """Read and convert one source (all its files, one engine task per file); bad rows become quarantine rows.
 
     Accounting per file: every non-blank line/row becomes exactly one record or one quarantine
     row (a Self-Instruct task: one per instance), so ``read = kept + quarantined`` always holds.
     """
-    paths: list[Path | None] = [None] if src.hub else list(resolve_files(src))
-    out = _SourceOut(records=[], quarantine=[], formats=[], files=[], read=0)
-    for path in paths:
-        got = _load(src, path, cfg)
-        fname = src.hub if path is None else path.name
-        source = replace_lone_surrogates(f"{src.name}:{fname}")  # an undecodable file name still fits Parquet
-        if got.detected:
-            run_logger(__name__).info("source %s: %s detected as format %r", src.name, got.path, got.format)
-        if got.format != "auto":
-            out.formats.append(got.format)
-        for bad in got.rejected:
-            out.quarantine.append(quarantine_row(stage="ingest", source=source, file=got.path, row=bad.row,
-                                                 reason=bad.reason, raw=bad.raw))
-        for rec in got.records:
-            category = replace_lone_surrogates(rec.category or src.category or "")  # Parquet needs valid UTF-8
-            out.records.append(make_record(rec.messages, source=source, category=category, source_row=rec.row,
-                                           tools=rec.tools, answer=rec.answer))
-        out.read += got.read
-        out.unknown_keys.update(dict(got.unknown_keys))
-        if got.unknown_keys:
-            run_logger(__name__).warning("source %s: %s: keys the %s format does not read (rows): %s", src.name,
-                                         got.path, got.format, dict(got.unknown_keys))
-        out.files.append(SourceFile(source=src.name, path=got.path, sha256=got.sha256, rows=got.read))
-    return out
+    from sftflow.ops.engine import current_engine
+
+    engine = engine or current_engine()
+    return merge_files(src, engine.map(ingest_file, [(src, path, cfg) for path in _source_paths(src)]))
 
 
 # --------------------------------------------------------------------------- mixing
@@ -159,13 +191,15 @@ def mixture_counts(available: list[int], weights: list[float | None]) -> list[in
 
 
 # --------------------------------------------------------------------------- the stage
-def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path) -> IngestResult:
+def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path, engine: Any = None) -> IngestResult:
     """Ingest every source into ``out_dir/dataset.parquet`` (+ ``quarantine.parquet``, ``report.json``).
 
     Args:
         sources: the pipeline's sources (read in order).
         cfg: limits (``max_quarantine_fraction``, ``max_record_chars``, ``mixture_seed``).
         out_dir: the stage folder.
+        engine: ``sftflow.ops.engine.Engine`` that reads the files (one task per file; default: the
+            active one, local when none). The result does not depend on it.
 
     Returns:
         IngestResult with both dataset refs and per-source counts.
@@ -182,7 +216,17 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path) -> 
         missing = [s.name for s in sources if s.weight is None]
         raise IngestError(f"sources {missing}: give every source a `weight`, or none (weights are relative shares)")
     out_dir = Path(out_dir)
-    outs = [ingest_source(s, cfg) for s in sources]
+    from sftflow.ops.engine import current_engine
+
+    engine = engine or current_engine()
+    # Every file of every source is one task (sources are read in order, files in name order).
+    jobs = [[(s, path, cfg) for path in _source_paths(s)] for s in sources]
+    flat = engine.map(ingest_file, [j for per_source in jobs for j in per_source])
+    outs, at = [], 0
+    for s, per_source in zip(sources, jobs):
+        outs.append(merge_files(s, flat[at : at + len(per_source)]))
+        at += len(per_source)
+    del flat
 
     # Caps first (seeded, so a capped source is a random, reproducible subset, not its first rows).
     rng = np.random.default_rng(cfg.mixture_seed)

@@ -29,6 +29,11 @@ base-vs-tuned deltas (``delta/<metric>``) and the side-by-side table (prompt, re
 output, tuned output, per-row ROUGE-L) as an MLflow table, an HTML page and a Prefect table, and the
 gate's per-example table (the gated metric for base, tuned, champion, and the gains) as
 ``promotion/per_example.*``; the interval and that table are also on the model version.
+
+Per task: beside the metrics table, ``per_task_markdown`` shows the held-out metrics of each
+source and category of the mixture (``by_source/…``, ``by_category/…``, see ``sftflow.breakdown``)
+for base and tuned, and with ``promotion.max_task_regression`` the gate refuses a candidate whose
+gated metric regresses on any task by more than that margin (``sftflow.gate.decide``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from sftflow.breakdown import BREAKDOWN_PREFIXES, task_groups
 from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
 from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, table_artifact
 from sftflow.data.refs import DatasetRef
@@ -82,11 +88,15 @@ def side_by_side(base: EvalResult, tuned: EvalResult) -> pd.DataFrame:
     """One row per evaluated example: prompt, reference, base/tuned outputs and ROUGE-L."""
     b = pd.read_parquet(base.samples.path)
     t = pd.read_parquet(tuned.samples.path)
-    keep = ["set", "id", "prompt", "reference", "output", "rougeL", "judge"]
+    keep = ["set", "id", "source", "category", "prompt", "reference", "output", "rougeL", "judge", "answer",
+            "pred_answer", "correct"]
+    shared = ("prompt", "reference", "source", "category", "answer")
     b = b[[c for c in keep if c in b.columns]].rename(
-        columns={"output": "base_output", "rougeL": "base_rougeL", "judge": "base_judge"})
-    t = t[[c for c in keep if c in t.columns and c not in ("prompt", "reference")]].rename(
-        columns={"output": "tuned_output", "rougeL": "tuned_rougeL", "judge": "tuned_judge"})
+        columns={"output": "base_output", "rougeL": "base_rougeL", "judge": "base_judge",
+                 "pred_answer": "base_pred_answer", "correct": "base_correct"})
+    t = t[[c for c in keep if c in t.columns and c not in shared]].rename(
+        columns={"output": "tuned_output", "rougeL": "tuned_rougeL", "judge": "tuned_judge",
+                 "pred_answer": "tuned_pred_answer", "correct": "tuned_correct"})
     # Rows may repeat an id (duplicate prompts in an extra set): pair them by position within (set, id).
     b["_n"] = b.groupby(["set", "id"]).cumcount()
     t["_n"] = t.groupby(["set", "id"]).cumcount()
@@ -96,8 +106,9 @@ def side_by_side(base: EvalResult, tuned: EvalResult) -> pd.DataFrame:
 
 
 # Held-out metrics of the side-by-side metrics table, in reading order (those an evaluation lacks are left out).
-SIDE_BY_SIDE_METRICS = ("rougeL", "judge_score", "eval_loss", "answer_loss", "end_prob", "runaway_rate",
-                        "runaway_rate_all", "fit_fraction", "mean_new_tokens", "max_new_tokens", "num_examples")
+SIDE_BY_SIDE_METRICS = ("rougeL", "accuracy", "judge_score", "eval_loss", "answer_loss", "end_prob", "runaway_rate",
+                        "runaway_rate_all", "fit_fraction", "mean_new_tokens", "max_new_tokens", "num_examples",
+                        "accuracy_examples", "format_spread", "format_std")
 
 
 def metrics_markdown(base: EvalResult, tuned: EvalResult, champion: EvalResult | None = None,
@@ -118,7 +129,9 @@ def metrics_markdown(base: EvalResult, tuned: EvalResult, champion: EvalResult |
     def fmt(v: float | None) -> str:
         return "-" if v is None or not math.isfinite(v) else f"{v:.4g}"
 
-    for m in SIDE_BY_SIDE_METRICS:
+    # Format robustness: ROUGE-L under each prompt wrapper, after the fixed rows.
+    wrappers = sorted({k for k in (*b, *t) if k.startswith("format/")}, key=lambda k: (k.endswith("accuracy"), k))
+    for m in (*SIDE_BY_SIDE_METRICS, *wrappers):
         if m not in b and m not in t:
             continue
         bv, tv = b.get(m), t.get(m)
@@ -127,6 +140,52 @@ def metrics_markdown(base: EvalResult, tuned: EvalResult, champion: EvalResult |
         row += "".join(f" {fmt(d.get(m))} |" for _, d in extra)
         lines.append(row)
     return "\n".join(lines)
+
+
+# Metrics of the per-task table, in reading order (those no task has are left out).
+PER_TASK_METRICS = ("rougeL", "accuracy", "eval_loss")
+
+
+def per_task_markdown(base: EvalResult, tuned: EvalResult, champion: EvalResult | None = None,
+                      others: Sequence[EvalResult] = ()) -> str:
+    """The held-out metrics per task (each ``source`` and ``category`` of the mixture) side by side.
+
+    One row per task (``by_source/<name>``, ``by_category/<name>``) with its example count and, for
+    ``rougeL``, ``accuracy`` (rows with a reference answer only) and ``eval_loss``: base, tuned and
+    tuned - base (plus one column per champion / other evaluation). "" when the evaluations have
+    no per-task metrics.
+    """
+    b, t = base.metrics_dict(), tuned.metrics_dict()
+    extra = ([("champion", champion.metrics_dict())] if champion is not None else []) + [
+        (o.label, o.metrics_dict()) for o in others]
+    groups = task_groups({**b, **t})
+    tasks = [f"{prefix}/{name}" for prefix in (p.rstrip("/") for p in BREAKDOWN_PREFIXES)
+             for name in groups.get(prefix, [])]
+    if not tasks:
+        return ""
+    metrics = [m for m in PER_TASK_METRICS if any(f"{task}/{m}" in d for task in tasks for d in (b, t))]
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None or not math.isfinite(v) else f"{v:.4g}"
+
+    head = "| task | n |" + "".join(f" {m} base | {m} tuned | {m} Δ |" + "".join(f" {m} {label} |" for label, _ in extra)
+                                    for m in metrics)
+    lines = [head, "|---|---|" + "---|" * (len(metrics) * (3 + len(extra)))]
+    for task in tasks:
+        n = t.get(f"{task}/num_examples", b.get(f"{task}/num_examples"))
+        row = f"| {task} | {fmt(n)} |"
+        for m in metrics:
+            bv, tv = b.get(f"{task}/{m}"), t.get(f"{task}/{m}")
+            delta = tv - bv if bv is not None and tv is not None else None
+            row += f" {fmt(bv)} | {fmt(tv)} | {fmt(delta)} |" + "".join(f" {fmt(d.get(f'{task}/{m}'))} |"
+                                                                     for _, d in extra)
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _overall_metrics(metrics: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """The finite metrics without the per-task breakdown (which can be long: tags hold 5000 characters)."""
+    return {k: v for k, v in metrics if math.isfinite(v) and not k.startswith(BREAKDOWN_PREFIXES)}
 
 
 # --------------------------------------------------------------------------- the registry record
@@ -163,7 +222,8 @@ def record_on_version(client: Any, *, name: str, version: str, decision: Promoti
         TAG_CHAMPION_VERSION: decision.champion_version,
         TAG_EVAL_KEY: tuned.eval_key,
         TAG_HELDOUT: tuned.heldout_sha256,
-        TAG_EVAL_METRICS: json.dumps({k: v for k, v in tuned.metrics if math.isfinite(v)}, sort_keys=True)[:5000],
+        # Overall metrics only: a tag truncated mid-JSON would hide the champion's recorded value.
+        TAG_EVAL_METRICS: json.dumps(_overall_metrics(tuned.metrics), sort_keys=True)[:5000],
         TAG_RUN: run_id,
     }
     if evidence is not None:
@@ -271,7 +331,8 @@ def promote(
     outcome = decide(metric=metric, direction=direction, min_improvement=cfg.min_improvement,
                      base=base_value, candidate=tuned_value, champion=champion_value,
                      over_base=evidence.over_base, over_champion=evidence.over_champion,
-                     allow_point_estimate=cfg.allow_point_estimate)
+                     allow_point_estimate=cfg.allow_point_estimate,
+                     max_task_regression=cfg.max_task_regression, tasks=evidence.tasks)
     decision = PromotionDecision(
         promoted=outcome.promote, reason=outcome.reason, champion_value=champion_value,
         champion_version="" if champ_mv is None else str(champ_mv.version),
@@ -314,6 +375,14 @@ def _markdown_table(df: pd.DataFrame, *, limit: int, width: int = 160) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in df.head(limit).iterrows():
         lines.append("| " + " | ".join(cell(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _tasks_table(tasks: pd.DataFrame) -> str:
+    """The gate's per-task table (``GateEvidence.tasks``) as Markdown."""
+    lines = ["| task | n | base | tuned | gain_over_base |", "|---|---|---|---|---|"]
+    for _, r in tasks.iterrows():
+        lines.append(f"| {r['task']} | {int(r['n'])} | {r['base']:.4f} | {r['tuned']:.4f} | {r['gain_over_base']:+.4f} |")
     return "\n".join(lines)
 
 
@@ -379,6 +448,9 @@ def promote_task(
             evidence = gate_evidence(base=base, tuned=tuned, champion=champion_eval, cfg=cfg,
                                      direction=decision.direction)
             metrics_md = metrics_markdown(base, tuned, champion_eval, others)
+            tasks_md = per_task_markdown(base, tuned, champion_eval, others)
+            if tasks_md:
+                metrics_md += f"\n\nPer task (held-out source and category):\n\n{tasks_md}"
             record_decision(client, decision, tuned=tuned, run_id=run.info.run_id, evidence=evidence,
                             metrics_md=metrics_md)
 
@@ -394,6 +466,9 @@ def promote_task(
         gate_md = (verdict + f"Per example ({decision.metric}, gains positive = better):\n\n"
                    + per_example_markdown(evidence, limit=len(evidence.table) or 1))
         evidence.table.to_parquet(out_dir / "per_example.parquet", index=False)
+        if len(evidence.tasks):
+            gate_md += f"\n\nPer task ({decision.metric}, gains positive = better):\n\n" + _tasks_table(evidence.tasks)
+            evidence.tasks.to_parquet(out_dir / "per_task.parquet", index=False)
         for rid in [run.info.run_id] + ([parent] if parent else []):
             mlflow.log_table(table, artifact_file="eval/side_by_side.json", run_id=rid)
             client.log_text(rid, html, "eval/side_by_side.html")
@@ -401,6 +476,8 @@ def promote_task(
             if len(evidence.table):
                 mlflow.log_table(evidence.table, artifact_file="promotion/per_example.json", run_id=rid)
             client.log_text(rid, gate_md, "promotion/per_example.md")
+            if len(evidence.tasks):
+                mlflow.log_table(evidence.tasks, artifact_file="promotion/per_task.json", run_id=rid)
             client.log_text(rid, metrics_md, "eval/metrics_side_by_side.md")
         table_artifact(
             "side-by-side",

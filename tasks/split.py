@@ -32,6 +32,7 @@ from sftflow.data.neardup import find_cross_duplicates, leak_key, strongest_matc
 from sftflow.data.records import check_accounting
 from sftflow.data.refs import DatasetRef, write_parquet
 from sftflow.errors import DataError
+from sftflow.ops.engine import current_engine
 from sftflow.ops.orchestration import (
     IO_RETRIES,
     markdown_artifact,
@@ -128,8 +129,9 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
 
     # The one leak rule: a held-out row leaks when it duplicates a training row (exactly or nearly).
     held_pos, train_pos = np.flatnonzero(mask), np.flatnonzero(~mask)
+    engine = current_engine()  # MinHash shards and pair verification as the engine's tasks; same pairs either way
     pairs = find_cross_duplicates(df.iloc[held_pos].reset_index(drop=True), df.iloc[train_pos].reset_index(drop=True),
-                                  cfg=dedup)
+                                  cfg=dedup, map_fn=engine.map, shard_docs=engine.shard_rows)
     # (Held-out rows duplicating each other do not leak into training; dedup handles those.)
     exact_idx = sorted({int(held_pos[p.query]) for p in pairs if p.exact})
     leak_reason: dict[int, str] = {i: f"exact: same normalized {key} as a training row" for i in exact_idx}

@@ -32,6 +32,7 @@ from sftflow.tracking.registry import log_model
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.tracking.train_logging import log_training_summary, step_logger
 from sftflow.training.export import OUTPUT_FILE, TrainOutput
+from sftflow.training.launch import launch_training
 from sftflow.training.loop import training_key
 from sftflow.training.loop import train as run_training
 from sftflow.training.model import learning_rate
@@ -89,8 +90,14 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
                 shutil.rmtree(work_dir)
             before = done_file.stat().st_mtime_ns if done_file.exists() else None
             work_dir.mkdir(parents=True, exist_ok=True)
-            output = run_training(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=work_dir,
-                                  on_metrics=step_logger())
+            if cfg.num_processes > 1:
+                # Data parallel under torchrun; the workers never touch MLflow: their per-step
+                # metrics come back here and are logged to this run as they arrive.
+                output = launch_training(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=work_dir,
+                                         on_metrics=step_logger())
+            else:
+                output = run_training(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=work_dir,
+                                      on_metrics=step_logger())
             # Reused = the finished output of an earlier run with the same key was returned as is.
             finished = before is not None and done_file.exists() and done_file.stat().st_mtime_ns == before
         if not finished:  # a reused output's numbers are in the run that trained it

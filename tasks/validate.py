@@ -43,7 +43,7 @@ from sftflow.ops.orchestration import (
     table_artifact,
 )
 from sftflow.data.quarantine import quarantine_frame, quarantine_row
-from sftflow.data.records import COLUMNS, ORIGINS, ROLES, visible_text, with_optional_columns
+from sftflow.data.records import COLUMNS, ORIGINS, ROLES, check_accounting, visible_text, with_optional_columns
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.tracking.runs import StageContext, log_dataset, stage_run
 from sftflow.results import ValidateResult
@@ -260,37 +260,23 @@ def run_suite(derived: pd.DataFrame, cfg: ValidationConfig, *, gx_dir: Path, wit
     return result, docs
 
 
-# --------------------------------------------------------------------------- the stage
-def validate(
-    *,
-    dataset: DatasetRef,
-    cfg: ValidationConfig,
-    out_dir: Path,
-    tokenizer: Any = None,
-    stage: str = "validate",
-) -> ValidateResult:
-    """Validate ``dataset`` with the GX suite; split it into valid rows and quarantined rows.
+# --------------------------------------------------------------------------- one shard
+def validate_shard(args: tuple) -> dict[str, Any]:
+    """Run the suite on rows ``[start, stop)`` of a Parquet file (the per-shard map step; pure but for files).
 
-    Args:
-        dataset: canonical records.
-        cfg: bounds of the suite (pipelines.yaml ``validation:``).
-        out_dir: the stage folder (``valid.parquet``, ``quarantine.parquet``, ``gx_result.json``, ``gx/``).
-        tokenizer: a loaded transformers tokenizer for the token bound (None: no token check).
-        stage: stage name written in the quarantine rows.
-
-    Raises:
-        ValidationFailed: a table-level expectation failed (schema, empty table), an expectation
-            could not run, or more than ``max_suite_failure_fraction`` of the rows are bad. The
-            outputs (quarantine, GX result, Data Docs) are written first, for inspection.
+    ``args``: ``(path, start, stop, cfg, tokenizer, gx_dir, valid_path, stage)``. Writes the shard's valid rows to
+    ``valid_path`` (``write_parquet``) and its GX project to ``gx_dir``; returns its quarantine rows (``row``
+    counted in the whole file), the per-expectation summary, the blocking failures, the ids (for the
+    cross-shard uniqueness check) and the GX result as JSON.
     """
-    out_dir = Path(out_dir)
-    # Optional metadata (e.g. ``source_row``) may be absent from older frames: add its default.
-    df = with_optional_columns(dataset.read())
-    derived = derive_frame(df, tokenizer=tokenizer)
-    gx_result, docs = run_suite(derived, cfg, gx_dir=out_dir / "gx", with_tokens=tokenizer is not None)
-    result_path = out_dir / "gx_result.json"
-    result_path.write_text(json.dumps(gx_result.to_json_dict(), indent=2, default=str))
+    path, start, stop, cfg, tokenizer, gx_dir, valid_path, stage = args
+    from sftflow.data.shards import read_rows
 
+    # Optional metadata (e.g. ``source_row``) may be absent from older frames: add its default.
+    df = with_optional_columns(read_rows(path, start, stop))
+    derived = derive_frame(df, tokenizer=tokenizer)
+    gx_result, docs = run_suite(derived, cfg, gx_dir=Path(gx_dir), with_tokens=tokenizer is not None)
+    del derived
     reasons: dict[int, list[str]] = {}
     blocking: list[str] = []
     summary: list[dict[str, Any]] = []
@@ -319,25 +305,115 @@ def validate(
     bad = sorted(reasons)
     good_mask = np.ones(len(df), dtype=bool)
     good_mask[bad] = False
-
     q_rows = []
     for i in bad:
         rec = df.iloc[i]
         raw = json.dumps({c: _jsonable(rec[c]) for c in df.columns}, ensure_ascii=False, default=str)
         # source/source_row point at the row in its source file; file/row at the stage's input.
         q_rows.append(quarantine_row(stage=stage, source=str(rec.get("source", "")), source_row=_source_row(rec),
-                                     file=dataset.path, row=i + 1, reason="; ".join(reasons[i]), raw=raw))
-    quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name=f"{stage}_quarantine")
-    valid = write_parquet(df[good_mask], out_dir / "valid.parquet", name=f"{stage}_valid")
-    (out_dir / "summary.json").write_text(json.dumps(
-        {"rows": len(df), "valid": valid.num_rows, "quarantined": quarantine.num_rows, "expectations": summary,
-         "statistics": gx_result.statistics}, indent=2, default=str))
+                                     file=str(path), row=start + i + 1, reason="; ".join(reasons[i]), raw=raw))
+    write_parquet(df[good_mask], valid_path, name=f"{stage}_valid")
+    ids = df["id"].astype(str).tolist() if "id" in df.columns else []
+    return {"rows": len(df), "quarantine": q_rows, "summary": summary, "blocking": blocking, "docs": docs,
+            "ids": ids, "gx": gx_result.to_json_dict(), "statistics": gx_result.statistics}
 
-    run_logger(__name__).info("GX suite %s on %s: %d valid, %d quarantined of %d rows", SUITE_NAME, dataset.name,
-                   valid.num_rows, quarantine.num_rows, len(df))
-    fraction = len(bad) / max(len(df), 1)
+
+def merge_validation(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge per-shard results into one report (the merge step): counts add up, quarantines concatenate.
+
+    An expectation succeeds when it succeeds on every shard. Uniqueness of ``id`` is a property of the
+    whole table, so its count is recomputed over all shards' ids (a duplicate may span two shards).
+    """
+    if len(shards) == 1:
+        one = shards[0]
+        return {k: one[k] for k in ("rows", "quarantine", "summary", "blocking", "docs", "statistics")}
+    summary = [dict(s) for s in shards[0]["summary"]]
+    for sh in shards[1:]:
+        for acc, s in zip(summary, sh["summary"]):
+            acc["success"] = acc["success"] and s["success"]
+            acc["unexpected"] += s["unexpected"]
+            if not s["success"] and acc["observed"] != s["observed"]:
+                acc["observed"] = "(per shard; see gx_result.json)"
+    ids = pd.Series([i for sh in shards for i in sh["ids"]], dtype=object)
+    dup = int(ids.duplicated(keep=False).sum())
+    for acc in summary:
+        if acc["expectation"].startswith("expect_column_values_to_be_unique(id"):
+            acc["unexpected"], acc["success"] = dup, dup == 0
+    blocking = list(dict.fromkeys(b for sh in shards for b in sh["blocking"]))
+    stats = {"evaluated_expectations": sum(int(sh["statistics"].get("evaluated_expectations", 0)) for sh in shards),
+             "successful_expectations": sum(1 for s in summary if s["success"]),
+             "unsuccessful_expectations": sum(1 for s in summary if not s["success"]),
+             "shards": len(shards)}
+    return {"rows": sum(sh["rows"] for sh in shards), "quarantine": [q for sh in shards for q in sh["quarantine"]],
+            "summary": summary, "blocking": blocking, "docs": shards[0]["docs"], "statistics": stats}
+
+
+# --------------------------------------------------------------------------- the stage
+def validate(
+    *,
+    dataset: DatasetRef,
+    cfg: ValidationConfig,
+    out_dir: Path,
+    tokenizer: Any = None,
+    stage: str = "validate",
+    engine: Any = None,
+) -> ValidateResult:
+    """Validate ``dataset`` with the GX suite; split it into valid rows and quarantined rows.
+
+    The file is validated in shards of ``engine.shard_rows`` rows (``validate_shard``, mapped with the
+    engine, then ``merge_validation``): one quarantine, one valid file, one summary whatever the engine.
+
+    Args:
+        dataset: canonical records.
+        cfg: bounds of the suite (pipelines.yaml ``validation:``).
+        out_dir: the stage folder (``valid.parquet``, ``quarantine.parquet``, ``gx_result.json``, ``gx/``).
+        tokenizer: a loaded transformers tokenizer for the token bound (None: no token check).
+        stage: stage name written in the quarantine rows.
+        engine: ``sftflow.ops.engine.Engine`` (default: the active one, local when none).
+
+    Raises:
+        ValidationFailed: a table-level expectation failed (schema, empty table), an expectation
+            could not run, or more than ``max_suite_failure_fraction`` of the rows are bad. The
+            outputs (quarantine, GX result, Data Docs) are written first, for inspection.
+    """
+    from sftflow.data.shards import concat_parquet, parquet_rows
+    from sftflow.ops.engine import current_engine, shard_bounds
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine = engine or current_engine()
+    _check_unchanged(dataset)
+    num_rows = parquet_rows(dataset.path)
+    bounds = shard_bounds(num_rows, engine.shard_rows)
+    gx_root = out_dir / "gx"
+    if len(bounds) > 1 and gx_root.exists():  # a retried stage starts from clean GX projects
+        shutil.rmtree(gx_root)
+    jobs = [(dataset.path, lo, hi, cfg, tokenizer,
+             str(gx_root if len(bounds) == 1 else gx_root / f"shard-{k:05d}"),
+             str(out_dir / f"valid.shard-{k:05d}.parquet"), stage) for k, (lo, hi) in enumerate(bounds)]
+    shards = engine.map(validate_shard, jobs)
+    valid = concat_parquet([j[6] for j in jobs], out_dir / "valid.parquet", name=f"{stage}_valid")
+    merged = merge_validation(shards)
+    result_path = out_dir / "gx_result.json"
+    gx_json = shards[0]["gx"] if len(shards) == 1 else {
+        "success": all(s["success"] for s in merged["summary"]), "statistics": merged["statistics"],
+        "shards": [{"rows": [lo + 1, hi], "result": sh["gx"]} for (lo, hi), sh in zip(bounds, shards)]}
+    result_path.write_text(json.dumps(gx_json, indent=2, default=str))
+    del shards, gx_json
+    summary, blocking, q_rows, docs = merged["summary"], merged["blocking"], merged["quarantine"], merged["docs"]
+    n = merged["rows"]
+    quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name=f"{stage}_quarantine")
+    check_accounting(stage, n, valid=valid.num_rows, quarantined=quarantine.num_rows)
+    (out_dir / "summary.json").write_text(json.dumps(
+        {"rows": n, "valid": valid.num_rows, "quarantined": quarantine.num_rows, "expectations": summary,
+         "statistics": merged["statistics"], "shards": len(bounds), "engine": engine.kind}, indent=2, default=str))
+
+    run_logger(__name__).info("GX suite %s on %s: %d valid, %d quarantined of %d rows (%d shard(s), %s engine)",
+                              SUITE_NAME, dataset.name, valid.num_rows, quarantine.num_rows, n, len(bounds),
+                              engine.kind)
+    fraction = len(q_rows) / max(n, 1)
     if fraction > cfg.max_suite_failure_fraction:
-        blocking.append(f"{len(bad)}/{len(df)} rows ({fraction:.1%}) fail row-level expectations "
+        blocking.append(f"{len(q_rows)}/{n} rows ({fraction:.1%}) fail row-level expectations "
                         f"(> validation.max_suite_failure_fraction={cfg.max_suite_failure_fraction})")
     if blocking:
         failed = [s for s in summary if not s["success"]]
@@ -351,6 +427,18 @@ def validate(
             + (f"\nData Docs: {docs}" if docs else "") + f"\nQuarantine: {quarantine.path}"
         )
     return ValidateResult(valid=valid, quarantine=quarantine, gx_result=str(result_path), data_docs=docs)
+
+
+def _check_unchanged(dataset: DatasetRef) -> None:
+    """The same refusal as ``DatasetRef.read``: a missing file, or bytes changed since it was written."""
+    from sftflow.data.refs import sha256_file
+
+    p = Path(dataset.path)
+    if not p.exists():
+        raise FileNotFoundError(f"dataset {dataset.name!r} is missing: {p} (was the run directory deleted?)")
+    digest = sha256_file(p)
+    if digest != dataset.sha256:
+        raise ValueError(f"dataset {dataset.name!r} at {p} changed on disk: sha256 {digest} != {dataset.sha256}")
 
 
 def _source_row(rec: pd.Series) -> int:
@@ -450,6 +538,9 @@ def _log_outputs(out_dir: Path, stage: str) -> None:
     docs = out_dir / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site"
     if docs.exists():
         mlflow.log_artifacts(str(docs), f"{stage}/data_docs")
+    # Validated in several shards: one GX project (and Data Docs site) per shard.
+    for shard_docs in sorted((out_dir / "gx").glob("shard-*/gx/uncommitted/data_docs/local_site")):
+        mlflow.log_artifacts(str(shard_docs), f"{stage}/data_docs/{shard_docs.parents[3].name}")
 
 
 def _markdown(result: ValidateResult, summary: dict[str, Any], run_id: str, docs_uri: str) -> str:

@@ -516,18 +516,39 @@ class NearDuplicates:
     rows: int
 
 
-def find_near_duplicates(
-    texts: Sequence[str],
-    params: LSHParams,
-    *,
-    pair_filter: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-) -> NearDuplicates:
-    """All pairs of ``texts`` whose shingle Jaccard is >= ``params.threshold`` (LSH + verification).
+# A mapper runs ``fn`` over ``items`` and returns the results in order: the builtin loop in this
+# process, or an engine's map (``sftflow.ops.engine.Engine.map``: Ray tasks). Results never depend on it.
+Mapper = Callable[[Callable, Sequence], list]
 
-    ``texts`` may be any sequence supporting ``len``, slicing and integer indexing (e.g. a lazy
-    corpus); it is read in chunks of ``params.chunk_docs`` and, for verification, once more for the
-    documents that are in a candidate pair only, so memory is bounded by n x bands band keys plus
-    the candidates' shingles.
+
+def _local_map(fn: Callable, items: Sequence) -> list:
+    return [fn(x) for x in items]
+
+
+@dataclass(frozen=True)
+class SignatureShard:
+    """What one shard of documents contributes to a search (the per-shard map step).
+
+    Attributes:
+        keys: ``(m, bands)`` uint64 LSH band keys.
+        valid: ``(m,)`` documents with at least one shingle.
+        low: ``(m, num_perm)`` uint8 low bytes of the signatures (b-bit estimate).
+        hashes: the shard's shingle hashes (for verification), or None when over ``keep_shingles``.
+        offsets: their CSR offsets (document ``k``: ``hashes[offsets[k]:offsets[k + 1]]``), or None.
+    """
+
+    keys: np.ndarray
+    valid: np.ndarray
+    low: np.ndarray
+    hashes: np.ndarray | None
+    offsets: np.ndarray | None
+
+
+def signature_shard(texts: Sequence[str], params: LSHParams) -> SignatureShard:
+    """MinHash signatures and LSH band keys of one shard of texts (pure: the same text, the same keys).
+
+    Every value depends on its own document only, so any sharding of a corpus gives the same keys.
+    ``texts`` is read in chunks of ``params.chunk_docs``.
     """
     bands, rows = params.bands_rows()
     n = len(texts)
@@ -540,7 +561,7 @@ def find_near_duplicates(
     low = np.zeros((n, params.num_perm), dtype=np.uint8)
     # Shingle hashes are kept for verification while they fit params.keep_shingles (no second
     # tokenisation pass); past that they are dropped and recomputed for the candidates only.
-    kept: list[tuple[int, np.ndarray, np.ndarray]] | None = []  # (first doc, hashes, offsets) per chunk
+    kept: list[tuple[np.ndarray, np.ndarray]] | None = []
     kept_total = 0
     for lo in range(0, n, params.chunk_docs):
         hi = min(n, lo + params.chunk_docs)
@@ -552,10 +573,92 @@ def find_near_duplicates(
         if kept is not None:
             kept_total += len(hashes)
             if kept_total <= params.keep_shingles:
-                kept.append((lo, hashes, offsets))
+                kept.append((hashes, offsets))
             else:
                 kept = None
         del hashes, sig
+    if kept is None:
+        return SignatureShard(keys=keys, valid=valid, low=low, hashes=None, offsets=None)
+    lens = np.concatenate([np.diff(o) for _, o in kept]) if kept else np.zeros(0, np.int64)
+    all_hashes = np.concatenate([h for h, _ in kept]) if kept else np.zeros(0, _U64)
+    return SignatureShard(keys=keys, valid=valid, low=low, hashes=all_hashes,
+                          offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+
+
+def _gather_csr(hashes: np.ndarray, offsets: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hashes of documents ``local`` of one CSR block, concatenated, and their counts."""
+    counts = offsets[local + 1] - offsets[local]
+    take = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(
+        offsets[local] - np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), counts
+    )
+    return hashes[take], counts
+
+
+def verify_group(docs: np.ndarray, hashes: np.ndarray, counts: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Exact Jaccard of one group of candidate pairs (the per-group verification step; pure).
+
+    Args:
+        docs: sorted document indices of every document in ``pairs``.
+        hashes: their shingle hashes, concatenated in ``docs`` order.
+        counts: shingle hashes per document.
+        pairs: ``(m, 2)`` candidate pairs (document indices).
+    """
+    sets = ShingleSets.build(docs, hashes, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+    return exact_jaccard(sets, pairs)
+
+
+def _verify_task(args: tuple) -> np.ndarray:
+    return verify_group(*args)
+
+
+def _signature_task(args: tuple) -> SignatureShard:
+    texts, params = args
+    return signature_shard(texts, params)
+
+
+def find_near_duplicates(
+    texts: Sequence[str],
+    params: LSHParams,
+    *,
+    pair_filter: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    map_fn: Mapper | None = None,
+    shard_docs: int | None = None,
+) -> NearDuplicates:
+    """All pairs of ``texts`` whose shingle Jaccard is >= ``params.threshold`` (LSH + verification).
+
+    ``texts`` may be any sequence supporting ``len``, slicing and integer indexing (e.g. a lazy
+    corpus); it is read in chunks of ``params.chunk_docs`` and, for verification, once more for the
+    documents that are in a candidate pair only, so memory is bounded by n x bands band keys plus
+    the candidates' shingles.
+
+    Sharded (``shard_docs``): signatures and band keys are computed per shard of ``shard_docs``
+    documents (``signature_shard``, mapped with ``map_fn``), candidates come from one grouping of all
+    band keys (LSH buckets span shards), and candidate pairs are verified in groups of about
+    ``shard_docs`` pairs (``verify_group``, mapped too). Every step is exact per document or per pair,
+    so the result is the same for any ``shard_docs`` and any ``map_fn``.
+
+    Args:
+        texts: the documents.
+        params: the search parameters.
+        pair_filter: ``f(i, j) -> bool mask`` of candidate pairs to consider (e.g. cross-set only).
+        map_fn: runs the per-shard / per-group steps (``sftflow.ops.engine.Engine.map``); default: a loop here.
+        shard_docs: documents per shard (default: one shard, the whole corpus).
+    """
+    bands, rows = params.bands_rows()
+    n = len(texts)
+    mapper = map_fn or _local_map
+    if shard_docs is None or shard_docs >= n:
+        shards = [signature_shard(texts, params)]
+    else:
+        shards = mapper(_signature_task, [(list(texts[lo : min(n, lo + shard_docs)]), params)
+                                          for lo in range(0, n, shard_docs)])
+    starts = np.concatenate([[0], np.cumsum([len(sh.valid) for sh in shards])]).astype(np.int64)
+    keys = np.concatenate([sh.keys for sh in shards]) if shards else np.zeros((0, bands), _U64)
+    valid = np.concatenate([sh.valid for sh in shards]) if shards else np.zeros(0, bool)
+    low = np.concatenate([sh.low for sh in shards]) if shards else np.zeros((0, params.num_perm), np.uint8)
+    kept_ok = all(sh.hashes is not None for sh in shards) and sum(len(sh.hashes) for sh in shards) <= params.keep_shingles
+    kept = [(int(s), sh.hashes, sh.offsets) for s, sh in zip(starts, shards)] if kept_ok else None
+    del shards
     # Most LSH candidates of real corpora are templated rows far below the threshold; the signature
     # estimate drops them before the (costlier) exact check. The margin is 4.5 standard errors of the
     # estimate at the threshold, so a pair at the threshold survives with probability > 0.99999.
@@ -565,6 +668,7 @@ def find_near_duplicates(
         ok = bbit_estimate(low, i, j) >= floor - 1e-12
         return ok & pair_filter(i, j) if pair_filter is not None else ok
 
+    # Candidates grouped by band key over all shards at once (one bucket may hold rows of any shard).
     cand = candidate_pairs(keys, valid=valid, window=params.window, pair_filter=keep_pair)
     del keys
     if len(cand) == 0:
@@ -572,33 +676,34 @@ def find_near_duplicates(
     elif params.verify == "estimate":
         sim = bbit_estimate(low, cand[:, 0], cand[:, 1])
     else:
-        # Shingles again, for the documents in a candidate pair only (memory: candidates, not corpus).
-        docs = _sorted_unique(cand.ravel())
-        if kept is not None:
+        shingler = Shingler(shingle=params.shingle, ngram=params.ngram, seed=params.seed)
+        group = len(cand) if shard_docs is None else max(1, shard_docs)
+
+        def shingles_of(docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Shingle hashes of ``docs`` (sorted): from the kept shard hashes, else re-read."""
             parts, lens = [], []
-            for first, hashes, offsets in kept:  # the candidates' shingles, chunk by chunk
-                local = docs[(docs >= first) & (docs < first + len(offsets) - 1)] - first
-                counts = offsets[local + 1] - offsets[local]
-                take = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(
-                    offsets[local] - np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), counts
-                )
-                parts.append(hashes[take])
-                lens.append(counts)
-            del kept
-            counts = np.concatenate(lens)
-            sets = ShingleSets.build(docs, np.concatenate(parts), np.concatenate([[0], np.cumsum(counts)]))
-            del parts
-        else:
-            parts, lens = [], []
-            for lo in range(0, len(docs), params.chunk_docs):
-                part = docs[lo : lo + params.chunk_docs]
-                hashes, offsets = shingler.hash([texts[int(i)] for i in part])
-                parts.append(hashes)
-                lens.append(np.diff(offsets))
-            counts = np.concatenate(lens)
-            sets = ShingleSets.build(docs, np.concatenate(parts), np.concatenate([[0], np.cumsum(counts)]))
-            del parts
-        sim = exact_jaccard(sets, cand)
+            if kept is not None:
+                for first, hashes, offsets in kept:  # the candidates' shingles, shard by shard
+                    local = docs[(docs >= first) & (docs < first + len(offsets) - 1)] - first
+                    h, c = _gather_csr(hashes, offsets, local)
+                    parts.append(h)
+                    lens.append(c)
+            else:
+                for lo in range(0, len(docs), params.chunk_docs):
+                    part = docs[lo : lo + params.chunk_docs]
+                    hashes, offsets = shingler.hash([texts[int(i)] for i in part])
+                    parts.append(hashes)
+                    lens.append(np.diff(offsets))
+            return np.concatenate(parts), np.concatenate(lens)
+
+        # Verification per group of candidate pairs (each group carries its documents' shingles).
+        jobs = []
+        for lo in range(0, len(cand), group):
+            pairs = cand[lo : lo + group]
+            docs = _sorted_unique(pairs.ravel())
+            jobs.append((docs, *shingles_of(docs), pairs))
+        sim = np.concatenate(mapper(_verify_task, jobs) if len(jobs) > 1 else [_verify_task(jobs[0])])
+        del jobs
     keep = sim >= params.threshold - 1e-12
     return NearDuplicates(
         pairs=cand[keep],
@@ -634,6 +739,7 @@ __all__ = [
     "NearDuplicates",
     "ShingleSets",
     "Shingler",
+    "SignatureShard",
     "band_keys",
     "bbit_estimate",
     "bbit_margin",
@@ -643,4 +749,6 @@ __all__ = [
     "find_near_duplicates",
     "lsh_probability",
     "optimal_bands_rows",
+    "signature_shard",
+    "verify_group",
 ]

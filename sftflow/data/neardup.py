@@ -77,6 +77,16 @@ def normalize_for_exact(text: str, cfg: ExactDedupConfig) -> str:
     return text
 
 
+def exact_keys_shard(args: tuple) -> list[str]:
+    """Normalised exact-match keys of one shard of conversations (the per-shard map step of exact dedup; pure).
+
+    ``args`` is ``(messages, cfg)``: a list of conversations and the ``dedup.exact`` section. It lives
+    here, in a light module, so an engine worker runs it without importing the stage's dependencies.
+    """
+    messages, cfg = args
+    return [normalize_for_exact(key_text(m, cfg.key), cfg) for m in messages]
+
+
 def lsh_params(cfg: NearDedupConfig) -> LSHParams:
     """The MinHash-LSH engine's parameters from the ``dedup.near`` section."""
     return LSHParams(threshold=cfg.threshold, shingle=cfg.shingle, ngram=cfg.ngram, num_perm=cfg.num_perm,
@@ -114,6 +124,8 @@ def find_cross_duplicates(
     *,
     cfg: DedupConfig,
     key: KeyName | None = None,
+    map_fn: Any = None,
+    shard_docs: int | None = None,
 ) -> list[CrossPair]:
     """Every row of ``queries`` that duplicates a row of ``reference`` (exactly or nearly).
 
@@ -123,6 +135,8 @@ def find_cross_duplicates(
         reference: the rows they must not duplicate (same kinds as ``queries``).
         cfg: the pipeline's ``dedup`` section: ``exact`` normalises keys, ``near`` sets shingles and threshold.
         key: the text compared (default ``leak_key(cfg)``); ignored for plain strings.
+        map_fn: runs the MinHash shards (``sftflow.ops.engine.Engine.map``); default: in this process.
+        shard_docs: documents per MinHash shard (default: one shard). Neither changes the result.
 
     Returns:
         Pairs sorted by (query, match): for each query, the first reference row with an equal
@@ -144,7 +158,8 @@ def find_cross_duplicates(
         if j is not None:
             best[(i, j)] = CrossPair(i, j, 1.0, True)
     nq = len(q_texts)
-    res = find_near_duplicates(q_texts + r_texts, lsh_params(cfg.near), pair_filter=lambda i, j: (i < nq) & (j >= nq))
+    res = find_near_duplicates(q_texts + r_texts, lsh_params(cfg.near), pair_filter=lambda i, j: (i < nq) & (j >= nq),
+                               map_fn=map_fn, shard_docs=shard_docs)
     for (i, j), s in zip(res.pairs, res.similarity):
         q, r = int(i), int(j) - nq
         old = best.get((q, r))

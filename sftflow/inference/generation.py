@@ -7,6 +7,9 @@ scores) and evaluation (held-out generations, the optional judge).
 (KV cache, per-row attention mask and position ids), so a batch of prompts costs about as much
 as its longest member instead of one full decode loop per prompt. Results come back in input order.
 
+``sample_k`` draws k samples per prompt from ONE prefill of the prompt: the prompt's KV cache is
+repeated k times along the batch and decoding starts from it (rejection sampling / best-of-n).
+
 ``score_pairs`` reads a rating from ONE forward pass: the rubric prompt ends where the model's
 answer would be ``Score: <digit>``, and the rating is the model's probability over the tokens
 ``1``..``5`` at that position, renormalised. There is nothing to parse, so no rating is ever
@@ -30,7 +33,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+# ``on_progress(done, total)``: generation reports progress through a plain callback, so this
+# module stays free of console/orchestration imports (the stage adapts it to ``ops.console.Progress``).
+ProgressCallback = Callable[[int, int], None]
 
 # Humpback's self-curation rubric (Li et al. 2023, table 19), adapted: the model answers with the
 # rating straight away (no reasoning first), because we read the rating from the next-token
@@ -164,6 +171,8 @@ def generate_batch(
     batch_size: int,
     stop_ids: Sequence[int],
     seed: int = 0,
+    min_new_tokens: int = 0,
+    on_progress: ProgressCallback | None = None,
 ) -> list[Generated]:
     """Generate continuations of many prompts, batched with the KV cache.
 
@@ -179,6 +188,10 @@ def generate_batch(
             carries little padding.
         stop_ids: token ids that end a generation (end-of-turn, eos).
         seed: seeds sampling (per batch: ``seed + batch index``), so a rerun gives the same text.
+        min_new_tokens: stop tokens are suppressed before this many new tokens (0: off); a
+            benchmark sets it to ``max_new_tokens`` so every row decodes the same length.
+        on_progress: called as ``on_progress(prompts_done, prompts_total)`` after each batch (a
+            stage passes one that feeds ``sftflow.ops.console.Progress``).
 
     Returns:
         One ``Generated`` per prompt, in input order.
@@ -212,8 +225,11 @@ def generate_batch(
     }
     if sample:
         gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+    if min_new_tokens > 0:
+        gen_kwargs["min_new_tokens"] = int(min_new_tokens)
 
     results: list[Generated | None] = [None] * len(rows)
+    done = 0
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -229,6 +245,190 @@ def generate_batch(
                 content = toks if cut is None else toks[:cut]
                 text = tokenizer.decode(content, skip_special_tokens=True)
                 results[i] = Generated(text=text, num_tokens=len(content), finished=cut is not None)
+            done += len(idx)
+            if on_progress is not None:
+                on_progress(done, len(rows))
+    finally:
+        if was_training:
+            model.train()
+    return [r for r in results if r is not None]
+
+
+# --------------------------------------------------------------------------- k samples per prompt
+# Nucleus sampling looks for the nucleus among this many top tokens first: ``topk`` over the
+# vocabulary is far cheaper than the full sort a generic top-p warper does per step (Gemma's
+# vocabulary has 262k entries, and k samples multiply the rows). Rows whose nucleus is wider fall
+# back to the full sort, so the distribution is exactly nucleus sampling either way.
+NUCLEUS_CANDIDATES = 256
+
+
+def nucleus_logits(scores: Any, *, temperature: float, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> Any:
+    """Logits for temperature + nucleus (top-p) sampling: ``scores / temperature`` outside the nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
+    (a token is kept when the mass of the tokens ranked above it is below ``top_p``; the top token
+    is always kept).
+
+    Args:
+        scores: next-token logits, shape (rows, vocab).
+        temperature: > 0.
+        top_p: in (0, 1]; 1 keeps every token.
+        candidates: how many top tokens are searched before falling back to a full sort.
+    """
+    import torch
+
+    scores = scores.float() / float(temperature)
+    if top_p >= 1.0:
+        return scores
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    k = min(int(candidates), scores.shape[-1])
+    top, idx = scores.topk(k, dim=-1)  # sorted, most likely first
+    p = (top - lse).exp()
+    above = p.cumsum(-1) - p
+    covered = (above[:, -1] + p[:, -1]) >= top_p
+    if not bool(covered.all()):
+        # Some nucleus is wider than the candidates (a flat distribution): sort those rows fully.
+        wide = (~covered).nonzero().flatten()
+        full, fidx = scores[wide].sort(dim=-1, descending=True)
+        fp = (full - lse[wide]).exp()
+        fabove = fp.cumsum(-1) - fp
+        out_wide = torch.full_like(scores[wide], float("-inf"))
+        out_wide.scatter_(1, fidx, torch.where(fabove < top_p, full, torch.full_like(full, float("-inf"))))
+    out = torch.full_like(scores, float("-inf"))
+    out.scatter_(1, idx, torch.where(above < top_p, top, torch.full_like(top, float("-inf"))))
+    if not bool(covered.all()):
+        out[wide] = out_wide
+    return out
+
+
+def _nucleus_processor(temperature: float, top_p: float) -> Any:
+    from transformers.generation import LogitsProcessor
+
+    class _Nucleus(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            return nucleus_logits(scores, temperature=temperature, top_p=top_p)
+
+    return _Nucleus()
+
+
+def sample_k(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    batch_size: int,
+    stop_ids: Sequence[int],
+    seed: int = 0,
+    min_new_tokens: int = 0,
+    on_progress: ProgressCallback | None = None,
+) -> list[list[Generated]]:
+    """``num_samples`` continuations of each prompt, the k samples of a prompt sharing ONE prefill.
+
+    Each batch of prompts is left-padded and prefilled once (all prompt tokens but the last, with
+    the KV cache); the cache is then repeated ``num_samples`` times along the batch
+    (``batch_repeat_interleave``) and ``model.generate`` decodes the ``batch * num_samples`` rows
+    from it. The prompt is thus never recomputed per sample: k samples cost one prefill plus a
+    decode loop over k times the rows (which a batched forward absorbs far better than k loops).
+
+    Sampling is temperature + nucleus (``nucleus_logits``; top-k off, repetition penalty 1), seeded
+    per batch with ``seed + batch index``: the same prompts, batch size and seed give the same
+    samples. ``temperature=0`` decodes greedily (the k samples are then identical, and equal to
+    ``generate_batch``'s output: a check of the shared prefill).
+
+    Args:
+        model: a transformers causal LM (peft-wrapped is fine).
+        tokenizer: its tokenizer.
+        prompts: token ids of each prompt.
+        num_samples: k, samples per prompt (>= 1).
+        max_new_tokens: bound on new tokens per sample.
+        temperature: sampling temperature (0: greedy).
+        top_p: nucleus mass (sampling only).
+        batch_size: prompts per prefill; the decode batch is ``batch_size * num_samples`` rows.
+        stop_ids: token ids that end a sample.
+        seed: sampling seed.
+        min_new_tokens: stop tokens are suppressed before this many new tokens (0: off).
+        on_progress: called as ``on_progress(prompts_done, prompts_total)`` after each batch.
+
+    Returns:
+        For each prompt (input order), its ``num_samples`` generations in sample order.
+
+    Raises:
+        ValueError: an empty prompt, non-positive sizes, or a negative temperature.
+    """
+    import torch
+
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
+    if max_new_tokens <= 0 or batch_size <= 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be > 0")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    rows = _check_prompts(prompts)
+    if not rows:
+        return []
+    stops = [int(s) for s in stop_ids]
+    stop_set = set(stops)
+    pad_id = _pad_id(tokenizer, stops)
+    device = _device(model)
+    cache_arg = _cache_kwarg(model)
+    sample = temperature > 0
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sample,
+        "repetition_penalty": 1.0,
+        "eos_token_id": stops or None,
+        "pad_token_id": pad_id,
+        "use_cache": True,
+    }
+    if sample:
+        # Temperature and top-p are applied by one processor (in that order); generate's own
+        # warpers are neutralised so nothing from the model's generation_config adds to them.
+        gen_kwargs.update(temperature=1.0, top_p=1.0, top_k=0,
+                          logits_processor=[_nucleus_processor(float(temperature), float(top_p))])
+    if min_new_tokens > 0:
+        gen_kwargs["min_new_tokens"] = int(min_new_tokens)
+
+    results: list[list[Generated] | None] = [None] * len(rows)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    done = 0
+    try:
+        for b, idx in enumerate(_length_sorted_batches([len(r) for r in rows], batch_size)):
+            ids, mask, pos = _left_pad([rows[i] for i in idx], pad_id, device)
+            with torch.random.fork_rng(devices=[]), torch.inference_mode():
+                torch.manual_seed(seed + b)
+                kwargs: dict[str, Any] = {}
+                if ids.shape[1] > 1 and cache_arg is not None:
+                    # The shared prefill: every prompt token but the last (generate feeds the last
+                    # one itself, and needs at least one uncached token to start from).
+                    pre = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                                use_cache=True, logits_to_keep=1)
+                    cache = getattr(pre, "past_key_values", None) or getattr(pre, "cache", None)
+                    if cache is not None and hasattr(cache, "batch_repeat_interleave"):
+                        cache.batch_repeat_interleave(num_samples)
+                        kwargs[cache_arg] = cache  # transformers 5.x: ``cache`` (was past_key_values)
+                out = model.generate(input_ids=ids.repeat_interleave(num_samples, dim=0),
+                                     attention_mask=mask.repeat_interleave(num_samples, dim=0),
+                                     **gen_kwargs, **kwargs)
+            new = out[:, ids.shape[1]:].tolist()
+            for j, i in enumerate(idx):
+                samples = []
+                for s in range(num_samples):
+                    toks = new[j * num_samples + s]
+                    cut = next((k for k, t in enumerate(toks) if t in stop_set), None)
+                    content = toks if cut is None else toks[:cut]
+                    samples.append(Generated(text=tokenizer.decode(content, skip_special_tokens=True),
+                                             num_tokens=len(content), finished=cut is not None))
+                results[i] = samples
+            done += len(idx)
+            if on_progress is not None:
+                on_progress(done, len(rows))
     finally:
         if was_training:
             model.train()

@@ -113,9 +113,11 @@ def stage_row(stage: str, metrics: dict[str, float], *, state: str = "Completed"
         return None if v is None else str(v)
 
     if kind == "ingest":
-        rin, rout = _int(m, "rows_read"), out("rows_kept")
-        if _int(m, "rows_quarantined"):
-            note = f"{_int(m, 'rows_quarantined')} quarantined"
+        # Out = the rows the mixture took (``mixed``); kept-but-not-sampled rows are said, not hidden.
+        rin, rout = _int(m, "rows_read"), out("rows_mixed", "rows_kept")
+        notes = [f"{_int(m, k)} {k.removeprefix('rows_').replace('_', ' ')}"
+                 for k in ("rows_quarantined", "rows_not_sampled") if _int(m, k)]
+        note = ", ".join(notes)
     elif kind == "validate":
         rin, rout = _int(m, "rows_read"), out("rows_valid")
         if _int(m, "rows_quarantined"):

@@ -3,6 +3,12 @@
 The loss is on assistant tokens only (``sftflow.inference.formatting.encode_for_training``);
 over-long rows are truncated or dropped per ``training.overlong`` and every row is accounted for.
 Batches are a pure function of ``(seed, epoch)`` so that a resumed run sees the same data order.
+
+Prompt-format diversification (``training.format_diversification``) happens here, at encoding:
+a share of the training rows has its user turns rewritten by a wrapper of
+``sftflow.data.wrappers`` (chosen from ``training.seed`` and the row id) before the chat template
+renders it; the assistant turns are untouched, so the labels stay on the answer only. Held-out
+rows are never wrapped (their loss must stay comparable with evaluation's).
 """
 
 from __future__ import annotations
@@ -13,25 +19,31 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from sftflow.config import TrainingConfig
+from sftflow.config import FormatDiversificationConfig, TrainingConfig
 from sftflow.data.records import frame_to_records
 from sftflow.data.refs import DatasetRef
+from sftflow.data.wrappers import choose_wrapper, wrap_messages
 from sftflow.inference.formatting import IGNORE_INDEX, encode_for_training
 
 
 @dataclass
 class Encoded:
-    """Tokenized rows plus the accounting of the others: rows in = kept + dropped_overlong + dropped_no_labels."""
+    """Tokenized rows plus the accounting of the others: rows in = kept + dropped_overlong + dropped_no_labels.
+
+    ``wrapped`` counts the rows (of those read) rendered with each prompt wrapper (format diversification).
+    """
 
     rows: list[tuple[list[int], list[int]]]
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_labels: int = 0
     errors: list[str] = field(default_factory=list)
+    wrapped: dict[str, int] = field(default_factory=dict)
 
 
 def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, *, template: str, max_seq_len: int,
-                   overlong: str = "truncate", where: str = "") -> Encoded:
+                   overlong: str = "truncate", where: str = "",
+                   diversify: FormatDiversificationConfig | None = None, seed: int = 0) -> Encoded:
     """Tokenize canonical records (``messages``, optional ``id``) and apply the over-long policy.
 
     Training and held-out evaluation both encode through here, so a row is truncated (or dropped)
@@ -44,6 +56,9 @@ def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, *, temp
         max_seq_len: longest row in tokens.
         overlong: ``truncate`` (keep the first ``max_seq_len`` tokens) or ``drop``.
         where: prefix of error messages (e.g. the file the rows come from).
+        diversify: wrap a share of the rows' user turns in varied prompt formats (training only);
+            None or ``share: 0`` encodes every row as it is.
+        seed: with ``diversify``, the seed of the per-row wrapper choice (with the row's ``id``).
 
     Returns:
         ``Encoded`` (possibly with no rows).
@@ -52,9 +67,16 @@ def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, *, temp
         ValueError: a row's messages are malformed (the message names the row id).
     """
     out = Encoded(rows=[])
+    share = diversify.share if diversify is not None else 0.0
     for n, row in enumerate(records):
+        messages = row["messages"]
+        if share > 0:
+            name = choose_wrapper(str(row.get("id", n)), seed=seed, share=share, names=diversify.wrappers)
+            if name is not None:
+                messages = wrap_messages(messages, name)
+                out.wrapped[name] = out.wrapped.get(name, 0) + 1
         try:
-            ids, labels = encode_for_training(tokenizer, row["messages"], template=template, max_len=None)
+            ids, labels = encode_for_training(tokenizer, messages, template=template, max_len=None)
         except ValueError as e:
             prefix = f"{where}: " if where else ""
             raise ValueError(f"{prefix}row id={row.get('id', n)!r}: {e}") from None
@@ -72,15 +94,21 @@ def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, *, temp
     return out
 
 
-def encode_dataset(ref: DatasetRef, tokenizer: Any, *, template: str, cfg: TrainingConfig) -> Encoded:
+def encode_dataset(ref: DatasetRef, tokenizer: Any, *, template: str, cfg: TrainingConfig,
+                   diversify: bool = False) -> Encoded:
     """Tokenize a canonical dataset file for training (``encode_records`` with ``cfg``'s limits).
+
+    Args:
+        diversify: apply ``cfg.format_diversification`` (the recipe passes True for the training
+            rows only; a held-out set's loss must match evaluation's, which never wraps).
 
     Raises:
         ValueError: a row's messages are malformed (the message names the file and row id), or
             nothing is left to train on.
     """
     out = encode_records(frame_to_records(ref.read()), tokenizer, template=template, max_seq_len=cfg.max_seq_len,
-                         overlong=cfg.overlong, where=ref.path)
+                         overlong=cfg.overlong, where=ref.path,
+                         diversify=cfg.format_diversification if diversify else None, seed=cfg.seed)
     if not out.rows:
         raise ValueError(f"{ref.path}: no trainable rows left (overlong dropped {out.dropped_overlong}, "
                          f"no answer tokens {out.dropped_no_labels}); raise training.max_seq_len")
@@ -121,15 +149,37 @@ def _packed(lengths: list[int], order: np.ndarray, batch_size: int, max_len: int
 
 
 def epoch_batches(lengths: list[int], *, cfg: TrainingConfig, epoch: int, world: int) -> list[Any]:
-    """The deterministic batch list of one epoch (a function of seed and epoch only, so resumable)."""
+    """The deterministic micro-batch list of one epoch (a function of seed and epoch only, so resumable).
+
+    Rows (bins when packing) are grouped into global batches of ``batch_size x grad_accum x world``,
+    each cut into ``grad_accum x world`` consecutive micro-batches (the loop gives micro-batch
+    ``k`` of a step to rank ``k % world``). So an optimizer step sees the same rows however the
+    global batch is split: 1 process x batch 4 trains on what 2 processes x batch 2 train on. With
+    one process and ``grad_accum`` 1 this is the plain batch list. The epoch's last, partial global
+    batch is cut as evenly as possible (larger parts first, possibly some empty ones, which the
+    loop skips); it is dropped when it cannot give every rank a row.
+
+    Raises:
+        ValueError: fewer rows (bins) than processes.
+    """
     rng = np.random.default_rng([cfg.seed, epoch])
     order = rng.permutation(len(lengths))
+    parts = cfg.grad_accum * world
+    size = cfg.batch_size * parts
     if cfg.packing:
-        batches: list[Any] = _packed(lengths, order, cfg.batch_size, cfg.max_seq_len, rng)
+        global_batches: list[Any] = _packed(lengths, order, size, cfg.max_seq_len, rng)
     else:
-        batches = _length_grouped(lengths, order, cfg.batch_size, rng)
-    if world > 1:  # every rank needs the same number of micro-batches
-        batches = batches[: max(world, len(batches) // world * world)]
+        global_batches = _length_grouped(lengths, order, size, rng)
+    batches: list[Any] = []
+    for g in global_batches:
+        if len(g) < world:
+            continue
+        q, r = divmod(len(g), parts)
+        bounds = np.cumsum([0] + [q + (k < r) for k in range(parts)]).tolist()
+        batches += [g[bounds[k] : bounds[k + 1]] for k in range(parts)]
+    if not batches:
+        raise ValueError(f"{len(lengths)} training rows cannot give each of {world} processes a batch; "
+                         "lower training.num_processes or add rows")
     return batches
 
 

@@ -145,8 +145,8 @@ def train(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ---------------------------------------------------------------- data
-    data = encode_dataset(train, tokenizer, template=template, cfg=cfg)
-    evaldata = encode_dataset(heldout, tokenizer, template=template, cfg=cfg) if heldout is not None and heldout.num_rows else None
+    data = encode_dataset(train, tokenizer, template=template, cfg=cfg, diversify=True)
+    evaldata = encode_dataset(heldout, tokenizer, template=template, cfg=cfg, diversify=False) if heldout is not None and heldout.num_rows else None
     lengths = [len(ids) for ids, _ in data.rows]
     batches_per_epoch = len(epoch_batches(lengths, cfg=cfg, epoch=0, world=world))
     # Epoch mode trains on exactly `epochs` x the data (the last step may accumulate fewer
@@ -216,10 +216,12 @@ def train(
 
     epoch_cache: dict[int, list[Any]] = {}
 
-    def batch_at(epoch: int, idx: int) -> dict[str, torch.Tensor]:
+    def batch_at(epoch: int, idx: int) -> dict[str, torch.Tensor] | None:
         if epoch not in epoch_cache:
             epoch_cache.clear()
             epoch_cache[epoch] = epoch_batches(lengths, cfg=cfg, epoch=epoch, world=world)
+        if not epoch_cache[epoch][idx]:  # an empty part of the epoch's last global batch (epoch_batches)
+            return None
         return collate(data.rows, epoch_cache[epoch][idx], packed=cfg.packing, pad_id=pad_id, max_len=cfg.max_seq_len)
 
     best_path = out_dir / "best_trainable.pt"
@@ -231,7 +233,7 @@ def train(
         t0 = time.perf_counter()
         model.train()
         neft_active[0] = True
-        batches = [batch_at(e, i) for e, i in micro_batches(step)]
+        batches = [b for b in (batch_at(e, i) for e, i in micro_batches(step)) if b is not None]
         # Normalise by the label tokens of the whole (global) step, so every token weighs the same
         # whatever its micro-batch or rank (correct gradient accumulation).
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),

@@ -25,9 +25,18 @@ def learning_rate(cfg: TrainingConfig) -> float:
     return cfg.learning_rate if cfg.learning_rate is not None else DEFAULT_LR[cfg.method]
 
 
+# Default lr of trainable token rows, as a multiple of the adapter's (see token_rows_learning_rate).
+TOKEN_LR_MULTIPLIER = 25.0
+
+
 def token_rows_learning_rate(cfg: TrainingConfig) -> float:
-    """Peak lr of the trainable token rows: ``training.trainable_tokens_lr``, else 10x the adapter's."""
-    return cfg.trainable_tokens_lr if cfg.trainable_tokens_lr is not None else 10.0 * learning_rate(cfg)
+    """Peak lr of the trainable token rows: ``training.trainable_tokens_lr``, else 25x the adapter's.
+
+    Why 25x: on the demo (Gemma 3 270M, LoRA lr 2e-4, 30 steps) the untrained ``<end_of_turn>`` row
+    reached p(end) 0.51 at the true end with 5e-3 (runaway 4% of fitting references) but only 0.11
+    with 2e-3 on one data order (58% runaways); 1e-2 stopped answers early (ROUGE-L 0.162 vs 0.194).
+    """
+    return cfg.trainable_tokens_lr if cfg.trainable_tokens_lr is not None else TOKEN_LR_MULTIPLIER * learning_rate(cfg)
 
 
 def cpu_supports_bf16() -> bool:

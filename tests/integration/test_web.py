@@ -104,3 +104,106 @@ def test_mlflow_ui_shows_the_registered_model(stack, smoke_run, browser) -> None
     browser.get(f"{stack.mlflow_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
     _wait_for_text(browser, [run.info.run_name])
     _screenshot(browser, f"mlflow-run-{stack.backend}.png")
+
+
+FORM_DEPLOYMENT = "smoke-form"
+
+
+@pytest.fixture(scope="module")
+def form_deployment(stack) -> Any:
+    """The smoke pipeline's deployment as ``sftflow serve`` builds it (typed ``options`` form with
+    the pipeline's values), registered under another name and served by no runner: a run created
+    from its form stays scheduled, so the test checks what the form sends without training."""
+    from prefect import get_client
+
+    from flows.serve import build_deployments
+    from tests.integration.conftest import prefect_api
+
+    deployment = build_deployments(only=["smoke"], limit_concurrency=False)[0]
+    deployment.name = FORM_DEPLOYMENT
+    with prefect_api(stack.prefect_api_url):
+        deployment_id = deployment.apply()
+        with get_client(sync_client=True) as client:
+            yield client.read_deployment(deployment_id)
+
+
+def _property_input(drv: Any, label: str) -> Any:
+    """The input (or textarea, for strings) of the innermost schema-form property labelled ``label``."""
+    from selenium.webdriver.common.by import By
+
+    xpath = (f"//span[contains(@class,'schema-form-property__label') and starts-with(normalize-space(.),'{label}')]"
+             "/ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]"
+             "/descendant::*[self::input or self::textarea][1]")
+    return drv.find_element(By.XPATH, xpath)
+
+
+def test_prefect_custom_run_form_is_typed_and_reaches_the_flow_run(stack, form_deployment, browser) -> None:
+    """Open the deployment's "Custom run" page, change training max_steps, submit: the new flow run's
+    parameters carry the changed value (read back through the Prefect API)."""
+    from prefect import get_client
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from sftflow.config import load_pipelines
+    from tests.integration.conftest import prefect_api
+
+    smoke = load_pipelines()["smoke"]
+    ui = stack.prefect_api_url.removesuffix("/api")
+    browser.get(f"{ui}/deployments/deployment/{form_deployment.id}/run")
+    _wait_for_text(browser, ["options", "Training", "Max Steps", "Max Examples", "Min Improvement",
+                             "Per Source", "overrides", "Submit"])
+    field = _property_input(browser, "Max Steps")
+    # The pipeline's current value is the default.
+    assert field.get_attribute("value") == str(smoke.training.max_steps)
+    assert _property_input(browser, "Base Model").get_attribute("value") == smoke.base_model
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", field)
+    _screenshot(browser, f"prefect-custom-run-form-{stack.backend}.png")
+    new_steps = smoke.training.max_steps + 7
+    field.clear()
+    field.send_keys(str(new_steps))
+    browser.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
+    # The UI goes to the new flow run's page.
+    WebDriverWait(browser, 60, poll_frequency=1.0).until(lambda d: "/runs/flow-run/" in d.current_url)
+    flow_run_id = browser.current_url.rsplit("/runs/flow-run/", 1)[1].split("?")[0].strip("/")
+    with prefect_api(stack.prefect_api_url), get_client(sync_client=True) as client:
+        fr = client.read_flow_run(flow_run_id)
+        try:
+            assert fr.deployment_id == form_deployment.id
+            options = fr.parameters["options"]
+            assert options["training"]["max_steps"] == new_steps
+            assert fr.parameters["pipeline"] == "smoke"
+            # What the flow will do with it: the override key path, on top of pipelines.yaml.
+            from sftflow.run_options import options_overrides, resolve_run_config
+
+            assert options_overrides(options, cfg=smoke) == {"training.max_steps": new_steps}
+            assert resolve_run_config("smoke", options=options).training.max_steps == new_steps
+        finally:
+            client.delete_flow_run(fr.id)  # never picked up (no runner serves this deployment)
+
+
+def test_mlflow_pages_answer_the_auditor(stack, smoke_run, browser) -> None:
+    """The model version page (gate decision + metrics table in its description) and the pipeline
+    run's evaluation table (``eval/side_by_side.json``, logged with ``log_table``) render in the UI."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
+    version = client.get_model_version_by_alias("sftflow-smoke", "candidate")
+    assert version.description, "the gate writes its decision on the version"
+    browser.get(f"{stack.mlflow_uri}/#/models/sftflow-smoke/versions/{version.version}")
+    _wait_for_text(browser, [f"Version {version.version}", "candidate"])
+    _screenshot(browser, f"mlflow-model-version-{stack.backend}.png")
+
+    run = client.get_run(version.run_id)
+    parent = run.data.tags.get("mlflow.parentRunId") or run.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(parent, "eval")}
+    assert "eval/side_by_side.json" in artifacts, artifacts
+    # Run inputs: the datasets with their digests (train, held-out, quarantine...) on the stage runs.
+    exp = run.info.experiment_id
+    stage_runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    contexts = {tag.value for r in stage_runs for d in (r.inputs.dataset_inputs if r.inputs else [])
+                for tag in d.tags if tag.key == "mlflow.data.context"}
+    assert {"training", "heldout"} <= contexts, contexts
+    assert any(c.endswith("quarantine") for c in contexts), contexts
+    browser.get(f"{stack.mlflow_uri}/#/experiments/{exp}/runs/{parent}/artifacts/eval/side_by_side.json")
+    _wait_for_text(browser, ["side_by_side.json"])
+    _screenshot(browser, f"mlflow-run-evaluation-{stack.backend}.png")

@@ -23,6 +23,10 @@ SUMMARY = {
 def test_stage_rows_from_metrics() -> None:
     assert stage_row("ingest", {"rows_read": 89.0, "rows_kept": 84.0, "rows_quarantined": 5.0}) == StageRow(
         name="ingest", rows_in=89, rows_out="84", note="5 quarantined")
+    # A capped mixture: out is what was mixed, the rest is said.
+    assert stage_row("ingest", {"rows_read": 1200.0, "rows_kept": 1200.0, "rows_mixed": 550.0, "rows_quarantined": 0.0,
+                                "rows_not_sampled": 650.0}) == StageRow(
+        name="ingest", rows_in=1200, rows_out="550", note="650 not sampled")
     r = stage_row("dedup_augmented", {"rows_in": 84.0, "rows_kept": 80.0, "rows_removed": 4.0, "removed_exact": 4.0})
     assert (r.rows_in, r.rows_out, r.note) == (84, "80", "4 removed (4 exact)")
     r = stage_row("split", {"rows_in": 80.0, "rows_train": 72.0, "rows_heldout": 8.0})
