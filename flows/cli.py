@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--json", action="store_true", help="print JSON instead of text")
     lin.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
 
+    sm = sub.add_parser("serve-model", **each, help="serve a registered version as an OpenAI-style chat endpoint",
+                        description="mlflow models serve on loopback for MODEL[@alias|/version] (default alias "
+                                    "champion); POST {\"messages\": [...], \"max_tokens\": N} to /invocations. "
+                                    "The model is MLflow's transformers chat flavor: it loads without this repository.")
+    sm.add_argument("model", help="e.g. sftflow-demo@champion or sftflow-demo/3")
+    sm.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    sm.add_argument("--port", type=_positive_int, default=5001)
+    sm.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
+
     runs = sub.add_parser("runs", **each, help="list recent runs of each pipeline",
                           description="Recent flow runs of each pipeline (default: every pipeline in pipelines.yaml) "
                                       "from MLflow: run id, start, status, duration, base/tuned rougeL, eval_loss, "
@@ -328,6 +337,27 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_model(args: argparse.Namespace) -> int:
+    """Run ``mlflow models serve`` for a registered version until interrupted (a thin convenience)."""
+    import subprocess
+
+    from sftflow.tracking.registry import serve_command
+    from sftflow.tracking.runs import is_local_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    _check_tracking(uri)
+    if is_local_store(uri):
+        _require_local_store(uri)
+    cmd = serve_command(args.model, host=args.host, port=args.port)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/invocations (Ctrl-C stops)", file=sys.stderr)
+    try:
+        # mlflow execs `uvicorn` by name: this interpreter's bin folder first (a venv not activated).
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        return subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
+    except KeyboardInterrupt:
+        return 130
+
+
 def _cmd_runs(args: argparse.Namespace) -> int:
     from sftflow.config import load_pipelines
     from sftflow.tracking.history import format_runs, recent_runs, targets_from_config
@@ -380,6 +410,7 @@ COMMANDS = {
     "ui": _cmd_ui,
     "lineage": _cmd_lineage,
     "runs": _cmd_runs,
+    "serve-model": _cmd_serve_model,
 }
 
 

@@ -51,6 +51,8 @@ LOG_FILE_NAME = "sftflow.log"
 # Loggers whose records are the run's own story (stage warnings/errors may be shown on the console).
 _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "sftflow", "flows", "tasks")
 PIPE_PROGRESS_EVERY_S = 30.0
+# Info lines a person must see even on the quiet console (a resumed training says where it resumed).
+_NOTABLE = re.compile(r"^(resumed from |training output in .* is complete)")
 _STEP_LINE = re.compile(r"\bstep (?P<done>\d+)/(?P<total>\d+) \| loss (?P<loss>[-\d.naif]+).*?\beta (?P<m>\d+)m(?P<s>\d+)s")
 _PROGRESS_LINE = re.compile(r"^progress (?P<what>\S+) (?P<done>\d+)/(?P<total>\d+)(?P<rest>.*?)\beta (?P<m>\d+)m(?P<s>\d+)s")
 _FINISHED = re.compile(r"^Finished in state (?P<state>[A-Za-z]+)")
@@ -606,6 +608,8 @@ class RunConsole:
         elif record.levelno >= logging.ERROR:
             first = msg.strip().splitlines()[0] if msg.strip() else record.levelname
             self._show(f"  ERROR {stage}: {first[:300]}")
+        elif _NOTABLE.search(msg.strip()):
+            self._show(f"  {stage}: {msg.strip().splitlines()[0][:300]}")
         elif record.levelno >= logging.WARNING:
             first = msg.strip().splitlines()[0] if msg.strip() else ""
             self._show(f"  warning {stage}: {first[:300]}")

@@ -38,8 +38,10 @@ from sftflow.errors import HomeError
 _PARSE_LIMIT = 256 << 20
 # What the evaluation stage reports for every set (tasks/evaluate.py: GENERATION_METRICS,
 # LOSS_METRICS, num_examples); judge_score only with `evaluation.judge`. A unit test keeps them equal.
-EVAL_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate",
-                "eval_loss", "perplexity", "eval_tokens", "num_examples")
+EVAL_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate", "runaway_rate_all",
+                "fit_fraction", "eval_loss", "perplexity", "eval_tokens", "answer_loss", "end_prob", "num_examples")
+# Metrics an evaluation has only for some data (rows with a reference answer: GSM8K-style sources).
+DATA_DEPENDENT_METRICS = ("accuracy",)
 
 
 # --------------------------------------------------------------------------- $SFTFLOW_HOME
@@ -285,7 +287,7 @@ def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]
         from sftflow.stats import strip_label
 
         metric = strip_label(cfg.promotion.metric)
-        per_set = list(EVAL_METRICS) + (["judge_score"] if cfg.evaluation.judge else [])
+        per_set = list(EVAL_METRICS) + list(DATA_DEPENDENT_METRICS) + (["judge_score"] if cfg.evaluation.judge else [])
         available = per_set + [f"{s.name}/{m}" for s in cfg.evaluation.extra_sets for m in per_set]
         if metric not in available:
             hint = " (set evaluation.judge: true)" if metric.endswith("judge_score") else ""

@@ -162,13 +162,29 @@ def test_prefect_custom_run_form_is_typed_and_reaches_the_flow_run(stack, form_d
     field.clear()
     field.send_keys(str(new_steps))
     browser.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
-    # The UI goes to the new flow run's page.
-    WebDriverWait(browser, 60, poll_frequency=1.0).until(lambda d: "/runs/flow-run/" in d.current_url)
-    flow_run_id = browser.current_url.rsplit("/runs/flow-run/", 1)[1].split("?")[0].strip("/")
+    # The UI creates the flow run and then shows it (or, in some UI versions, the deployment's
+    # Runs tab): find it through the API, the deployment has no other run.
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    def created(_: Any) -> str | bool:
+        with prefect_api(stack.prefect_api_url), get_client(sync_client=True) as c:
+            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[form_deployment.id])))
+        # (the deployment's cron may have scheduled runs of its own: those carry no options)
+        mine = [r for r in runs if "options" in r.parameters]
+        return str(mine[0].id) if mine else False
+
+    try:
+        flow_run_id = WebDriverWait(browser, 60, poll_frequency=1.0).until(created)
+    except Exception:
+        _screenshot(browser, f"prefect-custom-run-submit-failed-{stack.backend}.png")
+        body = browser.find_element(By.TAG_NAME, "body").text
+        raise AssertionError(f"submitting the form created no flow run ({browser.current_url}); "
+                             f"the page shows:\n{body[:4000]}") from None
     with prefect_api(stack.prefect_api_url), get_client(sync_client=True) as client:
         fr = client.read_flow_run(flow_run_id)
         try:
             assert fr.deployment_id == form_deployment.id
+            assert "options" in fr.parameters, fr.parameters
             options = fr.parameters["options"]
             assert options["training"]["max_steps"] == new_steps
             assert fr.parameters["pipeline"] == "smoke"

@@ -18,7 +18,7 @@ def test_pipeline_model_defaults_are_the_pipelines_current_values(demo) -> None:
     model = options_model(demo, pipeline="demo")
     opts = model()
     assert opts.base_model == demo.base_model
-    assert opts.training.max_steps == demo.training.max_steps == 30
+    assert opts.training.max_steps == demo.training.max_steps
     assert opts.training.learning_rate == demo.training.learning_rate
     assert opts.training.max_seq_len == demo.training.max_seq_len
     assert opts.augmentation.max_segments == demo.augmentation.max_segments
