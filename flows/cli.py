@@ -253,7 +253,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             console.line(f"Log: {console.log_path}")
         raise
     finally:
-        console.close()
+        console.close(keep_log=True)  # late records (the temporary server's shutdown) go to the log
     return 0
 
 

@@ -477,8 +477,15 @@ class RunConsole:
                   "(--verbose shows them here)")
         return self
 
-    def close(self) -> None:
-        """Give the console back (restore streams and Prefect's console handler); idempotent."""
+    def close(self, *, keep_log: bool = False) -> None:
+        """Give the console back (restore streams and Prefect's console handler); idempotent.
+
+        Args:
+            keep_log: leave the run's log file as the root logger's only handler instead of restoring
+                the console handlers: records logged after the run (Prefect's temporary server
+                shutting down at interpreter exit logs sqlalchemy tracebacks) go to the log, not the
+                console. For a process that exits right after the run (the CLI).
+        """
         if not self._installed:
             return
         self._installed = False
@@ -489,6 +496,8 @@ class RunConsole:
         if self.verbose:
             return
         sys.stdout, sys.stderr = self._saved["stdout"], self._saved["stderr"]
+        if keep_log and self._file_handler is not None:
+            return
         logging.captureWarnings(False)
         if self._file_handler is not None:
             root.removeHandler(self._file_handler)
