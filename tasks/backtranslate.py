@@ -74,7 +74,7 @@ from sftflow.data.records import (
     response_text,
 )
 from sftflow.inference.generation import RATING_MASS_FLOOR, unparseable_share
-from sftflow.inference.models import release_memory
+from sftflow.inference.models import load_for_inference, release_memory
 from sftflow.data.neardup import CrossPair, find_cross_duplicates, strongest_matches
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.data.tags import tag_dataset, tag_records  # noqa: F401  (tag_records: re-exported for callers)
@@ -633,17 +633,6 @@ def accounting(candidates: pd.DataFrame) -> dict[str, int]:
 
 
 # =========================================================================== the stage
-def _load_for_inference(ref: ModelRef, *, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
-    """Load a model for generation/scoring, merging a LoRA adapter so decoding pays no adapter cost."""
-    from sftflow.inference.models import load_model
-
-    model, tok = load_model(ref, dtype=dtype, trust_remote_code=trust_remote_code)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.eval()
-    return model, tok
-
-
 def _train_model(*, run_name: str, data: DatasetRef, base: ModelRef, cfg: TrainingConfig, out_dir: Path,
                  trust_remote_code: bool) -> HelperModel:
     """Fine-tune a helper model with the shared training recipe (no MLflow: the task logs it)."""
@@ -658,7 +647,7 @@ def _score(ref: ModelRef, rows: list[dict[str, Any]], *, cfg: AugmentationConfig
     from sftflow.inference.formatting import resolve_template
     from sftflow.inference.generation import score_pairs
 
-    model, tok = _load_for_inference(ref, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
+    model, tok = load_for_inference(ref, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
     template = resolve_template(tok, training.template)
     pairs = [(r["instruction"], r["segment"]) for r in rows]
     scores = score_pairs(model, tok, pairs, template=template, batch_size=cfg.curation.batch_size)
@@ -738,7 +727,7 @@ def backtranslate(
     # 3. self-augmentation: one candidate instruction per segment, batched
     generated: list[dict[str, Any]] = []
     if accepted:
-        model, tok = _load_for_inference(backward, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
+        model, tok = load_for_inference(backward, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
         template = resolve_template(tok, backward_cfg.template)
         prompts = [build_generation_prompt(tok, [{"role": "user", "content": s.text}], template=template)
                    for s in accepted]

@@ -66,7 +66,7 @@ from sftflow.data.records import (
     records_to_frame,
 )
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
-from sftflow.inference.models import release_memory
+from sftflow.inference.models import load_for_inference, release_memory
 from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy, table_artifact
 from sftflow.results import RejectionResult
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
@@ -328,17 +328,6 @@ def accounting(candidates: pd.DataFrame, *, k: int) -> dict[str, int]:
 
 
 # =========================================================================== the stage
-def _load_for_inference(ref: ModelRef, *, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
-    """Load a model for generation/scoring, merging a LoRA adapter so decoding pays no adapter cost."""
-    from sftflow.inference.models import load_model
-
-    model, tok = load_model(ref, dtype=dtype, trust_remote_code=trust_remote_code)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.eval()
-    return model, tok
-
-
 def _rubric_scores(rows: list[dict[str, Any]], *, tuned: tuple[Any, Any], base: ModelRef | None,
                    cfg: RejectionSamplingConfig, training: TrainingConfig, trust_remote_code: bool) -> list[float]:
     """Expected 1-5 rubric scores of (prompt, response) rows from ``cfg.scorer_model``."""
@@ -358,7 +347,7 @@ def _rubric_scores(rows: list[dict[str, Any]], *, tuned: tuple[Any, Any], base: 
             from sftflow.inference.models import resolve_model
 
             ref = resolve_model(cfg.scorer_model, trust_remote_code=trust_remote_code)
-        model, tok = _load_for_inference(ref, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
+        model, tok = load_for_inference(ref, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
     template = resolve_template(tok, training.template)
     scores = score_pairs(model, tok, [(r["prompt"], r["response"]) for r in rows], template=template,
                          batch_size=cfg.score_batch_size)
@@ -408,7 +397,7 @@ def rejection_sample(
         raise ValueError(f"rejection_sampling.prompts: the prompt pool ({cfg.prompts}) is empty")
     screened = screen_prompts(pool, heldout=heldout, dedup=dedup)
 
-    tuned = _load_for_inference(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
+    tuned = load_for_inference(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
     mdl, tok = tuned
     template = resolve_template(tok, training.template)
     to_sample: list[int] = []

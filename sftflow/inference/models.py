@@ -739,6 +739,15 @@ def load_model(
     return model, tokenizer
 
 
+def load_for_inference(ref: ModelRef, *, dtype: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load a model for generation/scoring in eval mode, merging a LoRA adapter so decoding pays no adapter cost."""
+    model, tok = load_model(ref, dtype=dtype, trust_remote_code=trust_remote_code)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.eval()
+    return model, tok
+
+
 def list_models() -> list[dict[str, Any]]:
     """Every model known here: embedded ones (pulled or not) and every directory in ``models_dir()``.
 
