@@ -47,7 +47,6 @@ Run it alone (the flow does this through ``backtranslate_task``)::
 
 from __future__ import annotations
 
-import base64
 import glob
 import json
 import math
@@ -64,7 +63,7 @@ from prefect import task
 
 from sftflow import layout
 from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
-from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
 from sftflow.data.records import (
     AccountingError,
     frame_to_records,
@@ -1040,12 +1039,8 @@ def backtranslate_task(
                  "backtranslate/summary.json")
         table_artifact(f"{ctx.pipeline}-backtranslate-examples", _examples(frame),
                        description="Self-curation: best and worst scored pairs")
-        # The histogram PNG rides inside the Prefect markdown as a data URI (Prefect artifacts hold
-        # no files); it is ~20 KB.
-        png_b64 = base64.b64encode(png.read_bytes()).decode()
-        markdown_artifact(f"{ctx.pipeline}-backtranslate-summary",
-                          summary + f"\n\n![score histogram](data:image/png;base64,{png_b64})",
-                          description="Backtranslation accounting and score histogram")
+        markdown_with_image(f"{ctx.pipeline}-backtranslate-summary", summary, png, alt="score histogram",
+                            description="Backtranslation accounting and score histogram")
     ctx.layout.mark_done(STAGE)
     return AugmentResult(curated=out.curated, candidates=out.candidates, backward_model=out.backward_model,
                          curation_model=out.curation_model, seed=out.seed, counts=out.counts, heldout=out.heldout,

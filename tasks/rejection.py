@@ -41,7 +41,6 @@ Run it alone::
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import random
@@ -67,7 +66,7 @@ from sftflow.data.records import (
 )
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.inference.models import load_for_inference, release_memory
-from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
 from sftflow.results import RejectionResult
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 
@@ -624,10 +623,8 @@ def rejection_task(
                        [{"prompt": r.prompt[:200], "response": r.response[:240], "score": round(float(r.score), 3),
                          "kept": bool(r.kept), "reason": r.reason} for r in best.head(10).itertuples()],
                        description="Rejection sampling: best sample of each prompt")
-        png_b64 = base64.b64encode(png.read_bytes()).decode()
-        markdown_artifact(f"{ctx.pipeline}-rejection-summary",
-                          summary + f"\n\n![score histogram](data:image/png;base64,{png_b64})",
-                          description="Rejection sampling accounting and score histogram")
+        markdown_with_image(f"{ctx.pipeline}-rejection-summary", summary, png, alt="score histogram",
+                            description="Rejection sampling accounting and score histogram")
     ctx.layout.mark_done(STAGE)
     return RejectionResult(selected=out.selected, candidates=out.candidates, train_round2=out.train_round2,
                            counts=out.counts)

@@ -114,6 +114,14 @@ def _device(model: Any) -> Any:
         return torch.device("cpu")
 
 
+def _base_gen_kwargs(*, max_new_tokens: int, sample: bool, stops: list[int], pad_id: int) -> dict[str, Any]:
+    """``generate`` arguments every caller sets. Explicit values override anything in the model's
+    generation_config (e.g. Gemma ships do_sample with top_k=64/top_p=0.95; a global default
+    top_k=50 would apply otherwise)."""
+    return {"max_new_tokens": max_new_tokens, "do_sample": sample, "repetition_penalty": 1.0,
+            "eos_token_id": stops or None, "pad_token_id": pad_id, "use_cache": True}
+
+
 def _pad_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
     """The id used for left padding: the tokenizer's pad, else its eos, else the first stop id."""
     for cand in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
@@ -213,16 +221,7 @@ def generate_batch(
     pad_id = _pad_id(tokenizer, stops)
     device = _device(model)
     sample = temperature > 0
-    # Explicit values override anything in the model's generation_config (e.g. Gemma ships
-    # do_sample with top_k=64/top_p=0.95; a global default top_k=50 would apply otherwise).
-    gen_kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": sample,
-        "repetition_penalty": 1.0,
-        "eos_token_id": stops or None,
-        "pad_token_id": pad_id,
-        "use_cache": True,
-    }
+    gen_kwargs = _base_gen_kwargs(max_new_tokens=max_new_tokens, sample=sample, stops=stops, pad_id=pad_id)
     if sample:
         gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     if min_new_tokens > 0:
@@ -378,14 +377,7 @@ def sample_k(
     device = _device(model)
     cache_arg = _cache_kwarg(model)
     sample = temperature > 0
-    gen_kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": sample,
-        "repetition_penalty": 1.0,
-        "eos_token_id": stops or None,
-        "pad_token_id": pad_id,
-        "use_cache": True,
-    }
+    gen_kwargs = _base_gen_kwargs(max_new_tokens=max_new_tokens, sample=sample, stops=stops, pad_id=pad_id)
     if sample:
         # Temperature and top-p are applied by one processor (in that order); generate's own
         # warpers are neutralised so nothing from the model's generation_config adds to them.

@@ -11,6 +11,7 @@ never retries (it resumes from its last checkpoint when the flow runs again).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from sftflow import layout
@@ -88,6 +89,15 @@ def markdown_artifact(key: str, markdown: str, *, description: str = "") -> None
     except Exception:
         return
     create_markdown_artifact(key=_artifact_key(key), markdown=markdown, description=description or None)
+
+
+def markdown_with_image(key: str, markdown: str, png: str | Path, *, alt: str, description: str = "") -> None:
+    """A markdown artifact with ``png`` appended inline as a data URI (Prefect artifacts hold no files;
+    a histogram PNG is ~20 KB). No-op outside a flow, like ``markdown_artifact``."""
+    import base64
+
+    b64 = base64.b64encode(Path(png).read_bytes()).decode()
+    markdown_artifact(key, f"{markdown}\n\n![{alt}](data:image/png;base64,{b64})", description=description)
 
 
 def table_artifact(key: str, rows: list[dict[str, Any]], *, description: str = "") -> None:
