@@ -173,6 +173,8 @@ def resolve_max_new_tokens(cfg: EvaluationConfig, ref_lengths: list[int]) -> int
 def split_prompt_reference(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
     """Prompt = every turn before the last assistant turn; reference = that assistant turn.
 
+    A reference that calls tools is its text plus its calls (``formatting.assistant_text``).
+
     Raises:
         ValueError: the conversation has no assistant turn, or no user turn before it.
     """
@@ -182,7 +184,9 @@ def split_prompt_reference(messages: list[dict[str, str]]) -> tuple[list[dict[st
     prompt = list(messages[:last])
     if not any(m["role"] == "user" for m in prompt):
         raise ValueError("no user turn before the last assistant turn")
-    return prompt, messages[last]["content"]
+    from sftflow.inference.formatting import assistant_text
+
+    return prompt, assistant_text(messages[last])
 
 
 # --------------------------------------------------------------------------- extra held-out sets
@@ -209,8 +213,8 @@ def load_eval_set(spec: ExtraEvalSet, *, max_rows: int | None = None) -> list[di
     # Every converted conversation ends with an assistant turn after a user turn (formats checks
     # it), so each one splits into a prompt and a reference.
     records = got.records[:limit] if limit else got.records
-    return [{"id": record_id(r.messages), "messages": r.messages, "source": spec.name, "category": r.category,
-             "answer": r.answer} for r in records]
+    return [{"id": record_id(r.messages, tools=r.tools), "messages": r.messages, "source": spec.name,
+             "category": r.category, "answer": r.answer, "tools": r.tools} for r in records]
 
 
 def _text(value: Any) -> str:
@@ -227,7 +231,8 @@ def _heldout_rows(heldout: DatasetRef, *, max_rows: int | None) -> list[dict[str
         except ValueError as e:
             raise ValueError(f"held-out dataset {heldout.path} row id={rec['id']}: {e}") from None
         rows.append({"id": rec["id"], "messages": rec["messages"], "source": _text(rec.get("source")),
-                     "category": _text(rec.get("category")), "answer": _text(rec.get("answer"))})
+                     "category": _text(rec.get("category")), "answer": _text(rec.get("answer")),
+                     "tools": _text(rec.get("tools"))})
         if max_rows and len(rows) >= max_rows:
             break
     return rows
@@ -235,7 +240,8 @@ def _heldout_rows(heldout: DatasetRef, *, max_rows: int | None) -> list[dict[str
 
 # --------------------------------------------------------------------------- model passes
 def _loss_metrics(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, template: str,
-                  max_seq_len: int, overlong: str, batch_size: int) -> tuple[dict[str, float], pd.DataFrame]:
+                  max_seq_len: int, overlong: str, batch_size: int,
+                  tools: list[str] | None = None) -> tuple[dict[str, float], pd.DataFrame]:
     """Loss metrics of one set, and the per-row losses behind them.
 
     ``eval_loss``/``perplexity``/``eval_tokens`` come from ``sftflow.training.loss.heldout_loss``,
@@ -252,9 +258,10 @@ def _loss_metrics(model: Any, tokenizer: Any, conversations: list[list[dict[str,
     from sftflow.training.loss import heldout_loss, row_losses
 
     got = heldout_loss(model, tokenizer, conversations, template=template, max_seq_len=max_seq_len,
-                       overlong=overlong, batch_size=batch_size)
+                       overlong=overlong, batch_size=batch_size, tools=tools)
     rows = row_losses(model, tokenizer, conversations, template=template, max_seq_len=max_seq_len,
-                      overlong=overlong, stop_ids=stop_token_ids(tokenizer, template), batch_size=batch_size)
+                      overlong=overlong, stop_ids=stop_token_ids(tokenizer, template), batch_size=batch_size,
+                      tools=tools)
     per_row = pd.DataFrame({
         "loss": [r.loss / r.tokens if r and r.tokens else math.nan for r in rows],
         "loss_tokens": [r.tokens if r else 0 for r in rows],
@@ -275,11 +282,14 @@ def _loss_metrics(model: Any, tokenizer: Any, conversations: list[list[dict[str,
 
 
 def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig,
-              max_new_tokens: int):
+              max_new_tokens: int, tools: list[str] | None = None):
     from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
     from sftflow.inference.generation import generate_batch
 
-    ids = [list(build_generation_prompt(tokenizer, p, template=template)) for p in prompts]
+    # A tool conversation's prompt shows its tool schemas, exactly as training rendered them.
+    tool_list = tools if tools is not None else [None] * len(prompts)
+    ids = [list(build_generation_prompt(tokenizer, p, template=template, tools=t or None))
+           for p, t in zip(prompts, tool_list, strict=True)]
     return generate_batch(
         model,
         tokenizer,
@@ -294,6 +304,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *
 
 
 def _format_robustness(lm: Any, tok: Any, *, prompts: list[list[dict[str, str]]], refs: list[str],
+                       tools: list[str] | None = None,
                        answers: list[str], plain: pd.DataFrame, template: str, cfg: EvaluationConfig,
                        max_new_tokens: int, out_path: Path) -> dict[str, float]:
     """ROUGE-L (and accuracy) of the held-out prompts under the first N prompt wrappers, and their spread.
@@ -325,7 +336,8 @@ def _format_robustness(lm: Any, tok: Any, *, prompts: list[list[dict[str, str]]]
         else:
             wrapped = [wrap_messages(prompts[i], name) for i in rows]
             outputs = [g.text for g in _generate(lm, tok, wrapped, template=template, cfg=cfg,
-                                                 max_new_tokens=max_new_tokens)] if n else []
+                                                 max_new_tokens=max_new_tokens,
+                                                 tools=[tools[i] for i in rows] if tools else None)] if n else []
             per_row = rouge_l(outputs, [refs[i] for i in rows])
         acc, _, correct = answer_accuracy(outputs=outputs, answers=[answers[i] for i in rows])
         value = sum(per_row) / n if n else math.nan
@@ -425,12 +437,14 @@ def evaluate(
         prefix = "" if set_name == HELDOUT_SET else f"{set_name}/"
         convs = [r["messages"] for r in rows]
         prompts, refs = zip(*(split_prompt_reference(c) for c in convs)) if convs else ((), ())
+        tools = [r.get("tools", "") for r in rows]
         loss_metrics, losses = _loss_metrics(lm, tok, convs, template=tmpl, max_seq_len=max_seq_len,
-                                             overlong=overlong, batch_size=cfg.batch_size)
+                                             overlong=overlong, batch_size=cfg.batch_size, tools=tools)
         metrics.update({prefix + k: v for k, v in loss_metrics.items()})
         ref_len = reference_lengths(tok, list(refs))
         bound = resolve_max_new_tokens(cfg, ref_len)
-        gens = _generate(lm, tok, list(prompts), template=tmpl, cfg=cfg, max_new_tokens=bound) if prompts else []
+        gens = _generate(lm, tok, list(prompts), template=tmpl, cfg=cfg, max_new_tokens=bound,
+                         tools=tools) if prompts else []
         outputs = [g.text for g in gens]
         gm, per_row = generation_metrics(
             outputs=outputs,
@@ -470,7 +484,8 @@ def evaluate(
             # Per task (source, category) of the held-out mixture; extra sets are one task each.
             metrics.update(per_task_metrics(frame))
             if cfg.format_robustness.wrappers:
-                metrics.update(_format_robustness(lm, tok, prompts=list(prompts), refs=list(refs), answers=answers,
+                metrics.update(_format_robustness(lm, tok, prompts=list(prompts), refs=list(refs), tools=tools,
+                                                  answers=answers,
                                                   plain=frame, template=tmpl, cfg=cfg, max_new_tokens=bound,
                                                   out_path=Path(out_dir) / f"format_{layout.safe_name(label)}.parquet"))
         frames.append(frame)

@@ -457,6 +457,19 @@ def tool_call_text(calls: Sequence[dict[str, Any]]) -> str:
                      f"{TOOL_CALL_CLOSE}" for c in calls)
 
 
+def assistant_text(message: dict[str, Any]) -> str:
+    """What an assistant turn says, as text: its content, then its tool calls as fallback lines.
+
+    Evaluation compares generations with this (a turn that only calls a tool has empty content;
+    its reference is the call the model should make).
+    """
+    calls = _calls_of(message)
+    content = str(message.get("content", ""))
+    if not calls:
+        return content
+    return "\n".join(x for x in (content.strip(), tool_call_text(calls)) if x)
+
+
 def tool_text_fallback(messages: Sequence[dict[str, Any]], tools: Any = None) -> list[dict[str, str]]:
     """A tool conversation as plain system/user/assistant turns (the documented text fallback above)."""
     schemas = _tools_of(tools)

@@ -50,7 +50,8 @@ def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, *, temp
     the same way wherever its loss is computed.
 
     Args:
-        records: rows with ``messages`` (the canonical shape); ``id`` names a row in errors.
+        records: rows with ``messages`` (the canonical shape); ``id`` names a row in errors;
+            ``tools`` (optional) holds a tool conversation's schemas.
         tokenizer: the model's tokenizer.
         template: resolved prompt template (``gemma``/``chatml``/``native``).
         max_seq_len: longest row in tokens.
@@ -76,7 +77,10 @@ def encode_records(records: Iterable[Mapping[str, Any]], tokenizer: Any, *, temp
                 messages = wrap_messages(messages, name)
                 out.wrapped[name] = out.wrapped.get(name, 0) + 1
         try:
-            ids, labels = encode_for_training(tokenizer, messages, template=template, max_len=None)
+            # A tool conversation's schemas render with it (template or text fallback), so the
+            # model learns its calls with the tools it was offered in view.
+            ids, labels = encode_for_training(tokenizer, messages, template=template, max_len=None,
+                                              tools=row.get("tools") or None)
         except ValueError as e:
             prefix = f"{where}: " if where else ""
             raise ValueError(f"{prefix}row id={row.get('id', n)!r}: {e}") from None

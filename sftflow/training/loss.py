@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -209,9 +209,19 @@ def encoded_loss(loss_mod: CausalLMLoss, rows: list[tuple[list[int], list[int]]]
     return HeldoutLoss(loss=float(total[0] / tokens) if tokens else math.nan, tokens=tokens, rows=len(rows))
 
 
+def _aligned_tools(tools: Sequence[Any] | None, n: int) -> list[Any]:
+    """Per-conversation tool schemas, checked to be aligned with the conversations."""
+    if tools is None:
+        return [None] * n
+    out = list(tools)
+    if len(out) != n:
+        raise ValueError(f"tools: {len(out)} entries for {n} conversations (one per conversation expected)")
+    return out
+
+
 def heldout_loss(model: Any, tokenizer: Any, conversations: Iterable[list[Mapping[str, str]]], *, template: str,
                  max_seq_len: int, overlong: str = "truncate", batch_size: int = 8,
-                 precision: str = "auto") -> HeldoutLoss:
+                 precision: str = "auto", tools: Sequence[Any] | None = None) -> HeldoutLoss:
     """The held-out loss of ``model`` on ``conversations``, exactly as training measures it.
 
     Rows are encoded with training's encoder and over-long policy (pass ``training.max_seq_len``
@@ -227,6 +237,8 @@ def heldout_loss(model: Any, tokenizer: Any, conversations: Iterable[list[Mappin
         batch_size: rows per forward pass.
         precision: ``auto`` computes the head in the model's own dtype without autocast;
             ``bf16`` autocasts as bf16 training does; ``fp32`` computes in float32.
+        tools: per conversation, its tool schemas (the record's ``tools``; None/"" for none),
+            aligned with ``conversations``; None when no conversation has tools.
 
     Returns:
         ``HeldoutLoss`` (NaN loss and 0 tokens when no row has an answer token).
@@ -236,8 +248,10 @@ def heldout_loss(model: Any, tokenizer: Any, conversations: Iterable[list[Mappin
     """
     from sftflow.training.data import collate, encode_records
 
-    data = encode_records(({"messages": list(c)} for c in conversations), tokenizer, template=template,
-                          max_seq_len=max_seq_len, overlong=overlong)
+    convs = [list(c) for c in conversations]
+    tool_list = _aligned_tools(tools, len(convs))
+    data = encode_records(({"messages": c, "tools": t} for c, t in zip(convs, tool_list)), tokenizer,
+                          template=template, max_seq_len=max_seq_len, overlong=overlong)
     if not data.rows:
         return HeldoutLoss(loss=math.nan, tokens=0, rows=0)
     head_dtype = model.get_output_embeddings().weight.dtype
@@ -273,7 +287,7 @@ class RowLoss:
 
 def row_losses(model: Any, tokenizer: Any, conversations: Iterable[list[Mapping[str, str]]], *, template: str,
                max_seq_len: int, overlong: str = "truncate", stop_ids: Iterable[int] = (),
-               batch_size: int = 8) -> list[RowLoss | None]:
+               batch_size: int = 8, tools: Sequence[Any] | None = None) -> list[RowLoss | None]:
     """Per-row held-out losses, aligned with ``conversations`` (None for a row that has no label).
 
     Rows are encoded and truncated exactly as ``heldout_loss``/training do (``encode_for_training``
@@ -287,14 +301,16 @@ def row_losses(model: Any, tokenizer: Any, conversations: Iterable[list[Mapping[
         max_seq_len / overlong: training's over-long policy.
         stop_ids: the template's end-of-turn ids (``formatting.stop_token_ids``).
         batch_size: rows per decoder pass (the head runs one row at a time: bounded logits memory).
+        tools: per conversation, its tool schemas (aligned with ``conversations``), as ``heldout_loss``.
     """
     from sftflow.inference.formatting import encode_for_training
     from sftflow.training.data import collate
 
     stops = {int(i) for i in stop_ids}
     encoded: list[tuple[list[int], list[int]] | None] = []
-    for c in conversations:
-        ids, labels = encode_for_training(tokenizer, list(c), template=template, max_len=None)
+    convs = [list(c) for c in conversations]
+    for c, t in zip(convs, _aligned_tools(tools, len(convs))):
+        ids, labels = encode_for_training(tokenizer, c, template=template, max_len=None, tools=t or None)
         if len(ids) > max_seq_len:
             if overlong == "drop":
                 encoded.append(None)

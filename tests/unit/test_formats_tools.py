@@ -348,3 +348,42 @@ def test_source_config_new_keys() -> None:
         SourceConfig(name="x", path="f.json", reasoning="maybe")
     with pytest.raises(ValidationError):
         SourceConfig(name="x", path="f.json", preference="rejected")
+
+
+# --------------------------------------------------------------------------- tool schemas reach every encoder
+def test_training_and_heldout_encoding_render_the_rows_tool_schemas() -> None:
+    """Training rows, training's eval loss and evaluation's loss all see a tool row's schemas."""
+    from sftflow.training.data import encode_records
+
+    tok = _tokenizer()
+    msgs, tools = _sample_conversation()
+    frame = records_to_frame([make_record(messages=msgs, source="tools", origin="seed", tools=tools)])
+    rec = frame_to_records(frame)[0]
+    enc = encode_records([rec], tok, template="gemma", max_seq_len=4096)
+    ids, labels = enc.rows[0]
+    assert (ids, labels) == tuple(encode_for_training(tok, msgs, template="gemma", tools=tools))
+    assert "<tools>" in tok.decode(ids) and '"name": "wikipedia"' in tok.decode(ids)
+    without = encode_records([{**rec, "tools": ""}], tok, template="gemma", max_seq_len=4096).rows[0][0]
+    assert len(without) < len(ids) and "<tools>" not in tok.decode(without)
+
+
+def test_heldout_loss_takes_tools_aligned_with_conversations() -> None:
+    from sftflow.training.loss import _aligned_tools
+
+    assert _aligned_tools(None, 2) == [None, None]
+    assert _aligned_tools(["[]", ""], 2) == ["[]", ""]
+    with pytest.raises(ValueError, match="1 entries for 2 conversations"):
+        _aligned_tools([""], 2)
+
+
+def test_evaluation_reference_of_a_tool_call_turn_is_the_call() -> None:
+    from tasks.evaluate import split_prompt_reference
+
+    msgs, tools = _sample_conversation()
+    prompt, ref = split_prompt_reference(msgs[:2])  # the last assistant turn only calls a tool
+    assert ref == '<tool_call>{"name": "wikipedia", "arguments": {"query": "French Revolution"}}</tool_call>'
+    prompt, ref = split_prompt_reference(msgs)
+    assert ref == msgs[3]["content"] and len(prompt) == 3
+    tok = _tokenizer()
+    ids = build_generation_prompt(tok, prompt, template="gemma", tools=tools)
+    assert "<tools>" in tok.decode(ids)
