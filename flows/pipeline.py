@@ -134,7 +134,9 @@ def sftflow_pipeline(
                                     base=base, dedup=cfg.dedup, trust_remote_code=cfg.trust_remote_code)
                 summary["rejection_sampling"] = dict(rs.counts)
                 round1 = trained
-                trained = train_task(rs.train_round2, heldout, base, cfg.rejection_sampling.round2(cfg.training),
+                # Round 2 continues from round 1 by default (round2_from: round1); `base` retrains from scratch.
+                start = trained.model if cfg.rejection_sampling.round2_from == "round1" else base
+                trained = train_task(rs.train_round2, heldout, start, cfg.rejection_sampling.round2(cfg.training),
                                      ctx=ctx, register_as=model_name, stage="train.round2")
             summary["model"] = {"name": trained.registered_name, "version": trained.registered_version,
                                 "uri": trained.model_uri, "path": trained.model.path}

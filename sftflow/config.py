@@ -311,6 +311,9 @@ class RejectionSamplingConfig(_Section):
     score_batch_size: int = Field(8, gt=0)
     require_finished: bool = Field(True, description="a sample that ran into max_new_tokens is never selected")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    round2_from: Literal["round1", "base"] = Field(
+        "round1", description="round 2 starts from the round-1 model (continued training: round2_training can be "
+                              "short) or from the base model (the RFT paper's recipe: give it round 1's steps)")
     # Partial TrainingConfig overrides for round 2 (only the keys given replace the pipeline's
     # `training` section; checked by `round2_training`, which names the key path).
     round2_training: dict[str, Any] = Field(default_factory=dict, description="training overrides for round 2")
@@ -418,6 +421,9 @@ class ExecutionConfig(_Section):
     num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of a local Ray cluster (None: all)")
     num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray cluster (None: detected)")
     shard_rows: int = Field(100_000, gt=0, description="rows per Parquet shard the data stages map over")
+    generation_backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="generation engine: hf (transformers), vllm (needs CUDA and the vllm extra), "
+                            "auto (vllm when both are present, else hf)")
 
 
 class PipelineConfig(_Section):

@@ -143,6 +143,10 @@ def stage_row(stage: str, metrics: dict[str, float], *, state: str = "Completed"
         rin, rout = _int(m, "bt_segments_in"), out("bt_kept")
         if _int(m, "bt_generated") is not None:
             note = f"{_int(m, 'bt_generated')} generated, {_int(m, 'bt_kept') or 0} curated"
+    elif kind == "rejection":
+        rin, rout = _int(m, "rs_prompts_in"), out("rs_kept")
+        if _int(m, "rs_samples") is not None:
+            note = f"{_int(m, 'rs_samples')} samples, {_int(m, 'rs_kept') or 0} prompts kept"
     elif kind == "train":
         rin = _int(m, "train_rows")
         bits = []

@@ -34,6 +34,8 @@ def test_stage_rows_from_metrics() -> None:
     r = stage_row("evaluate.tuned", {"tuned/num_examples": 8.0, "tuned/rougeL": 0.25})
     assert r.rows_in == 8 and "rougeL 0.2500" in r.note
     assert stage_row("promote", {"promotion/promoted": 1.0}).note == "promoted"
+    r = stage_row("rejection", {"rs_prompts_in": 16.0, "rs_kept": 11.0, "rs_samples": 32.0})
+    assert (r.rows_in, r.rows_out, r.note) == (16, "11", "32 samples, 11 prompts kept")
     assert stage_row("train", {}, state="Cached").note == "served from cache"
 
 
