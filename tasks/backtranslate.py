@@ -11,7 +11,9 @@ Reads top to bottom as the method:
    instruction the assistant turn) and fine-tune the base model on it with the shared training recipe
    (``sftflow.training.loop.train``; ``augmentation.backward_training`` overrides ``training``).
 3. **Self-augmentation.** M_yx writes one candidate instruction per segment, batched with the KV
-   cache (``sftflow.inference.generation.generate_batch``; temperature/top-p from config, tokens bounded).
+   cache (``sftflow.inference.generation.generate_batch``; temperature/top-p from config, tokens bounded),
+   through ``sftflow.inference.batch.generate_texts``: in this process, or with ``execution.engine: ray``
+   over Ray Data actors (one model each; vLLM on GPU per ``execution.generation_backend``).
    A generation that ran into the token bound keeps its first question/line when it has one
    (``salvage_instruction``). Candidates that are empty, cut off with nothing to salvage,
    garbled, repetitive, copied from the segment, or
@@ -20,8 +22,9 @@ Reads top to bottom as the method:
 4. **Self-curation.** A curation model (``curation.model``: ``forward`` = M0 trained on the seed
    data, ``base``, or a model name/path) rates each remaining (instruction, segment) pair 1-5 from
    the next-token distribution after ``Score:`` (``sftflow.inference.generation.score_pairs``: one forward
-   pass); pairs whose expected score >= ``curation.threshold`` are kept. The share of ratings the model
-   did not expect (little probability on "1".."5") is logged as ``bt_unparseable_scores``.
+   pass; through ``sftflow.inference.batch.score_texts``, local or Ray Data actors); pairs whose
+   expected score >= ``curation.threshold`` are kept. The share of ratings the model did not expect
+   (little probability on "1".."5") is logged as ``bt_unparseable_scores``.
 5. **Iteration** (``iterations`` > 1): train M_k on tagged seed + curated pairs and rescore.
 6. **Tagging.** Curated pairs carry ``augmented_system_prompt`` as a system turn and
    ``origin=backtranslated``; the seed gets ``seed_system_prompt`` (``tag_seed``), so the final
@@ -73,7 +76,7 @@ from sftflow.data.records import (
     response_text,
 )
 from sftflow.inference.generation import RATING_MASS_FLOOR, unparseable_share
-from sftflow.inference.models import load_for_inference, release_memory
+from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
 from sftflow.data.neardup import CrossPair, find_cross_duplicates, strongest_matches
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.data.tags import tag_dataset, tag_records  # noqa: F401  (tag_records: re-exported for callers)
@@ -643,16 +646,10 @@ def _train_model(*, run_name: str, data: DatasetRef, base: ModelRef, cfg: Traini
 
 def _score(ref: ModelRef, rows: list[dict[str, Any]], *, cfg: AugmentationConfig, training: TrainingConfig,
            trust_remote_code: bool) -> list[Any]:
-    from sftflow.inference.formatting import resolve_template
-    from sftflow.inference.generation import score_pairs
-
-    model, tok = load_for_inference(ref, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
-    template = resolve_template(tok, training.template)
+    # In this process, or over Ray Data actors (one model each) with execution.engine=ray.
     pairs = [(r["instruction"], r["segment"]) for r in rows]
-    scores = score_pairs(model, tok, pairs, template=template, batch_size=cfg.curation.batch_size)
-    del model
-    release_memory()
-    return scores
+    return score_texts(ref, pairs, template=training.template, batch_size=cfg.curation.batch_size,
+                       dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
 
 
 def backtranslate(
@@ -691,7 +688,6 @@ def backtranslate(
         ValueError: a malformed corpus file (naming file and row) or an empty seed.
     """
     from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
-    from sftflow.inference.generation import generate_batch
 
     if cfg.corpus is None:
         raise ConfigError("augmentation.corpus: required to backtranslate")
@@ -726,16 +722,20 @@ def backtranslate(
     # 3. self-augmentation: one candidate instruction per segment, batched
     generated: list[dict[str, Any]] = []
     if accepted:
-        model, tok = load_for_inference(backward, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
+        # The local engine loads M_yx here; execution.engine=ray loads only its tokenizer here and
+        # the model once per Ray Data actor (vLLM where execution.generation_backend selects it).
+        backward_model = ModelHandle(backward, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
+        tok = backward_model.tokenizer
         template = resolve_template(tok, backward_cfg.template)
         prompts = [build_generation_prompt(tok, [{"role": "user", "content": s.text}], template=template)
                    for s in accepted]
         g = cfg.generation
-        outs = generate_batch(model, tok, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                              top_p=g.top_p, batch_size=g.batch_size, stop_ids=stop_token_ids(tok, template),
-                              seed=g.seed)
-        del model
-        release_memory()
+        try:
+            outs = generate_texts(backward_model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                                  top_p=g.top_p, batch_size=g.batch_size, stop_ids=stop_token_ids(tok, template),
+                                  seed=g.seed)
+        finally:
+            backward_model.close()
         for seg, out in zip(accepted, outs):
             text, salvaged = out.text, False
             if not out.finished:

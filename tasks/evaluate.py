@@ -9,7 +9,9 @@ two results. For each evaluated set (the held-out split, plus any ``evaluation.e
    agree on the same rows. The loss is the token-weighted mean over the set.
 2. **Generation**: the prompt (every turn before the last assistant turn) is formatted with
    ``build_generation_prompt`` and answered with ``sftflow.inference.generation.generate_batch`` (greedy by
-   default, ``max_new_tokens`` bounded, batched). Metrics: ROUGE-L F1 against the reference
+   default, ``max_new_tokens`` bounded, batched; via ``sftflow.inference.batch.generate_texts``: in this
+   process, or over Ray Data actors with ``execution.engine: ray``, vLLM per
+   ``execution.generation_backend``). Metrics: ROUGE-L F1 against the reference
    (``rouge_score``), mean response length (new tokens and words), empty rate, runaway rate
    (generations that hit the token bound without an end-of-turn).
 3. **Answer accuracy** (verifiable tasks): when rows carry a reference ``answer`` (GSM8K-style
@@ -25,8 +27,8 @@ two results. For each evaluated set (the held-out split, plus any ``evaluation.e
    ordinary run, reused), giving ``format/<wrapper>/rougeL`` (and ``/accuracy``), their
    ``format_spread`` (max - min) and ``format_std``; per-row outputs go to ``format_<label>.parquet``.
 6. **Judge** (optional): the logit-based 1-5 rubric scorer of self-curation
-   (``sftflow.inference.generation.score_pairs``), run by one fixed judge model so base and tuned are scored
-   by the same judge.
+   (``sftflow.inference.generation.score_pairs``, via ``sftflow.inference.batch.score_texts``), run by one
+   fixed judge model so base and tuned are scored by the same judge.
 
 Extra sets are read by ingestion's converters (``sftflow.data.formats.load_records``), so every
 format and role alias ingest accepts works here, multi-turn conversations included.
@@ -60,6 +62,7 @@ from sftflow.data.answers import answers_match, extract_final_answer
 from sftflow.data.records import frame_to_records
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.errors import DataError
+from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.results import HELDOUT_SET, EvalResult
 
@@ -281,18 +284,18 @@ def _loss_metrics(model: Any, tokenizer: Any, conversations: list[list[dict[str,
     return metrics, per_row
 
 
-def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig,
+def _generate(model: ModelHandle, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig,
               max_new_tokens: int, tools: list[str] | None = None):
+    """Generations for ``prompts`` with the active engine (this process, or Ray Data actors / vLLM)."""
     from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
-    from sftflow.inference.generation import generate_batch
 
+    tokenizer = model.tokenizer
     # A tool conversation's prompt shows its tool schemas, exactly as training rendered them.
     tool_list = tools if tools is not None else [None] * len(prompts)
     ids = [list(build_generation_prompt(tokenizer, p, template=template, tools=t or None))
            for p, t in zip(prompts, tool_list, strict=True)]
-    return generate_batch(
+    return generate_texts(
         model,
-        tokenizer,
         ids,
         max_new_tokens=max_new_tokens,
         temperature=cfg.temperature if cfg.do_sample else 0.0,
@@ -303,7 +306,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *
     )
 
 
-def _format_robustness(lm: Any, tok: Any, *, prompts: list[list[dict[str, str]]], refs: list[str],
+def _format_robustness(model: ModelHandle, *, prompts: list[list[dict[str, str]]], refs: list[str],
                        tools: list[str] | None = None,
                        answers: list[str], plain: pd.DataFrame, template: str, cfg: EvaluationConfig,
                        max_new_tokens: int, out_path: Path) -> dict[str, float]:
@@ -335,7 +338,7 @@ def _format_robustness(lm: Any, tok: Any, *, prompts: list[list[dict[str, str]]]
             per_row = [float(plain["rougeL"].iloc[i]) for i in rows]
         else:
             wrapped = [wrap_messages(prompts[i], name) for i in rows]
-            outputs = [g.text for g in _generate(lm, tok, wrapped, template=template, cfg=cfg,
+            outputs = [g.text for g in _generate(model, wrapped, template=template, cfg=cfg,
                                                  max_new_tokens=max_new_tokens,
                                                  tools=[tools[i] for i in rows] if tools else None)] if n else []
             per_row = rouge_l(outputs, [refs[i] for i in rows])
@@ -426,6 +429,10 @@ def evaluate(
     lm, tok = load_model(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
     lm.eval()
     tmpl = resolve_template(tok, template)
+    # Generation uses this model in this process (local engine), or loads it once per Ray Data
+    # actor (execution.engine=ray), as load_model loads it: the adapter is not merged.
+    handle = ModelHandle(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code, merge_adapter=False,
+                         loaded=(lm, tok))
 
     sets: list[tuple[str, list[dict[str, Any]]]] = [(HELDOUT_SET, _heldout_rows(heldout, max_rows=cfg.max_examples))]
     for spec in cfg.extra_sets:
@@ -443,7 +450,7 @@ def evaluate(
         metrics.update({prefix + k: v for k, v in loss_metrics.items()})
         ref_len = reference_lengths(tok, list(refs))
         bound = resolve_max_new_tokens(cfg, ref_len)
-        gens = _generate(lm, tok, list(prompts), template=tmpl, cfg=cfg, max_new_tokens=bound,
+        gens = _generate(handle, list(prompts), template=tmpl, cfg=cfg, max_new_tokens=bound,
                          tools=tools) if prompts else []
         outputs = [g.text for g in gens]
         gm, per_row = generation_metrics(
@@ -484,7 +491,7 @@ def evaluate(
             # Per task (source, category) of the held-out mixture; extra sets are one task each.
             metrics.update(per_task_metrics(frame))
             if cfg.format_robustness.wrappers:
-                metrics.update(_format_robustness(lm, tok, prompts=list(prompts), refs=list(refs), tools=tools,
+                metrics.update(_format_robustness(handle, prompts=list(prompts), refs=list(refs), tools=tools,
                                                   answers=answers,
                                                   plain=frame, template=tmpl, cfg=cfg, max_new_tokens=bound,
                                                   out_path=Path(out_dir) / f"format_{layout.safe_name(label)}.parquet"))
@@ -494,6 +501,7 @@ def evaluate(
     if cfg.judge and len(samples_df):
         metrics.update(_judge(samples_df, judge or model, template=template, cfg=cfg, lm=None if judge else lm,
                               tok=None if judge else tok, trust_remote_code=trust_remote_code))
+    handle.close()  # a vLLM engine it started; lm stays this function's
     metrics["eval_seconds"] = time.monotonic() - t0
 
     samples = write_parquet(samples_df, Path(out_dir) / f"samples_{layout.safe_name(label)}.parquet",
@@ -513,17 +521,18 @@ def _judge(
     samples_df: pd.DataFrame, judge: ModelRef, *, template: str | None, cfg: EvaluationConfig,
     lm: Any, tok: Any, trust_remote_code: bool,
 ) -> dict[str, float]:
-    """Score every (prompt, output) with the rubric scorer; fills ``samples_df.judge`` in place."""
-    from sftflow.inference.formatting import resolve_template
-    from sftflow.inference.generation import score_pairs
-    from sftflow.inference.models import load_model
+    """Score every (prompt, output) with the rubric scorer; fills ``samples_df.judge`` in place.
 
-    if lm is None:
-        lm, tok = load_model(judge, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
-        lm.eval()
-    tmpl = resolve_template(tok, template)
-    scores = score_pairs(lm, tok, list(zip(samples_df["prompt"], samples_df["output"])), template=tmpl,
-                         batch_size=cfg.batch_size)
+    ``lm``/``tok``: the judge already loaded here (None: ``judge`` is loaded by ``score_texts``,
+    in this process or once per Ray Data actor).
+    """
+    handle = ModelHandle(judge, dtype=cfg.dtype, trust_remote_code=trust_remote_code, merge_adapter=False,
+                         loaded=None if lm is None else (lm, tok))
+    try:
+        scores = score_texts(handle, list(zip(samples_df["prompt"], samples_df["output"])), template=template,
+                             batch_size=cfg.batch_size)
+    finally:
+        handle.close()
     samples_df["judge"] = [float(s.expected) for s in scores]
     out = {}
     for set_name, grp in samples_df.groupby("set", sort=False):

@@ -32,9 +32,12 @@ class Engine:
     Attributes:
         kind: ``local`` or ``ray``.
         shard_rows: rows per shard the data stages use (``execution.shard_rows``).
+        generation_backend: ``execution.generation_backend`` (``auto``/``hf``/``vllm``), read by
+            ``sftflow.inference.batch`` when a stage generates.
     """
 
     kind = "local"
+    generation_backend = "auto"
 
     def __init__(self, *, shard_rows: int = 100_000) -> None:
         self.shard_rows = shard_rows
@@ -128,9 +131,11 @@ def activate(cfg: ExecutionConfig | None = None) -> Engine:
     with _lock:
         if _active is not None and _active.kind == (cfg or ExecutionConfig()).engine:
             _active.shard_rows = (cfg or ExecutionConfig()).shard_rows
+            _active.generation_backend = (cfg or ExecutionConfig()).generation_backend
             return _active
         _release_locked()
         _active = start_engine(cfg)
+        _active.generation_backend = (cfg or ExecutionConfig()).generation_backend
         return _active
 
 

@@ -1,0 +1,485 @@
+"""Generation and rubric scoring as batch inference: in this process, or over Ray Data actors.
+
+The stages that generate or score (backtranslation's backward generation and self-curation,
+evaluation's generations and judge) call ``generate_texts`` / ``score_texts`` with a ``ModelHandle``
+and the engine the flow activated (``sftflow.ops.engine.current_engine()``):
+
+* **local** engine: the model is loaded in this process (once per handle) and the call is exactly
+  ``generate_batch`` / ``score_pairs`` over all rows — the default path, unchanged.
+* **ray** engine: the rows are grouped into the SAME length-sorted batches the local path makes
+  (``generation._length_sorted_batches``); each batch becomes one row of a Ray Data dataset, and
+  ``map_batches`` sends them to a fixed pool of actors (``ActorPoolStrategy(size=n)``), each loading
+  the model once (one model per actor; one GPU each when the cluster has GPUs, else CPUs). An actor
+  runs each batch with ``generate_batch(seed=seed + batch index)`` / ``score_pairs`` on exactly that
+  batch, so every batch sees the same tensors, and the same seed, as in the local run: greedy AND
+  sampled generations are identical to local ones, whichever actor runs which batch. Rubric scores
+  are identical up to float rounding (``score_pairs`` caches the prefix shared by the rows it is
+  given, which a batch may extend by a few tokens).
+
+``execution.generation_backend`` (the engine's ``generation_backend``) picks the generation
+engine where the model runs: ``hf`` (transformers, ``generate_batch``), ``vllm``
+(``sftflow.inference.vllm_backend``; CUDA and the ``vllm`` extra), or ``auto`` (vllm when both are
+present there, else hf). Scoring always runs on transformers (logits; see ``vllm_backend``).
+
+Example::
+
+    handle = ModelHandle(ref, dtype="bfloat16")
+    ids = [build_generation_prompt(handle.tokenizer, m, template=t) for m in convs]
+    outs = generate_texts(handle, ids, max_new_tokens=64, batch_size=8, stop_ids=stops, seed=0)
+    scores = score_texts(handle, [(q, o.text) for q, o in zip(qs, outs)], template=None, batch_size=8)
+    handle.close()
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from sftflow.data.refs import ModelRef
+from sftflow.inference.generation import Generated, ProgressCallback, Score
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+# --------------------------------------------------------------------------- backend choice
+def choose_backend(requested: str, *, cuda: bool, vllm: bool) -> str:
+    """The generation engine for ``requested`` on a machine with(out) CUDA and vLLM.
+
+    Args:
+        requested: ``auto``, ``hf`` or ``vllm`` (``execution.generation_backend``).
+        cuda: a CUDA device is visible here.
+        vllm: ``import vllm`` works here.
+
+    Returns:
+        ``hf`` or ``vllm``.
+
+    Raises:
+        ValueError: an unknown name.
+        RuntimeError: ``vllm`` requested where CUDA or vLLM is missing (the message says which).
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"execution.generation_backend: {requested!r} is not one of {list(BACKENDS)}")
+    if requested == "hf":
+        return "hf"
+    if requested == "vllm":
+        missing = [what for what, ok in (("a CUDA device", cuda), ("the vllm package (pip install -e '.[vllm]')", vllm))
+                   if not ok]
+        if missing:
+            raise RuntimeError("execution.generation_backend=vllm needs " + " and ".join(missing)
+                               + " where the model runs; set it to hf or auto")
+        return "vllm"
+    return "vllm" if cuda and vllm else "hf"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no torch CUDA runtime: no CUDA
+        return False
+
+
+def _vllm_importable() -> bool:
+    try:
+        importlib.import_module("vllm")
+    except Exception:  # noqa: BLE001 - a broken install counts as absent (auto falls back to hf)
+        return False
+    return True
+
+
+def resolve_backend(requested: str = "auto") -> str:
+    """``choose_backend`` for this process (vLLM is imported only when CUDA is present)."""
+    if requested == "hf":
+        return "hf"
+    cuda = _cuda_available()
+    return choose_backend(requested, cuda=cuda, vllm=cuda and _vllm_importable())
+
+
+# --------------------------------------------------------------------------- the model
+def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer ``load_model`` would return for ``ref``, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    path = Path(ref.path)
+    base = Path(ref.base) if ref.kind == "adapter" else path
+    tok_dir = path if (path / "tokenizer_config.json").exists() else base
+    tok = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load(ref: ModelRef, *, dtype: str | None, trust_remote_code: bool, merge_adapter: bool,
+          device: str | None = None) -> tuple[Any, Any]:
+    from sftflow.inference.models import load_for_inference, load_model
+
+    if merge_adapter:
+        model, tok = load_for_inference(ref, dtype=dtype, trust_remote_code=trust_remote_code)  # type: ignore[arg-type]
+    else:
+        model, tok = load_model(ref, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.eval()
+    if device:
+        model = model.to(device)
+    return model, tok
+
+
+class ModelHandle:
+    """A model for batch inference, loaded in this process only when this process runs it.
+
+    Args:
+        ref: the model.
+        dtype: weights dtype (``float32``/``bfloat16``/...; None: float32).
+        trust_remote_code: passed to the loaders.
+        merge_adapter: load with ``load_for_inference`` (a LoRA adapter merged) rather than
+            ``load_model`` (wrapped, as evaluation loads it).
+        loaded: ``(model, tokenizer)`` the caller already loaded (used by the local engine as is;
+            ``close`` leaves it to the caller).
+    """
+
+    def __init__(self, ref: ModelRef, *, dtype: str | None = None, trust_remote_code: bool = False,
+                 merge_adapter: bool = True, loaded: tuple[Any, Any] | None = None) -> None:
+        self.ref = ref
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.merge_adapter = merge_adapter
+        self._owned = loaded is None
+        self._model, self._tok = loaded if loaded is not None else (None, None)
+        self._vllm = False
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (the local engine loads the model with it: one load, as before)."""
+        if self._tok is None:
+            from sftflow.ops.engine import current_engine
+
+            if current_engine().kind == "local":
+                self.model_and_tokenizer()
+            else:
+                self._tok = load_tokenizer(self.ref, trust_remote_code=self.trust_remote_code)
+        return self._tok
+
+    def model_and_tokenizer(self) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` loaded in this process (once)."""
+        if self._model is None:
+            self._model, self._tok = _load(self.ref, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                                           merge_adapter=self.merge_adapter)
+        return self._model, self._tok
+
+    def close(self) -> None:
+        """Free what this handle loaded (a caller's ``loaded`` model stays) and any vLLM engine."""
+        if self._vllm:
+            from sftflow.inference import vllm_backend
+
+            vllm_backend.release()
+            self._vllm = False
+        if self._owned and self._model is not None:
+            from sftflow.inference.models import release_memory
+
+            self._model = None
+            release_memory()
+
+
+def _handle(model: ModelRef | ModelHandle, *, dtype: str | None, trust_remote_code: bool) -> tuple[ModelHandle, bool]:
+    if isinstance(model, ModelHandle):
+        return model, False
+    return ModelHandle(model, dtype=dtype, trust_remote_code=trust_remote_code), True
+
+
+def _engine(engine: Any) -> Any:
+    if engine is not None:
+        return engine
+    from sftflow.ops.engine import current_engine
+
+    return current_engine()
+
+
+# --------------------------------------------------------------------------- generation
+def generate_texts(
+    model: ModelRef | ModelHandle,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int,
+    stop_ids: Sequence[int],
+    seed: int = 0,
+    min_new_tokens: int = 0,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    engine: Any = None,
+    backend: str | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> list[Generated]:
+    """Generate a continuation of each prompt with the active engine; results in input order.
+
+    Args:
+        model: a ``ModelHandle`` or a ``ModelRef`` (then loaded with ``dtype``/``trust_remote_code``
+            and freed again at the end).
+        prompts: token ids of each prompt (from ``formatting.build_generation_prompt``).
+        max_new_tokens: bound on new tokens per prompt.
+        temperature: 0 greedy; > 0 samples (top-p ``top_p``).
+        top_p: nucleus mass (sampling only).
+        batch_size: prompts per forward pass (length-sorted batches, as ``generate_batch``).
+        stop_ids: token ids that end a generation.
+        seed: sampling seed (batch ``b`` of the length-sorted batching samples with ``seed + b``).
+        min_new_tokens: stop tokens are suppressed before this many new tokens.
+        dtype, trust_remote_code: used when ``model`` is a ``ModelRef``.
+        engine: the execution engine (None: ``current_engine()``).
+        backend: ``auto``/``hf``/``vllm`` (None: the engine's ``generation_backend``).
+        on_progress: ``on_progress(done, total)`` after each batch.
+
+    Returns:
+        One ``Generated`` per prompt, in input order.
+
+    Raises:
+        ValueError: an empty prompt or non-positive sizes.
+        RuntimeError: ``vllm`` requested where it cannot run.
+    """
+    from sftflow.inference.generation import _check_prompts, _length_sorted_batches, generate_batch
+
+    if max_new_tokens <= 0 or batch_size <= 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be > 0")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    rows = _check_prompts(prompts)
+    if not rows:
+        return []
+    engine = _engine(engine)
+    backend = backend or getattr(engine, "generation_backend", "auto")
+    handle, own = _handle(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    opts = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
+            "stop_ids": [int(s) for s in stop_ids], "min_new_tokens": int(min_new_tokens)}
+    batches = _length_sorted_batches([len(r) for r in rows], batch_size)
+    try:
+        if engine.kind == "ray" and len(batches) > 1:
+            items = [{"b": b, "rows": json.dumps(idx), "prompts": json.dumps([rows[i] for i in idx])}
+                     for b, idx in enumerate(batches)]
+            out = _run_on_ray(_GenerateActor, items, handle=handle, engine=engine, backend=backend,
+                              options={**opts, "seed": int(seed)}, total=len(rows), on_progress=on_progress)
+            results: list[Generated | None] = [None] * len(rows)
+            for b, idx in enumerate(batches):
+                for i, g in zip(idx, out[b]):
+                    results[i] = Generated(text=g[0], num_tokens=int(g[1]), finished=bool(g[2]))
+            return [r for r in results if r is not None]
+        if resolve_backend(backend) == "vllm":
+            from sftflow.inference import vllm_backend
+
+            handle._vllm = True
+            got = vllm_backend.generate(handle.ref, handle.tokenizer, rows, seed=seed, dtype=handle.dtype,
+                                        trust_remote_code=handle.trust_remote_code, **opts)
+            if on_progress is not None:
+                on_progress(len(rows), len(rows))
+            return got
+        lm, tok = handle.model_and_tokenizer()
+        return generate_batch(lm, tok, rows, batch_size=batch_size, seed=seed, on_progress=on_progress, **opts)
+    finally:
+        if own:
+            handle.close()
+
+
+# --------------------------------------------------------------------------- scoring
+def score_texts(
+    model: ModelRef | ModelHandle,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    template: str | None,
+    batch_size: int,
+    rubric: str | None = None,
+    max_response_tokens: int | None = 768,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    engine: Any = None,
+    on_progress: ProgressCallback | None = None,
+) -> list[Score]:
+    """Rate (instruction, response) pairs 1-5 with the logit rubric scorer (``score_pairs``) on the active engine.
+
+    Args:
+        model: a ``ModelHandle`` or a ``ModelRef`` (loaded with ``dtype``/``trust_remote_code``).
+        pairs: (instruction, response) tuples.
+        template: the configured template (None: the tokenizer's own; resolved with
+            ``formatting.resolve_template``).
+        batch_size: pairs per forward pass.
+        rubric: a rubric with ``{instruction}``/``{response}`` (None: ``DEFAULT_RUBRIC``).
+        max_response_tokens: responses are cut to this many tokens.
+        dtype, trust_remote_code: used when ``model`` is a ``ModelRef``.
+        engine: the execution engine (None: ``current_engine()``).
+        on_progress: ``on_progress(done, total)`` as batches finish (Ray engine only).
+
+    Returns:
+        One ``Score`` per pair, in input order.
+    """
+    from sftflow.inference.formatting import resolve_template
+    from sftflow.inference.generation import _length_sorted_batches, rubric_prompt_ids, score_pairs
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0 (got {batch_size})")
+    pairs = [(str(q), str(a)) for q, a in pairs]
+    if not pairs:
+        return []
+    engine = _engine(engine)
+    handle, own = _handle(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        tok = handle.tokenizer
+        tmpl = resolve_template(tok, template)
+        opts = {"template": tmpl, "rubric": rubric, "max_response_tokens": max_response_tokens}
+        if engine.kind == "ray" and len(pairs) > batch_size:
+            # The batches score_pairs would make here: the prompts' lengths need the tokenizer only.
+            lengths = [len(rubric_prompt_ids(tok, q, a, template=tmpl, rubric=rubric,
+                                             max_response_tokens=max_response_tokens)) for q, a in pairs]
+            batches = _length_sorted_batches(lengths, batch_size)
+            items = [{"b": b, "rows": json.dumps(idx), "pairs": json.dumps([pairs[i] for i in idx])}
+                     for b, idx in enumerate(batches)]
+            out = _run_on_ray(_ScoreActor, items, handle=handle, engine=engine, backend="hf", options=opts,
+                              total=len(pairs), on_progress=on_progress)
+            results: list[Score | None] = [None] * len(pairs)
+            for b, idx in enumerate(batches):
+                for i, s in zip(idx, out[b]):
+                    results[i] = Score(probs=tuple(float(p) for p in s[0]), expected=float(s[1]),  # type: ignore[arg-type]
+                                       argmax=int(s[2]), mass=float(s[3]))
+            return [r for r in results if r is not None]
+        lm, tok = handle.model_and_tokenizer()
+        return score_pairs(lm, tok, pairs, batch_size=batch_size, **opts)
+    finally:
+        if own:
+            handle.close()
+
+
+# --------------------------------------------------------------------------- Ray Data
+def actor_plan(resources: dict[str, float], *, batches: int) -> dict[str, Any]:
+    """How many actors and what each reserves, from a cluster's resources.
+
+    One model per actor: one GPU each when the cluster has GPUs (as many actors as GPUs), else
+    the cluster's CPUs shared out (as many actors as CPUs, at most one per batch).
+
+    Returns:
+        ``{"actors": n, "num_cpus": c, "num_gpus": g}``.
+    """
+    gpus = int(resources.get("GPU", 0) or 0)
+    cpus = max(1, int(resources.get("CPU", 1) or 1))
+    if gpus > 0:
+        return {"actors": max(1, min(gpus, batches)), "num_cpus": 1, "num_gpus": 1}
+    actors = max(1, min(cpus, batches))
+    return {"actors": actors, "num_cpus": max(1, cpus // actors), "num_gpus": 0}
+
+
+def _run_on_ray(actor_cls: type, items: list[dict[str, Any]], *, handle: ModelHandle, engine: Any, backend: str,
+                options: dict[str, Any], total: int, on_progress: ProgressCallback | None) -> dict[int, list[Any]]:
+    """Run ``actor_cls`` over ``items`` (one inference batch each) with Ray Data; ``{batch index: results}``."""
+    import ray
+    import ray.data
+
+    # The stage reports progress through on_progress; Ray Data's own bars would write to the console.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    plan = actor_plan(ray.cluster_resources(), batches=len(items))
+    # One block per inference batch, so the actors share the batches out between them. transformers
+    # runs one inference batch per call; vLLM (GPU actors, backend not hf) gets several per call,
+    # since its continuous batching wants many prompts at once.
+    per_call = 1 if plan["num_gpus"] == 0 or backend == "hf" else max(1, -(-len(items) // (4 * plan["actors"])))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        actor_cls,
+        batch_size=per_call,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        num_cpus=plan["num_cpus"],
+        num_gpus=plan["num_gpus"],
+        fn_constructor_kwargs={"ref": handle.ref, "dtype": handle.dtype,
+                               "trust_remote_code": handle.trust_remote_code,
+                               "merge_adapter": handle.merge_adapter, "backend": backend,
+                               "options": options},
+    )
+    out: dict[int, list[Any]] = {}
+    done = 0
+    for row in ds.iter_rows():  # in completion order; the batch index puts each back in place
+        got = json.loads(str(row["out"]))
+        out[int(row["b"])] = got
+        done += len(got)
+        if on_progress is not None:
+            on_progress(done, total)
+    missing = sorted(set(range(len(items))) - set(out))
+    if missing:
+        raise RuntimeError(f"Ray Data returned no result for inference batches {missing[:10]}")
+    return out
+
+
+class _InferenceActor:
+    """One model per Ray actor; ``__call__`` runs one inference batch per dataset row."""
+
+    def __init__(self, *, ref: ModelRef, dtype: str | None, trust_remote_code: bool, merge_adapter: bool,
+                 backend: str, options: dict[str, Any]) -> None:
+        self.ref, self.dtype, self.trust_remote_code = ref, dtype, trust_remote_code
+        self.options = options
+        self.backend = self._backend(backend)
+        if self.backend == "vllm":
+            self.model, self.tok = None, load_tokenizer(ref, trust_remote_code=trust_remote_code)
+        else:
+            # A GPU actor (Ray sets CUDA_VISIBLE_DEVICES to its GPU) runs the model there.
+            self.model, self.tok = _load(ref, dtype=dtype, trust_remote_code=trust_remote_code,
+                                         merge_adapter=merge_adapter, device="cuda" if _cuda_available() else None)
+
+    payload = "prompts"  # the item field with the batch's inputs
+
+    def _backend(self, requested: str) -> str:
+        return resolve_backend(requested)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        jobs = [(int(b), json.loads(str(r)), json.loads(str(p)))
+                for b, r, p in zip(batch["b"], batch["rows"], batch[self.payload])]
+        outs = [json.dumps(o) for o in self.run(jobs)]
+        return {"b": np.asarray([b for b, _, _ in jobs]), "out": np.asarray(outs, dtype=object)}
+
+    def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:  # pragma: no cover - abstract
+        """Results of each ``(batch index, row indices, inputs)`` job, as JSON-able lists."""
+        raise NotImplementedError
+
+
+class _GenerateActor(_InferenceActor):
+    payload = "prompts"
+
+    def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:
+        from sftflow.inference.generation import generate_batch
+
+        opts = dict(self.options)
+        seed = int(opts.pop("seed"))
+        if self.backend == "vllm":
+            from sftflow.inference import vllm_backend
+
+            # Every job of the call in one vLLM request list; per-row seeds keep rows independent.
+            got = vllm_backend.generate(self.ref, self.tok, [p for _, _, ps in jobs for p in ps],
+                                        rows=[r for _, rs, _ in jobs for r in rs], seed=seed, dtype=self.dtype,
+                                        trust_remote_code=self.trust_remote_code, **opts)
+            flat = [[g.text, g.num_tokens, g.finished] for g in got]
+            out, k = [], 0
+            for _, _, ps in jobs:
+                out.append(flat[k:k + len(ps)])
+                k += len(ps)
+            return out
+        # Each batch exactly as the local run makes it (same rows, same order) with its seed there.
+        return [[[g.text, g.num_tokens, g.finished]
+                 for g in generate_batch(self.model, self.tok, ps, batch_size=len(ps), seed=seed + b, **opts)]
+                for b, _, ps in jobs]
+
+
+class _ScoreActor(_InferenceActor):
+    payload = "pairs"
+
+    def _backend(self, requested: str) -> str:
+        return "hf"  # the logit rubric scorer needs the digits' logits (see vllm_backend)
+
+    def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:
+        from sftflow.inference.generation import score_pairs
+
+        return [[[list(s.probs), s.expected, s.argmax, s.mass]
+                 for s in score_pairs(self.model, self.tok, [(q, a) for q, a in ps], batch_size=len(ps),
+                                      **self.options)]
+                for _, _, ps in jobs]
+
+
+__all__ = ["BACKENDS", "ModelHandle", "actor_plan", "choose_backend", "generate_texts", "load_tokenizer",
+           "resolve_backend", "score_texts"]
