@@ -98,7 +98,9 @@ class PoolPrompt:
 
     Attributes:
         prompt_id: the source record's id (train) or a stable hash of the prompt (file).
-        messages: the turns before the answer (system/user/...; never ending with an assistant turn).
+        messages: the turns before the answer (system/user/...; never ending with an assistant turn), as
+            ``(role, content)`` pairs, or ``(role, content, tool_calls JSON)`` for an assistant turn that
+            calls tools (a tool conversation's prompt keeps its calls, or it cannot be rendered).
         answer: the reference final answer of a verifiable task ('' when none).
         source: the source name (train rows keep theirs; file rows get the file's stem).
         category: the category ('' when none).
@@ -106,15 +108,16 @@ class PoolPrompt:
     """
 
     prompt_id: str
-    messages: tuple[tuple[str, str], ...]
+    messages: tuple[tuple[str, ...], ...]
     answer: str = ""
     source: str = ""
     category: str = ""
     tools: str = ""
 
     def turns(self) -> list[dict[str, str]]:
-        """``messages`` as role/content dicts."""
-        return [{"role": r, "content": c} for r, c in self.messages]
+        """``messages`` as role/content dicts (with ``tool_calls`` where a turn has them)."""
+        return [{"role": m[0], "content": m[1], **({"tool_calls": m[2]} if len(m) > 2 and m[2] else {})}
+                for m in self.messages]
 
     @property
     def text(self) -> str:
@@ -140,8 +143,14 @@ class RejectionOutput:
 
 
 def _prompt_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """The turns before the last assistant turn (all turns when there is none)."""
-    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    """The turns before the last assistant turn (all turns when there is none), tool calls kept."""
+    msgs = []
+    for m in messages:
+        turn = {"role": str(m["role"]), "content": str(m["content"])}
+        calls = m.get("tool_calls")
+        if isinstance(calls, str) and calls.strip():
+            turn["tool_calls"] = calls
+        msgs.append(turn)
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
     return msgs if last is None else msgs[:last]
 
@@ -150,7 +159,9 @@ def _pool_from_records(records: Sequence[dict[str, Any]]) -> list[PoolPrompt]:
     out = []
     for r in records:
         turns = _prompt_turns(r["messages"])
-        out.append(PoolPrompt(prompt_id=str(r["id"]), messages=tuple((m["role"], m["content"]) for m in turns),
+        out.append(PoolPrompt(prompt_id=str(r["id"]),
+                              messages=tuple((m["role"], m["content"], *([m["tool_calls"]] if "tool_calls" in m else []))
+                                             for m in turns),
                               answer=str(r.get("answer") or ""), source=str(r.get("source") or ""),
                               category=str(r.get("category") or ""), tools=str(r.get("tools") or "")))
     return out
@@ -233,7 +244,7 @@ def screen_prompts(pool: Sequence[PoolPrompt], *, heldout: DatasetRef | None,
     out: dict[int, tuple[str, str]] = {}
     first: dict[str, int] = {}
     for i, item in enumerate(pool):
-        key = normalize_text(item.text + "\x00" + "\x00".join(f"{r}:{c}" for r, c in item.messages if r == "system"))
+        key = normalize_text(item.text + "\x00" + "\x00".join(f"{r}:{c}" for r, c, *_ in item.messages if r == "system"))
         if key in first:
             out[i] = (DUP_PROMPT, f"same prompt as pool row {first[key]}")
         else:

@@ -284,3 +284,30 @@ def test_rejection_stage_end_to_end(sftflow_home: Path, stage_ctx):
     assert run.data.metrics["rs_duplicate_of_heldout"] == 1
     arts = {a.path for a in mlflow.MlflowClient(stage_ctx.tracking_uri).list_artifacts(run.info.run_id, "rejection")}
     assert {"rejection/candidates.json", "rejection/score_histogram.png", "rejection/summary.md"} <= arts
+
+
+def test_tool_conversation_prompts_keep_their_calls_and_are_sampled(tiny):
+    """A train-pool prompt that is a tool conversation (user, call, tool result) renders and samples."""
+    import json
+
+    from tasks.rejection import _pool_from_records
+
+    from sftflow.data.records import frame_to_records
+
+    model, tok, template = tiny
+    call = json.dumps([{"name": "wikipedia", "arguments": {"query": "Paris"}}])
+    tools = json.dumps([{"name": "wikipedia", "description": "Search", "parameters": {"type": "object"}}])
+    rec = make_record([{"role": "user", "content": "What is Paris?"},
+                       {"role": "assistant", "content": "", "tool_calls": call},
+                       {"role": "tool", "content": "Paris is the capital of France."},
+                       {"role": "assistant", "content": "The capital of France."}], source="tools", tools=tools)
+    pool = _pool_from_records(frame_to_records(records_to_frame([rec])))
+    turns = pool[0].turns()
+    assert [t["role"] for t in turns] == ["user", "assistant", "tool"] and turns[1]["tool_calls"] == call
+    assert screen_prompts(pool, heldout=None) == {}
+    ids = build_generation_prompt(tok, turns, template=template, tools=pool[0].tools)
+    text = tok.decode(ids)
+    assert "<tools>" in text and "<tool_call>" in text and "<tool_response>" in text
+    samples = sample_k(model, tok, [ids], num_samples=2, max_new_tokens=4, temperature=1.0, top_p=0.95,
+                       batch_size=1, stop_ids=stop_token_ids(tok, template), seed=0)
+    assert len(samples[0]) == 2
