@@ -66,6 +66,7 @@ from prefect import task
 
 from sftflow import layout
 from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
+from sftflow.ops.console import progress_callback
 from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
 from sftflow.data.records import (
     AccountingError,
@@ -649,7 +650,8 @@ def _score(ref: ModelRef, rows: list[dict[str, Any]], *, cfg: AugmentationConfig
     # In this process, or over Ray Data actors (one model each) with execution.engine=ray.
     pairs = [(r["instruction"], r["segment"]) for r in rows]
     return score_texts(ref, pairs, template=training.template, batch_size=cfg.curation.batch_size,
-                       dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
+                       dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code,
+                       on_progress=progress_callback(f"{STAGE} score"))
 
 
 def backtranslate(
@@ -733,7 +735,7 @@ def backtranslate(
         try:
             outs = generate_texts(backward_model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                   top_p=g.top_p, batch_size=g.batch_size, stop_ids=stop_token_ids(tok, template),
-                                  seed=g.seed)
+                                  seed=g.seed, on_progress=progress_callback(f"{STAGE} generate instructions"))
         finally:
             backward_model.close()
         for seg, out in zip(accepted, outs):

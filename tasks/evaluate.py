@@ -56,6 +56,7 @@ from prefect import task
 
 from sftflow import layout
 from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
+from sftflow.ops.console import progress_callback
 from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy
 from sftflow.breakdown import per_task_metrics
 from sftflow.data.answers import answers_match, extract_final_answer
@@ -285,7 +286,7 @@ def _loss_metrics(model: Any, tokenizer: Any, conversations: list[list[dict[str,
 
 
 def _generate(model: ModelHandle, prompts: list[list[dict[str, str]]], *, template: str, cfg: EvaluationConfig,
-              max_new_tokens: int, tools: list[str] | None = None):
+              max_new_tokens: int, tools: list[str] | None = None, what: str = "evaluate generate"):
     """Generations for ``prompts`` with the active engine (this process, or Ray Data actors / vLLM)."""
     from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
 
@@ -303,6 +304,7 @@ def _generate(model: ModelHandle, prompts: list[list[dict[str, str]]], *, templa
         batch_size=cfg.batch_size,
         stop_ids=list(stop_token_ids(tokenizer, template)),
         seed=cfg.seed,
+        on_progress=progress_callback(what),
     )
 
 
@@ -340,7 +342,8 @@ def _format_robustness(model: ModelHandle, *, prompts: list[list[dict[str, str]]
             wrapped = [wrap_messages(prompts[i], name) for i in rows]
             outputs = [g.text for g in _generate(model, wrapped, template=template, cfg=cfg,
                                                  max_new_tokens=max_new_tokens,
-                                                 tools=[tools[i] for i in rows] if tools else None)] if n else []
+                                                 tools=[tools[i] for i in rows] if tools else None,
+                                                 what=f"evaluate format {name}")] if n else []
             per_row = rouge_l(outputs, [refs[i] for i in rows])
         acc, _, correct = answer_accuracy(outputs=outputs, answers=[answers[i] for i in rows])
         value = sum(per_row) / n if n else math.nan
@@ -451,7 +454,7 @@ def evaluate(
         ref_len = reference_lengths(tok, list(refs))
         bound = resolve_max_new_tokens(cfg, ref_len)
         gens = _generate(handle, list(prompts), template=tmpl, cfg=cfg, max_new_tokens=bound,
-                         tools=tools) if prompts else []
+                         tools=tools, what=f"evaluate.{label} {set_name}") if prompts else []
         outputs = [g.text for g in gens]
         gm, per_row = generation_metrics(
             outputs=outputs,

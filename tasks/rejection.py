@@ -54,6 +54,7 @@ from prefect import task
 from sftflow import layout
 from sftflow.config import DedupConfig, RejectionSamplingConfig, TrainingConfig
 from sftflow.data.answers import answers_match, extract_final_answer
+from sftflow.ops.console import progress_callback
 from sftflow.data.neardup import find_cross_duplicates, strongest_matches
 from sftflow.data.records import (
     check_accounting,
@@ -558,19 +559,6 @@ def _markdown_summary(counts: dict[str, int], metrics: dict[str, float], cfg: Re
     return "\n".join(lines)
 
 
-def _progress_callback(what: str) -> Callable[[int, int], None]:
-    """An ``on_progress(done, total)`` that feeds ``sftflow.ops.console.Progress`` (the console's progress line)."""
-    from sftflow.ops.console import Progress
-
-    state: dict[str, Any] = {"progress": None, "done": 0}
-
-    def on_progress(done: int, total: int) -> None:
-        if state["progress"] is None:
-            state["progress"] = Progress(what, total=total)
-        state["progress"].advance(done - state["done"])
-        state["done"] = done
-
-    return on_progress
 
 
 @task(name=STAGE, cache_policy=stage_cache_policy(), persist_result=True)
@@ -614,7 +602,7 @@ def rejection_task(
         log_dataset(train, context="rejection.round1_train")
         out = rejection_sample(train=train, heldout=heldout, model=model, cfg=cfg, training=training, out_dir=out_dir,
                                base=base, dedup=dedup, trust_remote_code=trust_remote_code,
-                               on_progress=_progress_callback(f"{STAGE} prompts"))
+                               on_progress=progress_callback(f"{STAGE} prompts"))
         counts = dict(out.counts)
         frame = pd.read_parquet(out.candidates.path)
         metrics = _metrics(counts, frame)

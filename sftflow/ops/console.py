@@ -54,7 +54,7 @@ PIPE_PROGRESS_EVERY_S = 30.0
 # Info lines a person must see even on the quiet console (a resumed training says where it resumed).
 _NOTABLE = re.compile(r"^(resumed from |training output in .* is complete)")
 _STEP_LINE = re.compile(r"\bstep (?P<done>\d+)/(?P<total>\d+) \| loss (?P<loss>[-\d.naif]+).*?\beta (?P<m>\d+)m(?P<s>\d+)s")
-_PROGRESS_LINE = re.compile(r"^progress (?P<what>\S+) (?P<done>\d+)/(?P<total>\d+)(?P<rest>.*?)\beta (?P<m>\d+)m(?P<s>\d+)s")
+_PROGRESS_LINE = re.compile(r"^progress (?P<what>.+?) (?P<done>\d+)/(?P<total>\d+)(?P<rest>.*?)\beta (?P<m>\d+)m(?P<s>\d+)s")
 _FINISHED = re.compile(r"^Finished in state (?P<state>[A-Za-z]+)")
 _TASK_SUFFIX = re.compile(r"-[0-9a-f]{3}$")
 # Metrics shown in the base-vs-tuned table (those present, in this order; the gate's metric first).
@@ -298,6 +298,22 @@ def summary_table(summary: dict[str, Any], stages: list[StageRow], *, total_seco
 
 
 # ------------------------------------------------------------------ progress reporting (for stages)
+def progress_callback(what: str) -> Callable[[int, int], None]:
+    """An ``on_progress(done, total)`` for generation/scoring loops that feeds a ``Progress`` line.
+
+    The loops in ``sftflow.inference`` report cumulative counts; this turns them into increments.
+    """
+    state: dict[str, Any] = {"progress": None, "done": 0}
+
+    def on_progress(done: int, total: int) -> None:
+        if state["progress"] is None:
+            state["progress"] = Progress(what, total=total)
+        state["progress"].advance(done - state["done"])
+        state["done"] = done
+
+    return on_progress
+
+
 class Progress:
     """Report progress with ETA through the run logger, so the console can show one line for it.
 

@@ -159,3 +159,33 @@ def test_runs_table_is_aligned() -> None:
     assert first.index("0.2500") + 6 == header.index("tuned rougeL") + len("tuned rougeL")
     assert "FAILED" in second and second.split()[-1] == "-"
     assert lines[-1] == "  no runs yet"
+
+
+def test_progress_callback_labels_with_spaces_reach_the_console() -> None:
+    """Generation loops report cumulative counts; labels such as 'evaluate.base heldout' are parsed whole."""
+    from sftflow.ops.console import progress_callback
+
+    logger = logging.getLogger("sftflow.progress")  # run_logger's name outside a Prefect run
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    h = Keep()
+    logger.addHandler(h)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        cb = progress_callback("evaluate.base heldout")
+        for done in (4, 8, 12):
+            cb(done, 12)
+    finally:
+        logger.removeHandler(h)
+        logger.setLevel(old)
+    lines = [s for s in seen if s.startswith("progress ")]
+    assert lines and lines[-1].startswith("progress evaluate.base heldout 12/12 |")
+    out = io.StringIO()
+    console = RunConsole(pipeline="smoke", out=out, tty=True)
+    console._on_record(_record(lines[-1], task_run="evaluate-base"))
+    assert "evaluate.base heldout 12/12" in out.getvalue()
