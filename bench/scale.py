@@ -12,7 +12,9 @@ changed) and 0.5% malformed lines (quarantined at ingestion) and 0.5% empty resp
 by validation). Each engine runs the plain stage functions (``tasks/*``: no MLflow, no Prefect) in a
 fresh subprocess; a sampler here polls that process and every descendant (Ray's raylet, GCS and
 workers included) with psutil every 0.2 s. Reported per run: wall time per stage and in total,
-rows/s (input rows / total), peak RSS per process (by command) and the peak of their sum, and the
+rows/s (input rows / total), peak RSS per process (by command) and the peak of their sum, the
+peak RSS of the worker and its descendants during each stage (``peak_rss_mb_by_stage``; memory a
+stage frees is often kept by the allocator, so a stage's figure includes what earlier ones left), and the
 outputs' row counts and sha256 (equal for both engines: the results do not depend on the engine).
 
 Timings are wall-clock on a shared machine: compare runs of the same invocation.
@@ -89,30 +91,82 @@ def run_stages(*, data: Path, out: Path, engine: str, workers: int, shard_rows: 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     cfg = ExecutionConfig(engine=engine, num_cpus=workers if engine == "ray" else None, shard_rows=shard_rows)
-    with engine_session(cfg):
+    stage_peak = StagePeak()
+    with stage_peak, engine_session(cfg):
         times["engine_start"] = time.perf_counter() - t0
         t = time.perf_counter()
+        stage_peak.start("ingest")
         raw = ingest(sources=[SourceConfig(name="synthetic", path=str(data))],
                      cfg=IngestConfig(max_quarantine_fraction=0.5), out_dir=out / "ingest")
         times["ingest"] = time.perf_counter() - t
         t = time.perf_counter()
+        stage_peak.start("validate")
         valid = validate(dataset=raw.dataset, cfg=ValidationConfig(data_docs=False), out_dir=out / "validate")
         times["validate"] = time.perf_counter() - t
         t = time.perf_counter()
+        stage_peak.start("dedup")
         clean = dedup(datasets=[valid.valid], cfg=DedupConfig(), out_dir=out / "dedup")
         times["dedup"] = time.perf_counter() - t
         t = time.perf_counter()
+        stage_peak.start("split")
         parts = split(dataset=clean.kept, cfg=SplitConfig(heldout_fraction=0.01, seed=0), dedup=DedupConfig(),
                       out_dir=out / "split")
         times["split"] = time.perf_counter() - t
+        stage_peak.start("")
     times["total"] = time.perf_counter() - t0
     refs = {"ingested": raw.dataset, "ingest_quarantine": raw.quarantine, "valid": valid.valid,
             "validate_quarantine": valid.quarantine, "kept": clean.kept, "removed": clean.removed,
             "train": parts.train, "heldout": parts.heldout}
     return {"seconds": {k: round(v, 2) for k, v in times.items()},
+            "peak_rss_mb_by_stage": stage_peak.report(),
             "rows": {k: r.num_rows for k, r in refs.items()},
             # Quarantine files name their run folder, so their bytes differ by run; the data files must not.
             "sha256": {k: r.sha256[:16] for k, r in refs.items() if "quarantine" not in k}}
+
+
+class StagePeak:
+    """Peak RSS (this process and its descendants) per stage, polled every ``interval`` seconds in the worker."""
+
+    def __init__(self, *, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.stage = ""
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, stage: str) -> None:
+        """From now on, samples count for ``stage`` ("" for none); samples the stage boundary once."""
+        self._sample()
+        self.stage = stage
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        if self.stage:
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "StagePeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict[str, int]:
+        return {k: round(v / (1 << 20)) for k, v in self.peaks.items()}
 
 
 class Sampler:

@@ -20,6 +20,9 @@ by weight / cap. Nothing disappears silently:
   ``report.json``, the log and the summary), never ignored silently.
 
 Each file is read once; the sha256 of those bytes is what lineage logs (``IngestResult.files``).
+Memory: each file's task writes its records to a Parquet part (``execution.shard_rows`` records
+converted at a time); caps and weights draw row numbers only, and the mixture is streamed from the
+parts shard by shard, so the stage never holds more than one file's parsed rows.
 ``SourceConfig.format`` is one of ``sftflow.data.formats.FORMATS`` or ``auto`` (detected per file
 and logged).
 
@@ -48,7 +51,8 @@ from sftflow.data.formats import LoadedRecords, convert_rows, load_records
 from sftflow.data.quarantine import quarantine_frame, quarantine_row
 from sftflow.data.readers import FILE_SUFFIXES, IngestError, is_saved_dataset, read_hub
 from sftflow.data.records import make_record, records_to_frame, replace_lone_surrogates
-from sftflow.data.refs import write_parquet
+from sftflow.data.refs import DatasetRef, sha256_file, write_parquet
+from sftflow.data.shards import parquet_rows
 from sftflow.ops.orchestration import (
     IO_RETRIES,
     markdown_artifact,
@@ -98,6 +102,12 @@ class _SourceOut:
     unknown_keys: Counter = field(default_factory=Counter)
     detected: list[tuple[str, str]] = field(default_factory=list)  # (file, format) detected by ``auto``
     unknown_by_file: list[tuple[str, str, dict]] = field(default_factory=list)  # (file, format, key counts)
+    parts: list[tuple[str, int]] = field(default_factory=list)  # (Parquet file, rows): records written, not held
+
+    @property
+    def kept(self) -> int:
+        """Records this source kept (held in ``records`` or written to ``parts``)."""
+        return len(self.records) + sum(n for _, n in self.parts)
 
 
 def _load(src: SourceConfig, path: Path | None, cfg: IngestConfig) -> LoadedRecords:
@@ -116,9 +126,11 @@ def ingest_file(args: tuple) -> _SourceOut:
     """Read and convert one file of a source (or its hub dataset, ``path=None``): the per-file map step.
 
     Pure apart from reading the file: ``args`` is ``(src, path, cfg)``; logging happens in the merge
-    (``ingest_source``), so this runs the same in a Ray worker.
+    (``ingest_source``), so this runs the same in a Ray worker. With ``(src, path, cfg, part,
+    chunk_rows)`` the records are written to the Parquet file ``part`` (``chunk_rows`` records
+    converted at a time) and only their count comes back (``parts``): the stage's bounded-memory path.
     """
-    src, path, cfg = args
+    src, path, cfg, *to_file = args
     out = _SourceOut(records=[], quarantine=[], formats=[], files=[], read=0)
     got = _load(src, path, cfg)
     fname = src.hub if path is None else path.name
@@ -129,15 +141,49 @@ def ingest_file(args: tuple) -> _SourceOut:
     for bad in got.rejected:
         out.quarantine.append(quarantine_row(stage="ingest", source=source, file=got.path, row=bad.row,
                                              reason=bad.reason, raw=bad.raw))
-    for rec in got.records:
-        category = replace_lone_surrogates(rec.category or src.category or "")  # Parquet needs valid UTF-8
-        out.records.append(make_record(rec.messages, source=source, category=category, source_row=rec.row,
-                                       tools=rec.tools, answer=rec.answer))
+
+    def records(recs: Any) -> list[dict]:
+        return [make_record(rec.messages, source=source, source_row=rec.row, tools=rec.tools, answer=rec.answer,
+                            category=replace_lone_surrogates(rec.category or src.category or ""))  # valid UTF-8
+                for rec in recs]
+
     out.read += got.read
     out.unknown_keys.update(dict(got.unknown_keys))
     out.unknown_by_file = [(got.path, got.format, dict(got.unknown_keys))] if got.unknown_keys else []
     out.files.append(SourceFile(source=src.name, path=got.path, sha256=got.sha256, rows=got.read))
+    if not to_file:
+        out.records = records(got.records)
+        return out
+    part, chunk_rows = to_file
+    n = len(got.records)
+    if n <= chunk_rows:  # one frame: the same bytes as the whole-list path
+        write_parquet(records_to_frame(records(got.records)), part)
+    else:
+        chunks = []
+        for k, lo in enumerate(range(0, n, chunk_rows)):
+            chunks.append(f"{part}.chunk-{k:05d}")
+            write_parquet(records_to_frame(records(got.records[lo : lo + chunk_rows])), chunks[-1])
+        del got
+        _join_parts(chunks, part)
+    out.parts = [(part, n)]
     return out
+
+
+def _join_parts(chunks: list[str], path: str) -> None:
+    """Stream record chunks into one Parquet file (deleting them); chunks whose columns differ in type
+    (e.g. only some carry ``tool_calls`` turns) are joined in memory instead, where pandas unifies them."""
+    import pyarrow.parquet as pq
+
+    from sftflow.data.shards import concat_parquet
+
+    schemas = [pq.read_schema(c).remove_metadata() for c in chunks if pq.ParquetFile(c).metadata.num_rows]
+    if all(sc.equals(schemas[0]) for sc in schemas):
+        concat_parquet(chunks, path, name="records")
+        return
+    frames = [pd.read_parquet(c) for c in chunks]
+    write_parquet(pd.concat(frames, ignore_index=True), path)
+    for c in chunks:
+        Path(c).unlink()
 
 
 def merge_files(src: SourceConfig, parts: list[_SourceOut]) -> _SourceOut:
@@ -150,6 +196,7 @@ def merge_files(src: SourceConfig, parts: list[_SourceOut]) -> _SourceOut:
         for path, fmt, keys in part.unknown_by_file:
             log.warning("source %s: %s: keys the %s format does not read (rows): %s", src.name, path, fmt, keys)
         out.records.extend(part.records)
+        out.parts.extend(part.parts)
         out.quarantine.extend(part.quarantine)
         out.formats.extend(part.formats)
         out.files.extend(part.files)
@@ -219,9 +266,19 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path, eng
     from sftflow.ops.engine import current_engine
 
     engine = engine or current_engine()
-    # Every file of every source is one task (sources are read in order, files in name order).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Every file of every source is one task (sources are read in order, files in name order); each
+    # task writes its records to a Parquet part, so no process holds more than one file's rows.
     jobs = [[(s, path, cfg) for path in _source_paths(s)] for s in sources]
-    flat = engine.map(ingest_file, [j for per_source in jobs for j in per_source])
+    flat_jobs = [(*j, str(out_dir / f"records.part-{k:05d}.parquet"), engine.shard_rows)
+                 for k, j in enumerate(j for per_source in jobs for j in per_source)]
+    try:
+        flat = engine.map(ingest_file, flat_jobs)
+    except BaseException:  # a bad file: no record parts of the other files left behind
+        for j in flat_jobs:
+            for leftover in out_dir.glob(Path(j[3]).name + "*"):
+                leftover.unlink(missing_ok=True)
+        raise
     outs, at = [], 0
     for s, per_source in zip(sources, jobs):
         outs.append(merge_files(s, flat[at : at + len(per_source)]))
@@ -229,31 +286,30 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path, eng
     del flat
 
     # Caps first (seeded, so a capped source is a random, reproducible subset, not its first rows).
+    # Only row numbers are drawn (the same draws as over the records themselves).
     rng = np.random.default_rng(cfg.mixture_seed)
-    pools: list[list[dict]] = []
+    pools: list[np.ndarray] = []
     for s, o in zip(sources, outs):
-        recs = o.records
-        if s.max_rows is not None and len(recs) > s.max_rows:
-            idx = np.sort(rng.choice(len(recs), size=s.max_rows, replace=False))
-            recs = [recs[i] for i in idx]
-        pools.append(recs)
+        pool = np.arange(o.kept, dtype=np.int64)
+        if s.max_rows is not None and len(pool) > s.max_rows:
+            pool = pool[np.sort(rng.choice(len(pool), size=s.max_rows, replace=False))]
+        pools.append(pool)
     take = mixture_counts([len(p) for p in pools], [s.weight for s in sources])
-    mixed: list[dict] = []
+    selected: list[np.ndarray] = []
     counts: list[SourceCounts] = []
     for s, o, pool, n in zip(sources, outs, pools, take):
         if n < len(pool):
-            idx = np.sort(rng.choice(len(pool), size=n, replace=False))
-            pool = [pool[i] for i in idx]
-        mixed.extend(pool)
+            pool = pool[np.sort(rng.choice(len(pool), size=n, replace=False))]
+        selected.append(pool)
         counts.append(SourceCounts(
             source=s.name, formats=",".join(sorted(set(o.formats))), files=len(o.files), read=o.read,
-            kept=len(o.records), quarantined=len(o.quarantine), mixed=len(pool),
-            not_sampled=len(o.records) - len(pool), unknown_keys=tuple(sorted(o.unknown_keys.items())),
+            kept=o.kept, quarantined=len(o.quarantine), mixed=len(pool),
+            not_sampled=o.kept - len(pool), unknown_keys=tuple(sorted(o.unknown_keys.items())),
         ))
 
     q_rows = [q for o in outs for q in o.quarantine]
     quarantine = write_parquet(quarantine_frame(q_rows), out_dir / "quarantine.parquet", name="ingest_quarantine")
-    dataset = write_parquet(records_to_frame(mixed), out_dir / "dataset.parquet", name="ingested")
+    dataset = _write_mixture(outs, selected, out_dir / "dataset.parquet", shard_rows=engine.shard_rows)
     result = IngestResult(dataset=dataset, quarantine=quarantine, counts=tuple(counts),
                           files=tuple(f for o in outs for f in o.files))
     for c in counts:
@@ -275,6 +331,46 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path, eng
             + f". Bad rows are in {quarantine.path}"
         )
     return result
+
+
+def _write_mixture(outs: list[_SourceOut], selected: list[np.ndarray], path: Path, *, shard_rows: int) -> DatasetRef:
+    """Write the selected rows of every source's record parts (in source, file, row order) to ``path``.
+
+    Streams shard by shard; one part taken whole is renamed (its bytes are what one frame of all the
+    records gives). Deletes the parts.
+    """
+    parts = [(p, n) for o in outs for p, n in o.parts]
+    if len(parts) == 1 and len(selected[[bool(o.parts) for o in outs].index(True)]) == parts[0][1]:
+        Path(parts[0][0]).replace(path)
+        return DatasetRef(path=str(path), sha256=sha256_file(path), num_rows=parts[0][1], name="ingested")
+    frames = _selected_frames(outs, selected, shard_rows=shard_rows)
+    if sum(len(x) for x in selected) <= shard_rows:  # small: one frame, the same bytes as one list of records
+        got = [f for f in frames]
+        nonempty = [f for f in got if len(f)] or got[:1]
+        frame = pd.concat(nonempty, ignore_index=True) if nonempty else records_to_frame([])
+        return write_parquet(frame, path, name="ingested")
+    pieces: list[str] = []
+    for frame in frames:
+        pieces.append(str(path.parent / f"mixture.piece-{len(pieces):05d}.parquet"))
+        write_parquet(frame, pieces[-1])
+    _join_parts(pieces, str(path))
+    return DatasetRef(path=str(path), sha256=sha256_file(path), num_rows=parquet_rows(path), name="ingested")
+
+
+def _selected_frames(outs: list[_SourceOut], selected: list[np.ndarray], *, shard_rows: int) -> Any:
+    """Frames of the selected rows, part by part and ``shard_rows`` at a time (parts are deleted once read)."""
+    from sftflow.data.shards import read_rows
+
+    for o, sel in zip(outs, selected):
+        start = 0
+        for p, n in o.parts:
+            local = sel[(sel >= start) & (sel < start + n)] - start
+            for lo in range(0, n, shard_rows):
+                rows = local[(local >= lo) & (local < lo + shard_rows)] - lo
+                if len(rows):
+                    yield read_rows(p, lo, min(n, lo + shard_rows)).iloc[rows]
+            start += n
+            Path(p).unlink()
 
 
 def report(result: IngestResult) -> dict[str, Any]:

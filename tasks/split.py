@@ -28,7 +28,7 @@ import pandas as pd
 from prefect import task
 
 from sftflow.config import DedupConfig, SplitConfig
-from sftflow.data.neardup import find_cross_duplicates, leak_key, strongest_matches
+from sftflow.data.neardup import ParquetTexts, find_cross_duplicates, leak_key, strongest_matches
 from sftflow.data.records import check_accounting
 from sftflow.data.refs import DatasetRef, write_parquet
 from sftflow.errors import DataError
@@ -111,8 +111,42 @@ def choose_heldout(df: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
     return mask
 
 
+def split_write_shard(args: tuple) -> dict[str, Any]:
+    """Write the train and held-out rows of rows ``[start, stop)`` of the input (the per-shard write step).
+
+    ``args`` is ``(path, start, stop, side, train_path, heldout_path)``; ``side`` holds one code per row
+    (0 train, 1 held-out, 2 dropped). With ``train_path`` None the two frames come back instead (the
+    one-shard case, written exactly as before).
+    """
+    from sftflow.data.shards import read_rows
+
+    path, start, stop, side, train_path, heldout_path = args
+    df = read_rows(path, start, stop).reset_index(drop=True)
+    train_df, held_df = df[side == 0], df[side == 1]
+    if train_path is None:
+        return {"train": train_df, "heldout": held_df}
+    write_parquet(train_df, train_path)
+    write_parquet(held_df, heldout_path)
+    return {"train": len(train_df), "heldout": len(held_df)}
+
+
+def _columns_of(dataset: DatasetRef, columns: list[str]) -> pd.DataFrame:
+    """Only ``columns`` of ``dataset`` (those it has), read batch by batch: compact, never the messages."""
+    import pyarrow.parquet as pq
+
+    from sftflow.data.shards import read_rows
+
+    have = set(pq.ParquetFile(dataset.path).schema_arrow.names)
+    return read_rows(dataset.path, 0, dataset.num_rows, columns=[c for c in columns if c in have])
+
+
 def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir: Path) -> SplitResult:
     """Split ``dataset`` into train / held-out so that no held-out row duplicates a training row.
+
+    Streams the file: the held-out rows are chosen from the ``id`` (and stratum) column only, the
+    leak check reads the training texts shard by shard (``sftflow.data.neardup.ParquetTexts``), and
+    both sides are written shard by shard (``split_write_shard``, one engine task each). Row contents
+    are never held for more than one shard.
 
     Args:
         dataset: clean canonical records (after dedup).
@@ -121,17 +155,29 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
             do with leaking held-out rows (``cross_split``: move | drop).
         out_dir: the stage folder.
     """
+    from sftflow.data.shards import concat_parquet
+    from sftflow.ops.engine import shard_bounds
+
     out_dir = Path(out_dir)
-    df = dataset.read().reset_index(drop=True)
-    mask = choose_heldout(df, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not dataset.exists():
+        dataset.read()  # raises the DatasetRef's own error (missing file / changed bytes)
+    cols = _columns_of(dataset, ["id", *([cfg.stratify_by] if cfg.stratify_by else [])])
+    mask = choose_heldout(cols, cfg)
+    ids = cols["id"].astype(str).to_numpy()
+    strata = cols[cfg.stratify_by].astype(str).to_numpy() if cfg.stratify_by else None
+    del cols
     requested = int(mask.sum())
     key = leak_key(dedup)
 
     # The one leak rule: a held-out row leaks when it duplicates a training row (exactly or nearly).
     held_pos, train_pos = np.flatnonzero(mask), np.flatnonzero(~mask)
     engine = current_engine()  # MinHash shards and pair verification as the engine's tasks; same pairs either way
-    pairs = find_cross_duplicates(df.iloc[held_pos].reset_index(drop=True), df.iloc[train_pos].reset_index(drop=True),
-                                  cfg=dedup, map_fn=engine.map, shard_docs=engine.shard_rows)
+    held_texts = ParquetTexts([(dataset.path, dataset.num_rows)], held_pos, key=key).load()
+    train_texts = ParquetTexts([(dataset.path, dataset.num_rows)], train_pos, key=key)
+    pairs = find_cross_duplicates(held_texts, train_texts, cfg=dedup, key=key, map_fn=engine.map,
+                                  shard_docs=engine.shard_rows)
+    del held_texts, train_texts
     # (Held-out rows duplicating each other do not leak into training; dedup handles those.)
     exact_idx = sorted({int(held_pos[p.query]) for p in pairs if p.exact})
     leak_reason: dict[int, str] = {i: f"exact: same normalized {key} as a training row" for i in exact_idx}
@@ -139,26 +185,30 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
     for h, p in sorted(strongest_matches(q for q in pairs if int(held_pos[q.query]) not in leak_reason).items()):
         i = int(held_pos[h])
         near_idx.append(i)
-        leak_reason[i] = f"near: similarity {p.similarity:.3f} with training row {df.iloc[train_pos[p.match]]['id']}"
+        leak_reason[i] = f"near: similarity {p.similarity:.3f} with training row {ids[train_pos[p.match]]}"
 
     leaks = sorted(leak_reason)
-    dropped_df = df.iloc[[]]
+    side = np.where(mask, 1, 0).astype(np.int8)
     if leaks:
-        if dedup.cross_split == "move":
-            mask[leaks] = False
-        else:
-            dropped_df = df.iloc[leaks].assign(leak_reason=[leak_reason[i] for i in leaks])
-            keep = np.ones(len(df), dtype=bool)
-            keep[leaks] = False
-            mask[leaks] = False
-            df, mask = df[keep], mask[keep]
-    train_df, held_df = df[~mask], df[mask]
-    if len(held_df) == 0:
+        side[leaks] = 0 if dedup.cross_split == "move" else 2
+    n_dropped = int((side == 2).sum())
+    n_held = int((side == 1).sum())
+    if n_held == 0:
         raise SplitError(f"every held-out row leaked into train ({len(leaks)} leaks); "
                          "the dataset has too many duplicate prompts — run dedup or raise split.heldout_size")
 
-    train = write_parquet(train_df, out_dir / "train.parquet", name="train")
-    heldout = write_parquet(held_df, out_dir / "heldout.parquet", name="heldout")
+    bounds = shard_bounds(dataset.num_rows, engine.shard_rows)
+    one = len(bounds) == 1
+    jobs = [(dataset.path, lo, hi, side[lo:hi], None if one else str(out_dir / f"train.shard-{k:05d}.parquet"),
+             None if one else str(out_dir / f"heldout.shard-{k:05d}.parquet")) for k, (lo, hi) in enumerate(bounds)]
+    got = engine.map(split_write_shard, jobs)
+    if one:
+        train = write_parquet(got[0]["train"], out_dir / "train.parquet", name="train")
+        heldout = write_parquet(got[0]["heldout"], out_dir / "heldout.parquet", name="heldout")
+    else:
+        train = concat_parquet([j[4] for j in jobs], out_dir / "train.parquet", name="train")
+        heldout = concat_parquet([j[5] for j in jobs], out_dir / "heldout.parquet", name="heldout")
+    del got
     leaks_df = df_leaks(dataset, leak_reason, dedup.cross_split)
     write_parquet(leaks_df, out_dir / "leaks.parquet", name="leaks")
     rep = {
@@ -170,12 +220,12 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
         "leaks_near": len(near_idx),
         "leak_key": key,
         "cross_split": dedup.cross_split,
-        "dropped": len(dropped_df),
+        "dropped": n_dropped,
         "stratify_by": cfg.stratify_by,
         "seed": cfg.seed,
-        "heldout_by_stratum": (held_df[cfg.stratify_by].astype(str).value_counts().sort_index().to_dict()
+        "heldout_by_stratum": (pd.Series(strata[side == 1]).value_counts().sort_index().to_dict()
                                if cfg.stratify_by else {}),
-        "train_by_stratum": (train_df[cfg.stratify_by].astype(str).value_counts().sort_index().to_dict()
+        "train_by_stratum": (pd.Series(strata[side == 0]).value_counts().sort_index().to_dict()
                              if cfg.stratify_by else {}),
     }
     check_accounting("split", rep["rows_in"], train=rep["train"], heldout=rep["heldout"], dropped=rep["dropped"])
@@ -184,14 +234,22 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(rep, indent=2, sort_keys=True))
     return SplitResult(train=train, heldout=heldout, leaks_moved=len(leaks), leaks_exact=len(exact_idx),
-                       leaks_near=len(near_idx), dropped=len(dropped_df), report=str(report_path))
+                       leaks_near=len(near_idx), dropped=n_dropped, report=str(report_path))
 
 
 def df_leaks(dataset: DatasetRef, reasons: dict[int, str], action: str) -> pd.DataFrame:
-    """The leaking held-out rows with the reason and what was done (for the report / MLflow)."""
-    df = dataset.read().reset_index(drop=True)
+    """The leaking held-out rows with the reason and what was done (for the report / MLflow).
+
+    Reads the ``id`` and ``source`` of the leaking rows only.
+    """
+    from sftflow.data.shards import read_rows, take_column
+
     idx = sorted(reasons)
-    out = df.iloc[idx][["id", "source"]].copy()
+    if not idx:
+        out = read_rows(dataset.path, 0, 0, columns=["id", "source"])
+    else:
+        rows = np.array(idx, dtype=np.int64)
+        out = pd.DataFrame({c: pd.Series(take_column(dataset.path, rows, c), dtype=object) for c in ("id", "source")})
     out["reason"] = [reasons[i] for i in idx]
     out["action"] = action
     return out.reset_index(drop=True)

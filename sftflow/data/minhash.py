@@ -613,7 +613,7 @@ def _verify_task(args: tuple) -> np.ndarray:
 
 def _signature_task(args: tuple) -> SignatureShard:
     texts, params = args
-    return signature_shard(texts, params)
+    return signature_shard(texts.load() if hasattr(texts, "load") else texts, params)
 
 
 def find_near_duplicates(
@@ -626,8 +626,10 @@ def find_near_duplicates(
 ) -> NearDuplicates:
     """All pairs of ``texts`` whose shingle Jaccard is >= ``params.threshold`` (LSH + verification).
 
-    ``texts`` may be any sequence supporting ``len``, slicing and integer indexing (e.g. a lazy
-    corpus); it is read in chunks of ``params.chunk_docs`` and, for verification, once more for the
+    ``texts`` may be any sequence supporting ``len``, slicing and integer indexing, or a lazy corpus
+    with ``load()`` and ``take(positions)`` too (``sftflow.data.neardup.ParquetTexts``: a shard's task
+    gets the slice and reads its own texts, verification reads the candidates' texts with ``take``);
+    it is read in chunks of ``params.chunk_docs`` and, for verification, once more for the
     documents that are in a candidate pair only, so memory is bounded by n x bands band keys plus
     the candidates' shingles.
 
@@ -647,10 +649,12 @@ def find_near_duplicates(
     bands, rows = params.bands_rows()
     n = len(texts)
     mapper = map_fn or _local_map
+    lazy = hasattr(texts, "load")  # a lazy corpus (e.g. ``sftflow.data.neardup.ParquetTexts``): tasks read their own texts
     if shard_docs is None or shard_docs >= n:
-        shards = [signature_shard(texts, params)]
+        shards = [signature_shard(texts.load() if lazy else texts, params)]
     else:
-        shards = mapper(_signature_task, [(list(texts[lo : min(n, lo + shard_docs)]), params)
+        shards = mapper(_signature_task, [(texts[lo : min(n, lo + shard_docs)] if lazy else
+                                           list(texts[lo : min(n, lo + shard_docs)]), params)
                                           for lo in range(0, n, shard_docs)])
     starts = np.concatenate([[0], np.cumsum([len(sh.valid) for sh in shards])]).astype(np.int64)
     keys = np.concatenate([sh.keys for sh in shards]) if shards else np.zeros((0, bands), _U64)
@@ -688,6 +692,13 @@ def find_near_duplicates(
                     h, c = _gather_csr(hashes, offsets, local)
                     parts.append(h)
                     lens.append(c)
+            elif lazy:  # one pass over the files for the whole group, then hashed chunk by chunk
+                got = texts.take(docs)
+                for lo in range(0, len(docs), params.chunk_docs):
+                    hashes, offsets = shingler.hash(got[lo : lo + params.chunk_docs])
+                    parts.append(hashes)
+                    lens.append(np.diff(offsets))
+                del got
             else:
                 for lo in range(0, len(docs), params.chunk_docs):
                     part = docs[lo : lo + params.chunk_docs]

@@ -27,6 +27,7 @@ import re
 import unicodedata
 from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import pandas as pd
 
 from sftflow.config import DedupConfig, ExactDedupConfig, NearDedupConfig
@@ -101,6 +102,78 @@ def leak_key(cfg: DedupConfig | None = None) -> KeyName:
     return "prompt"
 
 
+# --------------------------------------------------------------------------- lazy key texts
+class ParquetTexts:
+    """A lazy, picklable sequence of key texts: ``head`` (texts in memory), then chosen rows of Parquet files.
+
+    Supports ``len``, slicing (another lazy sequence: only row numbers travel, so an engine task
+    gets a few bytes and reads its own texts), integer indexing, ``take(positions)`` (one pass over
+    the row groups that hold them) and ``load()`` (every text, as a list). The MinHash engine
+    (``sftflow.data.minhash.find_near_duplicates``) uses ``load``/``take`` when they exist, so a corpus
+    never has to be held as Python strings.
+
+    Args:
+        files: ``(path, num_rows)`` of each file; the global row number runs over them in this order.
+        rows: sorted global row numbers whose texts this sequence holds (after ``head``).
+        key: which text of a conversation (``key_text``).
+        head: texts placed before the file rows.
+    """
+
+    def __init__(self, files: Sequence[tuple[str, int]], rows: np.ndarray, *, key: str,
+                 head: Sequence[str] = ()) -> None:
+        self.files = [(str(p), int(n)) for p, n in files]
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.key = key
+        self.head = list(head)
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.rows)
+
+    def __getitem__(self, item: int | slice) -> Any:
+        if isinstance(item, slice):
+            lo, hi, step = item.indices(len(self))
+            if step != 1:
+                raise ValueError("ParquetTexts: slices with a step are not supported")
+            h = len(self.head)
+            return ParquetTexts(self.files, self.rows[max(lo - h, 0) : max(hi - h, 0)], key=self.key,
+                                head=self.head[min(lo, h) : min(hi, h)])
+        i = int(item) + (len(self) if int(item) < 0 else 0)
+        return self.take(np.array([i]))[0]
+
+    def load(self) -> list[str]:
+        """Every text, in order."""
+        return self.take(np.arange(len(self), dtype=np.int64))
+
+    def take(self, positions: np.ndarray) -> list[str]:
+        """The texts at ``positions`` (any order), reading each row group they touch once."""
+        from sftflow.data.shards import take_column
+
+        pos = np.asarray(positions, dtype=np.int64)
+        out: list[str] = [""] * len(pos)
+        h = len(self.head)
+        for k in np.flatnonzero(pos < h):
+            out[k] = self.head[int(pos[k])]
+        at_rows = np.flatnonzero(pos >= h)
+        if len(at_rows) == 0:
+            return out
+        glob = self.rows[pos[at_rows] - h]
+        order = np.argsort(glob, kind="stable")
+        start = 0
+        for path, num in self.files:
+            lo, hi = np.searchsorted(glob[order], [start, start + num])
+            if hi > lo:
+                sel = order[lo:hi]
+                local = glob[sel] - start
+                uniq, inv = np.unique(local, return_inverse=True)
+                msgs = take_column(path, uniq, "messages")
+                texts = [key_text(m, self.key) for m in msgs]
+                del msgs
+                for k, j in zip(at_rows[sel], inv):
+                    out[int(k)] = texts[int(j)]
+            start += num
+        return out
+
+
 # --------------------------------------------------------------------------- cross-set duplicates
 class CrossPair(NamedTuple):
     """A row of ``queries`` that duplicates a row of ``reference``.
@@ -132,7 +205,8 @@ def find_cross_duplicates(
     Args:
         queries: the rows under test (e.g. held-out rows for split, training rows for dedup):
             canonical records (a DataFrame or a list), or plain strings taken as key texts.
-        reference: the rows they must not duplicate (same kinds as ``queries``).
+        reference: the rows they must not duplicate (same kinds as ``queries``, or a lazy
+            ``ParquetTexts`` of ``key`` texts, read block by block).
         cfg: the pipeline's ``dedup`` section: ``exact`` normalises keys, ``near`` sets shingles and threshold.
         key: the text compared (default ``leak_key(cfg)``); ignored for plain strings.
         map_fn: runs the MinHash shards (``sftflow.ops.engine.Engine.map``); default: in this process.
@@ -145,20 +219,32 @@ def find_cross_duplicates(
     """
     key = key or leak_key(cfg)
     q_texts, r_texts = _texts(queries, key), _texts(reference, key)
-    if not q_texts or not r_texts:
+    if hasattr(q_texts, "load"):  # the queries are the small side: held in memory
+        q_texts = q_texts.load()
+    if not len(q_texts) or not len(r_texts):
         return []
     best: dict[tuple[int, int], CrossPair] = {}
-    first_ref: dict[str, int] = {}
-    for j, t in enumerate(r_texts):
+    # Exact: the first reference row with each query's key. Only the queries' keys are held; the
+    # reference streams past in blocks (a lazy reference is read block by block, never held whole).
+    wanted: dict[str, list[int]] = {}
+    for i, t in enumerate(q_texts):
         k = normalize_for_exact(t, cfg.exact)
         if k:
-            first_ref.setdefault(k, j)
-    for i, t in enumerate(q_texts):
-        j = first_ref.get(normalize_for_exact(t, cfg.exact))
-        if j is not None:
-            best[(i, j)] = CrossPair(i, j, 1.0, True)
+            wanted.setdefault(k, []).append(i)
+    block = max(1, shard_docs or len(r_texts))
+    for lo in range(0, len(r_texts) if wanted else 0, block):
+        chunk = r_texts[lo : lo + block]
+        for j, t in enumerate(chunk.load() if hasattr(chunk, "load") else chunk, start=lo):
+            k = normalize_for_exact(t, cfg.exact)
+            if k in wanted:
+                for i in wanted.pop(k):
+                    best[(i, j)] = CrossPair(i, j, 1.0, True)
     nq = len(q_texts)
-    res = find_near_duplicates(q_texts + r_texts, lsh_params(cfg.near), pair_filter=lambda i, j: (i < nq) & (j >= nq),
+    if hasattr(r_texts, "load"):  # queries first, then the reference's rows, still lazy
+        corpus: Any = type(r_texts)(r_texts.files, r_texts.rows, key=r_texts.key, head=list(q_texts) + r_texts.head)
+    else:
+        corpus = q_texts + r_texts
+    res = find_near_duplicates(corpus, lsh_params(cfg.near), pair_filter=lambda i, j: (i < nq) & (j >= nq),
                                map_fn=map_fn, shard_docs=shard_docs)
     for (i, j), s in zip(res.pairs, res.similarity):
         q, r = int(i), int(j) - nq
@@ -176,7 +262,11 @@ def strongest_matches(pairs: Iterable[CrossPair]) -> dict[int, CrossPair]:
     return out
 
 
-def _texts(rows: pd.DataFrame | Sequence[Any], key: KeyName) -> list[str]:
+def _texts(rows: pd.DataFrame | Sequence[Any], key: KeyName) -> Any:
+    if hasattr(rows, "load"):  # a lazy corpus of key texts (``ParquetTexts``)
+        if rows.key != key:
+            raise ValueError(f"lazy texts compare the {rows.key!r} key, but this check compares {key!r}")
+        return rows
     if isinstance(rows, pd.DataFrame):
         missing = [c for c in ("messages",) if c not in rows.columns]
         if missing:

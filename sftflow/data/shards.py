@@ -3,13 +3,15 @@
 The data stages map pure per-shard functions over row ranges of their input (``sftflow.ops.engine``);
 a shard reads only its own rows (``read_rows``), and the stage output is streamed together from
 the shards' files (``concat_parquet``), so no process holds more than a shard plus one batch.
+``take_column`` reads one column at chosen rows, touching only the row groups that hold them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,10 +26,11 @@ def parquet_rows(path: str | Path) -> int:
     return pq.ParquetFile(str(path)).metadata.num_rows
 
 
-def read_rows(path: str | Path, start: int, stop: int, *, batch_rows: int = _BATCH) -> pd.DataFrame:
+def read_rows(path: str | Path, start: int, stop: int, *, batch_rows: int = _BATCH,
+              columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows ``[start, stop)`` of a Parquet file as a DataFrame, read batch by batch (bounded memory).
 
-    Row groups wholly outside the range are not read.
+    Row groups wholly outside the range are not read; ``columns`` (default: all) limits what is read.
     """
     pf = pq.ParquetFile(str(path))
     meta = pf.metadata
@@ -38,17 +41,20 @@ def read_rows(path: str | Path, start: int, stop: int, *, batch_rows: int = _BAT
             groups.append(g)
             first_row = at if first_row is None else first_row
         at += n
+    schema = pf.schema_arrow
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
     if not groups:
-        return pf.schema_arrow.empty_table().to_pandas()
+        return schema.empty_table().to_pandas()
     tables, pos = [], first_row
-    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups):
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
         lo, hi = max(start - pos, 0), min(stop - pos, batch.num_rows)
         if hi > lo:
             tables.append(batch.slice(lo, hi - lo))
         pos += batch.num_rows
         if pos >= stop:
             break
-    table = pa.Table.from_batches(tables, schema=pf.schema_arrow) if tables else pf.schema_arrow.empty_table()
+    table = pa.Table.from_batches(tables, schema=schema) if tables else schema.empty_table()
     return table.to_pandas()
 
 
@@ -87,3 +93,33 @@ def concat_parquet(parts: Sequence[str | Path], path: str | Path, *, name: str) 
     for p in parts:
         p.unlink()
     return DatasetRef(path=str(path), sha256=sha256_file(path), num_rows=rows, name=name)
+
+
+def row_group_bounds(path: str | Path) -> np.ndarray:
+    """First row of every row group of a Parquet file, plus the row count at the end (from the footer)."""
+    meta = pq.ParquetFile(str(path)).metadata
+    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+
+
+def take_column(path: str | Path, rows: np.ndarray, column: str, *, batch_rows: int = _BATCH) -> list[Any]:
+    """Values of ``column`` at the sorted row positions ``rows`` of a Parquet file, as Python objects.
+
+    Only the row groups holding one of ``rows`` are read, batch by batch, so memory is one batch
+    plus the values asked for, whatever the size of the file.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return []
+    bounds = row_group_bounds(path)
+    pf = pq.ParquetFile(str(path))
+    out: list[Any] = []
+    groups = np.unique(np.searchsorted(bounds, rows, side="right") - 1)
+    for g in groups:
+        at = int(bounds[g])
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[int(g)], columns=[column]):
+            lo, hi = np.searchsorted(rows, [at, at + batch.num_rows])
+            if hi > lo:
+                out.extend(batch.column(0).take(pa.array(rows[lo:hi] - at)).to_pylist())
+            at += batch.num_rows
+    return out
