@@ -304,10 +304,12 @@ def progress_callback(what: str) -> Callable[[int, int], None]:
     The loops in ``sftflow.inference`` report cumulative counts; this turns them into increments.
     """
     state: dict[str, Any] = {"progress": None, "done": 0}
+    started = time.monotonic()  # the work starts now, not at its first report (else the first ETA is 0)
 
     def on_progress(done: int, total: int) -> None:
         if state["progress"] is None:
             state["progress"] = Progress(what, total=total)
+            state["progress"]._t0 = started
         state["progress"].advance(done - state["done"])
         state["done"] = done
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 
 from sftflow.ops.console import Progress, RunConsole, StageRow, next_commands, stage_row, summary_table
 from sftflow.tracking.history import format_runs
@@ -178,12 +179,14 @@ def test_progress_callback_labels_with_spaces_reach_the_console() -> None:
     logger.setLevel(logging.INFO)
     try:
         cb = progress_callback("evaluate.base heldout")
+        time.sleep(1.2)  # the first batch takes a while: the first line's ETA must not be 0
         for done in (4, 8, 12):
             cb(done, 12)
     finally:
         logger.removeHandler(h)
         logger.setLevel(old)
     lines = [s for s in seen if s.startswith("progress ")]
+    assert lines[0].startswith("progress evaluate.base heldout 4/12 |") and "/s | eta 0m00s" not in lines[0]
     assert lines and lines[-1].startswith("progress evaluate.base heldout 12/12 |")
     out = io.StringIO()
     console = RunConsole(pipeline="smoke", out=out, tty=True)
