@@ -179,6 +179,44 @@ def _cluster(
 
 
 # --------------------------------------------------------------------------- the stage
+class _ClusterStep(NamedTuple):
+    """One clustering pass over live rows ``idx``: representatives, matches, and the stage's report entry."""
+
+    rep: np.ndarray
+    match: np.ndarray
+    best: np.ndarray
+    gone: np.ndarray
+    sizes: list[int]
+    stage: dict[str, Any]
+
+
+def _cluster_step(idx: np.ndarray, pairs: np.ndarray, sims: np.ndarray, priority: np.ndarray,
+                  extra: dict[str, Any]) -> _ClusterStep:
+    """Cluster the live rows ``idx`` by ``pairs`` (local indices); ``gone`` = local rows that are not representatives.
+
+    Both dedup paths (in-memory ``deduplicate`` and streamed ``dedup_files``) remove the same rows and
+    report the same stage entry through this one function.
+    """
+    rep, match, best, label = _cluster(len(idx), pairs, sims, priority[idx])
+    gone = np.flatnonzero(rep != np.arange(len(idx)))
+    sizes = np.bincount(label)
+    stage = {
+        "rows_in": int(len(idx)),
+        "pairs": int(len(pairs)),
+        "clusters": int((sizes > 1).sum()),
+        "removed": int(len(gone)),
+        "min_pair_similarity": float(sims.min()) if len(sims) else None,
+        **extra,
+    }
+    return _ClusterStep(rep, match, best, gone, sorted(int(x) for x in sizes[sizes > 1]), stage)
+
+
+def _size_histogram(cluster_sizes: dict[str, list[int]]) -> dict[str, dict[str, int]]:
+    """Per reason, how many clusters had each size (the report's ``cluster_size_histogram``)."""
+    return {reason: {str(k): int(v) for k, v in sorted(pd.Series(s).value_counts().items())}
+            for reason, s in cluster_sizes.items()}
+
+
 def _check_columns(df: pd.DataFrame, *, what: str) -> None:
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing:
@@ -226,10 +264,9 @@ def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame 
 
     def apply(reason: str, idx: np.ndarray, pairs: np.ndarray, sims: np.ndarray, extra: dict[str, Any]) -> None:
         """Cluster the live rows ``idx`` by ``pairs`` (local indices), remove all but representatives."""
-        rep, match, best, label = _cluster(len(idx), pairs, sims, priority[idx])
-        gone = np.flatnonzero(rep != np.arange(len(idx)))
-        sizes = np.bincount(label)
-        cluster_sizes[reason] = sorted(int(x) for x in sizes[sizes > 1])
+        step = _cluster_step(idx, pairs, sims, priority, extra)
+        rep, match, best, gone = step.rep, step.match, step.best, step.gone
+        cluster_sizes[reason], report["stages"][reason] = step.sizes, step.stage
         if len(gone):
             rows = df.iloc[idx[gone]].copy()
             rows["cluster_id"] = [f"{reason}:{ids[idx[rep[g]]]}" for g in gone]
@@ -241,14 +278,6 @@ def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame 
             alive[idx[gone]] = False
         for (a, b), s in list(zip(pairs, sims))[:_SAMPLE_PAIRS]:
             pair_samples.append(_pair_sample(df, reason, idx[a], idx[b], float(s)))
-        report["stages"][reason] = {
-            "rows_in": int(len(idx)),
-            "pairs": int(len(pairs)),
-            "clusters": int((sizes > 1).sum()),
-            "removed": int(len(gone)),
-            "min_pair_similarity": float(sims.min()) if len(sims) else None,
-            **extra,
-        }
 
     if cfg.enabled and n:
         if cfg.exact.enabled:
@@ -313,18 +342,7 @@ def _short(text: str, limit: int = 160) -> str:
 
 
 def _pair_sample(df: pd.DataFrame, reason: str, a: int, b: int | None, sim: float, *, heldout: Any = None) -> dict[str, Any]:
-    row_a = df.iloc[int(a)]
-    row_b = heldout if heldout is not None else df.iloc[int(b)]
-    return {
-        "reason": reason,
-        "similarity": round(float(sim), 4),
-        "id_a": str(row_a["id"]),
-        "id_b": str(row_b["id"]),
-        "source_a": str(row_a["source"]),
-        "source_b": str(row_b["source"]),
-        "prompt_a": _short(prompt_text(row_a["messages"])),
-        "prompt_b": _short(prompt_text(row_b["messages"])),
-    }
+    return _pair_sample_rows(reason, df.iloc[int(a)], heldout if heldout is not None else df.iloc[int(b)], sim)
 
 
 def _summary(
@@ -339,7 +357,7 @@ def _summary(
         per_source[src][reason] = int(cnt)
     for v in per_source.values():
         v["kept"] = v["in"] - sum(v[r] for r in REASONS)
-    hist = {reason: {str(k): int(v) for k, v in sorted(pd.Series(s).value_counts().items())} for reason, s in cluster_sizes.items()}
+    hist = _size_histogram(cluster_sizes)
     return {
         "rows_kept": n_kept,
         "rows_removed": int(len(removed)),
@@ -519,10 +537,9 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
     cluster_sizes: dict[str, list[int]] = {}
 
     def apply(reason: str, idx: np.ndarray, pairs: np.ndarray, sims: np.ndarray, extra: dict[str, Any]) -> None:
-        rep, match, best, label = _cluster(len(idx), pairs, sims, priority[idx])
-        gone = np.flatnonzero(rep != np.arange(len(idx)))
-        sizes = np.bincount(label)
-        cluster_sizes[reason] = sorted(int(x) for x in sizes[sizes > 1])
+        step = _cluster_step(idx, pairs, sims, priority, extra)
+        rep, match, best, gone = step.rep, step.match, step.best, step.gone
+        cluster_sizes[reason], report["stages"][reason] = step.sizes, step.stage
         if len(gone):
             g = idx[gone]
             reason_of[g] = REASONS.index(reason)
@@ -532,10 +549,6 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
             alive[g] = False
         for (a, b), s in list(zip(pairs, sims))[:_SAMPLE_PAIRS]:
             sample_pairs.append((reason, int(idx[a]), int(idx[b]), float(s)))
-        report["stages"][reason] = {
-            "rows_in": int(len(idx)), "pairs": int(len(pairs)), "clusters": int((sizes > 1).sum()),
-            "removed": int(len(gone)), "min_pair_similarity": float(sims.min()) if len(sims) else None, **extra,
-        }
 
     if cfg.enabled and n:
         if cfg.exact.enabled:
@@ -601,8 +614,7 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
         per_source[name] = {"in": int(counts_in[c]),
                             **{r: int(((src == c) & (reason_of == k)).sum()) for k, r in enumerate(REASONS)}}
         per_source[name]["kept"] = per_source[name]["in"] - sum(per_source[name][r] for r in REASONS)
-    hist = {reason: {str(k): int(v) for k, v in sorted(pd.Series(s).value_counts().items())}
-            for reason, s in cluster_sizes.items()}
+    hist = _size_histogram(cluster_sizes)
     need = sorted({i for _, a, b, _ in sample_pairs for i in (a, b)})
     rows_of = _read_rows_at(datasets, np.array(need, dtype=np.int64))
     samples = [_pair_sample_rows(reason, rows_of[a], rows_of[b], s) for reason, a, b, s in sample_pairs]

@@ -3,9 +3,11 @@ from MLflow metrics, what to run next, and how log records become console lines.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import time
+from typing import Iterator
 
 from sftflow.ops.console import Progress, RunConsole, StageRow, next_commands, stage_row, summary_table
 from sftflow.tracking.history import format_runs
@@ -118,8 +120,10 @@ def test_live_progress_line_on_a_terminal() -> None:
     assert out.getvalue().count("\n") == 1 and "\r\x1b[2K" in out.getvalue()
 
 
-def test_progress_lines_are_parsed_by_the_console() -> None:
-    logger = logging.getLogger("test.progress")
+@contextlib.contextmanager
+def _captured(name: str) -> Iterator[list[str]]:
+    """The messages logged to logger ``name`` at INFO inside the block (level restored after)."""
+    logger = logging.getLogger(name)
     seen: list[str] = []
 
     class Keep(logging.Handler):
@@ -127,14 +131,21 @@ def test_progress_lines_are_parsed_by_the_console() -> None:
             seen.append(record.getMessage())
 
     h = Keep()
+    old = logger.level
     logger.addHandler(h)
     logger.setLevel(logging.INFO)
     try:
-        p = Progress("generate", total=10, every_s=3600, logger=logger)
-        for _ in range(10):
-            p.advance()
+        yield seen
     finally:
         logger.removeHandler(h)
+        logger.setLevel(old)
+
+
+def test_progress_lines_are_parsed_by_the_console() -> None:
+    with _captured("test.progress") as seen:
+        p = Progress("generate", total=10, every_s=3600, logger=logging.getLogger("test.progress"))
+        for _ in range(10):
+            p.advance()
     assert len(seen) == 2 and seen[-1].startswith("progress generate 10/10 |") and "eta 0m00s" in seen[-1]
     out = io.StringIO()
     console = RunConsole(pipeline="smoke", out=out, tty=True)
@@ -166,25 +177,11 @@ def test_progress_callback_labels_with_spaces_reach_the_console() -> None:
     """Generation loops report cumulative counts; labels such as 'evaluate.base heldout' are parsed whole."""
     from sftflow.ops.console import progress_callback
 
-    logger = logging.getLogger("sftflow.progress")  # run_logger's name outside a Prefect run
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    h = Keep()
-    logger.addHandler(h)
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with _captured("sftflow.progress") as seen:  # run_logger's name outside a Prefect run
         cb = progress_callback("evaluate.base heldout")
         time.sleep(1.2)  # the first batch takes a while: the first line's ETA must not be 0
         for done in (4, 8, 12):
             cb(done, 12)
-    finally:
-        logger.removeHandler(h)
-        logger.setLevel(old)
     lines = [s for s in seen if s.startswith("progress ")]
     assert lines[0].startswith("progress evaluate.base heldout 4/12 |") and "/s | eta 0m00s" not in lines[0]
     assert lines and lines[-1].startswith("progress evaluate.base heldout 12/12 |")
