@@ -82,7 +82,7 @@ def sftflow_pipeline(
                 return {"pipeline": pipeline, "skipped": True, "reason": why}
 
         # The data stages' engine (execution.engine: local, or Ray tasks over Parquet shards), once per run.
-        activate_engine(cfg.execution)
+        log.info("Execution engine: %s", activate_engine(cfg.execution).describe())
         ctx = start_pipeline_run(cfg, pipeline=pipeline, run_id=run_id, run_dir=layout.root)
         # From here on a kill -9 leaves a record that names the MLflow runs the next run must close.
         register_active_run(flow_run_id=run_id, pipeline=pipeline, tracking_uri=ctx.tracking_uri,

@@ -387,6 +387,9 @@ def _run_on_ray(actor_cls: type, items: list[dict[str, Any]], *, handle: ModelHa
         compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"],
+        # A failed actor fails the stage with its error (like a failed shard task) instead of being
+        # restarted; restarts are also what makes Ray print a core-worker error line to the console.
+        max_restarts=0,
         fn_constructor_kwargs={"ref": handle.ref, "dtype": handle.dtype,
                                "trust_remote_code": handle.trust_remote_code,
                                "merge_adapter": handle.merge_adapter, "backend": backend,

@@ -51,6 +51,10 @@ class Engine:
         """How many shards run at once."""
         return 1
 
+    def describe(self) -> str:
+        """One line for the run's log: which engine, and with what."""
+        return f"local (this process; shards of {self.shard_rows:,} rows)"
+
 
 class LocalEngine(Engine):
     """Every shard in this process, one after the other."""
@@ -88,6 +92,14 @@ class RayEngine(Engine):
         import ray
 
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def describe(self) -> str:
+        import ray
+
+        res = ray.cluster_resources()
+        where = "a private local cluster on 127.0.0.1" if self.started else "the cluster it joined"
+        return (f"ray ({where}: {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs; "
+                f"shards of {self.shard_rows:,} rows)")
 
 
 def start_engine(cfg: ExecutionConfig | None = None) -> Engine:

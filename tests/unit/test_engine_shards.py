@@ -2,7 +2,7 @@
 
 The engine only decides where the per-shard functions run; these tests pin that the shard/merge
 split itself is exact: a duplicate cluster cut by a shard boundary, an id repeated in two shards,
-files spread over tasks. (The Ray engine on the same functions: tests/integration/test_ray_engine.py.)
+files spread over tasks. (The Ray engine on the same functions, in the whole flow: tests/integration/test_ray_flow.py.)
 """
 
 from __future__ import annotations
