@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from contextlib import contextmanager
 
-from sftflow.config import ExecutionConfig
+from sftflow.config import ConfigError, ExecutionConfig
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -109,7 +109,7 @@ def start_engine(cfg: ExecutionConfig | None = None) -> Engine:
         cfg: the pipeline's ``execution`` section (None: local).
 
     Raises:
-        RuntimeError: ``engine: ray`` without the ``ray`` extra installed.
+        ConfigError: ``engine: ray`` without the ``ray`` extra installed.
     """
     cfg = cfg or ExecutionConfig()
     if cfg.engine == "local":
@@ -117,7 +117,8 @@ def start_engine(cfg: ExecutionConfig | None = None) -> Engine:
     try:
         import ray
     except ImportError:
-        raise RuntimeError("execution.engine=ray needs Ray: pip install -e '.[ray]' (or set execution.engine=local)") from None
+        raise ConfigError("execution.engine: ray needs the `ray` extra (pip install -e '.[ray]'), not installed "
+                          "in this environment; or set execution.engine=local") from None
     if ray.is_initialized():  # joined by the caller (e.g. a test, or a notebook): leave it running
         return RayEngine(shard_rows=cfg.shard_rows, started=False)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,

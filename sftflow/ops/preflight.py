@@ -219,6 +219,16 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~"))
 
 
+def _installed(package: str) -> bool:
+    """``package`` is importable here (found on the path; not imported: preflight stays light)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken or half-removed install
+        return False
+
+
 def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]:
     """Refuse settings that cannot work, before any MLflow run, model or folder is created.
 
@@ -298,6 +308,17 @@ def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]
         problem = direction_problem(metric=cfg.promotion.metric, direction=cfg.promotion.direction)
         if problem:
             problems.append(f"{p}.{problem}")
+
+    # The engine's packages, here where the run starts (not an unexpected error mid-run). Joining a
+    # cluster (execution.address) needs Ray here too; vLLM on a cluster lives on its GPU workers.
+    ex = cfg.execution
+    if ex.engine == "ray" and not _installed("ray"):
+        problems.append(f"{p}.execution.engine: ray needs the `ray` extra (pip install -e '.[ray]'), not installed "
+                        "in this environment; or set execution.engine=local")
+    if ex.generation_backend == "vllm" and (ex.engine == "local" or ex.address is None) \
+            and not _installed("vllm"):
+        problems.append(f"{p}.execution.generation_backend: vllm needs the `vllm` extra and a CUDA GPU "
+                        "(pip install -e '.[vllm]'), not installed in this environment; or set it to auto/hf")
 
     if cfg.evaluation.enabled and cfg.split.heldout_size is not None and cfg.evaluation.max_examples is not None \
             and cfg.evaluation.max_examples > cfg.split.heldout_size:

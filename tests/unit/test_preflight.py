@@ -129,6 +129,33 @@ def test_judge_metric_and_extra_sets_are_accepted(tmp_path: Path) -> None:
                              "most 4 held-out rows"])
 
 
+@pytest.mark.parametrize(
+    ("patch", "missing", "expected"),
+    [
+        ("    execution: {engine: ray}\n", "ray", "pipelines.p.execution.engine: ray needs the `ray` extra"),
+        ("    execution: {engine: ray, address: auto}\n", "ray", "pipelines.p.execution.engine: ray needs"),
+        ("    execution: {generation_backend: vllm}\n", "vllm",
+         "pipelines.p.execution.generation_backend: vllm needs the `vllm` extra"),
+    ],
+)
+def test_engine_packages_are_checked_before_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patch: str,
+                                                    missing: str, expected: str) -> None:
+    """An engine whose package is not installed fails here, naming the key, not as a crash mid-run."""
+    import importlib.util
+
+    (tmp_path / "a.jsonl").write_text('{"instruction": "q", "output": "a"}\n' * 3)
+    (tmp_path / "b.jsonl").write_text('{"instruction": "q", "output": "a"}\n' * 3)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(ConfigError) as e:
+        preflight(_cfg(tmp_path, BASE + patch), pipeline="p")
+    assert expected in str(e.value) and e.value.exit_code == EXIT_CONFIG
+    # vLLM on a cluster it joins lives on the cluster's GPU workers: not checked here.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert preflight(_cfg(tmp_path, BASE + "    execution: {engine: ray, address: auto, generation_backend: vllm}\n"),
+                     pipeline="p") == []
+
+
 def test_check_home_creates_nothing(tmp_path: Path) -> None:
     assert check_home(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()
