@@ -300,14 +300,62 @@ def nucleus_logits(scores: Any, *, temperature: float, top_p: float, candidates:
     return out
 
 
+def nucleus_sample(scores: Any, *, temperature: float, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> Any:
+    """Draw one token per row from temperature + nucleus (top-p) sampling; token ids, shape (rows,).
+
+    The same distribution as ``nucleus_logits`` followed by softmax + multinomial, drawn with the
+    exponential race (``argmax(p_i / E_i)``, ``E_i ~ Exp(1)``, picks ``i`` with probability
+    proportional to ``p_i``) over the nucleus candidates only. ``torch.multinomial`` over Gemma's
+    262k-entry vocabulary, and the full sort of a generic top-p warper, cost far more per decode
+    step than the model's forward at k samples x prompts rows on a CPU (``bench/rejection.py``).
+    Uses the global torch generator (``sample_k`` seeds it per batch).
+
+    Args:
+        scores: next-token logits, shape (rows, vocab).
+        temperature: > 0.
+        top_p: in (0, 1]; 1 samples from the whole vocabulary.
+        candidates: how many top tokens are searched before falling back to a full sort.
+    """
+    import torch
+
+    scores = scores.float() / float(temperature)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    if top_p >= 1.0:
+        p = (scores - lse).exp()
+        return (p / torch.empty_like(p).exponential_()).argmax(-1)
+    k = min(int(candidates), scores.shape[-1])
+    top, idx = scores.topk(k, dim=-1)  # sorted, most likely first
+    p = (top - lse).exp()
+    above = p.cumsum(-1) - p
+    weights = torch.where(above < top_p, p, torch.zeros_like(p))
+    choice = idx.gather(1, (weights / torch.empty_like(weights).exponential_()).argmax(-1, keepdim=True)).squeeze(1)
+    covered = (above[:, -1] + p[:, -1]) >= top_p
+    if not bool(covered.all()):
+        # Some nucleus is wider than the candidates (a flat distribution): sort those rows fully.
+        wide = (~covered).nonzero().flatten()
+        full, fidx = scores[wide].sort(dim=-1, descending=True)
+        fp = (full - lse[wide]).exp()
+        fw = torch.where(fp.cumsum(-1) - fp < top_p, fp, torch.zeros_like(fp))
+        choice[wide] = fidx.gather(1, (fw / torch.empty_like(fw).exponential_()).argmax(-1, keepdim=True)).squeeze(1)
+    return choice
+
+
 def _nucleus_processor(temperature: float, top_p: float) -> Any:
+    """A logits processor that samples (``nucleus_sample``) and leaves only the drawn token finite.
+
+    ``generate`` then runs in greedy mode and takes exactly that token: its own softmax +
+    multinomial over the full vocabulary never runs.
+    """
+    import torch
     from transformers.generation import LogitsProcessor
 
-    class _Nucleus(LogitsProcessor):
+    class _NucleusSampler(LogitsProcessor):
         def __call__(self, input_ids: Any, scores: Any) -> Any:
-            return nucleus_logits(scores, temperature=temperature, top_p=top_p)
+            choice = nucleus_sample(scores, temperature=temperature, top_p=top_p)
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter_(1, choice.unsqueeze(1), 0.0)
 
-    return _Nucleus()
+    return _NucleusSampler()
 
 
 def sample_k(
@@ -333,7 +381,7 @@ def sample_k(
     from it. The prompt is thus never recomputed per sample: k samples cost one prefill plus a
     decode loop over k times the rows (which a batched forward absorbs far better than k loops).
 
-    Sampling is temperature + nucleus (``nucleus_logits``; top-k off, repetition penalty 1), seeded
+    Sampling is temperature + nucleus (``nucleus_sample``; top-k off, repetition penalty 1), seeded
     per batch with ``seed + batch index``: the same prompts, batch size and seed give the same
     samples. ``temperature=0`` decodes greedily (the k samples are then identical, and equal to
     ``generate_batch``'s output: a check of the shared prefill).
@@ -377,12 +425,11 @@ def sample_k(
     device = _device(model)
     cache_arg = _cache_kwarg(model)
     sample = temperature > 0
-    gen_kwargs = _base_gen_kwargs(max_new_tokens=max_new_tokens, sample=sample, stops=stops, pad_id=pad_id)
+    # Sampling happens in one processor (temperature, then top-p, then the draw); generate decodes
+    # greedily and so takes the drawn token: nothing from the model's generation_config adds to it.
+    gen_kwargs = _base_gen_kwargs(max_new_tokens=max_new_tokens, sample=False, stops=stops, pad_id=pad_id)
     if sample:
-        # Temperature and top-p are applied by one processor (in that order); generate's own
-        # warpers are neutralised so nothing from the model's generation_config adds to them.
-        gen_kwargs.update(temperature=1.0, top_p=1.0, top_k=0,
-                          logits_processor=[_nucleus_processor(float(temperature), float(top_p))])
+        gen_kwargs["logits_processor"] = [_nucleus_processor(float(temperature), float(top_p))]
     if min_new_tokens > 0:
         gen_kwargs["min_new_tokens"] = int(min_new_tokens)
 

@@ -14,7 +14,7 @@ from sftflow.config import DedupConfig, PipelineConfig, RejectionSamplingConfig,
 from sftflow.data.records import AccountingError, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
-from sftflow.inference.generation import generate_batch, nucleus_logits, sample_k
+from sftflow.inference.generation import generate_batch, nucleus_logits, nucleus_sample, sample_k
 from sftflow.inference.models import build_tiny_model, load_model
 from tasks.rejection import (
     BELOW,
@@ -126,6 +126,24 @@ def test_nucleus_logits_equals_a_full_sort():
             assert bool(keep.any(-1).all())
             if top_p < 1 and scores is peaked:
                 assert int(keep.sum()) < keep.numel() // 10  # a real cut, not everything
+
+
+def test_nucleus_sample_draws_from_the_nucleus_distribution():
+    """The exponential-race draw has nucleus sampling's distribution: frequencies over many draws
+    match softmax(nucleus_logits), on the candidate path and on the full-sort fallback alike."""
+    torch.manual_seed(1)
+    vocab, draws = 40, 40_000
+    peaked = torch.randn(1, vocab) * 2.5
+    flat = torch.randn(1, vocab) * 0.05  # wider than 8 candidates at top_p 0.9: the fallback path
+    for row in (peaked, flat):
+        for top_p in (0.6, 0.9, 1.0):
+            want = torch.softmax(nucleus_logits(row, temperature=0.8, top_p=top_p, candidates=8), -1)[0]
+            got = nucleus_sample(row.expand(draws, vocab), temperature=0.8, top_p=top_p, candidates=8)
+            freq = torch.bincount(got, minlength=vocab).float() / draws
+            assert bool((freq[want == 0] == 0).all()), "drew a token outside the nucleus"
+            # 4 standard errors of a binomial frequency, per token.
+            tol = 4 * (want * (1 - want) / draws).sqrt() + 1e-9
+            assert bool(((freq - want).abs() <= tol).all()), (top_p, (freq - want).abs().max())
 
 
 # --------------------------------------------------------------------------- selection
