@@ -261,12 +261,37 @@ def generate_batch(
 NUCLEUS_CANDIDATES = 256
 
 
+def _nucleus(scores: Any, *, top_p: float, candidates: int) -> list[tuple[Any, Any, Any, Any]]:
+    """The nucleus of each row of (already temperature-scaled) ``scores``, most likely token first.
+
+    Returns groups ``(rows, token ids, probabilities, kept)``, to apply in order: every row over its
+    top ``candidates`` tokens (found with ``topk``), then, if any, the rows whose nucleus is wider
+    than that (a flat distribution), sorted over the whole vocabulary: they replace what the first
+    group gave them. A token is kept when the mass of the tokens ranked above it is below ``top_p``
+    (the top token always is).
+    """
+    import torch
+
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    top, idx = scores.topk(min(int(candidates), scores.shape[-1]), dim=-1)
+    p = (top - lse).exp()
+    above = p.cumsum(-1) - p
+    groups = [(slice(None), idx, p, above < top_p)]
+    wide = (above[:, -1] + p[:, -1]) < top_p
+    if not bool(wide.any()):
+        return groups
+    full, fidx = scores[wide].sort(dim=-1, descending=True)
+    fp = (full - lse[wide]).exp()
+    groups.append((wide, fidx, fp, (fp.cumsum(-1) - fp) < top_p))
+    return groups
+
+
 def nucleus_logits(scores: Any, *, temperature: float, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> Any:
     """Logits for temperature + nucleus (top-p) sampling: ``scores / temperature`` outside the nucleus set to -inf.
 
     The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
     (a token is kept when the mass of the tokens ranked above it is below ``top_p``; the top token
-    is always kept).
+    is always kept). The reference distribution ``nucleus_sample`` draws from.
 
     Args:
         scores: next-token logits, shape (rows, vocab).
@@ -279,24 +304,10 @@ def nucleus_logits(scores: Any, *, temperature: float, top_p: float, candidates:
     scores = scores.float() / float(temperature)
     if top_p >= 1.0:
         return scores
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    k = min(int(candidates), scores.shape[-1])
-    top, idx = scores.topk(k, dim=-1)  # sorted, most likely first
-    p = (top - lse).exp()
-    above = p.cumsum(-1) - p
-    covered = (above[:, -1] + p[:, -1]) >= top_p
-    if not bool(covered.all()):
-        # Some nucleus is wider than the candidates (a flat distribution): sort those rows fully.
-        wide = (~covered).nonzero().flatten()
-        full, fidx = scores[wide].sort(dim=-1, descending=True)
-        fp = (full - lse[wide]).exp()
-        fabove = fp.cumsum(-1) - fp
-        out_wide = torch.full_like(scores[wide], float("-inf"))
-        out_wide.scatter_(1, fidx, torch.where(fabove < top_p, full, torch.full_like(full, float("-inf"))))
     out = torch.full_like(scores, float("-inf"))
-    out.scatter_(1, idx, torch.where(above < top_p, top, torch.full_like(top, float("-inf"))))
-    if not bool(covered.all()):
-        out[wide] = out_wide
+    for rows, ids, _, kept in _nucleus(scores, top_p=top_p, candidates=candidates):
+        values = torch.where(kept, scores[rows].gather(1, ids), torch.full_like(ids, float("-inf"), dtype=scores.dtype))
+        out[rows] = out[rows].scatter(1, ids, values)
     return out
 
 
@@ -319,24 +330,13 @@ def nucleus_sample(scores: Any, *, temperature: float, top_p: float, candidates:
     import torch
 
     scores = scores.float() / float(temperature)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     if top_p >= 1.0:
-        p = (scores - lse).exp()
+        p = torch.softmax(scores, dim=-1)
         return (p / torch.empty_like(p).exponential_()).argmax(-1)
-    k = min(int(candidates), scores.shape[-1])
-    top, idx = scores.topk(k, dim=-1)  # sorted, most likely first
-    p = (top - lse).exp()
-    above = p.cumsum(-1) - p
-    weights = torch.where(above < top_p, p, torch.zeros_like(p))
-    choice = idx.gather(1, (weights / torch.empty_like(weights).exponential_()).argmax(-1, keepdim=True)).squeeze(1)
-    covered = (above[:, -1] + p[:, -1]) >= top_p
-    if not bool(covered.all()):
-        # Some nucleus is wider than the candidates (a flat distribution): sort those rows fully.
-        wide = (~covered).nonzero().flatten()
-        full, fidx = scores[wide].sort(dim=-1, descending=True)
-        fp = (full - lse[wide]).exp()
-        fw = torch.where(fp.cumsum(-1) - fp < top_p, fp, torch.zeros_like(fp))
-        choice[wide] = fidx.gather(1, (fw / torch.empty_like(fw).exponential_()).argmax(-1, keepdim=True)).squeeze(1)
+    choice = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+    for rows, ids, p, kept in _nucleus(scores, top_p=top_p, candidates=candidates):
+        w = torch.where(kept, p, torch.zeros_like(p))
+        choice[rows] = ids.gather(1, (w / torch.empty_like(w).exponential_()).argmax(-1, keepdim=True)).squeeze(1)
     return choice
 
 
