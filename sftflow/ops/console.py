@@ -308,8 +308,7 @@ def progress_callback(what: str) -> Callable[[int, int], None]:
 
     def on_progress(done: int, total: int) -> None:
         if state["progress"] is None:
-            state["progress"] = Progress(what, total=total)
-            state["progress"]._t0 = started
+            state["progress"] = Progress(what, total=total, started=started)
         state["progress"].advance(done - state["done"])
         state["done"] = done
 
@@ -330,12 +329,13 @@ class Progress:
     shows them too) at most every ``every_s`` seconds, plus the last one.
     """
 
-    def __init__(self, what: str, *, total: int, every_s: float = 5.0, logger: Any = None) -> None:
+    def __init__(self, what: str, *, total: int, every_s: float = 5.0, logger: Any = None,
+                 started: float | None = None) -> None:
         self.what = what
         self.total = max(0, int(total))
         self.done = 0
         self.every_s = every_s
-        self._t0 = time.monotonic()
+        self._t0 = time.monotonic() if started is None else started  # ``time.monotonic()`` when the work began
         self._last = -math.inf
         self._logger = logger
 
