@@ -12,8 +12,10 @@ alpaca             ``{instruction, input?, output, system?}`` (also AlpacaEval `
 dolly              ``{instruction, context?, response, category?}``
 human_assistant    ``{text: "### Human: … ### Assistant: …"}`` (several turns allowed)
 messages           ``{messages|conversations: [{role|from, content|value}], tools?}``; content may be a
-                   string or a list of parts ``[{type: text|reasoning, value|text}]`` (ShareGPT /
-                   LLaMA-Factory); roles: user/assistant/system and the aliases in ``ROLE_ALIASES``
+                   string or a list of parts ``[{type: text|reasoning|tool_call, value|text}]``
+                   (ShareGPT / LLaMA-Factory; a ``tool_call`` part, JSON ``{name, arguments}``,
+                   becomes the turn's canonical ``tool_calls``); a turn may carry ``loss_weight``
+                   (0 or 1; see below); roles: user/assistant/system and the aliases in ``ROLE_ALIASES``
                    (human, gpt, ...). Alias: ``sharegpt``. Tool calling, both layouts:
                    ShareGPT (LLaMA-Factory) ``function_call`` turns (value: JSON ``{name, arguments}``
                    or a list of them) and ``observation`` turns, plus ``tools`` (a JSON string or
@@ -33,7 +35,14 @@ Options (per source, ``SourceConfig``), applied by every converter:
 
 * ``reasoning: keep|drop`` (default keep): a ``{type: reasoning}`` content part (or a turn's
   ``reasoning_content``) of an assistant turn is kept as chain-of-thought,
-  ``<think>\n{reasoning}\n</think>\n\n{answer}``, or dropped.
+  ``<think>\n{reasoning}\n</think>\n\n{answer}``, or dropped. A turn that only calls tools
+  keeps its reasoning as its content (``<think>…</think>``), its calls in ``tool_calls``.
+* per-turn ``loss_weight`` (LLaMA-Factory v1): 0 on an assistant turn keeps it as context only
+  (the canonical turn carries ``loss_weight: 0.0`` and training gives it no loss); 1 is the
+  default. A weight other than 0/1, 1 on a non-assistant turn, or 0 on every assistant turn
+  rejects the row with the turn named.
+* a table (CSV, Parquet, saved dataset) cell holding a missing-value marker (``NaN``, ``nan``,
+  ``NULL``, ``None``, ``N/A``... ``NULL_MARKERS``) in a text column rejects the row.
 * ``preference: chosen``: a preference (DPO) row ``{…, chosen, rejected}`` (Alpaca or ShareGPT
   shape) trains on ``chosen``; without it such rows are rejected with a reason saying so.
   A KTO row (``label: true|false``) is kept when its label is true and rejected when false.
@@ -77,6 +86,17 @@ TOOL_RESULT_ROLES: frozenset[str] = frozenset({"observation", "tool", "function"
 TOOL_CALL_ROLES: frozenset[str] = frozenset({"function_call", "tool_call"})
 # Content-part types that hold chain-of-thought.
 REASONING_PARTS: frozenset[str] = frozenset({"reasoning", "thinking"})
+# Content-part types that hold a tool call (LLaMA-Factory's reason_tool_use layout).
+TOOL_CALL_PARTS: frozenset[str] = frozenset({"tool_call", "function_call"})
+# Values of CSV/Parquet cells that stand for a missing value (what pandas writes for NaN/None, and
+# spreadsheet NULL markers): such a cell is no text to train on (pandas' default na_values, minus
+# the empty string, which is blank anyway, and ``NA``, which is also an ordinary word).
+NULL_MARKERS: frozenset[str] = frozenset(
+    {"NaN", "nan", "-nan", "-NaN", "NULL", "null", "None", "N/A", "n/a", "#N/A", "#N/A N/A", "#NA", "<NA>", "NaT",
+     "1.#QNAN", "-1.#QNAN", "1.#IND", "-1.#IND"})
+# The per-turn loss weights a row may carry (LLaMA-Factory v1 ``loss_weight``): 1 = the turn is
+# learned, 0 = it is context only. Training masks whole turns; fractional weights are refused.
+LOSS_WEIGHTS: tuple[float, ...] = (0.0, 1.0)
 # The keys each format reads from a row; any other key is counted as unknown (and reported).
 KNOWN_KEYS: dict[str, frozenset[str]] = {
     "alpaca": frozenset({"instruction", "input", "output", "system", "chosen", "rejected", "label"}),
@@ -87,7 +107,7 @@ KNOWN_KEYS: dict[str, frozenset[str]] = {
     "gsm8k": frozenset({"question", "answer", "instruction", "input", "output"}),
 }
 KNOWN_TURN_KEYS: frozenset[str] = frozenset(
-    {"role", "from", "content", "value", "tool_calls", "tool_call_id", "name", "reasoning_content"})
+    {"role", "from", "content", "value", "tool_calls", "tool_call_id", "name", "reasoning_content", "loss_weight"})
 # GSM8K's calculator annotations: "48/2 = <<48/2=24>>24".
 _CALC = re.compile(r"<<[^<>]*>>")
 
@@ -224,13 +244,18 @@ def with_reasoning(answer: str, reasoning: str) -> str:
     return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer.strip()}" if reasoning.strip() else answer
 
 
-def _content_parts(content: Any, where: str) -> tuple[str, str]:
-    """(text, reasoning) of a turn's content: a string, or a list of text/reasoning parts."""
+def _content_parts(content: Any, where: str) -> tuple[str, str, list[Any]]:
+    """(text, reasoning, tool calls) of a turn's content: a string, or a list of parts.
+
+    Parts (LLaMA-Factory v1 / ShareGPT): ``{type: text|reasoning|thinking|tool_call, value|text: ...}``;
+    a ``tool_call`` part's value is one call ``{name, arguments}`` (JSON text or an object) or a list of
+    them. The calls come back raw, in order, for ``_normalize_calls`` (the one canonical tool-call shape).
+    """
     if isinstance(content, str):
-        return content, ""
-    if isinstance(content, list):  # [{type: text|reasoning, value|text: ...}]
-        out, thoughts = [], []
-        for part in content:
+        return content, "", []
+    if isinstance(content, list):  # [{type: text|reasoning|tool_call, value|text: ...}]
+        out, thoughts, calls = [], [], []
+        for k, part in enumerate(content):
             if isinstance(part, str):
                 out.append(part)
                 continue
@@ -240,18 +265,27 @@ def _content_parts(content: Any, where: str) -> tuple[str, str]:
                 if not isinstance(val, str):
                     raise RowError(f"{where}: {kind} part without a string `value`/`text`")
                 (out if kind == "text" else thoughts).append(val)
+            elif kind in TOOL_CALL_PARTS:
+                val = part.get("value", part.get("text", part.get(kind, part.get("function"))))
+                if val is None:
+                    raise RowError(f"{where}: content part {k} ({kind}) has no `value` (expected a JSON "
+                                   "{name, arguments} tool call)")
+                val = _json_value(val, f"{where}: content part {k} ({kind})")
+                calls.extend(val if isinstance(val, list) else [val])
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RowError(f"{where}: unsupported content part of type {kind!r} (only text and reasoning "
-                               "parts are supported)")
-        return "".join(out), "\n\n".join(t.strip() for t in thoughts if t.strip())
+                raise RowError(f"{where}: unsupported content part of type {kind!r} (only text, reasoning and "
+                               "tool_call parts are supported)")
+        return "".join(out), "\n\n".join(t.strip() for t in thoughts if t.strip()), calls
     raise RowError(f"{where}: content must be a string or a list of text parts, got {type_name(content)}")
 
 
 def _content_text(content: Any, where: str) -> str:
-    text, reasoning = _content_parts(content, where)
+    text, reasoning, calls = _content_parts(content, where)
     if reasoning:
         raise RowError(f"{where}: a reasoning part is only allowed in an assistant turn")
+    if calls:
+        raise RowError(f"{where}: a tool_call part is only allowed in an assistant turn")
     return text
 
 
@@ -333,7 +367,9 @@ def _conv_messages(o: dict, opts: ConvertOptions) -> list[Any]:
         if key in TOOL_CALL_ROLES:  # ShareGPT: the whole value is the call(s)
             if content is None:
                 raise RowError(f"turn {i}: missing `content`/`value`")
-            msgs.append({"role": "assistant", "content": "", "tool_calls": _normalize_calls(content, f"turn {i}")})
+            msg = {"role": "assistant", "content": "", "tool_calls": _normalize_calls(content, f"turn {i}")}
+            _put_loss_weight(msg, t, i)
+            msgs.append(msg)
             continue
         role = "tool" if key in TOOL_RESULT_ROLES else ROLE_ALIASES.get(key)
         if role is None:
@@ -342,21 +378,56 @@ def _conv_messages(o: dict, opts: ConvertOptions) -> list[Any]:
         calls = t.get("tool_calls") if role == "assistant" else None
         if content is None and not calls:
             raise RowError(f"turn {i}: missing `content`/`value`")
-        text, reasoning = _content_parts(content if content is not None else "", f"turn {i}")
+        text, reasoning, part_calls = _content_parts(content if content is not None else "", f"turn {i}")
         extra = t.get("reasoning_content")
         if isinstance(extra, str) and extra.strip():
             reasoning = f"{extra.strip()}\n\n{reasoning}".strip()
         if reasoning and role != "assistant":
             raise RowError(f"turn {i}: a reasoning part is only allowed in an assistant turn")
+        if part_calls and role != "assistant":
+            raise RowError(f"turn {i}: a tool_call part is only allowed in an assistant turn (got a {role} turn)")
         text = text.strip()
         if reasoning and opts.reasoning == "keep":
-            text = with_reasoning(text, reasoning)
+            # A turn that only calls tools keeps its reasoning as its content: <think>…</think>, then the calls.
+            text = with_reasoning(text, reasoning).rstrip()
         msg = {"role": role, "content": text}
+        if part_calls:  # tool_call content parts (and any ``tool_calls`` beside them), in order
+            raw_calls = (_json_value(calls, f"turn {i}: the tool call") if calls else [])
+            raw_calls = raw_calls if isinstance(raw_calls, list) else [raw_calls]
+            calls = list(raw_calls) + part_calls
         if calls:
             msg["tool_calls"] = _normalize_calls(calls, f"turn {i}")
+        _put_loss_weight(msg, t, i)
         msgs.append(msg)
+    learned = [m.get("loss_weight", 1.0) for m in msgs if m["role"] == "assistant"]
+    if learned and not any(learned):
+        raise RowError("every assistant turn has loss_weight 0: the conversation has nothing to learn "
+                       "(give at least one assistant turn loss_weight 1)")
     tools = _normalize_tools(o.get("tools"))
     return [(msgs, "", {"tools": tools})] if tools else [(msgs, "")]
+
+
+def _put_loss_weight(msg: dict, turn: dict, i: int) -> None:
+    """Carry a turn's ``loss_weight`` into the canonical turn where it changes what is learned.
+
+    Only assistant turns are learned: ``loss_weight: 0`` on one keeps it as context only (stored as
+    ``loss_weight: 0.0``; training gives its tokens label -100); 1 is the default (not stored, so a
+    row that spells out the defaults, as LLaMA-Factory's v1 sets do, is the same record as without).
+    On any other turn 0 is the default; 1 (learning a user/system/tool turn) and fractional weights
+    are refused, naming the turn, since training masks whole assistant turns and cannot weigh them.
+    """
+    if "loss_weight" not in turn or turn["loss_weight"] is None:
+        return
+    w = turn["loss_weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or float(w) not in LOSS_WEIGHTS:
+        raise RowError(f"turn {i}: loss_weight {w!r} is not supported (expected 0 = no loss on this turn or "
+                       "1 = learned; whole turns are masked, weights in between cannot be honoured)")
+    if msg["role"] == "assistant":
+        if float(w) == 0.0:
+            msg["loss_weight"] = 0.0
+    elif float(w) != 0.0:
+        raise RowError(f"turn {i}: loss_weight {w!r} on a {msg['role']} turn: only assistant turns are learned "
+                       "(expected 0 or no loss_weight on it)")
 
 
 def _conv_self_instruct(o: dict, opts: ConvertOptions) -> list[Any]:
@@ -662,6 +733,8 @@ def convert_rows(rows: Sequence[RawRow], *, label: str, format: str = "auto", ta
         try:
             if r.error is not None:
                 raise RowError(r.error)
+            if tabular:
+                _check_null_cells(o, fmt)
             items, per_instance = _convert(o, fmt, options), fmt == "self_instruct"
         except RowError as e:
             items, per_instance = [e], False
@@ -683,6 +756,22 @@ def convert_rows(rows: Sequence[RawRow], *, label: str, format: str = "auto", ta
     return LoadedRecords(path=label, format=fmt, detected=detected, sha256=sha256,
                          records=tuple(records), rejected=tuple(rejected),
                          unknown_keys=tuple(sorted(unknown.items())))
+
+
+def _check_null_cells(o: Any, fmt: str) -> None:
+    """RowError when a text cell of a table row is a missing-value marker (``NaN``, ``NULL``, ``None``...).
+
+    A CSV written by pandas spells a missing value ``nan``/``NaN``; spreadsheets write ``NULL`` or
+    ``#N/A``. Read as text, such a row would train the model to answer "nan". Only the columns the
+    format reads as text are checked (``category`` and ``label`` are metadata).
+    """
+    if not isinstance(o, dict):
+        return
+    for key in sorted(KNOWN_KEYS.get(fmt, ()) - {"category", "label"}):
+        v = o.get(key)
+        if isinstance(v, str) and v.strip() in NULL_MARKERS:
+            raise RowError(f"column {key!r} holds {v.strip()!r}, a missing-value marker, not text (expected text; "
+                           "fill the cell or drop the row)")
 
 
 def line_limit(max_record_chars: int | None) -> int:

@@ -7,7 +7,10 @@ invalid UTF-8, duplicate keys, absurd nesting, an over-long line) comes back as 
 naming the file, the position and what was expected.
 
 Reading rules: each file is read once; the sha256 of those bytes is what lineage logs. A
-byte-order mark (UTF-8/16/32) is honoured and dropped. JSONL lines end at ``\n`` only (a trailing
+byte-order mark (UTF-8/16/32) is honoured and dropped; UTF-16/32 without one (LE or BE) is
+recognised by its NUL-byte pattern and decoded (``FileRows.encoding`` says which). Anything else
+must be UTF-8: an undecodable byte quarantines the JSONL line, CSV row or JSON-list record that
+holds it (its byte offset named, with a Latin-1/Windows-1252 hint), never the other rows. JSONL lines end at ``\n`` only (a trailing
 ``\r`` is dropped; U+2028, U+0085, form feeds... are text), blank lines are separators, and ``row``
 is the line number. In a JSON list or a Parquet file ``row`` is the 1-based record index; in a CSV
 file the line where the row starts.
@@ -21,6 +24,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +59,7 @@ class FileRows:
     rows: list[RawRow]
     sha256: str
     tabular: bool  # every row has the same keys (CSV, Parquet, saved dataset): a missing column is a file error
+    encoding: str = "utf-8"  # the text encoding decoded ("utf-16-le (no BOM)"...; "" for Parquet/datasets)
 
 
 # JSON nesting deeper than this is not a record; the check is iterative so it can never recurse.
@@ -82,17 +87,17 @@ def read_file(path: Path, *, max_line_chars: int, split: str = "train",
             (the formats layer knows what a record looks like; this one does not).
 
     Returns:
-        The parsed rows, the sha256 (a folder: ``sha256_dir`` just before loading it) and whether
+        The parsed rows, the sha256 (a folder: ``dir_sha256`` just before loading it) and whether
         the container is a table (all rows share the same columns).
 
     Raises:
         IngestError: the file is empty, unreadable, not of a known container, or not parseable as a whole.
     """
     if path.is_dir():
-        from sftflow.data.refs import sha256_dir
+        from sftflow.digests import dir_sha256
 
-        digest = sha256_dir(path)
-        return FileRows(_read_saved_dataset(path, split=split), digest, tabular=True)
+        digest = dir_sha256(path)
+        return FileRows(_read_saved_dataset(path, split=split), digest, tabular=True, encoding="")
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
         raise IngestError(f"{path}: unknown file type {suffix or '(none)'!r}; expected one of {', '.join(FILE_SUFFIXES)}")
@@ -104,23 +109,31 @@ def read_file(path: Path, *, max_line_chars: int, split: str = "train",
     if suffix == ".parquet":
         if not data:
             raise IngestError(f"{path}: file is empty (expected PARQUET records)")
-        return FileRows(_read_parquet(path, data), digest, tabular=True)
+        return FileRows(_read_parquet(path, data), digest, tabular=True, encoding="")
     body, encoding = _strip_bom(path, data)
+    how = encoding if encoding == "utf-8" else f"{encoding} (byte-order mark)"
+    if encoding == "utf-8" and not data.startswith(codecs.BOM_UTF8):
+        sniffed = sniff_utf16_32(body)
+        if sniffed:
+            encoding, how = sniffed, f"{sniffed} (no byte-order mark)"
     kind = suffix.lstrip(".").upper()
+    if encoding != "utf-8":
+        try:
+            body = body.decode(encoding).encode("utf-8")  # UTF-16/32: re-encode, then one code path
+        except UnicodeDecodeError as e:
+            said = ("its byte-order mark announces" if "mark)" in how and "no byte" not in how
+                    else "its NUL-byte pattern suggests")
+            raise IngestError(f"{path}: invalid {encoding.upper()} at byte {e.start}; expected text in the "
+                              f"encoding {said} ({encoding.upper()}), or UTF-8") from None
     if not body.strip(b" \t\r\n"):
         raise IngestError(f"{path}: file is empty (expected {kind} records)"
                           + (" (only blank lines)" if body else ""))
-    if encoding != "utf-8":
-        try:
-            body = body.decode(encoding).encode("utf-8")  # UTF-16/32 with a BOM: re-encode, then one code path
-        except UnicodeDecodeError as e:
-            raise IngestError(f"{path}: invalid {encoding.upper()} at byte {e.start}; expected text in the "
-                              f"encoding its byte-order mark announces (or UTF-8)") from None
     if suffix == ".csv":
-        return FileRows(_read_csv(path, body, max_line_chars=max_line_chars), digest, tabular=True)
+        return FileRows(_read_csv(path, body, max_line_chars=max_line_chars), digest, tabular=True, encoding=how)
     if suffix in (".jsonl", ".ndjson"):
-        return FileRows(_read_jsonl(path, body, max_line_chars=max_line_chars), digest, tabular=False)
-    return FileRows(_read_json(path, body, max_line_chars=max_line_chars, is_record=is_record), digest, tabular=False)
+        return FileRows(_read_jsonl(path, body, max_line_chars=max_line_chars), digest, tabular=False, encoding=how)
+    return FileRows(_read_json(path, body, max_line_chars=max_line_chars, is_record=is_record), digest,
+                    tabular=False, encoding=how)
 
 
 def _strip_bom(path: Path, data: bytes) -> tuple[bytes, str]:
@@ -132,11 +145,90 @@ def _strip_bom(path: Path, data: bytes) -> tuple[bytes, str]:
     return data, "utf-8"
 
 
+def sniff_utf16_32(data: bytes) -> str | None:
+    """The UTF-16/32 codec (``utf-16-le``...) a BOM-less file is in, judged by where its NUL bytes fall; else None.
+
+    JSON, JSONL and CSV are mostly ASCII (keys, punctuation, digits), so in UTF-16-LE nearly every
+    second byte is NUL and in UTF-32-LE three of four; UTF-8 text has no NUL byte at all (a NUL is
+    U+0000, which JSON must escape). The guess is confirmed by decoding the whole file with it.
+    """
+    sample = data[:8192]
+    if b"\x00" not in sample:
+        return None
+    n4 = len(sample) // 4 * 4
+    q = n4 // 4
+    if q:
+        zeros = [sum(1 for k in range(j, n4, 4) if sample[k] == 0) for j in range(4)]
+        if zeros[3] == q and zeros[2] >= 0.9 * q and zeros[0] < q:
+            guess: str | None = "utf-32-le"
+        elif zeros[0] == q and zeros[1] >= 0.9 * q and zeros[3] < q:
+            guess = "utf-32-be"
+        else:
+            guess = None
+        if guess and _decodes(data, guess):
+            return guess
+    n2 = len(sample) // 2 * 2
+    h = n2 // 2
+    even = sum(1 for k in range(0, n2, 2) if sample[k] == 0)
+    odd = sum(1 for k in range(1, n2, 2) if sample[k] == 0)
+    for guess, many, few in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
+        if h and many >= 0.1 * h and few * 4 <= many and _decodes(data, guess):
+            return guess
+    return None
+
+
+def _decodes(data: bytes, codec: str) -> bool:
+    if len(data) % (4 if "32" in codec else 2):
+        return False
+    try:
+        data.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _latin1_hint(byte: int) -> str:
+    """A hint naming what an undecodable byte would be in Windows-1252/Latin-1 (the usual non-UTF-8 text)."""
+    if byte < 0x80 or byte in (0xFE, 0xFF):  # 0xFE/0xFF: UTF-16 byte-order-mark bytes, rarely Latin-1 text
+        return ""
+    try:
+        ch = bytes([byte]).decode("cp1252")
+    except UnicodeDecodeError:
+        ch = bytes([byte]).decode("latin-1")
+    if not ch.isprintable():
+        return ""
+    return (f" (byte 0x{byte:02x} is {ch!r} in Windows-1252/Latin-1: if the file is in that encoding, "
+            "re-encode it as UTF-8, e.g. iconv -f cp1252 -t utf-8)")
+
+
+def utf8_error_at(data: bytes, offset: int) -> str:
+    """'invalid UTF-8 at byte N of the file (line L, byte C of the line); expected UTF-8 text[ (hint)]'."""
+    line = data.count(b"\n", 0, offset) + 1
+    col = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return (f"invalid UTF-8 at byte {offset} of the file (line {line}, byte {col} of the line); "
+            f"expected UTF-8 text{_latin1_hint(data[offset])}")
+
+
 def _utf8_error(data: bytes, e: UnicodeDecodeError) -> str:
-    """'invalid UTF-8 at byte N of the file (line L, byte C of the line)' for a decode error in ``data``."""
-    line = data.count(b"\n", 0, e.start) + 1
-    col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-    return f"invalid UTF-8 at byte {e.start} of the file (line {line}, byte {col} of the line)"
+    """``utf8_error_at`` for a decode error in ``data``."""
+    return utf8_error_at(data, e.start)
+
+
+def _bad_byte_offsets(text: str) -> list[tuple[int, int]]:
+    """(char index, byte offset) of every undecodable byte in ``text`` (decoded with ``surrogateescape``).
+
+    Valid UTF-8 never decodes to a surrogate, so each lone surrogate in such a text is one bad byte.
+    """
+    out: list[tuple[int, int]] = []
+    byte, last = 0, 0
+    for m in _ESCAPED_BYTE.finditer(text):
+        byte += len(text[last:m.start()].encode("utf-8", "surrogateescape"))
+        out.append((m.start(), byte))
+        last = m.start()
+    return out
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 class _Obj(dict):
@@ -203,8 +295,7 @@ def _read_jsonl(path: Path, data: bytes, *, max_line_chars: int) -> list[RawRow]
         try:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append(RawRow(i, error=f"invalid UTF-8 at byte {start + e.start} of the file (line {i}, byte "
-                                         f"{e.start + 1} of the line); expected UTF-8 text",
+            rows.append(RawRow(i, error=utf8_error_at(data, start + e.start),
                                 raw=raw_line.decode("utf-8", "replace")))
             continue
         if not line.strip(_JSON_BLANK):
@@ -213,6 +304,9 @@ def _read_jsonl(path: Path, data: bytes, *, max_line_chars: int) -> list[RawRow]
             rows.append(RawRow(i, error=f"record too long: line has {len(line)} chars (> {max_line_chars})", raw=line))
             continue
         obj, err = _parse_line(line)
+        if err and err.startswith("malformed JSON") and offset >= len(data) and not data.endswith(b"\n"):
+            # The last line, cut off mid-record: say so (an interrupted download or copy).
+            err += " (the last line has no line end: the file looks truncated)"
         rows.append(RawRow(i, obj=obj, error=err, raw=line))
     return rows
 
@@ -246,7 +340,10 @@ def _read_json(path: Path, data: bytes, *, max_line_chars: int, is_record: Calla
                           "expected a JSON list of records (or JSONL, one object per line)") from None
     except ValueError as e:  # e.g. an integer literal longer than Python's 4300-digit conversion limit
         raise IngestError(f"{path}: not valid JSON ({str(e)[:120]}); expected a JSON list of records") from None
-    _check_utf8(path, data)
+    bad_bytes = _bad_byte_offsets(text)
+    spans = _list_spans(text) if bad_bytes and isinstance(doc, list) else None
+    if spans is None:
+        _check_utf8(path, data)  # undecodable bytes outside a top-level list's records: a file error
     if isinstance(doc, dict):
         if doc.dupes:
             raise IngestError(f"{path}: duplicate key(s) {list(doc.dupes)} in the top-level JSON object; "
@@ -267,20 +364,60 @@ def _read_json(path: Path, data: bytes, *, max_line_chars: int, is_record: Calla
     rows = []
     for i, o in enumerate(doc, start=1):
         problem = _json_problem(o)
+        if spans is not None:
+            lo, hi = spans[i - 1]
+            at = next((b for c, b in bad_bytes if lo <= c < hi), None)
+            if at is not None:  # this record holds an undecodable byte; the others are fine
+                problem = utf8_error_at(data, at)
         rows.append(RawRow(i, obj=None if problem else o, error=problem, raw=raw_text(o)))
     return rows
+
+
+def _list_spans(text: str) -> list[tuple[int, int]] | None:
+    """Char spans of the elements of the top-level JSON list in ``text`` (None when it is not one, or
+    an undecodable byte sits outside every element): which record holds a bad byte."""
+    dec = json.JSONDecoder(strict=False)
+    ws = " \t\r\n"
+    i = len(text) - len(text.lstrip(ws))
+    if not text.startswith("[", i):
+        return None
+    i += 1
+    spans: list[tuple[int, int]] = []
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text.startswith("]", i) and not spans:
+            break
+        try:
+            _, end = dec.raw_decode(text, i)
+        except ValueError:
+            return None
+        spans.append((i, end))
+        i = end
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text.startswith(",", i):
+            i += 1
+            continue
+        if text.startswith("]", i):
+            break
+        return None
+    inside = sum(1 for c in _ESCAPED_BYTE.finditer(text) if any(lo <= c.start() < hi for lo, hi in spans))
+    return spans if inside == len(_ESCAPED_BYTE.findall(text)) else None
 
 
 def _check_utf8(path: Path, data: bytes) -> None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise IngestError(f"{path}: {_utf8_error(data, e)}; expected UTF-8 text") from None
+        raise IngestError(f"{path}: {_utf8_error(data, e)}") from None
 
 
 def _read_csv(path: Path, data: bytes, *, max_line_chars: int) -> list[RawRow]:
     # Undecodable bytes become lone surrogates, so the affected rows (not the file) are quarantined.
     text = data.decode("utf-8", errors="surrogateescape")
+    # (line, byte offset) of each undecodable byte, to name it in the row's reason.
+    bad_at = [(text.count("\n", 0, c) + 1, b) for c, b in _bad_byte_offsets(text)]
     reader = csv.reader(io.StringIO(text, newline=""))
     old_limit = csv.field_size_limit()
     # A long field is quarantined by the length check below with a clear reason; csv's own limit
@@ -310,8 +447,10 @@ def _read_csv(path: Path, data: bytes, *, max_line_chars: int) -> list[RawRow]:
             raw = ",".join(fields)
             if has_lone_surrogate(raw):
                 bad = next(i for i, f in enumerate(fields) if has_lone_surrogate(f))
-                rows.append(RawRow(line_no, error=f"invalid UTF-8 in column {header[bad] if bad < len(header) else bad!r} "
-                                                   f"(CSV line {line_no}); expected UTF-8 text", raw=raw))
+                at = next((b for ln, b in bad_at if line_no <= ln <= reader.line_num), None)
+                what = utf8_error_at(data, at) if at is not None else "invalid UTF-8; expected UTF-8 text"
+                col = header[bad] if bad < len(header) else bad
+                rows.append(RawRow(line_no, error=f"{what} (CSV line {line_no}, column {col!r})", raw=raw))
                 continue
             if len(raw) > max_line_chars:
                 rows.append(RawRow(line_no, error=f"record too long: row has {len(raw)} chars (> {max_line_chars})",

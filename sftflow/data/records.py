@@ -6,7 +6,9 @@ One row::
     messages  list of {"role": "system"|"user"|"assistant"|"tool", "content": str}; an assistant
               turn that calls tools also carries ``tool_calls``: a JSON string of
               ``[{"name": str, "arguments": {...}}, ...]`` (its ``content`` may then be empty); a
-              ``tool`` turn is a tool's result (never a training target)
+              ``tool`` turn is a tool's result (never a training target). An assistant turn that
+              is context only (LLaMA-Factory's per-turn ``loss_weight: 0``) carries
+              ``loss_weight: 0.0``: training gives its tokens no loss; absent = learned
     source    "<dataset name>:<file name>" (where the row came from)
     origin    "seed" | "backtranslated"
     category  optional str ("" when unknown)
@@ -92,17 +94,29 @@ def record_id(messages: list[dict[str, str]], *, tools: str = "") -> str:
         calls = m.get("tool_calls")
         if calls:
             entry.append(normalize_text(calls))
+        if _weight(m) is not None:  # a context-only turn makes another training example
+            entry.append({"loss_weight": _weight(m)})
         canon.append(entry)
     payload: Any = {"messages": canon, "tools": normalize_text(tools)} if tools else canon
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _turn(m: dict[str, Any]) -> dict[str, str]:
-    """One canonical turn: role and content, plus ``tool_calls`` only where the turn has calls."""
-    out = {"role": str(m["role"]), "content": str(m["content"])}
+def _weight(m: dict[str, Any]) -> float | None:
+    """A turn's ``loss_weight`` as a float, None when it has none (absent, None or NaN: Parquet's null)."""
+    w = m.get("loss_weight")
+    if w is None or (isinstance(w, float) and math.isnan(w)):
+        return None
+    return float(w)
+
+
+def _turn(m: dict[str, Any]) -> dict[str, Any]:
+    """One canonical turn: role and content, plus ``tool_calls`` / ``loss_weight`` only where the turn has them."""
+    out: dict[str, Any] = {"role": str(m["role"]), "content": str(m["content"])}
     calls = m.get("tool_calls")
     if calls is not None and not (isinstance(calls, float) and math.isnan(calls)) and str(calls):
         out["tool_calls"] = calls if isinstance(calls, str) else json.dumps(calls, ensure_ascii=False)
+    if _weight(m) is not None:
+        out["loss_weight"] = _weight(m)
     return out
 
 
@@ -163,8 +177,9 @@ def visible_text(text: str) -> str:
 
 
 def is_blank(text: str) -> bool:
-    """True when ``text`` has no visible character (empty, whitespace, zero-width characters only)."""
-    return all(is_invisible(ch) for ch in text)
+    """True when ``text`` has no visible character to stand on (empty, whitespace, zero-width characters,
+    or combining marks with no base character: a "response" of only U+0301s, or Zalgo debris, says nothing)."""
+    return all(is_invisible(ch) or unicodedata.category(ch)[0] == "M" for ch in text)
 
 
 def prompt_text(messages: list[dict[str, str]]) -> str:

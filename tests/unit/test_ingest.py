@@ -220,7 +220,7 @@ def test_messages_bad_turns(tmp_path: Path) -> None:
     assert list(q["reason"]) == [
         "conversation must end with an assistant turn",
         "conversation must start with a user turn",
-        "turn 0: unsupported content part of type 'image' (only text and reasoning parts are supported)",
+        "turn 0: unsupported content part of type 'image' (only text, reasoning and tool_call parts are supported)",
         "conversation must start with a user turn",
         "`messages` must be a list of turns, got str",
     ]

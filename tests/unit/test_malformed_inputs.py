@@ -189,8 +189,6 @@ def test_ingest_task_logs_the_digests_it_parsed(stage_ctx, tmp_path: Path) -> No
     ("bool.json", b"true", r"bool.json: expected a JSON list of records, got bool"),
     ("nan.json", b"NaN", r"nan.json: expected a JSON list of records, got float nan"),
     ("dupkeys.json", b'{"data": [], "data": []}', r"dupkeys.json: duplicate key\(s\) \['data'\] in the top-level"),
-    ("badutf8.json", b'[{"instruction": "caf\xe9", "output": "x"}]',
-     r"badutf8.json: invalid UTF-8 at byte 21 of the file \(line 1, byte 22 of the line\); expected UTF-8 text"),
     ("dupcol.csv", b"instruction,output,output\nq,a,b\n",
      r"dupcol.csv: duplicate column\(s\) \['output'\] in the CSV header; expected each column once"),
     ("nocol.csv", b"question,answer\nq,a\n", r"nocol.csv: unknown format \(keys \['answer', 'question'\]\); expected one of"),
@@ -275,14 +273,15 @@ def test_invalid_utf8_quarantines_jsonl_lines_and_csv_rows(tmp_path: Path) -> No
     _, df, q = _run(tmp_path, f)
     assert len(df) == 2 and list(q["row"]) == [2]
     start = f.read_bytes().index(bad)
-    assert q.iloc[0]["reason"] == (f"invalid UTF-8 at byte {offset} of the file (line 2, byte {offset - start + 1} "
-                                   "of the line); expected UTF-8 text")
+    assert q.iloc[0]["reason"].startswith(f"invalid UTF-8 at byte {offset} of the file (line 2, byte "
+                                          f"{offset - start + 1} of the line); expected UTF-8 text")
     assert "\ufffd" in q.iloc[0]["raw"]
     c = tmp_path / "bytes.csv"
     c.write_bytes(b"instruction,output,category\nQ one,A one,x\nQ two,A two,caf\xe9\nQ three,A three,y\n")
     _, df, q = _run(tmp_path, c)
     assert len(df) == 2 and list(q["row"]) == [3]
-    assert q.iloc[0]["reason"] == "invalid UTF-8 in column 'category' (CSV line 3); expected UTF-8 text"
+    assert q.iloc[0]["reason"].startswith("invalid UTF-8 at byte 57 of the file (line 3, byte 16 of the line); "
+                                          "expected UTF-8 text") and "(CSV line 3, column 'category')" in q.iloc[0]["reason"]
 
 
 def test_nan_and_infinity_literals(tmp_path: Path) -> None:
@@ -342,7 +341,7 @@ def test_non_string_content_values(tmp_path: Path) -> None:
     assert list(q["reason"]) == [
         "turn 0: content must be a string or a list of text parts, got int",
         "turn 0: missing `content`/`value`",
-        "turn 1: unsupported content part of type 'int' (only text and reasoning parts are supported)",
+        "turn 1: unsupported content part of type 'int' (only text, reasoning and tool_call parts are supported)",
     ]
 
 
