@@ -42,7 +42,7 @@ class SourceFile:
     Attributes:
         source: the source's name.
         path: the file path (a hub id for a hub source).
-        sha256: sha256 of the exact bytes that were parsed (a folder: ``sha256_dir`` of it, taken
+        sha256: sha256 of the exact bytes that were parsed (a folder: ``sftflow.digests.dir_sha256`` of it, taken
             just before loading; a hub dataset: "" as no local bytes exist).
         rows: rows read from it (quarantined ones included; a Self-Instruct task counts one per instance).
     """

@@ -6,51 +6,20 @@ deterministic and MLflow gets a real digest for lineage. A ``ModelRef`` names a 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
-_CHUNK = 1 << 20
+# The digests live once, in sftflow.digests; these names are what DatasetRef/ModelRef users import.
+from sftflow.digests import dir_sha256, file_sha256, json_sha256
 
+__all__ = ["DatasetRef", "ModelRef", "dir_sha256", "file_sha256", "json_sha256", "sha256_file", "sha256_json",
+           "write_parquet"]
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_files(paths: Iterable[str | Path]) -> str:
-    """One sha256 over several files (sorted by path; names and contents both count)."""
-    h = hashlib.sha256()
-    for p in sorted(Path(x) for x in paths):
-        if p.is_dir():
-            h.update(sha256_dir(p).encode())
-        else:
-            h.update(p.name.encode())
-            h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
-def sha256_dir(path: str | Path) -> str:
-    """One sha256 over every file below ``path`` (relative names + contents)."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for p in sorted(x for x in root.rglob("*") if x.is_file()):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
-def sha256_json(obj: Any) -> str:
-    """sha256 of a canonical JSON dump (sorted keys), e.g. of a resolved config."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+sha256_file = file_sha256  # the historic name, same function
+sha256_json = json_sha256  # the historic name, same function
 
 
 @dataclass(frozen=True)
@@ -59,7 +28,7 @@ class DatasetRef:
 
     Attributes:
         path: absolute path of the Parquet file.
-        sha256: hex digest of the file's bytes.
+        sha256: ``sftflow.digests.file_sha256`` of the file.
         num_rows: number of rows.
         name: short logical name (e.g. ``train``, ``heldout``, ``quarantine``).
     """
@@ -108,7 +77,7 @@ class ModelRef:
 
     Attributes:
         path: absolute path of the model (or adapter) directory.
-        sha256: digest of the directory contents (``sha256_dir``).
+        sha256: ``sftflow.digests.dir_sha256`` of the directory.
         kind: ``base`` (full weights), ``adapter`` (peft adapter; see ``base``) or ``merged``.
         base: for adapters, the ModelRef path of the base model; else empty.
         name: the name the user gave (e.g. ``gemma-3-270m``).

@@ -38,14 +38,13 @@ from typing import Any, Callable
 
 from sftflow.errors import EXIT_CONFIG, UserError
 from sftflow import layout
-from sftflow.data.refs import ModelRef, sha256_file
+from sftflow.data.refs import ModelRef
+from sftflow.digests import dir_sha256, file_sha256
 
 MANIFEST = "manifest.json"
 DONE_MARKER = layout.STAGE_DONE_MARKER
 # Bumped when the conversion recipe changes, so old pulled directories are rebuilt.
 _RECIPE_VERSION = 2
-# Local directories up to this size get a real content digest; bigger ones a stat-based one.
-_FULL_HASH_LIMIT = 64 << 20
 _WEIGHT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.txt")
 
 
@@ -220,7 +219,7 @@ def _convert_gguf(spec: EmbeddedModel, tmp: Path, *, dtype: str) -> dict[str, An
     src_dir.mkdir(parents=True)
     gguf, expected = _gguf_source(spec, src_dir)
     print(f"[sftflow.inference.models] {spec.name}: verifying sha256 of {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB)", flush=True)
-    actual = sha256_file(gguf)
+    actual = file_sha256(gguf)
     if actual != expected:
         raise ModelError(f"{gguf}: sha256 {actual} != expected {expected}; reinstall with {spec.install_hint()}")
     print(f"[sftflow.inference.models] {spec.name}: dequantizing GGUF -> transformers (float32)...", flush=True)
@@ -488,9 +487,10 @@ def _build_atomically(
         files = {}
         for p in sorted(x for x in tmp.rglob("*") if x.is_file()):
             rel = str(p.relative_to(tmp))
-            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        dir_sha = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-        manifest = {"name": name, **facts, "files": files, "dir_sha256": dir_sha,
+            files[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        # No folder digest here: a ModelRef's sha256 is dir_sha256 of the finished folder (manifest
+        # and marker included), taken when the ref is made; the per-file digests are the evidence.
+        manifest = {"name": name, **facts, "files": files,
                     "size_bytes": sum(f["size"] for f in files.values())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (tmp / DONE_MARKER).write_text("ok\n")  # last: the directory is now complete
@@ -536,8 +536,9 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 def _complete_ref(out: Path, *, name: str, expect: dict[str, Any]) -> ModelRef | None:
     """A ref to ``out`` when it is complete and its manifest matches ``expect``; else None.
 
-    Cheap on purpose (no re-hash of the weights): the marker must exist, the manifest must
-    match, and every listed file must exist with its recorded size.
+    The completeness check is cheap (the marker must exist, the manifest must match, and every
+    listed file must exist with its recorded size); the ref's sha256 is ``dir_sha256`` of the
+    folder, which reads the weights once per process (``sftflow.digests`` memoizes big files).
     """
     if not (out / DONE_MARKER).exists():
         return None
@@ -551,36 +552,8 @@ def _complete_ref(out: Path, *, name: str, expect: dict[str, Any]) -> ModelRef |
             return None
     meta = {"source": manifest.get("source", {}).get("kind", ""), "dtype": str(manifest.get("dtype", "")),
             "architecture": str(manifest.get("architecture", "")), "num_params": str(manifest.get("num_params", ""))}
-    return ModelRef(path=str(out), sha256=manifest["dir_sha256"], kind="base", name=name,
+    return ModelRef(path=str(out), sha256=dir_sha256(out), kind="base", name=name,
                     meta=tuple(sorted(meta.items())))
-
-
-def model_dir_digest(path: str | Path) -> str:
-    """Digest of a model directory, cheap even for GBs of weights.
-
-    * a directory this module wrote: its manifest's ``dir_sha256`` (content hash taken at build);
-    * a small directory (<= 64 MiB, e.g. a LoRA adapter): sha256 over names + contents;
-    * a bigger one: sha256 over (relative name, size, mtime_ns) of each file. That changes
-      whenever a file is rewritten, which is what cache keys and lineage need, without reading
-      the weights on every resolve.
-    """
-    root = Path(path)
-    manifest = read_manifest(root)
-    if manifest is not None and (root / DONE_MARKER).exists() and "dir_sha256" in manifest:
-        return manifest["dir_sha256"]
-    files = sorted(x for x in root.rglob("*") if x.is_file())
-    total = sum(f.stat().st_size for f in files)
-    h = hashlib.sha256()
-    if total <= _FULL_HASH_LIMIT:
-        for f in files:
-            h.update(str(f.relative_to(root)).encode())
-            h.update(sha256_file(f).encode())
-        return h.hexdigest()
-    h.update(b"stat-v1")
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,14 +608,14 @@ def _local_ref(path: Path, *, trust_remote_code: bool) -> ModelRef:
         if not base_name:
             raise ModelError(f"{adapter_cfg}: base_model_name_or_path is empty; cannot load the adapter")
         base = resolve_model(base_name, trust_remote_code=trust_remote_code)
-        return ModelRef(path=str(path), sha256=model_dir_digest(path), kind="adapter", base=base.path,
+        return ModelRef(path=str(path), sha256=dir_sha256(path), kind="adapter", base=base.path,
                         name=path.name, meta=(("base_name", base_name),))
     if not (path / "config.json").exists():
         raise ModelNotFoundError(f"{path}: a directory, but neither config.json nor adapter_config.json is in it")
     _check_remote_code(path, trust_remote_code=trust_remote_code)
     manifest = read_manifest(path)
     kind = "merged" if manifest and manifest.get("kind") == "merged" else "base"
-    return ModelRef(path=str(path), sha256=model_dir_digest(path), kind=kind, name=path.name)
+    return ModelRef(path=str(path), sha256=dir_sha256(path), kind=kind, name=path.name)
 
 
 def _check_remote_code(path: Path, *, trust_remote_code: bool) -> None:
@@ -678,7 +651,7 @@ def _hub_ref(repo_id: str, *, trust_remote_code: bool) -> ModelRef:
     if not list(local.glob("*.safetensors")):
         raise ModelError(f"hub model {repo_id!r} has no safetensors weights; only safetensors are loaded")
     _check_remote_code(local, trust_remote_code=trust_remote_code)
-    return ModelRef(path=str(local), sha256=model_dir_digest(local), kind="base", name=repo_id,
+    return ModelRef(path=str(local), sha256=dir_sha256(local), kind="base", name=repo_id,
                     meta=(("source", "hub"),))
 
 

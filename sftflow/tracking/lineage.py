@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sftflow.errors import NotFoundError
-from sftflow.ops.cachekeys import (
+from sftflow.tagnames import (
     TAG_BASE_SHA256,
     TAG_CACHE_KEY,
     TAG_CODE_DIGEST,

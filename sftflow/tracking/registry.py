@@ -19,9 +19,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from sftflow.data.refs import ModelRef, sha256_dir
+from sftflow.data.refs import ModelRef
+from sftflow.digests import dir_sha256
 from sftflow.errors import NotFoundError
-from sftflow.ops.cachekeys import TAG_MODEL_SHA256
+from sftflow.tagnames import TAG_MODEL_SHA256
 
 CANDIDATE = "candidate"  # every newly registered version
 CHAMPION = "champion"  # moved by the promotion gate only
@@ -329,7 +330,7 @@ def model_version_ref(client: Any, mv: Any, *, download_dir: Path) -> ModelRef:
         base = cfg.get("base_path") or json.loads((model_dir / "adapter_config.json").read_text()).get(
             "base_model_name_or_path", "")
     meta = (("template", str(cfg["template"])),) if cfg.get("template") else ()
-    return ModelRef(path=str(model_dir), sha256=sha256_dir(model_dir), kind=kind, base=base,
+    return ModelRef(path=str(model_dir), sha256=dir_sha256(model_dir), kind=kind, base=base,
                     name=f"{mv.name}/{mv.version}", meta=meta)
 
 

@@ -21,15 +21,11 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 from sftflow import layout
 from sftflow.data.refs import DatasetRef
 
-# Tag names shared by every run we create (lineage reads them back).
-TAG_PIPELINE = "sftflow.pipeline"
-TAG_STAGE = "sftflow.stage"
-TAG_FLOW_RUN = "sftflow.prefect_flow_run_id"
-TAG_CONFIG_HASH = "sftflow.config_hash"
-TAG_GIT = "sftflow.git_commit"
-TAG_RUN_DIR = "sftflow.run_dir"
-TAG_SOURCES = "sftflow.sources_digest"
-TAG_KIND = "sftflow.kind"  # "pipeline" on parent runs
+# Tag names shared by every run we create (defined once in sftflow.tagnames; re-exported for callers).
+from sftflow.tagnames import (  # noqa: F401
+    TAG_CACHE_KEY, TAG_CODE_DIGEST, TAG_CONFIG_HASH, TAG_FLOW_RUN, TAG_GIT, TAG_KIND, TAG_PIPELINE, TAG_RUN_DIR,
+    TAG_SOURCES, TAG_STAGE,
+)
 
 
 def default_tracking_uri() -> str:
@@ -286,7 +282,7 @@ def stage_run(ctx: StageContext, stage: str, *, tags: dict[str, str] | None = No
     # itself is never "active" in any thread (the flow drives it through MlflowClient).
     active = mlflow.active_run()
     parent = active.info.run_id if active is not None else (ctx.parent_run_id or None)
-    from sftflow.ops.cachekeys import TAG_CACHE_KEY, TAG_CODE_DIGEST, current_stage_key
+    from sftflow.keys import current_stage_key
 
     key = current_stage_key()
     if key is not None and active is None:  # the stage's own task run, not a helper run nested in it
@@ -359,7 +355,7 @@ def sources_digest(cfg: Any) -> str:
     import glob
     import hashlib
 
-    from sftflow.data.refs import sha256_dir, sha256_file
+    from sftflow.digests import dir_sha256, file_sha256
 
     h = hashlib.sha256()
     locations = [(s.name, s.path, s.hub) for s in cfg.sources]
@@ -373,7 +369,7 @@ def sources_digest(cfg: Any) -> str:
         for p in sorted(glob.glob(path, recursive=True)) or [path]:
             pp = Path(p)
             h.update(pp.name.encode())
-            h.update((sha256_dir(pp) if pp.is_dir() else sha256_file(pp)).encode())
+            h.update((dir_sha256(pp) if pp.is_dir() else file_sha256(pp)).encode())
     return h.hexdigest()
 
 

@@ -82,7 +82,7 @@ def finished_output(out_dir: Path, fingerprint: str) -> TrainOutput | None:
 def save_outputs(model: Any, tokenizer: Any, *, base: ModelRef, cfg: TrainingConfig, out_dir: Path, template: str,
                   metrics: dict[str, float], state: dict[str, Any], fingerprint: str, resumed_from: int) -> TrainOutput:
     """Adapter, merged weights, tokenizer, model cards, loss curve, then ``train_output.json`` last."""
-    from sftflow.inference.models import model_dir_digest
+    from sftflow.digests import dir_sha256
 
     model.eval()
     meta = (("template", template), ("train_fingerprint", fingerprint))
@@ -93,7 +93,7 @@ def save_outputs(model: Any, tokenizer: Any, *, base: ModelRef, cfg: TrainingCon
         model.save_pretrained(str(adir))
         tokenizer.save_pretrained(str(adir))
         write_model_card(adir, base=base, cfg=cfg, template=template, metrics=metrics, kind="adapter")
-        adapter = ModelRef(path=str(adir), sha256=model_dir_digest(adir), kind="adapter", base=base.path,
+        adapter = ModelRef(path=str(adir), sha256=dir_sha256(adir), kind="adapter", base=base.path,
                            name=f"{base.name or Path(base.path).name}-sft-adapter", meta=meta)
     if cfg.merge or cfg.method == "full":
         mdir = out_dir / "merged"
@@ -105,7 +105,7 @@ def save_outputs(model: Any, tokenizer: Any, *, base: ModelRef, cfg: TrainingCon
         full.save_pretrained(str(mdir), safe_serialization=True)
         tokenizer.save_pretrained(str(mdir))
         write_model_card(mdir, base=base, cfg=cfg, template=template, metrics=metrics, kind="merged")
-        merged = ModelRef(path=str(mdir), sha256=model_dir_digest(mdir), kind="merged", base=base.path,
+        merged = ModelRef(path=str(mdir), sha256=dir_sha256(mdir), kind="merged", base=base.path,
                           name=f"{base.name or Path(base.path).name}-sft", meta=meta)
     curve = plot_loss(state["history"], out_dir / "loss_curve.png")
     (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))

@@ -124,20 +124,22 @@ def test_corpus_and_extra_eval_sets_and_model_paths_in_configs(tmp_path: Path) -
 
 
 def test_model_folder_contents_and_large_file_memo(tmp_path: Path) -> None:
+    import sftflow.digests as digests
+
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
     big = base / "model.safetensors"
-    big.write_bytes(b"\0" * (ck._MEMO_MIN_BYTES + 1))
+    big.write_bytes(b"\0" * (digests.MEMO_MIN_BYTES + 1))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"w1")
     ref = ModelRef(path=str(adapter), sha256="recorded", kind="adapter", base=str(base),
                    meta=(("template", "gemma"), ("mlflow_run_id", "r1")))
     k1 = _key({"model": ref}, module="tasks.evaluate")
-    n_memo = len(ck._file_memo)
+    n_memo = len(digests._memo)
     assert n_memo >= 1  # the big file was memoized on its stat signature
-    assert _key({"model": ref}, module="tasks.evaluate") == k1 and len(ck._file_memo) == n_memo
+    assert _key({"model": ref}, module="tasks.evaluate") == k1 and len(digests._memo) == n_memo
     # run identifiers in meta are not part of the key; what describes the model is
     assert _key({"model": ModelRef(**{**ref.__dict__, "meta": (("template", "gemma"), ("mlflow_run_id", "r2"))})},
                 module="tasks.evaluate") == k1

@@ -27,11 +27,11 @@ from sftflow.inference.models import (
     build_tiny_model,
     list_models,
     load_model,
-    model_dir_digest,
     pull_model,
     resolve_model,
 )
 from sftflow.data.refs import ModelRef
+from sftflow.digests import dir_sha256, file_sha256
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -42,7 +42,10 @@ def test_tiny_build_load_forward_generate(sftflow_home: Path, name: str) -> None
     assert (Path(ref.path) / DONE_MARKER).exists()
     assert list(Path(ref.path).glob("*.safetensors")), "weights must be safetensors"
     manifest = json.loads((Path(ref.path) / MANIFEST).read_text())
-    assert manifest["dir_sha256"] == ref.sha256
+    # The ref's digest is THE folder digest (sftflow.digests), and the manifest's per-file digests are real.
+    assert ref.sha256 == dir_sha256(ref.path)
+    for rel, info in manifest["files"].items():
+        assert info["sha256"] == file_sha256(Path(ref.path) / rel), rel
     assert 900 <= len(json.loads((Path(ref.path) / "tokenizer.json").read_text())["model"]["vocab"]) <= 1100
 
     model, tok = load_model(ref)
@@ -160,18 +163,22 @@ def test_resolve_names_and_local_dir(sftflow_home: Path, tmp_path: Path) -> None
     assert resolve_model(str(local)).sha256 != ref.sha256
 
 
-def test_big_dir_digest_is_stat_based(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sftflow.inference.models as models
+def test_model_digest_is_the_content_digest_even_for_big_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Above the memo threshold the folder is still hashed by content (read once, then memoized);
+    # names + sizes + mtimes never stand in for the bytes.
+    import sftflow.digests as digests
 
     d = tmp_path / "big"
     d.mkdir()
+    (d / "config.json").write_text("{}")
     (d / "w.bin").write_bytes(b"x" * 100)
-    monkeypatch.setattr(models, "_FULL_HASH_LIMIT", 10)
-    monkeypatch.setattr(models, "sha256_file", lambda p: pytest.fail("big dirs must not be re-hashed"))
-    first = model_dir_digest(d)
-    assert model_dir_digest(d) == first
-    (d / "w.bin").write_bytes(b"y" * 101)
-    assert model_dir_digest(d) != first
+    monkeypatch.setattr(digests, "MEMO_MIN_BYTES", 10)
+    first = resolve_model(str(d)).sha256
+    assert first == dir_sha256(d)
+    st = (d / "w.bin").stat()
+    (d / "w.bin").write_bytes(b"y" * 100)  # same size, mtime put back: only the bytes differ
+    os.utime(d / "w.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert resolve_model(str(d)).sha256 != first
 
 
 def test_resolve_and_load_adapter_dir(sftflow_home: Path, tmp_path: Path) -> None:
