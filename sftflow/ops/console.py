@@ -5,9 +5,10 @@ What a person watching a run needs is where it is and how far it has to go. By d
 
 - one line per stage when it finishes: state (Prefect's: Completed / Cached / Failed), seconds,
   rows in -> rows out (read from the stage's MLflow run), and a short note;
-- a progress line with ETA for training (the recipe's ``step a/b ... eta`` lines) and for anything
-  that reports through :class:`Progress` (generation, evaluation); on a terminal it is one live
-  line rewritten in place, elsewhere (pipes, CI) at most one line every ``PIPE_PROGRESS_EVERY_S``;
+- a progress line with ETA for training and for anything that reports through :class:`Progress`
+  (generation, evaluation), from the typed events their log records carry (``sftflow.progress``:
+  ``StepEvent``, ``CountEvent``; the text of the line is never parsed); on a terminal it is one
+  live line rewritten in place, elsewhere (pipes, CI) at most one line every ``PIPE_PROGRESS_EVERY_S``;
 - warnings the stages log themselves (``sftflow``/Prefect run loggers) and every error, one line each;
 - a final summary table (:func:`summary_table`): stage times, rows in/out, base vs tuned metrics,
   the gate decision and what to run next.
@@ -38,6 +39,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
+from sftflow.progress import CountEvent, ProgressEvent, StepEvent, event_of
+
 # Environment switches that turn progress bars off (read by each library when it starts a bar or is
 # imported; inherited by training subprocesses). Values the user set explicitly are kept.
 QUIET_ENV: dict[str, str] = {
@@ -53,8 +56,6 @@ _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "sftflow", "flows", "t
 PIPE_PROGRESS_EVERY_S = 30.0
 # Info lines a person must see even on the quiet console (a resumed training says where it resumed).
 _NOTABLE = re.compile(r"^(resumed from |training output in .* is complete)")
-_STEP_LINE = re.compile(r"\bstep (?P<done>\d+)/(?P<total>\d+) \| loss (?P<loss>[-\d.naif]+).*?\beta (?P<m>\d+)m(?P<s>\d+)s")
-_PROGRESS_LINE = re.compile(r"^progress (?P<what>.+?) (?P<done>\d+)/(?P<total>\d+)(?P<rest>.*?)\beta (?P<m>\d+)m(?P<s>\d+)s")
 _FINISHED = re.compile(r"^Finished in state (?P<state>[A-Za-z]+)")
 _TASK_SUFFIX = re.compile(r"-[0-9a-f]{3}$")
 # Metrics shown in the base-vs-tuned table (those present, in this order; the gate's metric first).
@@ -353,8 +354,10 @@ class Progress:
             from sftflow.ops.orchestration import run_logger
 
             logger = run_logger("sftflow.progress")
+        # The line is for people and the UI; the console reads the event it carries.
         logger.info("progress %s %d/%d | %.1f/s | eta %dm%02ds", self.what, self.done, self.total, rate,
-                    int(eta // 60), int(eta % 60))
+                    int(eta // 60), int(eta % 60),
+                    extra=CountEvent.extra(what=self.what, done=self.done, total=self.total, rate=rate, eta_s=eta))
 
 
 # ------------------------------------------------------------------ the live console
@@ -616,6 +619,10 @@ class RunConsole:
         live = self._state.live
         stage = _TASK_SUFFIX.sub("", task_run)
         finished = _FINISHED.match(msg)
+        event = event_of(record)
+        if event is not None:  # progress of work outside a task run (e.g. the recipe called directly)
+            self._on_event(event, stage=event.what, now=now)
+            return
         if live.name != task_run:
             self._maybe_relocate()
             self._state.live = live = _Live(name=task_run, started=self._state.last_finish or now)
@@ -625,17 +632,9 @@ class RunConsole:
             state = finished.group("state")
             self._finish(stage, state, seconds=now - live.started, now=now)
             return
-        step = _STEP_LINE.search(msg)
-        prog = _PROGRESS_LINE.search(msg)
-        if step:
-            d, t = int(step["done"]), int(step["total"])
-            text = (f"[{self._elapsed()}] {stage}: step {d}/{t} {_bar(d, t)} loss {step['loss']} "
-                    f"eta {step['m']}m{step['s']}s")
-            self._live(text, now=now)
-        elif prog:
-            d, t = int(prog["done"]), int(prog["total"])
-            text = f"[{self._elapsed()}] {stage}: {prog['what']} {d}/{t} {_bar(d, t)} eta {prog['m']}m{prog['s']}s"
-            self._live(text, now=now)
+        event = event_of(record)
+        if event is not None:
+            self._on_event(event, stage=stage, now=now)
         elif record.levelno >= logging.ERROR:
             first = msg.strip().splitlines()[0] if msg.strip() else record.levelname
             self._show(f"  ERROR {stage}: {first[:300]}")
@@ -659,6 +658,16 @@ class RunConsole:
         self._state.stages.append(row)
         mark = {"Completed": "ok", "Cached": "ok"}.get(state, "!!")
         counts = ""
+    def _on_event(self, event: ProgressEvent, *, stage: str, now: float) -> None:
+        """The live progress line of a typed event (``sftflow.progress``)."""
+        if isinstance(event, StepEvent):
+            d, t = event.step, event.total
+            text = f"[{self._elapsed()}] {stage}: step {d}/{t} {_bar(d, t)} loss {event.loss:.4f} eta {_fmt_eta(event.eta_s)}"
+        else:
+            d, t = event.done, event.total
+            text = f"[{self._elapsed()}] {stage}: {event.what} {d}/{t} {_bar(d, t)} eta {_fmt_eta(event.eta_s)}"
+        self._live(text, now=now)
+
         if row.rows_out is not None:
             counts = f"{'-' if row.rows_in is None else row.rows_in} -> {row.rows_out} rows"
         elif row.rows_in is not None:
@@ -763,6 +772,11 @@ class _FileFormatter(logging.Formatter):
         self._prefect = prefect_fmt
 
     def format(self, record: logging.LogRecord) -> str:
+def _fmt_eta(seconds: float) -> str:
+    s = int(seconds) if math.isfinite(seconds) and seconds > 0 else 0
+    return f"{s // 60}m{s % 60:02d}s"
+
+
         if self._prefect is not None:
             try:
                 return self._prefect.format(record)

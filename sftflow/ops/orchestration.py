@@ -117,13 +117,5 @@ def _artifact_key(key: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in key.lower()).strip("-")[:100] or "artifact"
 
 
-def run_logger(name: str) -> Any:
-    """Prefect's run logger inside a flow/task (so messages show in the UI), else ``logging.getLogger(name)``."""
-    import logging
-
-    try:
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # MissingContextError outside a run
-        return logging.getLogger(name)
+# run_logger lives in sftflow.progress (the library below ops writes to it); re-exported for the stages.
+from sftflow.progress import run_logger  # noqa: E402,F401

@@ -101,7 +101,7 @@ def launch_training(*, train: DatasetRef, heldout: DatasetRef | None, base: Mode
     """
     import torch
 
-    from sftflow.ops.orchestration import run_logger
+    from sftflow.progress import run_logger
     from sftflow.training.export import finished_output
     from sftflow.training.loop import LOGGER_NAME, _fingerprint
 

@@ -29,7 +29,7 @@ import torch
 from sftflow.config import TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef, sha256_json
 from sftflow.inference.formatting import IGNORE_INDEX, resolve_template
-from sftflow.ops.orchestration import run_logger
+from sftflow.progress import StepEvent, run_logger
 from sftflow.training.checkpoint import atomic_torch_save, barrier, load_trainable, resume, save_checkpoint, trainable_state
 from sftflow.training.data import Encoded, collate, encode_dataset, epoch_batches
 from sftflow.training.export import TrainOutput, finished_output, save_outputs
@@ -57,7 +57,7 @@ OnMetrics = Callable[[int, dict[str, float]], None]
 
 def training_key(*, train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cfg: TrainingConfig,
                  module: str | Path | None = None) -> tuple[str, dict[str, Any]]:
-    """Content key of one training job and what it covers (``sftflow.ops.cachekeys``).
+    """Content key of one training job and what it covers (``sftflow.keys``).
 
     The bytes of the train/held-out Parquet files and of the base model's folder as they are on
     disk now, the config, the code that runs (the import closure of ``module``, default this
@@ -66,7 +66,7 @@ def training_key(*, train: DatasetRef, heldout: DatasetRef | None, base: ModelRe
     Returns:
         ``(hex key, components)``.
     """
-    from sftflow.ops.cachekeys import key_of, stage_key_components
+    from sftflow.keys import key_of, stage_key_components
 
     comps = stage_key_components({"train": train, "heldout": heldout, "base": base, "cfg": cfg},
                                  module=module or Path(__file__))
@@ -286,7 +286,9 @@ def train(
             if on_metrics is not None:
                 on_metrics(step, {k: float(rec[k]) for k in STEP_METRICS if k in rec})
             if step % cfg.log_every == 0 or step == total_steps or step == resumed_from + 1:
-                logger.info(_progress_line(rec, state, total_steps))
+                logger.info(_progress_line(rec, state, total_steps), extra=StepEvent.extra(  # the console reads the event
+                    step=step, total=total_steps, loss=rec["loss"], eval_loss=rec.get("eval_loss"),
+                    seconds_per_step=state["seconds"] / max(1, len(state["history"]))))
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total_steps and not state["stopped_early"]:
             save_checkpoint(out_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
                              rank=rank, world=world, keep=cfg.keep_checkpoints)

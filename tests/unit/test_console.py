@@ -10,6 +10,7 @@ import time
 from typing import Iterator
 
 from sftflow.ops.console import Progress, RunConsole, StageRow, next_commands, stage_row, summary_table
+from sftflow.progress import EVENT_ATTR, CountEvent, StepEvent, event_of
 from sftflow.tracking.history import format_runs
 
 SUMMARY = {
@@ -77,9 +78,11 @@ def test_summary_of_a_skipped_run() -> None:
 
 
 def _record(msg: str, *, task_run: str | None = None, level: int = logging.INFO, name: str | None = None,
-            flow_run_id: str = "") -> logging.LogRecord:
+            flow_run_id: str = "", event: object = None) -> logging.LogRecord:
     rec = logging.LogRecord(name or ("prefect.task_runs" if task_run else "prefect.flow_runs"), level, __file__, 1,
                             msg, None, None)
+    if event is not None:
+        setattr(rec, EVENT_ATTR, event)
     if task_run:
         rec.task_run_name = task_run
     if flow_run_id:
@@ -95,7 +98,8 @@ def test_records_become_one_line_per_stage_and_throttled_progress() -> None:
     feed(_record("Finished in state Completed()", task_run="provision-05b"))
     feed(_record("source dolly: detected as format alpaca", task_run="train-233"))
     for i in range(1, 40):
-        feed(_record(f"step {i}/40 | loss 6.9{i:02d} | lr 1e-3 | eta 0m{40 - i:02d}s", task_run="train-233"))
+        feed(_record(f"step {i}/40", task_run="train-233",
+                     event=StepEvent(step=i, total=40, loss=6.9 + i / 100, seconds_per_step=1.0)))
     feed(_record("Self-curation kept no candidate pairs", task_run="train-233", level=logging.WARNING))
     feed(_record("some UserWarning from a library", name="py.warnings", level=logging.WARNING))
     feed(_record("Finished in state Cached(type=COMPLETED)", task_run="train-233"))
@@ -113,7 +117,9 @@ def test_records_become_one_line_per_stage_and_throttled_progress() -> None:
 def test_live_progress_line_on_a_terminal() -> None:
     out = io.StringIO()
     console = RunConsole(pipeline="smoke", out=out, tty=True)
-    console._on_record(_record("step 3/4 | loss 6.9208 | lr 2.5e-04 | eta 0m01s", task_run="train-233"))
+    # The event, not the text, drives the line: a reworded log message changes nothing.
+    ev = StepEvent(step=3, total=4, loss=6.92081, seconds_per_step=1.4)
+    console._on_record(_record("whatever the recipe prints", task_run="train-233", event=ev))
     text = out.getvalue()
     assert "\n" not in text and text.endswith("train: step 3/4 [###############.....]  75% loss 6.9208 eta 0m01s")
     console._on_record(_record("Finished in state Completed()", task_run="train-233"))
@@ -121,14 +127,14 @@ def test_live_progress_line_on_a_terminal() -> None:
 
 
 @contextlib.contextmanager
-def _captured(name: str) -> Iterator[list[str]]:
-    """The messages logged to logger ``name`` at INFO inside the block (level restored after)."""
+def _captured(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records logged to logger ``name`` at INFO inside the block (level restored after)."""
     logger = logging.getLogger(name)
-    seen: list[str] = []
+    seen: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
+            seen.append(record)
 
     h = Keep()
     old = logger.level
@@ -141,15 +147,20 @@ def _captured(name: str) -> Iterator[list[str]]:
         logger.setLevel(old)
 
 
-def test_progress_lines_are_parsed_by_the_console() -> None:
+def test_progress_events_reach_the_console() -> None:
     with _captured("test.progress") as seen:
         p = Progress("generate", total=10, every_s=3600, logger=logging.getLogger("test.progress"))
         for _ in range(10):
             p.advance()
-    assert len(seen) == 2 and seen[-1].startswith("progress generate 10/10 |") and "eta 0m00s" in seen[-1]
+    assert len(seen) == 2 and seen[-1].getMessage().startswith("progress generate 10/10 |")
+    events = [event_of(r) for r in seen]
+    assert [(e.what, e.done, e.total) for e in events] == [("generate", 1, 10), ("generate", 10, 10)]
+    assert isinstance(events[-1], CountEvent) and events[-1].eta_s == 0.0
     out = io.StringIO()
     console = RunConsole(pipeline="smoke", out=out, tty=True)
-    console._on_record(_record(seen[0], task_run="evaluate-base"))
+    seen[0].task_run_name = "evaluate-base"  # as Prefect's run logger adds it inside a task run
+    seen[0].name = "prefect.task_runs"
+    console._on_record(seen[0])
     assert "evaluate-base: generate 1/10" in out.getvalue()
 
 
@@ -182,10 +193,49 @@ def test_progress_callback_labels_with_spaces_reach_the_console() -> None:
         time.sleep(1.2)  # the first batch takes a while: the first line's ETA must not be 0
         for done in (4, 8, 12):
             cb(done, 12)
-    lines = [s for s in seen if s.startswith("progress ")]
-    assert lines[0].startswith("progress evaluate.base heldout 4/12 |") and "/s | eta 0m00s" not in lines[0]
-    assert lines and lines[-1].startswith("progress evaluate.base heldout 12/12 |")
+    events = [e for e in map(event_of, seen) if e is not None]
+    assert events[0].what == "evaluate.base heldout" and (events[0].done, events[0].total) == (4, 12)
+    assert events[0].eta_s > 0  # the clock started with the work, not at its first report
+    assert (events[-1].done, events[-1].total) == (12, 12)
     out = io.StringIO()
     console = RunConsole(pipeline="smoke", out=out, tty=True)
-    console._on_record(_record(lines[-1], task_run="evaluate-base"))
+    console._on_record(_record("reworded", task_run="evaluate-base", event=events[-1]))
     assert "evaluate.base heldout 12/12" in out.getvalue()
+
+
+def test_the_real_training_loop_reports_progress_to_the_console(sftflow_home, monkeypatch) -> None:
+    """The recipe (tiny model, 3 steps) emits StepEvents; the console shows them, whatever the text says."""
+    from sftflow.config import TrainingConfig
+    from sftflow.data.records import make_record, records_to_frame
+    from sftflow.data.refs import write_parquet
+    from sftflow.inference.models import build_tiny_model
+    from sftflow.ops.console import _RecordHandler
+    from sftflow.training import loop
+
+    rows = [make_record([{"role": "user", "content": f"What is {i} plus {i}?"},
+                         {"role": "assistant", "content": f"The answer is {2 * i}."}], source="unit:console")
+            for i in range(8)]
+    data = write_parquet(records_to_frame(rows), sftflow_home / "train.parquet", name="train")
+    cfg = TrainingConfig.model_validate({"batch_size": 4, "max_steps": 3, "log_every": 1, "precision": "fp32",
+                                         "checkpoint_every": None, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    # A reworded progress line must not silence the console: it reads the event only.
+    monkeypatch.setattr(loop, "_progress_line", lambda rec, state, total: "training is going fine")
+    out = io.StringIO()
+    console = RunConsole(pipeline="smoke", out=out, tty=True)
+    logger = logging.getLogger(loop.LOGGER_NAME)  # run_logger's logger outside a Prefect run
+    handler, old = _RecordHandler(console), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with _captured(loop.LOGGER_NAME) as seen:
+            loop.train(train=data, heldout=None, base=build_tiny_model("tiny-gemma"), cfg=cfg,
+                       out_dir=sftflow_home / "run")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    steps = [e for e in map(event_of, seen) if isinstance(e, StepEvent)]
+    assert [(e.step, e.total) for e in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert all(e.loss > 0 and e.seconds_per_step > 0 for e in steps)
+    shown = out.getvalue()
+    assert "train: step 3/3 [####################] 100% loss " in shown, shown
+    assert f"loss {steps[-1].loss:.4f}" in shown
