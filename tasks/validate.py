@@ -42,8 +42,10 @@ from sftflow.ops.orchestration import (
     stage_cache_policy,
     table_artifact,
 )
+from sftflow.markers import write_marker
 from sftflow.data.quarantine import quarantine_frame, quarantine_row
-from sftflow.data.records import COLUMNS, ORIGINS, ROLES, check_accounting, visible_text, with_optional_columns
+from sftflow.data.records import (COLUMNS, ORIGINS, ROLES, check_accounting, is_blank, visible_text,
+                                  with_optional_columns)
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.tracking.runs import StageContext, log_dataset, stage_run
 from sftflow.results import ValidateResult
@@ -68,9 +70,54 @@ class ValidationFailed(DataError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- flattening
+# What counts as non-printable junk (the ``non_printable_fraction`` bound), decided once:
+#   junk: C0/C1 control characters (Cc) but tab, newline and carriage return; lone surrogates (Cs:
+#         undecodable bytes); private-use code points (Co: no meaning outside one vendor's font);
+#         noncharacters (U+FDD0-FDEF, U+xxFFFE/xxFFFF); U+FFFD, the mark of bytes already lost in a
+#         decode.
+#   text: every format character (Cf) — ZWJ/ZWNJ (Persian, Devanagari, emoji ZWJ sequences),
+#         LRM/RLM/ALM and the bidi embeddings/isolates of right-to-left text, the soft hyphen, word
+#         joiner, tag characters of subdivision flags, Arabic number signs — plus variation
+#         selectors (Mn), emoji modifiers (Sk) and everything else. Unassigned code points (Cn) are
+#         not counted either: Python's Unicode database trails Unicode, so a newer emoji or script
+#         would look unassigned (noncharacters, which never will be assigned, are junk).
+def is_junk_char(ch: str) -> bool:
+    """True for a code point that is no text (see the table above)."""
+    cat = unicodedata.category(ch)
+    if cat == "Cc":
+        return ch not in "\n\t\r"
+    if cat in ("Cs", "Co") or ch == "\ufffd":
+        return True
+    cp = ord(ch)
+    return 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE
+
+
 def _non_printable(text: str) -> int:
-    # Control/format/unassigned/private-use characters, except ordinary whitespace.
-    return sum(1 for ch in text if ch not in "\n\t\r" and unicodedata.category(ch)[0] == "C")
+    return sum(1 for ch in text if is_junk_char(ch))
+
+
+def non_printable_detail(msgs: Any) -> str:
+    """Which fields hold junk characters and which: ``messages[1].content: U+0007 x3, U+0000 x1``."""
+    if _shape(msgs) != "ok":
+        return ""
+    parts = []
+    for i, m in enumerate(msgs):
+        counts: dict[str, int] = {}
+        for ch in m["content"]:
+            if is_junk_char(ch):
+                counts[ch] = counts.get(ch, 0) + 1
+        if counts:
+            top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            shown = ", ".join(f"U+{ord(ch):04X} x{n}" for ch, n in top[:6]) + (", ..." if len(top) > 6 else "")
+            parts.append(f"messages[{i}].content: {shown}")
+    return "; ".join(parts)
+
+
+def _loss_weight(m: Any) -> float | None:
+    w = m.get("loss_weight") if isinstance(m, dict) else None
+    if w is None or (isinstance(w, float) and np.isnan(w)):
+        return None
+    return w
 
 
 def _shape(msgs: Any) -> str:
@@ -86,6 +133,14 @@ def _shape(msgs: Any) -> str:
             return f"unknown role {m['role']!r}"
         if not isinstance(m["content"], str):
             return f"content is {type(m['content']).__name__}"
+        w = _loss_weight(m)
+        # Per-turn loss weight (``sftflow.data.records``): 0 marks an assistant turn as context only.
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or float(w) not in (0.0, 1.0)
+                              or (float(w) != 0.0 and m["role"] != "assistant")):
+            return f"loss_weight {w!r} on a {m['role']} turn (expected 0, or 1 on an assistant turn)"
+    learned = [_loss_weight(m) for m in msgs if m["role"] == "assistant"]
+    if learned and all(w is not None and float(w) == 0.0 for w in learned):
+        return "every assistant turn has loss_weight 0 (nothing to learn)"
     return "ok"
 
 
@@ -97,6 +152,11 @@ def _field_types(df: pd.DataFrame) -> list[str]:
         bad = [f"{c} is {type(v).__name__}" for c, v in zip(cols, vals) if not isinstance(v, str)]
         out.append(", ".join(bad) or "ok")
     return out
+
+
+def _visible_chars(text: str) -> int:
+    """Visible characters of a turn; 0 when it is blank (only invisible characters or base-less combining marks)."""
+    return 0 if is_blank(text) else len(visible_text(text))
 
 
 # The columns derive_frame computes per row (listed so an empty input still has them).
@@ -136,10 +196,10 @@ def derive_frame(df: pd.DataFrame, *, tokenizer: Any = None) -> pd.DataFrame:
             "role_pattern": "".join(_ROLE_LETTER[m["role"]] for m in msgs),
             # Visible characters only: whitespace, zero-width and other invisible characters do not
             # make a turn non-empty (see ``sftflow.data.records.is_invisible``).
-            "min_user_chars": min((len(visible_text(u)) for u in user), default=0),
-            "min_assistant_chars": min((len(visible_text(a)) for a in asst), default=0),
+            "min_user_chars": min((_visible_chars(u) for u in user), default=0),
+            "min_assistant_chars": min((_visible_chars(a) for a in asst), default=0),
             # NaN when there is no system turn: GX skips nulls, so only a present-but-blank one fails.
-            "min_system_chars": min((len(visible_text(x)) for x in system), default=np.nan),
+            "min_system_chars": min((_visible_chars(x) for x in system), default=np.nan),
             "prompt_chars": sum(len(u) for u in user),
             "response_chars": sum(len(a) for a in asst),
             "total_chars": len(joined),
@@ -194,7 +254,7 @@ def build_suite(cfg: ValidationConfig, *, with_tokens: bool) -> list[Any]:
             "no empty system turn (a blank system prompt is no system prompt)"),
         row(E.ExpectColumnValuesToBeBetween(column="total_chars", max_value=cfg.max_chars), "length bound in chars"),
         row(E.ExpectColumnValuesToBeBetween(column="non_printable_fraction", max_value=cfg.max_non_printable_fraction),
-            "charset sanity: few control / unassigned characters"),
+            "charset sanity: few control / private-use / replacement characters (format characters are text)"),
         row(E.ExpectColumnValuesToBeInSet(column="origin", value_set=list(ORIGINS)), "origin is seed or backtranslated"),
         row(E.ExpectColumnValuesToMatchRegex(column="source", regex=SOURCE_PATTERN), "source = '<name>:<file>'"),
         row(E.ExpectColumnValuesToBeInSet(column="field_types", value_set=["ok"]),
@@ -309,9 +369,11 @@ def validate_shard(args: tuple) -> dict[str, Any]:
     for i in bad:
         rec = df.iloc[i]
         raw = json.dumps({c: _jsonable(rec[c]) for c in df.columns}, ensure_ascii=False, default=str)
+        why = [r + (f" [{non_printable_detail(rec.get('messages'))}]" if "(non_printable_fraction" in r else "")
+               for r in reasons[i]]  # name the field and the code points, not only the bound
         # source/source_row point at the row in its source file; file/row at the stage's input.
         q_rows.append(quarantine_row(stage=stage, source=str(rec.get("source", "")), source_row=_source_row(rec),
-                                     file=str(path), row=start + i + 1, reason="; ".join(reasons[i]), raw=raw))
+                                     file=str(path), row=start + i + 1, reason="; ".join(why), raw=raw))
     write_parquet(df[good_mask], valid_path, name=f"{stage}_valid")
     ids = df["id"].astype(str).tolist() if "id" in df.columns else []
     return {"rows": len(df), "quarantine": q_rows, "summary": summary, "blocking": blocking, "docs": docs,
@@ -369,7 +431,7 @@ def validate(
         out_dir: the stage folder (``valid.parquet``, ``quarantine.parquet``, ``gx_result.json``, ``gx/``).
         tokenizer: a loaded transformers tokenizer for the token bound (None: no token check).
         stage: stage name written in the quarantine rows.
-        engine: ``sftflow.ops.engine.Engine`` (default: the active one, local when none).
+        engine: ``sftflow.engine.Engine`` (default: the active one, local when none).
 
     Raises:
         ValidationFailed: a table-level expectation failed (schema, empty table), an expectation
@@ -377,7 +439,7 @@ def validate(
             outputs (quarantine, GX result, Data Docs) are written first, for inspection.
     """
     from sftflow.data.shards import concat_parquet, parquet_rows
-    from sftflow.ops.engine import current_engine, shard_bounds
+    from sftflow.engine import current_engine, shard_bounds
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -525,7 +587,7 @@ def validate_task(
         docs_uri = mlflow.get_artifact_uri(f"{stage}/data_docs/index.html") if result.data_docs else ""
         markdown_artifact(f"{stage}-summary", _markdown(result, summary, mlflow.active_run().info.run_id, docs_uri),
                           description="Great Expectations validation")
-        ctx.layout.mark_done(stage)
+        write_marker(ctx.layout.stage_dir(stage), outputs=result, stage=stage)  # last: what a cache hit verifies
         return result
 
 

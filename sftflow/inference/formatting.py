@@ -27,7 +27,9 @@ message is tokenized with ``split_special_tokens`` so a literal ``<end_of_turn>`
 never forge a turn marker.
 
 Training labels are ``-100`` on system/user turns and template tokens; the assistant content and its
-end-of-turn marker are learned, so the model learns to stop.
+end-of-turn marker are learned, so the model learns to stop. An assistant turn carrying
+``loss_weight: 0`` (the canonical record's per-turn weight, e.g. from LLaMA-Factory's v1 sets) is
+context only: all its tokens get ``-100`` too.
 
 Tool calling (additive: a conversation without tools, tool calls or ``tool`` turns renders exactly
 as above). Messages may carry role ``tool`` (a tool's result) and assistant messages
@@ -157,8 +159,37 @@ def _wants_bos(tokenizer: Any, template: str) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
-def _builtin_segments(tokenizer: Any, msgs: list[dict[str, str]], template: str, *, add_generation_prompt: bool):
-    """Yield (ids, learned) pieces of a conversation in a built-in template."""
+def _unlearned_assistants(messages: Sequence[dict[str, Any]]) -> frozenset[int]:
+    """Ordinals (0 = first assistant turn) of the assistant turns with ``loss_weight`` 0: never learned.
+
+    Counting assistant turns (not messages) keeps the ordinals valid after the system turn is
+    folded (gemma) or the tool fallback regroups the other turns.
+
+    Raises:
+        ValueError: a weight other than 0/1, 1 on a non-assistant turn, or every assistant turn at 0.
+    """
+    skip, k = set(), 0
+    for i, m in enumerate(messages):
+        w = m.get("loss_weight")
+        if w is not None and not (isinstance(w, float) and w != w):  # None / NaN (Parquet null): no weight
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or float(w) not in (0.0, 1.0):
+                raise ValueError(f"messages[{i}].loss_weight: expected 0 or 1, got {w!r} (whole turns are masked)")
+            if float(w) == 1.0 and m.get("role") != "assistant":
+                raise ValueError(f"messages[{i}].loss_weight: 1 on a {m.get('role')!r} turn; only assistant turns "
+                                 "are learned")
+            if float(w) == 0.0 and m.get("role") == "assistant":
+                skip.add(k)
+        if m.get("role") == "assistant":
+            k += 1
+    if k and len(skip) == k:
+        raise ValueError("every assistant turn has loss_weight 0: the conversation has nothing to learn")
+    return frozenset(skip)
+
+
+def _builtin_segments(tokenizer: Any, msgs: list[dict[str, str]], template: str, *, add_generation_prompt: bool,
+                      unlearned: frozenset[int] = frozenset()):
+    """Yield (ids, learned) pieces of a conversation in a built-in template (``unlearned``: assistant
+    ordinals that are context only)."""
     spec = _BUILTIN[template]
     if template == "gemma":
         msgs = _fold_system(msgs)
@@ -167,8 +198,10 @@ def _builtin_segments(tokenizer: Any, msgs: list[dict[str, str]], template: str,
     segments: list[tuple[list[int], bool]] = []
     if _wants_bos(tokenizer, template):
         segments.append(([tokenizer.bos_token_id], False))
+    k = 0
     for m in msgs:
-        learned = m["role"] == "assistant"
+        learned = m["role"] == "assistant" and k not in unlearned
+        k += m["role"] == "assistant"
         header = open_ids + _ids(tokenizer, spec["roles"][m["role"]] + "\n", data=False)
         segments.append((header, False))
         # The content and the end-of-turn marker are what the model must learn to produce.
@@ -259,7 +292,8 @@ def _native_ids(tokenizer: Any, msgs: list[dict[str, str]], *, add_generation_pr
 
 
 def _native_learned_spans(tokenizer: Any, msgs: list[dict[str, str]],
-                          render_kwargs: dict[str, Any] | None = None) -> tuple[str, list[tuple[int, int]]]:
+                          render_kwargs: dict[str, Any] | None = None,
+                          unlearned: frozenset[int] = frozenset()) -> tuple[str, list[tuple[int, int]]]:
     """Full rendering + char spans of each assistant turn (content + end-of-turn).
 
     Rendering ``msgs[:i]`` with the generation prompt gives where assistant turn ``i`` starts;
@@ -267,8 +301,12 @@ def _native_learned_spans(tokenizer: Any, msgs: list[dict[str, str]],
     """
     full = _render(tokenizer, msgs, add_generation_prompt=False, render_kwargs=render_kwargs)
     spans = []
+    k = -1
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
+            continue
+        k += 1
+        if k in unlearned:  # loss_weight 0: context only
             continue
         start_text = _render(tokenizer, msgs[:i], add_generation_prompt=True, render_kwargs=render_kwargs)
         end_text = _render(tokenizer, msgs[: i + 1], add_generation_prompt=False, render_kwargs=render_kwargs)
@@ -282,9 +320,9 @@ def _native_learned_spans(tokenizer: Any, msgs: list[dict[str, str]],
     return full, spans
 
 
-def _native_encode(tokenizer: Any, msgs: list[dict[str, str]],
-                   render_kwargs: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
-    _, spans = _native_learned_spans(tokenizer, msgs, render_kwargs=render_kwargs)
+def _native_encode(tokenizer: Any, msgs: list[dict[str, str]], render_kwargs: dict[str, Any] | None = None,
+                   unlearned: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+    _, spans = _native_learned_spans(tokenizer, msgs, render_kwargs=render_kwargs, unlearned=unlearned)
     ids, offsets = _native_ids(tokenizer, msgs, add_generation_prompt=False, offsets=True, render_kwargs=render_kwargs)
     labels = [IGNORE_INDEX] * len(ids)
     for k, (start, end) in enumerate(offsets):
@@ -314,7 +352,8 @@ def encode_for_training(
 
     Returns:
         ``(input_ids, labels)`` of equal length; labels are ``-100`` except on assistant content
-        and its end-of-turn marker (every assistant turn of a multi-turn conversation).
+        and its end-of-turn marker (every assistant turn of a multi-turn conversation, but those
+        carrying ``loss_weight`` 0).
 
     Raises:
         ValueError: malformed conversation or template.
@@ -323,11 +362,13 @@ def encode_for_training(
     if is_tool_conversation(messages, tools):
         return _encode_tool_conversation(tokenizer, messages, template=template, tools=tools, max_len=max_len)
     msgs = _check_messages(messages, for_generation=False)
+    unlearned = _unlearned_assistants(messages)
     if template == "native":
-        ids, labels = _native_encode(tokenizer, msgs)
+        ids, labels = _native_encode(tokenizer, msgs, unlearned=unlearned)
     else:
         ids, labels = [], []
-        for seg, learned in _builtin_segments(tokenizer, msgs, template, add_generation_prompt=False):
+        for seg, learned in _builtin_segments(tokenizer, msgs, template, add_generation_prompt=False,
+                                              unlearned=unlearned):
             ids.extend(seg)
             labels.extend(seg if learned else [IGNORE_INDEX] * len(seg))
     if max_len is not None:
@@ -497,8 +538,11 @@ def tool_text_fallback(messages: Sequence[dict[str, Any]], tools: Any = None) ->
         calls = _calls_of(m)
         if role == "assistant" and calls:
             content = "\n".join(x for x in (content.strip(), tool_call_text(calls)) if x)
-        out.append({"role": role, "content": content})
-    return [{"role": m["role"], "content": m["content"]} for m in out]
+        turn = {"role": role, "content": content}
+        if role == "assistant" and m.get("loss_weight") is not None:
+            turn["loss_weight"] = m["loss_weight"]  # a context-only turn stays context only
+        out.append(turn)
+    return [{k: v for k, v in m.items() if k != "_tool"} for m in out]
 
 
 def _hf_tool_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -568,7 +612,7 @@ def _encode_tool_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]]
     if template == "native" and supports_tools(tokenizer):
         kwargs = _native_tool_render_kwargs(tokenizer, msgs, tools)
         hf = _hf_tool_messages(msgs)
-        ids, labels = _native_encode(tokenizer, hf, render_kwargs=kwargs)
+        ids, labels = _native_encode(tokenizer, hf, render_kwargs=kwargs, unlearned=_unlearned_assistants(msgs))
         if max_len is not None:
             ids, labels = ids[:max_len], labels[:max_len]
         return ids, labels

@@ -75,7 +75,8 @@ def test_row_level_failures_are_quarantined_with_expectation_names(tmp_path: Pat
         21: "expect_column_values_to_be_between(min_assistant_chars >= 1)",
         22: "expect_column_values_to_match_regex(role_pattern ~ ^S?(?:UA(?:T+A)*)+$)",
         23: "expect_column_values_to_be_between(total_chars <= 200)",
-        24: "expect_column_values_to_be_between(non_printable_fraction <= 0.1)",
+        24: "expect_column_values_to_be_between(non_printable_fraction <= 0.1) "
+            "[messages[1].content: U+0000 x1, U+0001 x1, U+0002 x1, U+0003 x1]",
         25: "expect_column_values_to_be_in_set(origin in ['seed', 'backtranslated'])",
         26: f"expect_column_values_to_match_regex(source ~ {SOURCE_PATTERN})",
         4: "expect_column_values_to_match_regex(id ~ ^[0-9a-f]{16}$)",
