@@ -41,7 +41,7 @@ def main() -> None:
     from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
     from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
     from sftflow.inference.models import TINY_MODELS, build_tiny_model, resolve_model
-    from sftflow.ops import engine as engines
+    from sftflow import engine as engines
 
     ref = build_tiny_model(args.model) if args.model in TINY_MODELS else resolve_model(args.model)
     questions = _questions(args.prompts)

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from sftflow.layout import RunLayout
-from sftflow.ops.engine import activate as activate_engine, release as release_engine
+from sftflow.engine import activate as activate_engine, release as release_engine
 from sftflow.ops.preflight import preflight
 from sftflow.ops.recovery import active_run, reap_orphans, register_active_run
 from sftflow.run_options import RunOptions, resolve_run_config

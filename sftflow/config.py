@@ -764,6 +764,6 @@ def resolve_pipeline(
 
 def config_hash(cfg: PipelineConfig) -> str:
     """sha256 of the resolved config (what a run is tagged with)."""
-    from sftflow.data.refs import sha256_json
+    from sftflow.digests import json_sha256 as sha256_json
 
     return sha256_json(cfg.model_dump(mode="json"))

@@ -232,7 +232,7 @@ def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame 
         cfg: the pipeline's ``dedup`` section.
         heldout_df: held-out records; train rows that duplicate one (``find_cross_duplicates``) are
             removed as ``leak``.
-        engine: ``sftflow.ops.engine.Engine`` that runs the per-shard steps (exact keys, MinHash
+        engine: ``sftflow.engine.Engine`` that runs the per-shard steps (exact keys, MinHash
             signatures, pair verification; shards of ``engine.shard_rows`` rows); clustering (union-find)
             is one merge over all shards, so the result is the same for every engine (default: the
             active one, local when none).
@@ -245,7 +245,7 @@ def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame 
         ValueError: a frame lacks a canonical column.
         AccountingError: rows in != kept + removed (a bug; never silently).
     """
-    from sftflow.ops.engine import current_engine
+    from sftflow.engine import current_engine
 
     engine = engine or current_engine()
     shard = engine.shard_rows
@@ -505,7 +505,7 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
         ``(kept, removed, report)``.
     """
     from sftflow.data.shards import concat_parquet
-    from sftflow.ops.engine import current_engine, shard_bounds
+    from sftflow.engine import current_engine, shard_bounds
 
     engine = engine or current_engine()
     shard = engine.shard_rows

@@ -215,7 +215,7 @@ def ingest_source(src: SourceConfig, cfg: IngestConfig, *, engine: Any = None) -
     Accounting per file: every non-blank line/row becomes exactly one record or one quarantine
     row (a Self-Instruct task: one per instance), so ``read = kept + quarantined`` always holds.
     """
-    from sftflow.ops.engine import current_engine
+    from sftflow.engine import current_engine
 
     engine = engine or current_engine()
     return merge_files(src, engine.map(ingest_file, [(src, path, cfg) for path in _source_paths(src)]))
@@ -245,7 +245,7 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path, eng
         sources: the pipeline's sources (read in order).
         cfg: limits (``max_quarantine_fraction``, ``max_record_chars``, ``mixture_seed``).
         out_dir: the stage folder.
-        engine: ``sftflow.ops.engine.Engine`` that reads the files (one task per file; default: the
+        engine: ``sftflow.engine.Engine`` that reads the files (one task per file; default: the
             active one, local when none). The result does not depend on it.
 
     Returns:
@@ -263,7 +263,7 @@ def ingest(*, sources: list[SourceConfig], cfg: IngestConfig, out_dir: Path, eng
         missing = [s.name for s in sources if s.weight is None]
         raise IngestError(f"sources {missing}: give every source a `weight`, or none (weights are relative shares)")
     out_dir = Path(out_dir)
-    from sftflow.ops.engine import current_engine
+    from sftflow.engine import current_engine
 
     engine = engine or current_engine()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from sftflow.data.neardup import ParquetTexts, find_cross_duplicates, leak_key, 
 from sftflow.data.records import check_accounting
 from sftflow.data.refs import DatasetRef, write_parquet
 from sftflow.errors import DataError
-from sftflow.ops.engine import current_engine
+from sftflow.engine import current_engine
 from sftflow.ops.orchestration import (
     IO_RETRIES,
     markdown_artifact,
@@ -156,7 +156,7 @@ def split(*, dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, out_dir:
         out_dir: the stage folder.
     """
     from sftflow.data.shards import concat_parquet
-    from sftflow.ops.engine import shard_bounds
+    from sftflow.engine import shard_bounds
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -517,7 +517,7 @@ class NearDuplicates:
 
 
 # A mapper runs ``fn`` over ``items`` and returns the results in order: the builtin loop in this
-# process, or an engine's map (``sftflow.ops.engine.Engine.map``: Ray tasks). Results never depend on it.
+# process, or an engine's map (``sftflow.engine.Engine.map``: Ray tasks). Results never depend on it.
 Mapper = Callable[[Callable, Sequence], list]
 
 
@@ -643,7 +643,7 @@ def find_near_duplicates(
         texts: the documents.
         params: the search parameters.
         pair_filter: ``f(i, j) -> bool mask`` of candidate pairs to consider (e.g. cross-set only).
-        map_fn: runs the per-shard / per-group steps (``sftflow.ops.engine.Engine.map``); default: a loop here.
+        map_fn: runs the per-shard / per-group steps (``sftflow.engine.Engine.map``); default: a loop here.
         shard_docs: documents per shard (default: one shard, the whole corpus).
     """
     bands, rows = params.bands_rows()

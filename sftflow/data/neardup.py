@@ -209,7 +209,7 @@ def find_cross_duplicates(
             ``ParquetTexts`` of ``key`` texts, read block by block).
         cfg: the pipeline's ``dedup`` section: ``exact`` normalises keys, ``near`` sets shingles and threshold.
         key: the text compared (default ``leak_key(cfg)``); ignored for plain strings.
-        map_fn: runs the MinHash shards (``sftflow.ops.engine.Engine.map``); default: in this process.
+        map_fn: runs the MinHash shards (``sftflow.engine.Engine.map``); default: in this process.
         shard_docs: documents per MinHash shard (default: one shard). Neither changes the result.
 
     Returns:

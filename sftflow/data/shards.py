@@ -1,6 +1,6 @@
 """Parquet shards: read a row range of a file in Arrow batches, write a stage output shard by shard.
 
-The data stages map pure per-shard functions over row ranges of their input (``sftflow.ops.engine``);
+The data stages map pure per-shard functions over row ranges of their input (``sftflow.engine``);
 a shard reads only its own rows (``read_rows``), and the stage output is streamed together from
 the shards' files (``concat_parquet``), so no process holds more than a shard plus one batch.
 ``take_column`` reads one column at chosen rows, touching only the row groups that hold them.

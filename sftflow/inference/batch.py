@@ -2,7 +2,7 @@
 
 The stages that generate or score (backtranslation's backward generation and self-curation,
 evaluation's generations and judge) call ``generate_texts`` / ``score_texts`` with a ``ModelHandle``
-and the engine the flow activated (``sftflow.ops.engine.current_engine()``):
+and the engine the flow activated (``sftflow.engine.current_engine()``):
 
 * **local** engine: the model is loaded in this process (once per handle) and the call is exactly
   ``generate_batch`` / ``score_pairs`` over all rows — the default path, unchanged.
@@ -153,7 +153,7 @@ class ModelHandle:
     def tokenizer(self) -> Any:
         """The tokenizer (the local engine loads the model with it: one load, as before)."""
         if self._tok is None:
-            from sftflow.ops.engine import current_engine
+            from sftflow.engine import current_engine
 
             if current_engine().kind == "local":
                 self.model_and_tokenizer()
@@ -191,7 +191,7 @@ def _handle(model: ModelRef | ModelHandle, *, dtype: str | None, trust_remote_co
 def _engine(engine: Any) -> Any:
     if engine is not None:
         return engine
-    from sftflow.ops.engine import current_engine
+    from sftflow.engine import current_engine
 
     return current_engine()
 

@@ -351,7 +351,7 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         logger = self._logger
         if logger is None:
-            from sftflow.ops.orchestration import run_logger
+            from sftflow.progress import run_logger
 
             logger = run_logger("sftflow.progress")
         # The line is for people and the UI; the console reads the event it carries.

@@ -1,6 +1,7 @@
-"""The import graph keeps its layers: stages never import stages; the library never imports up.
+"""The import graph keeps its layers: stages never import stages; no module imports a layer above its own.
 
 Parsed from the sources (imports inside functions count too), so a lazy import cannot hide an edge.
+The layers are the ones ARCHITECTURE.md draws ("Layers"); ``LAYERS`` below is that drawing.
 """
 
 from __future__ import annotations
@@ -9,9 +10,43 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.ops.cachekeys import imported_modules
+from sftflow.keys import imported_modules
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Lowest first. A module may import its own layer and those below, never one above. A module
+# belongs to the layer of the longest prefix that names it (``sftflow.data.wrappers``, a leaf of
+# prompt templates that ``config`` validates against, sits in ``base``).
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("base", ("sftflow", "sftflow.digests", "sftflow.errors", "sftflow.layout", "sftflow.tagnames",
+              "sftflow.progress", "sftflow.masking", "sftflow.data.wrappers")),
+    ("config", ("sftflow.config", "sftflow.run_options", "sftflow.stats", "sftflow.engine")),
+    ("data", ("sftflow.data", "sftflow.results", "sftflow.breakdown", "sftflow.gate", "sftflow.keys",
+              "sftflow.markers")),
+    ("inference", ("sftflow.inference",)),
+    ("recipes", ("sftflow.training", "sftflow.augment")),
+    ("tracking", ("sftflow.tracking",)),
+    ("ops", ("sftflow.ops",)),
+    ("tasks", ("tasks",)),
+    ("flows", ("flows",)),
+]
+_PACKAGES = ("sftflow", "tasks", "flows")
+
+
+def _layer(module: str) -> int | None:
+    """Index in ``LAYERS`` of ``module`` (longest matching prefix), or None when no layer names it."""
+    best: tuple[int, int] | None = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            matches = module == p or (module.startswith(p + ".") and p != "sftflow")
+            if matches and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return None if best is None else best[0]
+
+
+def _is_project_module(name: str) -> bool:
+    base = REPO.joinpath(*name.split("."))
+    return name.split(".")[0] in _PACKAGES and (base.with_suffix(".py").is_file() or (base / "__init__.py").is_file())
 
 
 def _imports(path: Path) -> set[str]:
@@ -42,6 +77,33 @@ def test_stages_never_import_other_stages(path: Path) -> None:
 def test_library_never_imports_stages_or_flows(path: Path) -> None:
     up = sorted(m for m in _imports(path) if m.split(".")[0] in ("tasks", "flows"))
     assert not up, f"{_module_name(path)} imports {up}: the library (sftflow/) sits below tasks/ and flows/"
+
+
+def _all_modules() -> list[Path]:
+    return sorted(p for folder in _PACKAGES for p in (REPO / folder).rglob("*.py"))
+
+
+def _own_name(path: Path) -> str:
+    name = _module_name(path)
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+@pytest.mark.parametrize("path", _all_modules(), ids=lambda p: str(p.relative_to(REPO)))
+def test_no_module_imports_a_layer_above_its_own(path: Path) -> None:
+    me = _own_name(path)
+    mine = _layer(me)
+    assert mine is not None, f"{me} is in no layer: add it to LAYERS here and to ARCHITECTURE.md's Layers"
+    up = sorted(f"{m} ({LAYERS[_layer(m)][0]})" for m in _imports(path)
+                if _is_project_module(m) and _layer(m) is not None and _layer(m) > mine)
+    assert not up, (f"{me} ({LAYERS[mine][0]}) imports a layer above it: {up}. Move what they share down "
+                    f"(ARCHITECTURE.md, Layers)")
+
+
+def test_the_layer_rule_catches_an_upward_import(tmp_path: Path) -> None:
+    # A tracking module importing the ops layer (what tracking/runs.py once did) is an upward edge.
+    assert _layer("sftflow.tracking.runs") < _layer("sftflow.ops.cachekeys")
+    assert _layer("sftflow.data.wrappers") < _layer("sftflow.config") < _layer("sftflow.data.refs")
+    assert _layer("sftflow") == 0 and _layer("sftflow.digests") == 0 and _layer("sftflow.nope") is None
 
 
 def test_the_graph_parser_sees_lazy_and_relative_imports(tmp_path: Path) -> None:

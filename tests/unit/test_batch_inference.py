@@ -20,7 +20,7 @@ from sftflow.inference.batch import ModelHandle, actor_plan, choose_backend, gen
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
 from sftflow.inference.generation import generate_batch, score_pairs
 from sftflow.inference.models import build_tiny_model, load_for_inference, load_model
-from sftflow.ops.engine import LocalEngine, engine_session
+from sftflow.engine import LocalEngine, engine_session
 
 QUESTIONS = ["What is the capital of France?", "hi", "Explain why the sky is blue.", "List the planets.",
              "Write a short poem about the sea, the sky and the river, in the style of a sailor."]

@@ -22,7 +22,7 @@ from sftflow.data.minhash import LSHParams, find_near_duplicates
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import sha256_file, write_parquet
 from sftflow.data.neardup import ParquetTexts
-from sftflow.ops.engine import LocalEngine, engine_session
+from sftflow.engine import LocalEngine, engine_session
 from sftflow.config import ExecutionConfig
 from tasks.dedup import dedup, deduplicate
 

@@ -22,7 +22,7 @@ from sftflow.data.neardup import find_cross_duplicates
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.data.shards import concat_parquet, read_rows
-from sftflow.ops.engine import LocalEngine, current_engine, engine_session, shard_bounds, start_engine
+from sftflow.engine import LocalEngine, current_engine, engine_session, shard_bounds, start_engine
 from tasks.dedup import deduplicate
 from tasks.ingest import ingest
 from tasks.split import split
@@ -153,7 +153,7 @@ def test_ingest_files_as_tasks_equal_one_task(tmp_path: Path) -> None:
 
 def test_split_sharded_leak_check_equals_one_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sftflow.config import SplitConfig
-    from sftflow.ops import engine as engines
+    from sftflow import engine as engines
 
     df = _dedup_frame()
     ref = write_parquet(df, tmp_path / "in.parquet", name="in")
