@@ -15,8 +15,10 @@ by weight / cap. Nothing disappears silently:
   format raises ``IngestError`` naming the file and what was expected;
 * per source: ``read = kept + quarantined`` and ``kept = mixed + not_sampled`` (mixing only ever
   takes a subset; rows left out by a weight or cap are counted, not hidden);
-* keys a row carries that its format does not read (a KTO ``label`` the format would not use, a
-  ``loss_weight`` on turns, an ``id``...) are counted per source and key (``unknown_keys`` in
+* a file in UTF-16/32 (with or without a byte-order mark) is decoded and the encoding logged; an
+  undecodable byte quarantines the row holding it, with its byte offset;
+* keys a row carries that its format does not read (a KTO ``label`` the format would not use, an
+  ``id``...) are counted per source and key (``unknown_keys`` in
   ``report.json``, the log and the summary), never ignored silently.
 
 Each file is read once; the sha256 of those bytes is what lineage logs (``IngestResult.files``).
@@ -61,6 +63,7 @@ from sftflow.ops.orchestration import (
     stage_cache_policy,
     table_artifact,
 )
+from sftflow.markers import write_marker
 from sftflow.results import IngestResult, SourceCounts, SourceFile
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 
@@ -102,6 +105,7 @@ class _SourceOut:
     unknown_keys: Counter = field(default_factory=Counter)
     detected: list[tuple[str, str]] = field(default_factory=list)  # (file, format) detected by ``auto``
     unknown_by_file: list[tuple[str, str, dict]] = field(default_factory=list)  # (file, format, key counts)
+    encodings: list[tuple[str, str]] = field(default_factory=list)  # (file, encoding) read as other than UTF-8
     parts: list[tuple[str, int]] = field(default_factory=list)  # (Parquet file, rows): records written, not held
 
     @property
@@ -136,6 +140,7 @@ def ingest_file(args: tuple) -> _SourceOut:
     fname = src.hub if path is None else path.name
     source = replace_lone_surrogates(f"{src.name}:{fname}")  # an undecodable file name still fits Parquet
     out.detected = [(got.path, got.format)] if got.detected else []
+    out.encodings = [(got.path, got.encoding)] if got.encoding not in ("utf-8", "") else []
     if got.format != "auto":
         out.formats.append(got.format)
     for bad in got.rejected:
@@ -193,6 +198,8 @@ def merge_files(src: SourceConfig, parts: list[_SourceOut]) -> _SourceOut:
     for part in parts:
         for path, fmt in part.detected:
             log.info("source %s: %s detected as format %r", src.name, path, fmt)
+        for path, enc in part.encodings:
+            log.info("source %s: %s decoded as %s", src.name, path, enc.upper())
         for path, fmt, keys in part.unknown_by_file:
             log.warning("source %s: %s: keys the %s format does not read (rows): %s", src.name, path, fmt, keys)
         out.records.extend(part.records)
@@ -425,7 +432,7 @@ def ingest_task(sources: list[SourceConfig], cfg: IngestConfig, *, ctx: StageCon
                  "share": f"{result.mixture()[c.source]:.1%}"} for c in result.counts]
         table_artifact("ingest-accounting", rows, description="rows read = kept + quarantined; kept = mixed + not_sampled")
         markdown_artifact("ingest-summary", _markdown(result), description="ingestion summary")
-        ctx.layout.mark_done("ingest")
+        write_marker(ctx.layout.stage_dir("ingest"), outputs=result, stage="ingest")  # last: what a cache hit verifies
         return result
 
 

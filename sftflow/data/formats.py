@@ -58,6 +58,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -599,6 +600,7 @@ class LoadedRecords:
         rejected: the rejected rows, in file order; ``read = len(records) + len(rejected)``.
         unknown_keys: ``(key, rows)`` for every key the rows carry that the format does not read
             (turn-level keys as ``turn.<key>``), sorted by key: what conversion ignored.
+        encoding: how the file's text was decoded (``sftflow.data.readers.FileRows.encoding``).
     """
 
     path: str
@@ -608,6 +610,7 @@ class LoadedRecords:
     records: tuple[ConvertedRow, ...]
     rejected: tuple[RejectedRow, ...]
     unknown_keys: tuple[tuple[str, int], ...] = ()
+    encoding: str = "utf-8"  # the text encoding decoded (e.g. "utf-16-le (no byte-order mark)"); "" when binary
 
     @property
     def read(self) -> int:
@@ -806,6 +809,7 @@ def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, s
         raise IngestError(f"{p}: file not found" + (f" ({where})" if where else ""))
     got = read_file(p, max_line_chars=line_limit(max_record_chars), split=split,
                     is_record=lambda obj: format_of(obj) is not None)
-    return convert_rows(got.rows, label=str(p), format=format, tabular=got.tabular, columns=columns,
-                        max_record_chars=max_record_chars, sha256=got.sha256, where=where, reasoning=reasoning,
-                        preference=preference)
+    loaded = convert_rows(got.rows, label=str(p), format=format, tabular=got.tabular, columns=columns,
+                          max_record_chars=max_record_chars, sha256=got.sha256, where=where, reasoning=reasoning,
+                          preference=preference)
+    return dataclasses.replace(loaded, encoding=got.encoding)
