@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 
 from sftflow.layout import RunLayout
 from sftflow.engine import activate as activate_engine, release as release_engine
-from sftflow.ops.preflight import preflight
+from sftflow.ops.preflight import check_provisioned_model, preflight
 from sftflow.ops.recovery import active_run, reap_orphans, register_active_run
 from sftflow.run_options import RunOptions, resolve_run_config
 from sftflow.tracking.runs import end_pipeline_run, run_url, start_pipeline_run
@@ -92,6 +92,8 @@ def sftflow_pipeline(
                                    "mlflow_run_id": ctx.parent_run_id, "mlflow": run_url(ctx)}
         try:
             base = provision_task(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+            # LoRA rank, context, template length and free space against the model, before any data stage.
+            check_provisioned_model(cfg, pipeline=pipeline, model_dir=base.path)
             raw = ingest_task(cfg.sources, cfg.ingest, ctx=ctx)
             valid = validate_task(raw.dataset, cfg.validation, tokenizer=base, ctx=ctx)
             clean = dedup_task([valid.valid], cfg.dedup, ctx=ctx).kept if cfg.dedup.enabled else valid.valid

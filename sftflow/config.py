@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Union, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sftflow.errors import EXIT_CONFIG, UserError
 
@@ -40,11 +41,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
+# Names that become folder names (runs/<pipeline>/), registered model names (models:/<name>@alias),
+# metric prefixes (<extra set>/rougeL) or row tags: one path component, no traversal.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a pipeline / source / model name (None when it can)."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        return (f"must match {NAME_PATTERN} (letters, digits, '.', '_', '-'; starts with a letter or digit; "
+                "at most 64 characters; no '..')")
+    return None
+
+
+def _safe_name(name: str) -> str:
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+
 # --------------------------------------------------------------------------- sources / ingest
 class SourceConfig(_Section):
     """One input dataset."""
 
-    name: str = Field(min_length=1, description="source name, recorded in every row's `source`")
+    name: SafeName = Field(description="source name, recorded in every row's `source`")
     path: Optional[str] = Field(None, description="file, glob or datasets.save_to_disk folder")
     hub: Optional[str] = Field(None, description="hub dataset id (needs a reachable hub)")
     hub_split: str = "train"
@@ -109,6 +134,14 @@ class NearDedupConfig(_Section):
     rows: Optional[int] = Field(None, gt=0)
     verify: Literal["exact", "estimate"] = "exact"
     seed: int = 1
+
+    @model_validator(mode="after")
+    def _banding_fits(self) -> "NearDedupConfig":
+        # The LSH engine refuses it too, but only when the dedup stage starts (after ingest and validation).
+        if self.bands is not None and self.rows is not None and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands x rows = {self.bands} x {self.rows} = {self.bands * self.rows} exceeds "
+                             f"num_perm = {self.num_perm}; lower them or raise num_perm")
+        return self
 
 
 class SemanticDedupConfig(_Section):
@@ -224,7 +257,7 @@ class TrainingConfig(_Section):
 
 # --------------------------------------------------------------------------- augmentation
 class CorpusConfig(_Section):
-    name: str = "unlabeled"
+    name: SafeName = "unlabeled"
     path: str
     format: Literal["auto", "wikipedia_leads", "jsonl_text", "text_lines"] = "auto"
     text_field: str = "text"
@@ -332,7 +365,7 @@ class RejectionSamplingConfig(_Section):
 
 # --------------------------------------------------------------------------- evaluation / promotion
 class ExtraEvalSet(_Section):
-    name: str
+    name: SafeName
     path: str
     format: Literal["auto", "alpaca", "dolly", "human_assistant", "messages", "self_instruct", "alpaca_eval"] = "auto"
     max_rows: Optional[int] = Field(None, gt=0)
@@ -382,7 +415,7 @@ class EvaluationConfig(_Section):
 
 class PromotionConfig(_Section):
     enabled: bool = True
-    model_name: Optional[str] = Field(None, description="registered model name (default: sftflow-<pipeline>)")
+    model_name: Optional[SafeName] = Field(None, description="registered model name (default: sftflow-<pipeline>)")
     metric: str = "rougeL"
     direction: Optional[Literal["maximize", "minimize"]] = Field(
         None, description="implied by the metric (loss/perplexity/rates: minimize; rougeL/judge: maximize); "
@@ -401,6 +434,28 @@ class ScheduleConfig(_Section):
     cron: Optional[str] = None
     timezone: str = "UTC"
     skip_if_unchanged: bool = True
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        # Checked here, not when `sftflow serve` registers the deployment (or the scheduler first fires).
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone (expected an IANA name such as UTC or Europe/Berlin)") from None
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_shape(cls, value: Optional[str]) -> Optional[str]:
+        fields = value.split() if value is not None else []
+        if value is not None and (len(fields) not in (5, 6)
+                                  or not all(re.fullmatch(r"[0-9A-Za-z*/,?#-]+", f) for f in fields)):
+            raise ValueError("not a cron expression (expected 5 fields: minute hour day-of-month month "
+                             "day-of-week, e.g. '0 3 * * *')")
+        return value
 
 
 class TrackingConfig(_Section):
@@ -605,12 +660,68 @@ def load_raw(path: str | Path | None = None) -> tuple[dict[str, Any], Path]:
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the pipelines file: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, source=str(p))
     except yaml.YAMLError as e:
         raise ConfigError(_yaml_error(p, e)) from None
     if not isinstance(data, dict) or "pipelines" not in data:
         raise ConfigError(f"{p}: expected a mapping with a top-level `pipelines:` key")
     return data, p
+
+
+def _duplicate_keys(node: yaml.Node, path: list[str], *, source: str) -> list[str]:
+    """One line per key given twice in one mapping below ``node``: key path and both line numbers.
+
+    YAML itself keeps the last value silently (a second ``training:`` block replaces the first
+    whole), so a repeated key is refused. Keys brought in by a merge (``<<: *anchor``) may be
+    overridden on purpose and are not counted.
+    """
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "<complex key>"
+            mark = key_node.start_mark
+            if key in first:
+                a, b = first[key], mark
+                at = (f"line {a.line + 1}, again at line {b.line + 1}" if a.line != b.line else
+                      f"line {a.line + 1} column {a.column + 1}, again at column {b.column + 1}")
+                where = f"{source}:{b.line + 1}: " if source else ""
+                problems.append(f"{where}{'.'.join([*path, key])}: duplicate key (first at {at}); "
+                                "YAML would silently keep only the last one: merge them into one")
+            else:
+                first[key] = mark
+            problems += _duplicate_keys(value_node, [*path, key], source=source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, [*path, str(i)], source=source)
+    return problems
+
+
+def load_yaml(text: str, *, source: str = "", prefix: str = "") -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys instead of keeping the last one silently.
+
+    Args:
+        text: the YAML document.
+        source: file name, for messages (``file:line:`` before the key path; none when empty).
+        prefix: key path of the document's root (``pipelines.smoke.training`` for an override value).
+
+    Raises:
+        ConfigError: a key is given twice in one mapping (names its key path and both lines).
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problems = _duplicate_keys(node, [prefix] if prefix else [], source=source)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
@@ -633,14 +744,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override {item!r}: empty key path")
-    return keys, parse_value(value)
+    return keys, parse_value(value, key=".".join(keys))
 
 
-def parse_value(value: str) -> Any:
+def parse_value(value: str, *, key: str = "") -> Any:
     """An override's value as YAML (``8`` -> int, ``true`` -> bool, ``[a, b]`` -> list); text that
-    is not valid YAML, and the empty string, stay as they are."""
+    is not valid YAML, and the empty string, stay as they are. A mapping with a key given twice
+    (``training={batch_size: 1, batch_size: 2}``) is refused, naming ``key``."""
     try:
-        return yaml.safe_load(value) if value.strip() else ""
+        return load_yaml(value, prefix=key) if value.strip() else ""
     except yaml.YAMLError:
         return value
 
@@ -653,7 +765,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] |
     items: list[tuple[list[str], Any]]
     if isinstance(overrides, dict):
         # String values (the Prefect UI's form, the CLI) are parsed like `--set` values, once.
-        items = [(k.split("."), (parse_value(v) if isinstance(v, str) else v)) for k, v in overrides.items()]
+        items = [(k.split("."), (parse_value(v, key=k) if isinstance(v, str) else v)) for k, v in overrides.items()]
     else:
         items = [parse_override(o) for o in overrides]
     for keys, value in items:
@@ -709,6 +821,9 @@ def training_override_errors(training: TrainingConfig, overrides: dict[str, Any]
 def validate_pipeline(name: str, raw: dict[str, Any], *, base_dir: Path, check_files: bool = True) -> PipelineConfig:
     """Validate one raw pipeline dict; errors name ``pipelines.<name>.<key path>``."""
     prefix = f"pipelines.{name}"
+    problem = name_problem(name)
+    if problem:  # the name is a folder (runs/<name>/) and part of the default model / experiment names
+        raise ConfigError(f"{prefix}: pipeline name {problem} (got {name!r})")
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix}: expected a mapping")
     try:

@@ -229,12 +229,17 @@ def _installed(package: str) -> bool:
         return False
 
 
-def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]:
+def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>", disk: bool = True) -> list[str]:
     """Refuse settings that cannot work, before any MLflow run, model or folder is created.
+
+    Besides the config alone, it checks the base model's shape when the model is on disk already
+    (``sftflow.ops.model_limits``: LoRA rank, context length, the template's minimum length) and
+    the free space of ``$SFTFLOW_HOME``'s filesystem (``sftflow.ops.diskspace``).
 
     Args:
         cfg: a validated pipeline (``resolve_pipeline``).
         pipeline: its name, for the key paths in messages.
+        disk: also check the free space (off for ``validate-config``, which runs nothing).
 
     Returns:
         Warnings (settings that work but not as the user may think), one line each.
@@ -242,6 +247,7 @@ def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]
     Raises:
         ConfigError: one line per problem, naming ``pipelines.<name>.<key path>``, e.g. a
             ``split.heldout_size`` that leaves no training rows.
+        DiskSpaceError: the filesystem of ``$SFTFLOW_HOME`` has less free space than the run needs.
     """
     p = f"pipelines.{pipeline}"
     problems: list[str] = []
@@ -320,11 +326,82 @@ def preflight(cfg: PipelineConfig, *, pipeline: str = "<pipeline>") -> list[str]
         problems.append(f"{p}.execution.generation_backend: vllm needs the `vllm` extra and a CUDA GPU "
                         "(pip install -e '.[vllm]'), not installed in this environment; or set it to auto/hf")
 
-    if cfg.evaluation.enabled and cfg.split.heldout_size is not None and cfg.evaluation.max_examples is not None \
-            and cfg.evaluation.max_examples > cfg.split.heldout_size:
-        warnings.append(f"{p}.evaluation.max_examples={cfg.evaluation.max_examples} > split.heldout_size="
-                        f"{cfg.split.heldout_size}: evaluation uses at most {cfg.split.heldout_size} held-out rows")
+    problems += _training_problems(cfg, p=p)
+    warnings += _conflicts(cfg, p=p)
+
+    # The base model's shape, where it is on disk already (the flow checks again after provisioning).
+    from sftflow.ops.model_limits import local_model_dir, model_problems
+
+    model_dir = local_model_dir(cfg.base_model)
+    if model_dir is not None:
+        problems += model_problems(cfg, pipeline=pipeline, model_dir=model_dir)
 
     if problems:
         raise ConfigError("\n".join(problems))
+    if disk:
+        from sftflow.ops.diskspace import check_free_space
+
+        check_free_space(cfg)
+    return warnings
+
+
+def check_provisioned_model(cfg: PipelineConfig, *, pipeline: str, model_dir: str | Path) -> None:
+    """The model checks of ``preflight`` once the base model is on disk (the flow, right after
+    provisioning, before any data stage), and the free space with the model's real size.
+
+    Raises:
+        ConfigError: one line per problem, naming the key path (``training.lora.r``, ``training.max_seq_len``...).
+        DiskSpaceError: not enough free space for the run.
+    """
+    from sftflow.ops.diskspace import check_free_space
+    from sftflow.ops.model_limits import local_model_dir, model_problems
+
+    # An adapter folder's shape is its base model's.
+    problems = model_problems(cfg, pipeline=pipeline, model_dir=local_model_dir(str(model_dir)) or model_dir)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    check_free_space(cfg)
+
+
+def _cuda_present() -> bool:
+    """An NVIDIA driver is loaded (cheap; torch is not imported here)."""
+    return Path("/proc/driver/nvidia/version").exists() or bool(globlib.glob("/dev/nvidia[0-9]*"))
+
+
+def _training_problems(cfg: PipelineConfig, *, p: str) -> list[str]:
+    """Training settings that fail only when training starts, after every data stage."""
+    from sftflow.ops.model_limits import training_configs
+
+    problems = []
+    for where, t, _ in training_configs(cfg):
+        if t.method == "qlora":
+            if not _installed("bitsandbytes"):
+                problems.append(f"{p}.{where}.method: qlora needs the bitsandbytes package (pip install "
+                                "bitsandbytes), not installed in this environment; or use lora")
+            elif not _cuda_present():
+                problems.append(f"{p}.{where}.method: qlora needs a CUDA GPU (4-bit kernels) and this machine "
+                                "has none; use lora")
+            break
+    return problems
+
+
+def _conflicts(cfg: PipelineConfig, *, p: str) -> list[str]:
+    """Settings that run but not as the user may think (warnings, one line each)."""
+    warnings = []
+    ev, t = cfg.evaluation, cfg.training
+    # Only an explicit heldout_size: with heldout_fraction, the default max_examples would warn on any small data.
+    heldout = cfg.split.heldout_size
+    if ev.enabled and heldout is not None:
+        for key, n in (("evaluation.max_examples", ev.max_examples),
+                       ("evaluation.format_robustness.max_examples", ev.format_robustness.max_examples)):
+            if n is not None and n > heldout:
+                warnings.append(f"{p}.{key}={n} > split.heldout_size={heldout}: evaluation uses at most {heldout} "
+                                "held-out rows")
+    if cfg.promotion.enabled and not ev.enabled:
+        warnings.append(f"{p}.promotion.enabled is true but evaluation.enabled is false: the gate needs the "
+                        "evaluation, so nothing is promoted (the new version stays a candidate)")
+    if t.eval_every and t.max_steps and t.eval_every > t.max_steps:
+        what = "early stopping never triggers and " if t.early_stopping_patience else ""
+        warnings.append(f"{p}.training.eval_every={t.eval_every} > training.max_steps={t.max_steps}: {what}the "
+                        "held-out loss is measured only at the end")
     return warnings
