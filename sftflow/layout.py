@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+# A stage's completion marker, written last with the digests of its outputs (``sftflow.markers``).
 STAGE_DONE_MARKER = "_SUCCESS"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -90,10 +91,3 @@ class RunLayout:
         """Folder of one stage of this run (created)."""
         return ensure(self.root / safe_name(stage))
 
-    def is_done(self, stage: str) -> bool:
-        """True when the stage wrote its completion marker."""
-        return (self.root / safe_name(stage) / STAGE_DONE_MARKER).exists()
-
-    def mark_done(self, stage: str) -> None:
-        """Write the completion marker last, so an interrupted stage is redone."""
-        (self.stage_dir(stage) / STAGE_DONE_MARKER).write_text("ok\n")

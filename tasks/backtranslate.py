@@ -68,6 +68,7 @@ from sftflow import layout
 from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
 from sftflow.ops.console import progress_callback
 from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
+from sftflow.markers import write_marker
 from sftflow.data.records import (
     AccountingError,
     frame_to_records,
@@ -1043,7 +1044,7 @@ def backtranslate_task(
                        description="Self-curation: best and worst scored pairs")
         markdown_with_image(f"{ctx.pipeline}-backtranslate-summary", summary, png, alt="score histogram",
                             description="Backtranslation accounting and score histogram")
-    ctx.layout.mark_done(STAGE)
+    write_marker(ctx.layout.stage_dir(STAGE), outputs=out, stage=STAGE)  # last: what a cache hit verifies
     return AugmentResult(curated=out.curated, candidates=out.candidates, backward_model=out.backward_model,
                          curation_model=out.curation_model, seed=out.seed, counts=out.counts, heldout=out.heldout,
                          quality=out.quality)

@@ -46,6 +46,7 @@ from sftflow.data.neardup import (
 )
 from sftflow.data.records import check_accounting, prompt_text, response_text
 from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, stage_cache_policy, table_artifact
+from sftflow.markers import write_marker
 from sftflow.data.refs import DatasetRef, write_parquet
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.results import DedupResult
@@ -735,5 +736,5 @@ def dedup_task(
         table_artifact(f"{stage}-per-source", [{"source": s, **v} for s, v in report["per_source"].items()],
                        description=f"{stage}: rows per source (in, removed by reason, kept)")
         markdown_artifact(f"{stage}-summary", _markdown(report, stage), description=f"{stage} summary")
-        ctx.layout.mark_done(stage)
+        write_marker(ctx.layout.stage_dir(stage), outputs=result, stage=stage)  # last: what a cache hit verifies
         return result

@@ -58,6 +58,7 @@ from sftflow import layout
 from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
 from sftflow.ops.console import progress_callback
 from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy
+from sftflow.markers import write_marker
 from sftflow.breakdown import per_task_metrics
 from sftflow.data.answers import answers_match, extract_final_answer
 from sftflow.data.records import frame_to_records
@@ -635,5 +636,5 @@ def evaluate_task(
         lines = [f"### Evaluation: {label}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in result.metrics]
         markdown_artifact(f"evaluate-{label}", "\n".join(lines), description=f"held-out evaluation of {label}")
-        ctx.layout.mark_done(stage)
+        write_marker(ctx.layout.stage_dir(stage), outputs=result, stage=stage)  # last: what a cache hit verifies
         return result

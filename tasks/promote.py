@@ -522,5 +522,4 @@ def promote_task(
             + per_example_markdown(evidence, limit=evaluation.samples_in_table),
             description="promotion decision",
         )
-        ctx.layout.mark_done(stage)
         return decision

@@ -68,6 +68,7 @@ from sftflow.data.records import (
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.inference.models import load_for_inference, release_memory
 from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
+from sftflow.markers import write_marker
 from sftflow.results import RejectionResult
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 
@@ -624,6 +625,6 @@ def rejection_task(
                        description="Rejection sampling: best sample of each prompt")
         markdown_with_image(f"{ctx.pipeline}-rejection-summary", summary, png, alt="score histogram",
                             description="Rejection sampling accounting and score histogram")
-    ctx.layout.mark_done(STAGE)
+    write_marker(ctx.layout.stage_dir(STAGE), outputs=out, stage=STAGE)  # last: what a cache hit verifies
     return RejectionResult(selected=out.selected, candidates=out.candidates, train_round2=out.train_round2,
                            counts=out.counts)

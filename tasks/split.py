@@ -41,6 +41,7 @@ from sftflow.ops.orchestration import (
     stage_cache_policy,
     table_artifact,
 )
+from sftflow.markers import write_marker
 from sftflow.results import SplitResult
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 
@@ -282,7 +283,7 @@ def split_task(dataset: DatasetRef, cfg: SplitConfig, dedup: DedupConfig, *, ctx
         if rows:
             table_artifact("split-strata", rows, description=f"rows per {cfg.stratify_by}")
         markdown_artifact("split-summary", _markdown(rep), description="train / held-out split")
-        ctx.layout.mark_done("split")
+        write_marker(ctx.layout.stage_dir("split"), outputs=result, stage="split")  # last: what a cache hit verifies
         return result
 
 

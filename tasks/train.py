@@ -112,7 +112,7 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
             mlflow.log_artifact(str(Path(card) / "README.md"), artifact_path=f"model_card/{Path(card).name}")
         metrics = output.metrics_dict()
         markdown_artifact(stage.replace(".", "-").replace("_", "-") + "-summary", _summary_markdown(output, model_uri=model_uri, name=name, version=version))
-        ctx.layout.mark_done(stage)
+        # The stage's completion marker is the training folder's (export.save_outputs): a cache hit verifies it.
         meta = output.model.meta + (("mlflow_run_id", run.info.run_id), ("model_uri", model_uri))
         model = ModelRef(path=output.model.path, sha256=output.model.sha256, kind=output.model.kind,
                          base=output.model.base, name=output.model.name, meta=meta)

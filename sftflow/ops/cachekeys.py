@@ -50,6 +50,7 @@ def _build_policy_class() -> type:
             comps = stage_key_components(inputs or {}, fn=task_ctx.task.fn, exclude=self.exclude)
             key = key_of(comps)
             record_stage_key(str(task_ctx.task_run.id), key, comps)
+            verify_cached_result(task_ctx, inputs or {}, key)
             return key
 
         def __sub__(self, other: str) -> "StageCachePolicy":
@@ -77,6 +78,48 @@ def stage_policy(*, exclude: Iterable[str] = ("ctx",)) -> Any:
     """A ``StageCachePolicy`` (Prefect ``CachePolicy``) leaving ``exclude`` out of the key."""
     from sftflow.ops import cachekeys
     return cachekeys.StageCachePolicy(exclude=list(exclude))
+
+
+def verify_cached_result(task_ctx: Any, inputs: dict[str, Any], key: str) -> list[str]:
+    """Before Prefect serves ``key`` from its cache: do the cached result's outputs still check out?
+
+    Prefect looks up the record of ``key`` right after ``compute_key`` returns and serves an
+    unexpired one without running the task. Here the record's result (its ``DatasetRef``/
+    ``ModelRef`` files) is checked against the completion markers (``sftflow.markers``); when a
+    file is gone, truncated, replaced, or its marker is missing, the record is overwritten by an
+    expired one (Prefect 3's ``ResultStore.exists`` is False for an expired record), so the stage
+    runs again and its new result replaces the record under the same key. One warning line says
+    which output and why. Nothing is checked under ``--no-cache`` (the stage runs anyway).
+
+    Returns:
+        The problems found ([] for no record, an intact one, or a refresh).
+    """
+    from prefect.results import get_result_store
+
+    from sftflow import markers
+
+    if getattr(task_ctx.task, "refresh_cache", None) or refresh_cache_requested():
+        return []
+    store = get_result_store()
+    if not store.exists(key):
+        return []
+    try:
+        problems = markers.check_outputs(store.read(key).result)
+    except Exception as e:  # noqa: BLE001 - an unreadable record is recomputed, never a failed run
+        problems = [f"result record unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"]
+    if not problems:
+        return []
+    from datetime import datetime, timedelta, timezone
+
+    store.write(obj=None, key=key, expiration=datetime.now(timezone.utc) - timedelta(seconds=1))
+    label = inputs.get("label")
+    stage = inputs.get("stage") if isinstance(inputs.get("stage"), str) else None
+    stage = stage or (f"{task_ctx.task.name}.{label}" if isinstance(label, str) else task_ctx.task.name)
+    from sftflow.ops.orchestration import run_logger
+
+    markers.report(run_logger("sftflow.cache"), f"{stage}: cached output {markers.describe(problems)}; recomputing",
+                   problems=problems)
+    return problems
 
 
 def refresh_cache_requested() -> bool:

@@ -1,13 +1,16 @@
 """What a finished training run leaves behind, and how a later run recognises it.
 
 The adapter and/or merged float32 safetensors with the tokenizer and a model card, the loss curve,
-``history.json``, then ``train_output.json`` last: its presence (with the run's fingerprint)
-means the run finished, and a re-run returns it instead of training again.
+``history.json``, then ``train_output.json`` and the completion marker ``_SUCCESS`` (the sha256 of
+every weight/tokenizer file, ``sftflow.markers``) last: their presence (with the run's
+fingerprint) means the run finished, and a re-run returns it instead of training again, as long as
+the files still have the recorded bytes (a truncated or replaced weight file is trained again).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sftflow import markers
 from sftflow.config import TrainingConfig
 from sftflow.data.refs import ModelRef
 from sftflow.training.checkpoint import CKPT_DIR
@@ -74,9 +78,16 @@ def finished_output(out_dir: Path, fingerprint: str) -> TrainOutput | None:
     o = data["output"]
     if not Path(o["model"]["path"]).exists():
         return None
-    return TrainOutput(model=ref(o["model"]), adapter=ref(o["adapter"]), merged=ref(o["merged"]),
-                       metrics=tuple((k, float(v)) for k, v in o["metrics"]), out_dir=o["out_dir"],
-                       loss_curve=o["loss_curve"], template=o["template"], resumed_from_step=o["resumed_from_step"])
+    out = TrainOutput(model=ref(o["model"]), adapter=ref(o["adapter"]), merged=ref(o["merged"]),
+                      metrics=tuple((k, float(v)) for k, v in o["metrics"]), out_dir=o["out_dir"],
+                      loss_curve=o["loss_curve"], template=o["template"], resumed_from_step=o["resumed_from_step"])
+    # Reused only while its weights are the bytes that were written (the folder's completion marker).
+    problems = markers.check_outputs(out)
+    if problems:
+        markers.report(logging.getLogger("sftflow.train"), f"training output in {out_dir}: "
+                       f"{markers.describe(problems)}; training again", problems=problems)
+        return None
+    return out
 
 
 def save_outputs(model: Any, tokenizer: Any, *, base: ModelRef, cfg: TrainingConfig, out_dir: Path, template: str,
@@ -116,6 +127,7 @@ def save_outputs(model: Any, tokenizer: Any, *, base: ModelRef, cfg: TrainingCon
     tmp.write_text(json.dumps(doc, indent=1, default=list))
     os.replace(tmp, out_dir / OUTPUT_FILE)
     shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)  # finished: the output supersedes checkpoints
+    markers.write_marker(out_dir, outputs=out, stage="train")  # last: the digests a reuse is checked against
     return out
 
 

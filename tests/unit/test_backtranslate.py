@@ -12,6 +12,7 @@ import pytest
 from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
 from sftflow.data.records import AccountingError, frame_to_records, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
+from sftflow import markers
 from tasks.backtranslate import (
     BELOW,
     FILTERED,
@@ -436,4 +437,7 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
         assert len(models) == 1
         assert run.data.params["train_rows"] == "4" and "loss" in run.data.metrics and "train_loss" in run.data.metrics
         assert len(client.get_metric_history(run.info.run_id, "loss")) == 1  # one step per helper (max_steps 1)
-    assert (Path(ctx.run_dir) / "backtranslate" / "_SUCCESS").exists()
+    # The completion marker records every output's digest; a damaged output fails the check a cache hit makes.
+    assert markers.check_outputs(result) == []
+    Path(result.curated.path).write_bytes(Path(result.curated.path).read_bytes()[:64])
+    assert "curated.parquet changed on disk" in markers.describe(markers.check_outputs(result))

@@ -22,6 +22,7 @@ from sftflow.data.minhash import (
 )
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
+from sftflow import markers
 from tasks.dedup import REMOVED_COLUMNS, dedup, deduplicate
 
 WORDS = (
@@ -326,11 +327,13 @@ def test_dedup_task_writes_audit_trail(sftflow_home: Path):
     assert report["rows_in"] == 5 and report["rows_removed"] == 3
     out = Path(res.report).parent
     assert (out / "cluster_sizes.png").read_bytes()[:4] == b"\x89PNG"
-    assert lay.is_done("dedup") and (out / STAGE_DONE_MARKER).exists()
     run = mlflow.search_runs(experiment_ids=[exp], output_format="list")[0]
     assert run.data.metrics["rows_removed"] == 3 and run.data.metrics["removed_leak"] == 1
     arts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "dedup")}
     assert {"dedup/report.json", "dedup/cluster_sizes.png"} <= arts
+    assert markers.check_outputs(res) == []  # the marker records kept/removed with their digests
+    (out / STAGE_DONE_MARKER).unlink()  # no marker: a cache hit recomputes the stage
+    assert "completion marker missing for kept.parquet" in markers.describe(markers.check_outputs(res))
 
 
 # --------------------------------------------------------------------------- semantic (real MiniLM)

@@ -13,6 +13,7 @@ from sftflow.config import EvaluationConfig, ExtraEvalSet, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.errors import DataError
+from sftflow import markers
 from tasks.evaluate import (
     EvalResult,
     eval_key,
@@ -260,7 +261,10 @@ def test_evaluate_task_logs_to_stage_and_parent(tiny, sftflow_home: Path, tmp_pa
     assert {d.dataset.name for d in stage.inputs.dataset_inputs} == {"heldout", "eval_samples_base"}
     files = {f.path for f in client.list_artifacts(stage.info.run_id, "eval")}
     assert {"eval/samples_base.json", "eval/metrics_base.json", "eval/samples_base.parquet"} <= files
-    assert (Path(ctx.run_dir) / "evaluate.base" / "_SUCCESS").exists()
+    # The completion marker records every output's digest; a damaged output fails the check a cache hit makes.
+    assert markers.check_outputs(result) == []
+    Path(result.samples.path).write_bytes(Path(result.samples.path).read_bytes()[:64])
+    assert "samples_base.parquet changed on disk" in markers.describe(markers.check_outputs(result))
 
 
 def test_eval_key_changes_with_settings(tmp_path: Path) -> None:

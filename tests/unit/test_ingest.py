@@ -11,6 +11,7 @@ import pytest
 from sftflow.config import IngestConfig, SourceConfig
 from sftflow.data.formats import detect_format
 from sftflow.data.readers import IngestError
+from sftflow import markers
 from tasks.ingest import ingest, ingest_task, mixture_counts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -321,7 +322,7 @@ def test_ingest_task_logs_to_mlflow(stage_ctx) -> None:
     uri, exp, parent, lay = ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.layout
     srcs = [SourceConfig(name="dolly", path=str(SMOKE / "dolly_smoke.jsonl"))]
     res = ingest_task.fn(srcs, IngestConfig(), ctx=ctx)
-    assert lay.is_done("ingest") and Path(res.dataset.path).parent == lay.root / "ingest"
+    assert Path(res.dataset.path).parent == lay.root / "ingest"
     runs = mlflow.search_runs([exp], filter_string="tags.`sftflow.stage` = 'ingest'", output_format="list")
     run = runs[0]
     assert run.data.tags["mlflow.parentRunId"] == parent
@@ -330,6 +331,10 @@ def test_ingest_task_logs_to_mlflow(stage_ctx) -> None:
     assert res.dataset.sha256[:36] in digests
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "ingest")}
     assert {"ingest/report.json", "ingest/quarantine.parquet"} <= arts
+    # The completion marker records every output's digest; a damaged output fails the check a cache hit makes.
+    assert markers.check_outputs(res) == []
+    Path(res.dataset.path).write_bytes(Path(res.dataset.path).read_bytes()[:64])
+    assert "dataset.parquet changed on disk" in markers.describe(markers.check_outputs(res))
 
 
 def test_bad_data_is_not_retried_but_io_errors_are() -> None:

@@ -12,6 +12,7 @@ from sftflow.config import DedupConfig, ExactDedupConfig, SplitConfig
 from sftflow.data.neardup import find_cross_duplicates, normalize_for_exact
 from sftflow.data.records import make_record, prompt_text, records_to_frame
 from sftflow.data.refs import write_parquet
+from sftflow import markers
 from tasks.split import SplitError, heldout_count, split, split_task
 
 # Near *dedup* off; the leak check runs anyway (on dedup.near.key, here prompt + response).
@@ -145,11 +146,15 @@ def test_split_task_logs_to_mlflow(tmp_path: Path, stage_ctx) -> None:
     ctx = stage_ctx
     exp, lay = ctx.experiment_id, ctx.layout
     res = split_task.fn(_ref(tmp_path, _distinct(30)), SplitConfig(heldout_size=5), NO_NEAR, ctx=ctx)
-    assert lay.is_done("split") and res.heldout.num_rows == 5
+    assert res.heldout.num_rows == 5
     run = mlflow.search_runs([exp], filter_string="tags.`sftflow.stage` = 'split'", output_format="list")[0]
     assert run.data.metrics["rows_train"] == 25 and run.data.metrics["leaks_moved"] == 0
     digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
     assert {res.train.sha256[:36], res.heldout.sha256[:36]} <= digests
+    # The completion marker records every output's digest; a damaged output fails the check a cache hit makes.
+    assert markers.check_outputs(res) == []
+    Path(res.heldout.path).write_bytes(Path(res.heldout.path).read_bytes()[:64])
+    assert "heldout.parquet changed on disk" in markers.describe(markers.check_outputs(res))
 
 
 def test_too_few_rows_is_a_user_error_naming_the_key() -> None:

@@ -18,6 +18,7 @@ from sftflow.config import TrainingConfig
 from sftflow.inference.formatting import IGNORE_INDEX, encode_for_training
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
+from sftflow import markers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -274,7 +275,7 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
                        parent_run_id="")
     result = train_task.fn(data[0], data[1], build_tiny_model("tiny-gemma"), _cfg(max_steps=4, eval_every=2),
                            ctx=ctx, register_as="sftflow-unit")
-    assert (run_dir / "train" / "_SUCCESS").exists()
+    assert markers.check_outputs(result) == []  # the training folder's marker records the weights' digests
     client = mlflow.MlflowClient()
     hist = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in hist] == [1, 2, 3, 4]
@@ -291,10 +292,16 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
     out = [loaded.predict({"messages": [{"role": "user", "content": p}], "max_tokens": 5})[0]
            for p in ("What is 2 plus 2?", "Name a colour.")]
     assert all(isinstance(x["choices"][0]["message"]["content"], str) for x in out)
+    # Truncated weights: the finished output in the training folder is not reused; it is trained again.
+    weights = Path(result.model.path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "model.safetensors changed on disk" in markers.describe(markers.check_outputs(result))
     # A second run of the stage registers version 2 and moves `candidate` to it.
     result2 = train_task.fn(data[0], data[1], build_tiny_model("tiny-gemma"), _cfg(max_steps=4, eval_every=2),
                             ctx=ctx, register_as="sftflow-unit")
     assert result2.registered_version == "2"
+    assert [m.step for m in client.get_metric_history(result2.run_id, "loss")] == [1, 2, 3, 4]
+    assert markers.check_outputs(result2) == [] and result2.model.path == result.model.path
     assert str(client.get_model_version_by_alias("sftflow-unit", "candidate").version) == "2"
 
 

@@ -13,6 +13,7 @@ from sftflow.config import IngestConfig, SourceConfig, ValidationConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.data.quarantine import QUARANTINE_COLUMNS
+from sftflow import markers
 from tasks.ingest import ingest
 from tasks.validate import SOURCE_PATTERN, ValidationFailed, derive_frame, validate, validate_task
 
@@ -131,7 +132,7 @@ def test_validate_task_logs_gx_artifacts(sftflow_home: Path, stage_ctx) -> None:
     uri, exp, lay = ctx.tracking_uri, ctx.experiment_id, ctx.layout
     ref = write_parquet(records_to_frame(_good(8) + [_rec("Empty?", " ")]), sftflow_home / "in.parquet", name="in")
     res = validate_task.fn(ref, ValidationConfig(), tokenizer=None, ctx=ctx)
-    assert lay.is_done("validate") and res.quarantine.num_rows == 1
+    assert res.quarantine.num_rows == 1
     run = mlflow.search_runs([exp], filter_string="tags.`sftflow.stage` = 'validate'", output_format="list")[0]
     assert run.data.metrics["rows_quarantined"] == 1 and run.data.metrics["rows_valid"] == 8
     client = MlflowClient(uri)
@@ -140,3 +141,7 @@ def test_validate_task_logs_gx_artifacts(sftflow_home: Path, stage_ctx) -> None:
     assert "validate/data_docs/index.html" in {a.path for a in client.list_artifacts(run.info.run_id, "validate/data_docs")}
     contexts = {d.tags[0].value for d in run.inputs.dataset_inputs if d.tags}
     assert {"validate.input", "validate.output"} <= contexts
+    # The completion marker records every output's digest; a damaged output fails the check a cache hit makes.
+    assert markers.check_outputs(res) == []
+    Path(res.valid.path).write_bytes(Path(res.valid.path).read_bytes()[:64])
+    assert "valid.parquet changed on disk" in markers.describe(markers.check_outputs(res))
