@@ -320,6 +320,22 @@ class AugmentationConfig(_Section):
             raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
         return self
 
+    def backward(self, training: "TrainingConfig") -> "TrainingConfig":
+        """The backward model M_yx's training settings: ``training`` with ``backward_training`` merged in."""
+        return self._helper_training(training, "backward_training")
+
+    def forward(self, training: "TrainingConfig") -> "TrainingConfig":
+        """The curation models' (M0, M_k) training settings: ``training`` with ``forward_training`` merged in."""
+        return self._helper_training(training, "forward_training")
+
+    def _helper_training(self, training: "TrainingConfig", key: str) -> "TrainingConfig":
+        # Nested dicts merge key by key. Helper models are used in memory and logged as adapters:
+        # no merged copy of the base weights on disk unless the override asks for one.
+        try:
+            return TrainingConfig.model_validate(merge_training(training, {"merge": False, **getattr(self, key)}))
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, f"augmentation.{key}")) from None
+
 
 class RejectionSamplingConfig(_Section):
     """Rejection-sampling fine-tuning (RFT / best-of-n) after a first SFT round (``tasks/rejection.py``)."""
@@ -625,11 +641,24 @@ def _check_files(name: str, cfg: PipelineConfig) -> None:
         raise ConfigError("\n".join(problems))
 
 
+def resolve_paths(path: str | Path) -> list[Path]:
+    """THE resolver of a ``path`` setting (sources, the backtranslation corpus, extra evaluation sets).
+
+    Ingest, these file checks, preflight, the cache keys and the corpus reader all expand a path
+    here, so they agree on the files it names: ``~`` is the home folder; a glob (``*``, ``?``, ``[``)
+    matches recursively (``**`` crosses folders; ``*`` skips dot-files, as in the shell) and comes
+    back sorted, possibly empty; anything else comes back as ``[the path]``, whether or not it exists.
+    """
+    import glob
+
+    expanded = Path(path).expanduser()
+    if any(ch in str(path) for ch in "*?["):
+        return sorted(Path(p) for p in glob.glob(str(expanded), recursive=True))
+    return [expanded]
+
+
 def _exists_or_glob(p: str) -> bool:
-    path = Path(p)
-    if any(ch in p for ch in "*?["):
-        return any(Path(path.anchor).glob(str(path.relative_to(path.anchor))))
-    return path.exists()
+    return any(x.exists() for x in resolve_paths(p))
 
 
 def default_pipelines_path() -> Path:

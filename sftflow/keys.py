@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import glob as globlib
 import hashlib
 import importlib.metadata
 import json
@@ -86,9 +85,11 @@ def resolve_location(location: str) -> dict[str, str]:
     Returns:
         ``{absolute path: digest}``; a glob matching nothing or a missing path maps to ``missing``.
     """
+    from sftflow.config import resolve_paths  # THE path-setting resolver
+
     expanded = str(Path(location).expanduser())
     if any(ch in location for ch in "*?["):
-        hits = sorted(globlib.glob(expanded, recursive=True))
+        hits = [str(h) for h in resolve_paths(location)]
         return {h: path_digest(h) for h in hits} or {expanded: "missing"}
     return {expanded: path_digest(expanded)}
 

@@ -36,7 +36,6 @@ Run it inside the flow (``flows/``) or directly::
 
 from __future__ import annotations
 
-import glob as globlib
 import json
 import math
 from collections import Counter
@@ -48,7 +47,7 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from sftflow.config import IngestConfig, SourceConfig
+from sftflow.config import IngestConfig, SourceConfig, resolve_paths
 from sftflow.data.formats import LoadedRecords, convert_rows, load_records
 from sftflow.data.quarantine import quarantine_frame, quarantine_row
 from sftflow.data.readers import FILE_SUFFIXES, IngestError, is_saved_dataset, read_hub
@@ -75,7 +74,7 @@ def resolve_files(src: SourceConfig) -> list[Path]:
         raise IngestError(f"source {src.name!r}: no `path` (a file, a glob or a saved dataset folder) and no `hub`")
     p = Path(src.path).expanduser()
     if any(ch in src.path for ch in "*?["):
-        hits = sorted(Path(x) for x in globlib.glob(str(p), recursive=True))
+        hits = resolve_paths(src.path)  # THE path-setting resolver (sftflow.config)
         files = [h for h in hits if h.is_file() or is_saved_dataset(h)]
         if not files:
             raise IngestError(f"source {src.name!r}: glob {src.path} matches no file "

@@ -1,6 +1,7 @@
 """SFT training stage: the Prefect task around the recipe in ``sftflow.training``.
 
-``train_task`` trains (``sftflow.training.loop.train``: LoRA / DoRA / rsLoRA / QLoRA / full), logs
+``train_task`` trains through the one training entry (``sftflow.training.entry.run_training``:
+content-keyed folder, resume, one process or torchrun; LoRA / DoRA / rsLoRA / QLoRA / full), logs
 per-step metrics, the loss curve and the model cards to the stage's MLflow run, and registers the
 model as a new version with alias ``candidate`` (``sftflow.tracking.registry``).
 
@@ -10,7 +11,6 @@ accelerate launch), use ``python -m sftflow.training --help``.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,13 @@ from sftflow.ops.cachekeys import (
     TAG_TRAIN_KEY,
     TAG_TRAIN_SHA256,
 )
-from sftflow.ops.orchestration import markdown_artifact, run_logger, stage_cache_policy
+from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy
 from sftflow.results import TrainResult
 from sftflow.tracking.registry import log_model
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.tracking.train_logging import log_training_summary, step_logger
-from sftflow.training.export import OUTPUT_FILE, TrainOutput
-from sftflow.training.launch import launch_training
-from sftflow.training.loop import training_key
-from sftflow.training.loop import train as run_training
+from sftflow.training.export import OUTPUT_FILE, TrainOutput  # noqa: F401  (OUTPUT_FILE: re-exported)
+from sftflow.training.entry import pipeline_work_root, run_training
 from sftflow.training.model import learning_rate
 
 # Whether the train stage returned the finished output of an earlier run with the same key.
@@ -70,36 +68,16 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
             log_dataset(heldout, context="heldout")
         mlflow.log_params({**_flat_params(cfg.model_dump(mode="json")), "base_model": base.path,
                            "learning_rate_effective": learning_rate(cfg)})
-        # Checkpoints live in a folder keyed by the content of the inputs and by the code (not by
-        # the run id), so that a new flow run after a crash (same data, model, config and code)
-        # resumes where the killed one stopped. A file lock keeps two concurrent runs with
-        # identical inputs from sharing it.
-        from filelock import FileLock
-
+        # The one training entry: a folder keyed by the content of the inputs and by the code (not
+        # by the run id), so a new flow run after a crash (same data, model, config and code)
+        # resumes where the killed one stopped; one process or torchrun per training.num_processes
+        # (the workers never touch MLflow: their per-step metrics are logged here as they arrive).
         from sftflow.ops.cachekeys import current_stage_key, refresh_cache_requested
 
-        key, comps = training_key(train=train, heldout=heldout, base=base, cfg=cfg, module=Path(__file__))
-        work_dir = ctx.layout.root.parent / "_train" / key[:16]
-        (ctx.stage_dir(stage) / "work_dir.txt").write_text(str(work_dir) + "\n")
-        with FileLock(str(work_dir) + ".lock"):
-            done_file = work_dir / OUTPUT_FILE
-            if done_file.exists() and refresh_cache_requested():
-                # --no-cache recomputes every stage: a finished output is not a substitute for
-                # training. (Checkpoints of an unfinished run with the same key are still resumed.)
-                run_logger("sftflow.train").info("--no-cache: discarding the finished training output in %s", work_dir)
-                shutil.rmtree(work_dir)
-            before = done_file.stat().st_mtime_ns if done_file.exists() else None
-            work_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.num_processes > 1:
-                # Data parallel under torchrun; the workers never touch MLflow: their per-step
-                # metrics come back here and are logged to this run as they arrive.
-                output = launch_training(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=work_dir,
-                                         on_metrics=step_logger())
-            else:
-                output = run_training(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=work_dir,
-                                      on_metrics=step_logger())
-            # Reused = the finished output of an earlier run with the same key was returned as is.
-            finished = before is not None and done_file.exists() and done_file.stat().st_mtime_ns == before
+        trained = run_training(train=train, heldout=heldout, base=base, cfg=cfg, work_root=pipeline_work_root(ctx.run_dir),
+                               on_metrics=step_logger(), module=Path(__file__),
+                               discard_finished=refresh_cache_requested(), pointer=ctx.stage_dir(stage) / "work_dir.txt")
+        output, key, comps, finished = trained.output, trained.key, trained.components, trained.reused
         if not finished:  # a reused output's numbers are in the run that trained it
             log_training_summary(output)
         lineage_tags = _lineage_tags(comps, key=key, stage_key=current_stage_key())

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftflow import layout
-from sftflow.config import ConfigError, PipelineConfig, SourceConfig
+from sftflow.config import ConfigError, PipelineConfig, SourceConfig, resolve_paths
 from sftflow.errors import HomeError
 
 # Files larger than this are not parsed whole to count their rows (JSON) / instances (JSONL).
@@ -186,10 +186,7 @@ def source_rows(src: SourceConfig) -> SourceRows:
     rows: int | None = None
     detail = "hub dataset" if src.hub else ""
     if src.path:
-        if any(ch in src.path for ch in "*?["):
-            files = [Path(p) for p in sorted(globlib.glob(os.path.expanduser(src.path), recursive=True))]
-        else:
-            files = [Path(src.path).expanduser()]
+        files = resolve_paths(src.path)  # THE path-setting resolver (sftflow.config)
         counts = [count_file_rows(f, fmt=src.format) for f in files if f.exists()]
         if counts and all(c is not None for c in counts):
             rows = sum(counts)  # type: ignore[arg-type]

@@ -12,31 +12,30 @@ import pytest
 from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
 from sftflow.data.records import AccountingError, frame_to_records, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
-from sftflow import markers
-from tasks.backtranslate import (
-    BELOW,
-    FILTERED,
-    KEPT,
-    REJECTED,
-    Segment,
-    accounting,
-    backtranslate,
-    curated_records,
+from sftflow.augment.corpus import Segment, load_corpus, split_into_segments
+from sftflow.augment.filters import (
     instruction_filter_reason,
-    load_corpus,
-    reverse_records,
     salvage_instruction,
     seed_duplicate_rule,
     seed_duplicates,
     segment_filter_reason,
-    select_by_threshold,
     select_segments,
-    split_into_segments,
-    tag_records,
-    tag_seed,
-    training_with_overrides,
-    unparseable_scores,
 )
+from sftflow.augment.pairs import (
+    BELOW,
+    FILTERED,
+    KEPT,
+    REJECTED,
+    accounting,
+    curated_records,
+    reverse_records,
+    select_by_threshold,
+    tag_seed,
+)
+from sftflow.augment.report import unparseable_scores
+from sftflow.data.tags import tag_records
+from sftflow import markers
+from tasks.backtranslate import backtranslate
 
 REPO = Path(__file__).resolve().parents[2]
 # The first 400 leads of ../shared/data's wikipedia_leads_10033.json, in the repository (data/README.md),
@@ -218,13 +217,14 @@ def test_reverse_records_swaps_roles_and_drops_system():
 
 def test_training_overrides_merge_and_validate():
     base = TrainingConfig(max_steps=100, lora={"r": 16, "alpha": 32})
-    cfg = training_with_overrides(base, {"max_steps": 5, "lora": {"r": 4}}, key="backward_training")
+    # Derived in sftflow/config.py (AugmentationConfig.backward / .forward), like rejection's round2().
+    cfg = AugmentationConfig(backward_training={"max_steps": 5, "lora": {"r": 4}}).backward(base)
     assert cfg.max_steps == 5 and cfg.lora.r == 4 and cfg.lora.alpha == 32 and cfg.merge is False
-    assert training_with_overrides(base, {"merge": True}, key="forward_training").merge is True
+    assert AugmentationConfig(forward_training={"merge": True}).forward(base).merge is True
     with pytest.raises(ConfigError, match=r"augmentation\.backward_training\.lora\.r"):
-        training_with_overrides(base, {"lora": {"r": 0}}, key="backward_training")
+        AugmentationConfig(backward_training={"lora": {"r": 0}}).backward(base)
     with pytest.raises(ConfigError, match=r"augmentation\.forward_training\.max_stepz: unknown key"):
-        training_with_overrides(base, {"max_stepz": 3}, key="forward_training")
+        AugmentationConfig(forward_training={"max_stepz": 3}).forward(base)
 
 
 # --------------------------------------------------------------------------- instruction filters
@@ -368,10 +368,12 @@ def test_backtranslate_end_to_end_tiny(sftflow_home: Path, threshold: float, ite
     scored = frame[frame.status.isin([KEPT, BELOW])]
     assert scored.expected.between(1, 5).all() and scored.probs.map(lambda p: abs(sum(p) - 1) < 1e-4).all()
     assert len(out.iteration_kept) == iterations
+    # The curation model is the last one trained (M_2 with two iterations, else M0), in its
+    # content-keyed training folder (sftflow.training.entry), not a folder named after its role.
+    assert out.helpers[-1].run_name == ("backtranslate.curation_iter2" if iterations == 2 else "backtranslate.curation")
+    assert Path(out.curation_model.path).parent == out.helpers[-1].run.work_dir
     if iterations == 2:
-        assert "expected_iter2" in frame.columns and "curation_iter2" in Path(out.curation_model.path).parts
-    else:
-        assert "curation" in Path(out.curation_model.path).parts
+        assert "expected_iter2" in frame.columns
     curated = frame_to_records(out.curated.read())
     assert len(curated) == counts["kept"] == (counts["scored"] if threshold == 1.0 else 0)
     for r in curated:

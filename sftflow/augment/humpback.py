@@ -1,0 +1,360 @@
+"""The Humpback driver (Li et al. 2023, "Self-Alignment with Instruction Backtranslation"), top to bottom.
+
+1. **Corpus**: segments of the unlabeled corpus (``sftflow.augment.corpus``), pre-filtered
+   (``sftflow.augment.filters.select_segments``); every rejected segment keeps its reason.
+2. **Backward model M_yx**: the seed reversed (``pairs.reverse_records``: the response is the user
+   turn, the instruction the answer), trained through the one training entry
+   (``sftflow.training.entry.run_training``: a content-keyed folder below ``work_root``, resumed
+   after a crash, torchrun when ``training.num_processes`` > 1).
+3. **Self-augmentation**: M_yx writes one instruction per segment (``sftflow.inference.batch.
+   generate_texts``: in process or Ray Data actors, vLLM per ``execution.generation_backend``);
+   a generation cut at the token bound keeps its first question (``filters.salvage_instruction``),
+   and ``filters.instruction_filter_reason`` rejects the unusable ones.
+4. **Self-curation**: the curation model (``curation.model``: ``forward`` = M0 trained on the seed,
+   ``base``, or a model name/path) rates each pair 1-5 from the next-token distribution after
+   ``Score:`` (``sftflow.inference.batch.score_texts``); ``pairs.select_pairs`` keeps them.
+5. **Iterations** (``iterations`` > 1): M_k trained on tagged seed + curated pairs rescores.
+6. **Quality and outputs**: backward-model finished rate, curator AUC on held-out rows; the candidate
+   table (``candidates.parquet``, accounting checked) and the tagged curated records.
+
+It writes files below ``out_dir`` (models below ``work_root``) and logs nothing:
+``tasks.backtranslate`` logs the stage, each trained model in its own nested run
+(``HelperModel``), and reports with ``sftflow.augment.report``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from sftflow import layout
+from sftflow.augment.corpus import load_corpus
+from sftflow.augment.filters import instruction_filter_reason, salvage_instruction, select_segments
+from sftflow.augment.pairs import (
+    BELOW,
+    CANDIDATE_COLUMNS,
+    FILTERED,
+    KEPT,
+    REJECTED,
+    accounting,
+    candidate_row,
+    curated_records,
+    reverse_records,
+    select_pairs,
+    tag_seed,
+)
+from sftflow.config import AugmentationConfig, ConfigError, DedupConfig, TrainingConfig
+from sftflow.data.records import frame_to_records, records_to_frame, response_text
+from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
+from sftflow.data.tags import tag_dataset
+from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
+from sftflow.training.entry import TrainingRun, run_training
+
+# label -> on_progress(done, total) (e.g. ``sftflow.ops.console.progress_callback``); None: silent.
+Progress = Callable[[str], Callable[[int, int], None]] | None
+
+
+@dataclass(frozen=True)
+class HelperModel:
+    """A model backtranslation fine-tuned (M_yx, M0, M_k), kept so the stage can log it in its own run.
+
+    Attributes:
+        run_name: the nested MLflow run it belongs in (``backtranslate.backward`` ...).
+        data: what it was trained on.
+        cfg: the training settings it was trained with.
+        run: what the training entry did (output, keyed work folder, key, whether reused).
+    """
+
+    run_name: str
+    data: DatasetRef
+    cfg: TrainingConfig
+    run: TrainingRun
+
+    @property
+    def output(self) -> Any:
+        """The ``TrainOutput`` (model, metrics, loss curve, training folder)."""
+        return self.run.output
+
+
+@dataclass(frozen=True)
+class AugmentOutput:
+    """What backtranslation produced.
+
+    Attributes:
+        curated: kept pairs as canonical records (``origin=backtranslated``, tagged).
+        candidates: every segment examined with its instruction, scores, status and reason.
+        seed: the seed data tagged with ``seed_system_prompt``.
+        reversed: the backward model's training data (response -> instruction).
+        backward_model: the backward model M_yx.
+        curation_model: the model that gave the final scores (M0, base, a named model, or M_k).
+        counts: the accounting, as sorted (name, value) pairs.
+        iteration_kept: pairs kept after each curation iteration.
+        helpers: every model trained here, in training order (for the stage to log).
+        heldout: the held-out set tagged like the seed (evaluation prompts = training prompts), or None.
+        quality: curator and backward-model quality figures (``curator_auc``, ``backward_finished_rate``...).
+    """
+
+    curated: DatasetRef
+    candidates: DatasetRef
+    seed: DatasetRef
+    reversed: DatasetRef
+    backward_model: ModelRef
+    curation_model: ModelRef
+    counts: tuple[tuple[str, int], ...]
+    iteration_kept: tuple[int, ...]
+    helpers: tuple[HelperModel, ...] = ()
+    heldout: DatasetRef | None = None
+    quality: tuple[tuple[str, float], ...] = ()
+
+
+def _silent(_label: str) -> None:
+    return None
+
+
+def train_helper(*, run_name: str, data: DatasetRef, base: ModelRef, cfg: TrainingConfig, work_root: Path,
+                 trust_remote_code: bool = False, retrain: bool = False) -> HelperModel:
+    """Fine-tune a helper model through the one training entry (no MLflow: the stage logs it).
+
+    Args:
+        run_name: the nested run the stage logs it in.
+        data / base / cfg: what to train on, from what, how.
+        work_root: where the content-keyed training folders live.
+        trust_remote_code: passed to model loading.
+        retrain: discard a finished output with the same key (``--no-cache``).
+    """
+    run = run_training(train=data, heldout=None, base=base, cfg=cfg, work_root=work_root,
+                       trust_remote_code=trust_remote_code, discard_finished=retrain)
+    return HelperModel(run_name=run_name, data=data, cfg=cfg, run=run)
+
+
+def score_pairs(ref: ModelRef, rows: Sequence[dict[str, Any]], *, cfg: AugmentationConfig, training: TrainingConfig,
+                trust_remote_code: bool = False, progress: Progress = None, label: str = "backtranslate score"
+                ) -> list[Any]:
+    """Rubric scores (``Score``: probs, expected, argmax, mass) of (instruction, segment) rows.
+
+    In this process, or over Ray Data actors (one model each) with ``execution.engine: ray``.
+    """
+    pairs = [(r["instruction"], r["segment"]) for r in rows]
+    return score_texts(ref, pairs, template=training.template, batch_size=cfg.curation.batch_size,
+                       dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code,
+                       on_progress=(progress or _silent)(label))
+
+
+def curator_auc(curation: ModelRef, records: Sequence[dict[str, Any]], *, cfg: AugmentationConfig,
+                training: TrainingConfig, trust_remote_code: bool = False, progress: Progress = None,
+                label: str = "backtranslate score") -> dict[str, float]:
+    """How well the curator separates a row's true answer from another row's answer.
+
+    Each held-out row is scored twice with the curation rubric: (its instruction, its answer) and
+    (its instruction, the next row's answer). The AUC of the two score sets is the chance that a
+    true pair outscores a mismatched one: 0.5 is a curator that cannot tell them apart.
+
+    Returns:
+        ``curator_auc``, ``curator_true_mean``, ``curator_mismatched_mean`` and ``curator_auc_pairs``
+        (empty with fewer than two usable rows).
+    """
+    from sftflow.data.records import prompt_text
+    from sftflow.stats import auc
+
+    rows = [(prompt_text(r["messages"]), response_text(r["messages"])) for r in records]
+    rows = [(q, a) for q, a in rows if q.strip() and a.strip()]
+    if len(rows) < 2:
+        return {}
+    true = [{"instruction": q, "segment": a} for q, a in rows]
+    mismatched = [{"instruction": q, "segment": rows[(i + 1) % len(rows)][1]} for i, (q, _) in enumerate(rows)]
+    scores = score_pairs(curation, true + mismatched, cfg=cfg, training=training, trust_remote_code=trust_remote_code,
+                         progress=progress, label=label)
+    pos = [s.expected for s in scores[: len(true)]]
+    neg = [s.expected for s in scores[len(true):]]
+    return {"curator_auc": auc(pos, neg), "curator_true_mean": float(sum(pos) / len(pos)),
+            "curator_mismatched_mean": float(sum(neg) / len(neg)), "curator_auc_pairs": float(len(rows))}
+
+
+def curation_model(*, cfg: AugmentationConfig, base: ModelRef, seed: DatasetRef, forward_cfg: TrainingConfig,
+                   work_root: Path, trust_remote_code: bool = False, retrain: bool = False,
+                   stage: str = "backtranslate") -> tuple[ModelRef, list[HelperModel]]:
+    """M0 per ``curation.model``: ``forward`` trains it on the seed, ``base`` reuses the base model,
+    anything else is a model name/path.
+
+    Returns:
+        (the curation model, the models trained for it: [M0] for ``forward``, else []).
+    """
+    choice = cfg.curation.model
+    if choice == "forward":
+        m0 = train_helper(run_name=f"{stage}.curation", data=seed, base=base, cfg=forward_cfg, work_root=work_root,
+                          trust_remote_code=trust_remote_code, retrain=retrain)
+        return m0.output.model, [m0]
+    if choice == "base":
+        return base, []
+    from sftflow.inference.models import resolve_model
+
+    return resolve_model(choice, trust_remote_code=trust_remote_code), []
+
+
+def generate_candidates(backward: ModelRef, accepted: Sequence[Any], *, cfg: AugmentationConfig,
+                        template_setting: str, trust_remote_code: bool = False, progress: Progress = None,
+                        label: str = "backtranslate generate instructions") -> list[dict[str, Any]]:
+    """One candidate instruction per accepted segment from M_yx, filtered: candidate-table rows
+    with status ``below_threshold`` (to be scored) or ``rejected_instruction`` with the reason."""
+    from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
+
+    # The local engine loads M_yx here; execution.engine=ray loads only its tokenizer here and
+    # the model once per Ray Data actor (vLLM where execution.generation_backend selects it).
+    handle = ModelHandle(backward, dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code)
+    tok = handle.tokenizer
+    template = resolve_template(tok, template_setting)
+    prompts = [build_generation_prompt(tok, [{"role": "user", "content": s.text}], template=template) for s in accepted]
+    g = cfg.generation
+    try:
+        outs = generate_texts(handle, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                              top_p=g.top_p, batch_size=g.batch_size, stop_ids=stop_token_ids(tok, template),
+                              seed=g.seed, on_progress=(progress or _silent)(label))
+    finally:
+        handle.close()
+    rows = []
+    for seg, out in zip(accepted, outs):
+        text, salvaged = out.text, False
+        if not out.finished:
+            cut = salvage_instruction(out.text)
+            if cut is not None:
+                text, salvaged = cut, True
+        why = instruction_filter_reason(text, seg.text, finished=out.finished or salvaged,
+                                        reject_truncated=cfg.reject_truncated)
+        row = candidate_row(seg, status=REJECTED if why else BELOW, reason=why[0] if why else "",
+                            detail=why[1] if why else "")
+        row.update(instruction=text.strip(), raw_output=out.text, num_tokens=out.num_tokens,
+                   finished=out.finished, salvaged=salvaged)
+        rows.append(row)
+    return rows
+
+
+def humpback(
+    *,
+    seed: DatasetRef,
+    base: ModelRef,
+    cfg: AugmentationConfig,
+    backward_cfg: TrainingConfig,
+    forward_cfg: TrainingConfig,
+    out_dir: Path,
+    work_root: Path,
+    trust_remote_code: bool = False,
+    dedup: DedupConfig | None = None,
+    heldout: DatasetRef | None = None,
+    retrain: bool = False,
+    progress: Progress = None,
+    stage: str = "backtranslate",
+) -> AugmentOutput:
+    """Instruction backtranslation end to end (see the module docstring).
+
+    Args:
+        seed: the seed instruction data (canonical records; the clean train split).
+        base: the base model the backward and curation models are fine-tuned from.
+        cfg: the ``augmentation`` section (needs ``corpus``).
+        backward_cfg / forward_cfg: M_yx's and the curation models' training settings
+            (``AugmentationConfig.backward`` / ``.forward``).
+        out_dir: the stage folder: every data file goes below it.
+        work_root: where the trained models' content-keyed folders go (``run_training``).
+        trust_remote_code: passed to model loading.
+        dedup: the pipeline's ``dedup`` section, for the seed near-duplicate check (None: its defaults).
+        heldout: the held-out split: returned tagged with ``seed_system_prompt`` (what the seed trains
+            with, so evaluation sees the prompts training saw); its first ``curation.auc_examples``
+            rows also check the curator (``curator_auc``).
+        retrain: discard finished helper models with the same key (``--no-cache``).
+        progress: label -> ``on_progress(done, total)`` for generation and scoring (None: silent).
+        stage: prefix of the helper models' run names and progress labels.
+
+    Raises:
+        ConfigError: no corpus.
+        ValueError: a malformed corpus file (naming file and row) or an empty seed.
+    """
+    if cfg.corpus is None:
+        raise ConfigError("augmentation.corpus: required to backtranslate")
+    out_dir = layout.ensure(Path(out_dir))
+    seed_records = frame_to_records(seed.read())
+    if not seed_records:
+        raise ValueError(f"seed dataset {seed.path} is empty: nothing to learn a backward model from")
+
+    # 1. corpus -> filtered segments
+    segments = load_corpus(cfg.corpus, max_words=cfg.max_words)
+    accepted, filtered = select_segments(
+        segments, seed_responses=[response_text(r["messages"]) for r in seed_records], cfg=cfg,
+        shuffle_seed=cfg.generation.seed, dedup=dedup,
+    )
+    rows: list[dict[str, Any]] = [candidate_row(seg, status=FILTERED, reason=reason, detail=detail)
+                                  for seg, reason, detail in filtered]
+
+    # 2. backward model M_yx on reversed seed data. Responses are cut to fit: at most max_words
+    # (what M_yx sees at inference) and about half the training context (~1.3 tokens a word),
+    # leaving room for the template and the instruction.
+    words_cap = min(cfg.max_words, max(16, backward_cfg.max_seq_len // 2))
+    reversed_ref = write_parquet(records_to_frame(reverse_records(seed_records, max_response_words=words_cap)),
+                                 out_dir / "reversed.parquet", name="reversed_seed")
+    helpers = [train_helper(run_name=f"{stage}.backward", data=reversed_ref, base=base, cfg=backward_cfg,
+                            work_root=work_root, trust_remote_code=trust_remote_code, retrain=retrain)]
+    backward = helpers[0].output.model
+
+    # 3. self-augmentation: one candidate instruction per segment, batched
+    generated = generate_candidates(backward, accepted, cfg=cfg, template_setting=backward_cfg.template,
+                                    trust_remote_code=trust_remote_code, progress=progress,
+                                    label=f"{stage} generate instructions") if accepted else []
+    to_score = [r for r in generated if r["status"] != REJECTED]
+
+    # 4. self-curation with M0 (or base / a named model), 5. optional iterations with M_k
+    seed_tagged = tag_seed(seed, cfg.seed_system_prompt, out_dir / "seed_tagged.parquet")
+    curation, trained = curation_model(cfg=cfg, base=base, seed=seed, forward_cfg=forward_cfg, work_root=work_root,
+                                       trust_remote_code=trust_remote_code, retrain=retrain, stage=stage)
+    helpers += trained
+    iteration_kept: list[int] = []
+    for it in range(1, cfg.iterations + 1):
+        if it > 1:
+            # M_k: seed + the pairs curated so far, both tagged, as in the paper's iteration.
+            kept_rows = [r for r in to_score if r["status"] == KEPT]
+            mix = pd.concat([seed_tagged.read(), records_to_frame(
+                curated_records(kept_rows, system_prompt=cfg.augmented_system_prompt))], ignore_index=True)
+            mix_ref = write_parquet(mix, out_dir / f"train_iter{it}.parquet", name=f"curation_train_iter{it}")
+            helpers.append(train_helper(run_name=f"{stage}.curation_iter{it}", data=mix_ref, base=base,
+                                        cfg=forward_cfg, work_root=work_root, trust_remote_code=trust_remote_code,
+                                        retrain=retrain))
+            curation = helpers[-1].output.model
+        scores = score_pairs(curation, to_score, cfg=cfg, training=forward_cfg, trust_remote_code=trust_remote_code,
+                             progress=progress, label=f"{stage} score") if to_score else []
+        keep, details = select_pairs(scores, keep=cfg.curation.keep, threshold=cfg.curation.threshold)
+        for r, s, k, detail in zip(to_score, scores, keep, details):
+            r.update(probs=list(s.probs), expected=s.expected, argmax=s.argmax, mass=s.mass,
+                     status=KEPT if k else BELOW, reason="" if k else "below_threshold", detail=detail)
+            r[f"expected_iter{it}"] = s.expected
+        iteration_kept.append(sum(keep))
+
+    # 6. quality of the helpers: does M_yx end its instructions, can the curator tell a true answer
+    #    from another question's answer (held-out rows, never trained on)?
+    quality: dict[str, float] = {}
+    if generated:
+        quality["backward_finished_rate"] = sum(bool(r["finished"]) for r in generated) / len(generated)
+    heldout_tagged = None
+    if heldout is not None:
+        heldout_tagged = tag_dataset(heldout, cfg.seed_system_prompt, out_dir / "heldout_tagged.parquet",
+                                     name="heldout_tagged")
+        if cfg.curation.auc_examples:
+            quality.update(curator_auc(curation, frame_to_records(heldout.read())[: cfg.curation.auc_examples],
+                                       cfg=cfg, training=forward_cfg, trust_remote_code=trust_remote_code,
+                                       progress=progress, label=f"{stage} score"))
+
+    # 7. outputs: the audit table, the tagged curated records
+    frame = pd.DataFrame(rows + generated)
+    for col in CANDIDATE_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = None
+    extra = sorted(c for c in frame.columns if c not in CANDIDATE_COLUMNS)
+    frame = frame[list(CANDIDATE_COLUMNS) + extra]
+    counts = accounting(frame)
+    candidates_ref = write_parquet(frame, out_dir / "candidates.parquet", name="backtranslation_candidates")
+    kept_rows = [r for r in generated if r["status"] == KEPT]
+    curated_ref = write_parquet(records_to_frame(curated_records(kept_rows, system_prompt=cfg.augmented_system_prompt)),
+                                out_dir / "curated.parquet", name="curated")
+    return AugmentOutput(curated=curated_ref, candidates=candidates_ref, seed=seed_tagged, reversed=reversed_ref,
+                         backward_model=backward, curation_model=curation, counts=tuple(sorted(counts.items())),
+                         iteration_kept=tuple(iteration_kept), helpers=tuple(helpers), heldout=heldout_tagged,
+                         quality=tuple(sorted(quality.items())))
