@@ -166,6 +166,9 @@ def init_store(uri: str, *, timeout: float = 900.0) -> None:
 
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(lock_path), timeout=timeout):
+                from sftflow.tracking.store import repair_interrupted_migration
+
+                repair_interrupted_migration(uri)  # a migration a full disk interrupted: redo it, not fail for good
                 client = MlflowClient(tracking_uri=uri, registry_uri=uri)
                 client.search_experiments(max_results=1)  # tracking tables (+ migrations)
                 client.search_registered_models(max_results=1)  # model registry tables
