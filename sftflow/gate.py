@@ -12,7 +12,9 @@ per-example values has no interval and is not promoted on its point gain unless
 ``allow_point_estimate``. With ``promotion.max_task_regression`` a candidate that passes is still
 refused when, on any task of the held-out mixture (a ``source`` or ``category`` of its rows, see
 ``sftflow.breakdown``), the gated metric is worse for tuned than for base by more than that
-margin; the reason names the task.
+margin; the reason names the task. Base and tuned scored by different judges
+(``EvalResult.judge_sha256``) are not compared at all (``judge_mismatch``): a judge score, and a
+decision on it, means nothing across two judges.
 """
 
 from __future__ import annotations
@@ -177,6 +179,27 @@ def _decide_overall(*, metric: str, direction: str, min_improvement: float, base
     if not beats:
         return GateOutcome(False, f"{head}; but not {vs}; not promoted", gain_base, gain_champ)
     return GateOutcome(True, f"{head}; and beats {vs}; promoted", gain_base, gain_champ)
+
+
+def judge_mismatch(base: EvalResult, tuned: EvalResult) -> str | None:
+    """Why base and tuned cannot be compared because different judges scored them (None: same judge).
+
+    The judges are compared by content digest (``EvalResult.judge_sha256``): the same folder
+    rewritten, another model, or one evaluation judged and the other not, all differ.
+    """
+    b, t = base.judge_sha256 or "", tuned.judge_sha256 or ""
+    if b == t:
+        return None
+
+    def name(r: EvalResult, digest: str) -> str:
+        if not digest:
+            return "no judge"
+        where = f" ({r.judge.name or r.judge.path})" if r.judge is not None else ""
+        return f"judge {digest[:12]}{where}"
+
+    return (f"base and tuned were scored by different judges ({base.label}: {name(base, b)}; {tuned.label}: "
+            f"{name(tuned, t)}), so their evaluations are not comparable; evaluate both with one judge "
+            "(evaluation.judge_model, default the pipeline's base model)")
 
 
 def metric_name(cfg: PromotionConfig) -> str:

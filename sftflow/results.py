@@ -197,10 +197,12 @@ class EvalResult:
         samples: per-row outputs (``set, id, prompt, reference, output, rougeL, ...``).
         heldout_sha256: digest of the held-out set that was evaluated.
         eval_key: digest of everything that makes two evaluations comparable (held-out digest,
-            extra sets, generation settings, template); the gate re-evaluates a champion whose
-            recorded key differs.
+            extra sets, generation settings, template, the judge's digest); the gate re-evaluates a
+            champion whose recorded key differs.
         judge: the judge model that scored the outputs (None without ``evaluation.judge``); a
             re-evaluated champion is scored by the same one.
+        judge_sha256: the judge's content digest (``sftflow.inference.judges.scorer_digest``; ""
+            without a judge); the gate refuses to compare evaluations whose judges differ.
     """
 
     label: str
@@ -209,6 +211,7 @@ class EvalResult:
     heldout_sha256: str = ""
     eval_key: str = ""
     judge: ModelRef | None = None
+    judge_sha256: str = ""
 
     def metrics_dict(self) -> dict[str, float]:
         """``metrics`` as a dict."""
@@ -239,6 +242,7 @@ class PromotionDecision:
         champion_reevaluated: the champion was evaluated again here (its held-out set differed).
         registered_name / registered_version: the candidate model version.
         deltas: tuned - base for every shared metric.
+        judge_sha256: the content digest of the judge that scored base and tuned ("" without one).
     """
 
     promoted: bool
@@ -260,6 +264,7 @@ class PromotionDecision:
     n_examples: int = 0
     champion_ci_low: float | None = None
     champion_ci_high: float | None = None
+    judge_sha256: str = ""
 
     def summary(self) -> dict[str, Any]:
         """JSON-able dict (for the flow summary and ``promotion/decision.json``)."""

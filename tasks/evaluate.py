@@ -28,7 +28,11 @@ two results. For each evaluated set (the held-out split, plus any ``evaluation.e
    ``format_spread`` (max - min) and ``format_std``; per-row outputs go to ``format_<label>.parquet``.
 6. **Judge** (optional): the logit-based 1-5 rubric scorer of self-curation
    (``sftflow.inference.generation.score_pairs``, via ``sftflow.inference.batch.score_texts``), run by one
-   fixed judge model so base and tuned are scored by the same judge.
+   fixed judge model so base and tuned are scored by the same judge: ``evaluation.judge_model``, else
+   the pipeline's base model, resolved by ``sftflow.inference.judges.resolve_scorer`` (a judge that
+   cannot be loaded is an error naming the key, never the model under test). The judge's digest is
+   in the evaluation's ``eval_key`` and ``EvalResult.judge_sha256``; the flow passes the resolved
+   judge to ``evaluate_task``, so its content is in the stage's cache key too.
 
 Extra sets are read by ingestion's converters (``sftflow.data.formats.load_records``), so every
 format and role alias ingest accepts works here, multi-turn conversations included.
@@ -65,6 +69,7 @@ from sftflow.data.records import frame_to_records
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.errors import DataError
 from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
+from sftflow.inference.judges import base_model_of, resolve_scorer, scorer_digest
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 from sftflow.results import HELDOUT_SET, EvalResult
 
@@ -364,8 +369,13 @@ def _format_robustness(model: ModelHandle, *, prompts: list[list[dict[str, str]]
     return metrics
 
 
-def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None, max_seq_len: int) -> str:
-    """Digest of what makes two evaluations comparable (data + generation settings + formatting)."""
+def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None, max_seq_len: int,
+             judge: ModelRef | None = None) -> str:
+    """Digest of what makes two evaluations comparable (data + generation settings + formatting + judge).
+
+    With ``evaluation.judge`` the judge's content digest (``judges.scorer_digest(judge)``) is part
+    of it: two evaluations scored by different judges never share a key.
+    """
     from sftflow.data.refs import sha256_file, sha256_json
 
     extra = []
@@ -375,6 +385,8 @@ def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None
     key: dict[str, Any] = {}
     if cfg.format_robustness.wrappers:  # only when on, so that keys of earlier evaluations stay valid
         key["format_robustness"] = [cfg.format_robustness.wrappers, cfg.format_robustness.max_examples]
+    if cfg.judge:  # likewise: keys of evaluations without a judge stay what they were
+        key["judge_sha256"] = scorer_digest(judge)
     return sha256_json(
         {
             **key,
@@ -419,8 +431,9 @@ def evaluate(
         out_dir: folder for the samples Parquet.
         max_seq_len: ``training.max_seq_len``, and
         overlong: ``training.overlong``: the loss is training's held-out loss, on the same truncation.
-        judge: the judge model when ``cfg.judge`` (default: ``model`` itself; pass a fixed one so
-            two evaluations are scored by the same judge).
+        judge: the judge model when ``cfg.judge`` (default: ``resolve_judge(cfg, model)``, the
+            configured judge or ``model``'s base model, never a fine-tuned ``model`` itself; pass one
+            fixed judge so that two evaluations are scored by the same judge).
         trust_remote_code: passed to the model loader.
 
     Returns:
@@ -502,9 +515,12 @@ def evaluate(
         frames.append(frame)
     samples_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    if cfg.judge and len(samples_df):
-        metrics.update(_judge(samples_df, judge or model, template=template, cfg=cfg, lm=None if judge else lm,
-                              tok=None if judge else tok, trust_remote_code=trust_remote_code))
+    judge = (judge or resolve_judge(cfg, model, trust_remote_code=trust_remote_code)) if cfg.judge else None
+    if judge is not None and len(samples_df):
+        # A judge that is the evaluated model (a base model judged by itself) reuses its loaded weights.
+        same = judge == model
+        metrics.update(_judge(samples_df, judge, template=template, cfg=cfg, lm=lm if same else None,
+                              tok=tok if same else None, trust_remote_code=trust_remote_code))
     handle.close()  # a vLLM engine it started; lm stays this function's
     metrics["eval_seconds"] = time.monotonic() - t0
 
@@ -516,8 +532,9 @@ def evaluate(
         samples=samples,
         heldout_sha256=heldout.sha256,
         # The resolved template: `None` and `"gemma"` on a tokenizer without a chat template are the same prompts.
-        eval_key=eval_key(heldout=heldout, cfg=cfg, template=tmpl, max_seq_len=max_seq_len),
-        judge=(judge or model) if cfg.judge else None,
+        eval_key=eval_key(heldout=heldout, cfg=cfg, template=tmpl, max_seq_len=max_seq_len, judge=judge),
+        judge=judge,
+        judge_sha256=scorer_digest(judge),
     )
 
 
@@ -546,23 +563,22 @@ def _judge(
 
 
 # --------------------------------------------------------------------------- Prefect task
-def resolve_judge(cfg: EvaluationConfig, model: ModelRef, *, trust_remote_code: bool = False) -> ModelRef | None:
-    """The fixed judge: ``cfg.judge_model`` when set, else the evaluated model's base model.
+def resolve_judge(cfg: EvaluationConfig, model: ModelRef, *, base: ModelRef | None = None,
+                  trust_remote_code: bool = False) -> ModelRef | None:
+    """The fixed judge (None without ``evaluation.judge``): ``judges.resolve_scorer`` for role ``judge``.
 
-    Base and tuned evaluations therefore share one judge (the pipeline's base model by default).
+    ``cfg.judge_model`` when set, else ``base`` (the pipeline's base model: the flow passes it, so
+    base and tuned share one judge), else the base model ``model`` records (``judges.base_model_of``).
+
+    Raises:
+        sftflow.inference.judges.ScorerUnavailable: the judge cannot be loaded (the message names
+            ``evaluation.judge_model`` and the path); never falls back to ``model`` itself.
     """
     if not cfg.judge:
         return None
-    from sftflow.inference.models import resolve_model
-
-    if cfg.judge_model:
-        return resolve_model(cfg.judge_model, trust_remote_code=trust_remote_code)
-    base = model.base or model.meta_dict().get("base_path") or model.meta_dict().get("base")
-    if model.kind != "base" and base and Path(base).exists():
-        from sftflow.data.refs import sha256_dir
-
-        return ModelRef(path=str(base), sha256=sha256_dir(base), kind="base", name=Path(base).name)
-    return model
+    if base is None and not cfg.judge_model:
+        base = base_model_of(model, role="judge", trust_remote_code=trust_remote_code)
+    return resolve_scorer(configured=cfg.judge_model, base=base, role="judge", trust_remote_code=trust_remote_code)
 
 
 def evaluate_champion(*, model: ModelRef, heldout: DatasetRef, evaluation: EvaluationConfig,
@@ -603,8 +619,13 @@ def evaluate_task(
     ctx: StageContext,
     training: TrainingConfig,
     trust_remote_code: bool = False,
+    judge: ModelRef | None = None,
 ) -> EvalResult:
     """Prefect task: evaluate ``model`` on ``heldout`` in the nested run ``evaluate.<label>``.
+
+    ``judge``: the resolved judge (``resolve_judge(cfg, model, base=<pipeline base>)``; the flow
+    passes it, so the judge's content is in this task's cache key and every label shares it);
+    None resolves it here from ``model``'s base model.
 
     Logs ``<label>/`` metrics (stage run and parent run), the held-out set as an input, the
     samples Parquet, an MLflow table of the samples and a Prefect markdown summary.
@@ -619,11 +640,15 @@ def evaluate_task(
         mlflow.log_params({"label": label, "model": model.name or model.path, "model_kind": model.kind,
                            "max_examples": cfg.max_examples, "max_new_tokens": cfg.max_new_tokens,
                            "do_sample": cfg.do_sample, "judge": cfg.judge})
-        judge = resolve_judge(cfg, model, trust_remote_code=trust_remote_code)
+        judge = judge if judge is not None or not cfg.judge else resolve_judge(
+            cfg, model, trust_remote_code=trust_remote_code)
+        if judge is not None:
+            mlflow.log_params({"judge_model": judge.name or judge.path, "judge_sha256": scorer_digest(judge)})
         result = evaluate(model=model, heldout=heldout, cfg=cfg, label=label, template=training.template,
                           out_dir=out_dir, max_seq_len=training.max_seq_len, overlong=training.overlong, judge=judge,
                           trust_remote_code=trust_remote_code)
-        mlflow.set_tags({"sftflow.eval.heldout_sha256": result.heldout_sha256, "sftflow.eval.key": result.eval_key})
+        mlflow.set_tags({"sftflow.eval.heldout_sha256": result.heldout_sha256, "sftflow.eval.key": result.eval_key,
+                         "sftflow.eval.judge_sha256": result.judge_sha256})
         log_eval_metrics(result, parent_run_id=ctx.parent_run_id)
         samples_df = pd.read_parquet(result.samples.path)
         log_dataset(result.samples, context="eval.samples", df=samples_df)

@@ -17,8 +17,12 @@ and an explicit ``promotion.direction`` that contradicts it is refused):
    the champion must exceed 0 when the champion's per-example values exist (it was re-evaluated
    here); otherwise (recorded numbers only) the candidate must beat its value strictly, and the
    reason says the comparison was a point comparison. A champion evaluated on another held-out set
-   or with other settings (its recorded ``sftflow.eval.key`` differs) is re-evaluated on this
-   run's held-out set first, so the comparison is like for like.
+   or with other settings (its recorded ``sftflow.eval.key`` differs, the judge's digest included)
+   is re-evaluated on this run's held-out set first, so the comparison is like for like.
+
+Base and tuned scored by different judges (``EvalResult.judge_sha256``) are refused before any
+number is compared (``sftflow.gate.judge_mismatch``); the judge's digest is recorded in the
+decision (``PromotionDecision.judge_sha256``) and on the model version (``sftflow.eval.judge_sha256``).
 
 ``promote`` only reads (the registry's current champion, a re-evaluation when needed) and returns
 the decision; ``promote_task`` applies it (``record_decision``: the alias move through
@@ -53,7 +57,15 @@ from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
 from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, table_artifact
 from sftflow.data.refs import DatasetRef
 from sftflow.results import EvalResult, PromotionDecision, TrainResult
-from sftflow.gate import GateEvidence, decide, gate_evidence, interval_lines, metric_name, per_example_markdown
+from sftflow.gate import (
+    GateEvidence,
+    decide,
+    gate_evidence,
+    interval_lines,
+    judge_mismatch,
+    metric_name,
+    per_example_markdown,
+)
 from sftflow.stats import resolve_direction
 from sftflow.tracking.registry import CHAMPION, model_version_ref, set_alias, set_version_tags, version_by_alias
 from sftflow.tracking.runs import StageContext, log_json, stage_run
@@ -72,6 +84,7 @@ TAG_CHAMPION_VALUE = "sftflow.gate.champion_value"
 TAG_CHAMPION_VERSION = "sftflow.gate.champion_version"
 TAG_EVAL_KEY = "sftflow.eval.key"
 TAG_HELDOUT = "sftflow.eval.heldout_sha256"
+TAG_JUDGE = "sftflow.eval.judge_sha256"
 TAG_EVAL_METRICS = "sftflow.eval.metrics"
 TAG_RUN = "sftflow.gate.run_id"
 TAG_CI = "sftflow.gate.ci"
@@ -222,6 +235,7 @@ def record_on_version(client: Any, *, name: str, version: str, decision: Promoti
         TAG_CHAMPION_VERSION: decision.champion_version,
         TAG_EVAL_KEY: tuned.eval_key,
         TAG_HELDOUT: tuned.heldout_sha256,
+        TAG_JUDGE: tuned.judge_sha256,
         # Overall metrics only: a tag truncated mid-JSON would hide the champion's recorded value.
         TAG_EVAL_METRICS: json.dumps(_overall_metrics(tuned.metrics), sort_keys=True)[:5000],
         TAG_RUN: run_id,
@@ -298,7 +312,12 @@ def promote(
     d = tuple(deltas(base, tuned).items())
     common = dict(metric=metric, direction=direction, min_improvement=cfg.min_improvement,
                   base_value=base_value, tuned_value=tuned_value, registered_name=registered_name,
-                  registered_version=str(registered_version or ""), deltas=d)
+                  registered_version=str(registered_version or ""), deltas=d, judge_sha256=tuned.judge_sha256)
+    mismatch = judge_mismatch(base, tuned)
+    if mismatch is not None:
+        # Refused before the registry is read: no number of these two evaluations may be compared.
+        return PromotionDecision(promoted=False, reason=f"{mismatch}; not promoted", champion_value=None,
+                                 champion_version="", champion_reevaluated=False, **common), None
     if not registered_name or not registered_version:
         return PromotionDecision(promoted=False, reason="no registered model version to promote",
                                  champion_value=None, champion_version="", champion_reevaluated=False,

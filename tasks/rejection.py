@@ -10,12 +10,16 @@ Reads top to bottom as the method:
 2. **Screening.** A prompt that repeats an earlier pool prompt (``duplicate_prompt``) or duplicates
    a held-out prompt (``duplicate_of_heldout``: ``sftflow.data.neardup.find_cross_duplicates``, the
    leak rule dedup and split use) is not sampled: training on it would leak the evaluation.
-3. **Sampling.** ``k`` samples per prompt from the round-1 model with
-   ``sftflow.inference.generation.sample_k``: each prompt is prefilled ONCE and its KV cache
-   repeated k times for decoding (temperature/top-p, seeded).
+3. **Sampling.** ``k`` samples per prompt from the round-1 model with the batch inference API
+   (``sftflow.inference.batch.generate_texts(num_samples=k)``): on transformers each prompt is
+   prefilled ONCE and its KV cache repeated k times for decoding (``generation.sample_k``,
+   temperature/top-p, seeded); ``execution.engine: ray`` runs the same batches on Ray Data actors
+   (same samples), ``execution.generation_backend: vllm`` uses vLLM's ``SamplingParams(n=k)``.
 4. **Scoring.** Every sample gets a score: answer correctness (1.0/0.0, ``sftflow.data.answers``)
    for verifiable rows (a non-empty ``answer``; ``scorer: auto`` or ``answer``), else the logit
-   1-5 rubric score of self-curation (``score_pairs``; expected rating) from ``scorer_model``.
+   1-5 rubric score of self-curation (``batch.score_texts``; expected rating) from ``scorer_model``,
+   resolved by ``sftflow.inference.judges.resolve_scorer`` (a scorer that cannot be loaded is an
+   error naming the key, never silently another model).
 5. **Selection.** Per prompt, the best eligible sample (non-empty; finished unless
    ``require_finished`` is off; ties: the lowest sample index) is kept when it is correct (answer)
    or its score is >= ``threshold`` (rubric). Otherwise the prompt is rejected with its reason.
@@ -66,7 +70,8 @@ from sftflow.data.records import (
     records_to_frame,
 )
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
-from sftflow.inference.models import load_for_inference, release_memory
+from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
+from sftflow.inference.judges import resolve_scorer
 from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
 from sftflow.markers import write_marker
 from sftflow.results import RejectionResult
@@ -340,30 +345,95 @@ def accounting(candidates: pd.DataFrame, *, k: int) -> dict[str, int]:
 
 
 # =========================================================================== the stage
-def _rubric_scores(rows: list[dict[str, Any]], *, tuned: tuple[Any, Any], base: ModelRef | None,
+def _rubric_scores(rows: list[dict[str, Any]], *, scorer: ModelRef | None, sampler: ModelHandle, model: ModelRef,
                    cfg: RejectionSamplingConfig, training: TrainingConfig, trust_remote_code: bool) -> list[float]:
-    """Expected 1-5 rubric scores of (prompt, response) rows from ``cfg.scorer_model``."""
-    from sftflow.inference.formatting import resolve_template
-    from sftflow.inference.generation import score_pairs
+    """Expected 1-5 rubric scores of (prompt, response) rows by ``scorer`` (batch ``score_texts``).
 
+    The sampler's own model (``scorer_model: tuned``) reuses the sampler's handle (loaded once);
+    another scorer is loaded as the sampler is (adapter merged, ``cfg.dtype``).
+    """
     if not rows:
         return []
-    if cfg.scorer_model == "tuned":
-        model, tok = tuned
-    else:
-        if cfg.scorer_model == "base":
-            if base is None:
-                raise ValueError("rejection_sampling.scorer_model: base needs the base model (pass base=...)")
-            ref = base
-        else:
-            from sftflow.inference.models import resolve_model
-
-            ref = resolve_model(cfg.scorer_model, trust_remote_code=trust_remote_code)
-        model, tok = load_for_inference(ref, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
-    template = resolve_template(tok, training.template)
-    scores = score_pairs(model, tok, [(r["prompt"], r["response"]) for r in rows], template=template,
-                         batch_size=cfg.score_batch_size)
+    if scorer is None:
+        raise ValueError("rejection sampling: rubric rows to score but no scorer was resolved (a bug)")
+    ref = scorer
+    own = ref != model
+    handle = ModelHandle(ref, dtype=cfg.dtype, trust_remote_code=trust_remote_code) if own else sampler
+    try:
+        scores = score_texts(handle, [(r["prompt"], r["response"]) for r in rows], template=training.template,
+                             batch_size=cfg.score_batch_size)
+    finally:
+        if own:
+            handle.close()
     return [float(s.expected) for s in scores]
+
+
+def _sample_and_score(pool: Sequence[PoolPrompt], screened: dict[int, tuple[str, str]], *, model: ModelRef,
+                      base: ModelRef | None, cfg: RejectionSamplingConfig, training: TrainingConfig,
+                      trust_remote_code: bool, on_progress: Callable[[int, int], None] | None
+                      ) -> dict[int, list[dict[str, Any]]]:
+    """k samples of every pool prompt not ``screened`` (a prompt that cannot be rendered is added to
+    it as ``bad_prompt``), each scored; ``{pool position: its k candidate rows}``.
+
+    Sampling and rubric scoring go through the batch inference API (engine and backend apply).
+    """
+    from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
+
+    # The sampler, as batch inference loads it: here (local engine) or once per Ray Data actor / vLLM.
+    sampler = ModelHandle(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
+    try:
+        tok = sampler.tokenizer
+        template = resolve_template(tok, training.template)
+        to_sample: list[int] = []
+        prompt_ids: list[list[int]] = []
+        for i, item in enumerate(pool):
+            if i in screened:
+                continue
+            try:
+                ids = build_generation_prompt(tok, item.turns(), template=template, tools=item.tools or None)
+            except ValueError as e:
+                screened[i] = (BAD_PROMPT, str(e)[:300])
+                continue
+            to_sample.append(i)
+            prompt_ids.append(list(ids))
+        # The rubric scorer is resolved before any sampling: a scorer that cannot be loaded fails fast.
+        scorer = resolve_scorer(configured=cfg.scorer_model, base=base, role="rejection", model=model,
+                                trust_remote_code=trust_remote_code) \
+            if any(scorer_for(pool[i], cfg.scorer) == "rubric" for i in to_sample) else None
+        samples = generate_texts(sampler, prompt_ids, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
+                                 stop_ids=stop_token_ids(tok, template), seed=cfg.seed, on_progress=on_progress) \
+            if prompt_ids else []
+
+        sampled_rows: dict[int, list[dict[str, Any]]] = {}
+        for i, gens in zip(to_sample, samples):
+            item = pool[i]
+            method = scorer_for(item, cfg.scorer)
+            sampled_rows[i] = [{
+                "prompt_id": item.prompt_id, "prompt_index": i, "sample_index": s, "source": item.source,
+                "prompt": item.text, "response": g.text, "num_tokens": g.num_tokens, "finished": g.finished,
+                "scorer": method, "score": math.nan, "reference_answer": item.answer,
+                "predicted_answer": (extract_final_answer(g.text) or "") if method == "answer" else "",
+                "best": False, "kept": False, "reason": "", "detail": "",
+            } for s, g in enumerate(gens)]
+
+        # Score every non-empty sample: answers by comparison, the rest with the rubric in one pass.
+        rubric_rows = []
+        for rs in sampled_rows.values():
+            for r in rs:
+                if is_blank(r["response"]):
+                    continue
+                if r["scorer"] == "answer":
+                    r["score"] = answer_score(r["response"], r["reference_answer"])
+                else:
+                    rubric_rows.append(r)
+        got = _rubric_scores(rubric_rows, scorer=scorer, sampler=sampler, model=model, cfg=cfg, training=training,
+                             trust_remote_code=trust_remote_code)
+    finally:
+        sampler.close()
+    for r, score in zip(rubric_rows, got):
+        r["score"] = score
+    return sampled_rows
 
 
 def rejection_sample(
@@ -400,35 +470,14 @@ def rejection_sample(
         ValueError: a malformed prompt file (naming file and row) or an empty pool.
         AccountingError: a broken accounting identity (a bug).
     """
-    from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
-    from sftflow.inference.generation import sample_k
-
     out_dir = layout.ensure(Path(out_dir))
     pool = load_pool(cfg, train=train)
     if not pool:
         raise ValueError(f"rejection_sampling.prompts: the prompt pool ({cfg.prompts}) is empty")
     screened = screen_prompts(pool, heldout=heldout, dedup=dedup)
 
-    tuned = load_for_inference(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
-    mdl, tok = tuned
-    template = resolve_template(tok, training.template)
-    to_sample: list[int] = []
-    prompt_ids: list[list[int]] = []
-    for i, item in enumerate(pool):
-        if i in screened:
-            continue
-        try:
-            ids = build_generation_prompt(tok, item.turns(), template=template, tools=item.tools or None)
-        except ValueError as e:
-            screened[i] = (BAD_PROMPT, str(e)[:300])
-            continue
-        to_sample.append(i)
-        prompt_ids.append(list(ids))
-    samples = sample_k(mdl, tok, prompt_ids, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
-                       stop_ids=stop_token_ids(tok, template), seed=cfg.seed, on_progress=on_progress) \
-        if prompt_ids else []
-
+    sampled_rows = _sample_and_score(pool, screened, model=model, base=base, cfg=cfg, training=training,
+                                     trust_remote_code=trust_remote_code, on_progress=on_progress)
     rows: list[dict[str, Any]] = []
     for i, (reason, detail) in sorted(screened.items()):
         item = pool[i]
@@ -436,33 +485,6 @@ def rejection_sample(
                      "prompt": item.text, "response": "", "num_tokens": 0, "finished": False, "scorer": "",
                      "score": math.nan, "reference_answer": item.answer, "predicted_answer": "", "best": False,
                      "kept": False, "reason": reason, "detail": detail})
-    sampled_rows: dict[int, list[dict[str, Any]]] = {}
-    for i, gens in zip(to_sample, samples):
-        item = pool[i]
-        method = scorer_for(item, cfg.scorer)
-        sampled_rows[i] = [{
-            "prompt_id": item.prompt_id, "prompt_index": i, "sample_index": s, "source": item.source,
-            "prompt": item.text, "response": g.text, "num_tokens": g.num_tokens, "finished": g.finished,
-            "scorer": method, "score": math.nan, "reference_answer": item.answer,
-            "predicted_answer": (extract_final_answer(g.text) or "") if method == "answer" else "",
-            "best": False, "kept": False, "reason": "", "detail": "",
-        } for s, g in enumerate(gens)]
-
-    # Score every non-empty sample: answers by comparison, the rest with the rubric in one pass.
-    rubric_rows = []
-    for i, rs in sampled_rows.items():
-        for r in rs:
-            if is_blank(r["response"]):
-                continue
-            if r["scorer"] == "answer":
-                r["score"] = answer_score(r["response"], r["reference_answer"])
-            else:
-                rubric_rows.append(r)
-    for r, s in zip(rubric_rows, _rubric_scores(rubric_rows, tuned=tuned, base=base, cfg=cfg, training=training,
-                                                 trust_remote_code=trust_remote_code)):
-        r["score"] = s
-    del mdl, tuned
-    release_memory()
 
     selected = []
     for i, rs in sampled_rows.items():

@@ -1,25 +1,34 @@
 """Generation and rubric scoring as batch inference: in this process, or over Ray Data actors.
 
-The stages that generate or score (backtranslation's backward generation and self-curation,
-evaluation's generations and judge) call ``generate_texts`` / ``score_texts`` with a ``ModelHandle``
-and the engine the flow activated (``sftflow.engine.current_engine()``):
+THE inference path: every stage that generates or scores (backtranslation's backward generation
+and self-curation, rejection sampling's k samples per prompt and rubric scores, evaluation's
+generations and judge) calls ``generate_texts`` / ``score_texts`` with a ``ModelHandle`` and the
+engine the flow activated (``sftflow.engine.current_engine()``); none calls ``generate_batch``,
+``sample_k`` or ``score_pairs`` itself (``tests/unit/test_inference_path.py`` checks it), so
+``execution.engine`` and ``execution.generation_backend`` apply everywhere.
+
+``generate_texts(..., num_samples=k)`` draws k samples per prompt (rejection sampling / best-of-n)
+and returns a list of k generations per prompt; without ``num_samples`` it returns one generation
+per prompt.
 
 * **local** engine: the model is loaded in this process (once per handle) and the call is exactly
-  ``generate_batch`` / ``score_pairs`` over all rows — the default path, unchanged.
+  ``generate_batch`` (or ``sample_k`` with ``num_samples``) / ``score_pairs`` over all rows.
 * **ray** engine: the rows are grouped into the SAME length-sorted batches the local path makes
   (``generation._length_sorted_batches``); each batch becomes one row of a Ray Data dataset, and
   ``map_batches`` sends them to a fixed pool of actors (``ActorPoolStrategy(size=n)``), each loading
   the model once (one model per actor; one GPU each when the cluster has GPUs, else CPUs). An actor
-  runs each batch with ``generate_batch(seed=seed + batch index)`` / ``score_pairs`` on exactly that
-  batch, so every batch sees the same tensors, and the same seed, as in the local run: greedy AND
-  sampled generations are identical to local ones, whichever actor runs which batch. Rubric scores
+  runs each batch with ``generate_batch(seed=seed + batch index)`` (``sample_k`` with
+  ``num_samples``) / ``score_pairs`` on exactly that batch, so every batch sees the same tensors,
+  and the same seed, as in the local run: greedy AND sampled generations (k samples included) are
+  identical to local ones, whichever actor runs which batch. Rubric scores
   are identical up to float rounding (``score_pairs`` caches the prefix shared by the rows it is
   given, which a batch may extend by a few tokens).
 
 ``execution.generation_backend`` (the engine's ``generation_backend``) picks the generation
 engine where the model runs: ``hf`` (transformers, ``generate_batch``), ``vllm``
 (``sftflow.inference.vllm_backend``; CUDA and the ``vllm`` extra), or ``auto`` (vllm when both are
-present there, else hf). Scoring always runs on transformers (logits; see ``vllm_backend``).
+present there, else hf); vLLM draws k samples with ``SamplingParams(n=k)``. Scoring always runs on
+transformers (logits; see ``vllm_backend``).
 
 Example::
 
@@ -35,7 +44,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, overload
 
 from sftflow.data.refs import ModelRef
 from sftflow.inference.generation import Generated, ProgressCallback, Score
@@ -197,6 +206,26 @@ def _engine(engine: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- generation
+def _as_generated(g: Sequence[Any]) -> Generated:
+    return Generated(text=str(g[0]), num_tokens=int(g[1]), finished=bool(g[2]))
+
+
+@overload
+def generate_texts(model: ModelRef | ModelHandle, prompts: list[list[int]], *, max_new_tokens: int,
+                   temperature: float = ..., top_p: float = ..., batch_size: int, stop_ids: Sequence[int],
+                   seed: int = ..., min_new_tokens: int = ..., num_samples: None = ..., dtype: str | None = ...,
+                   trust_remote_code: bool = ..., engine: Any = ..., backend: str | None = ...,
+                   on_progress: ProgressCallback | None = ...) -> list[Generated]: ...
+
+
+@overload
+def generate_texts(model: ModelRef | ModelHandle, prompts: list[list[int]], *, max_new_tokens: int,
+                   temperature: float = ..., top_p: float = ..., batch_size: int, stop_ids: Sequence[int],
+                   seed: int = ..., min_new_tokens: int = ..., num_samples: int, dtype: str | None = ...,
+                   trust_remote_code: bool = ..., engine: Any = ..., backend: str | None = ...,
+                   on_progress: ProgressCallback | None = ...) -> list[list[Generated]]: ...
+
+
 def generate_texts(
     model: ModelRef | ModelHandle,
     prompts: list[list[int]],
@@ -208,13 +237,14 @@ def generate_texts(
     stop_ids: Sequence[int],
     seed: int = 0,
     min_new_tokens: int = 0,
+    num_samples: int | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
     engine: Any = None,
     backend: str | None = None,
     on_progress: ProgressCallback | None = None,
-) -> list[Generated]:
-    """Generate a continuation of each prompt with the active engine; results in input order.
+) -> list[Generated] | list[list[Generated]]:
+    """Generate a continuation (or ``num_samples`` of them) of each prompt with the active engine; input order.
 
     Args:
         model: a ``ModelHandle`` or a ``ModelRef`` (then loaded with ``dtype``/``trust_remote_code``
@@ -227,54 +257,66 @@ def generate_texts(
         stop_ids: token ids that end a generation.
         seed: sampling seed (batch ``b`` of the length-sorted batching samples with ``seed + b``).
         min_new_tokens: stop tokens are suppressed before this many new tokens.
+        num_samples: k samples per prompt (``sample_k``: one prefill per prompt, the k samples drawn
+            from it, seeded per batch like ``generate_batch``; vLLM: ``SamplingParams(n=k)``). None:
+            one generation per prompt (``generate_batch``).
         dtype, trust_remote_code: used when ``model`` is a ``ModelRef``.
         engine: the execution engine (None: ``current_engine()``).
         backend: ``auto``/``hf``/``vllm`` (None: the engine's ``generation_backend``).
-        on_progress: ``on_progress(done, total)`` after each batch.
+        on_progress: ``on_progress(prompts done, prompts total)`` after each batch.
 
     Returns:
-        One ``Generated`` per prompt, in input order.
+        One ``Generated`` per prompt, in input order; with ``num_samples``, one list of
+        ``num_samples`` generations (in sample order) per prompt.
 
     Raises:
-        ValueError: an empty prompt or non-positive sizes.
+        ValueError: an empty prompt, non-positive sizes or ``num_samples`` < 1.
         RuntimeError: ``vllm`` requested where it cannot run.
     """
-    from sftflow.inference.generation import _check_prompts, _length_sorted_batches, generate_batch
+    from sftflow.inference.generation import _check_prompts, _length_sorted_batches, generate_batch, sample_k
 
     if max_new_tokens <= 0 or batch_size <= 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be > 0")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    if num_samples is not None and int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
     rows = _check_prompts(prompts)
     if not rows:
         return []
     engine = _engine(engine)
     backend = backend or getattr(engine, "generation_backend", "auto")
     handle, own = _handle(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    opts = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
-            "stop_ids": [int(s) for s in stop_ids], "min_new_tokens": int(min_new_tokens)}
+    opts: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
+                            "top_p": float(top_p), "stop_ids": [int(s) for s in stop_ids],
+                            "min_new_tokens": int(min_new_tokens)}
+    k = None if num_samples is None else int(num_samples)
     batches = _length_sorted_batches([len(r) for r in rows], batch_size)
     try:
         if engine.kind == "ray" and len(batches) > 1:
             items = [{"b": b, "rows": json.dumps(idx), "prompts": json.dumps([rows[i] for i in idx])}
                      for b, idx in enumerate(batches)]
             out = _run_on_ray(_GenerateActor, items, handle=handle, engine=engine, backend=backend,
-                              options={**opts, "seed": int(seed)}, total=len(rows), on_progress=on_progress)
-            results: list[Generated | None] = [None] * len(rows)
+                              options={**opts, "seed": int(seed), "num_samples": k}, total=len(rows),
+                              on_progress=on_progress)
+            results: list[Any] = [None] * len(rows)
             for b, idx in enumerate(batches):
                 for i, g in zip(idx, out[b]):
-                    results[i] = Generated(text=g[0], num_tokens=int(g[1]), finished=bool(g[2]))
+                    results[i] = _as_generated(g) if k is None else [_as_generated(s) for s in g]
             return [r for r in results if r is not None]
         if resolve_backend(backend) == "vllm":
             from sftflow.inference import vllm_backend
 
             handle._vllm = True
             got = vllm_backend.generate(handle.ref, handle.tokenizer, rows, seed=seed, dtype=handle.dtype,
-                                        trust_remote_code=handle.trust_remote_code, **opts)
+                                        trust_remote_code=handle.trust_remote_code, num_samples=k, **opts)
             if on_progress is not None:
                 on_progress(len(rows), len(rows))
             return got
         lm, tok = handle.model_and_tokenizer()
+        if k is not None:
+            return sample_k(lm, tok, rows, num_samples=k, batch_size=batch_size, seed=seed, on_progress=on_progress,
+                            **opts)
         return generate_batch(lm, tok, rows, batch_size=batch_size, seed=seed, on_progress=on_progress, **opts)
     finally:
         if own:
@@ -446,26 +488,37 @@ class _GenerateActor(_InferenceActor):
     payload = "prompts"
 
     def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:
-        from sftflow.inference.generation import generate_batch
+        from sftflow.inference.generation import generate_batch, sample_k
 
         opts = dict(self.options)
         seed = int(opts.pop("seed"))
+        k = opts.pop("num_samples", None)
+
+        def enc1(g: Generated) -> list[Any]:
+            return [g.text, g.num_tokens, g.finished]
+
+        def enc(got: Any) -> list[Any]:  # one row's result as JSON: [text, tokens, finished] (k: a list of them)
+            return enc1(got) if k is None else [enc1(g) for g in got]
+
         if self.backend == "vllm":
             from sftflow.inference import vllm_backend
 
             # Every job of the call in one vLLM request list; per-row seeds keep rows independent.
             got = vllm_backend.generate(self.ref, self.tok, [p for _, _, ps in jobs for p in ps],
                                         rows=[r for _, rs, _ in jobs for r in rs], seed=seed, dtype=self.dtype,
-                                        trust_remote_code=self.trust_remote_code, **opts)
-            flat = [[g.text, g.num_tokens, g.finished] for g in got]
-            out, k = [], 0
+                                        trust_remote_code=self.trust_remote_code, num_samples=k, **opts)
+            flat = [enc(g) for g in got]
+            out, n = [], 0
             for _, _, ps in jobs:
-                out.append(flat[k:k + len(ps)])
-                k += len(ps)
+                out.append(flat[n:n + len(ps)])
+                n += len(ps)
             return out
         # Each batch exactly as the local run makes it (same rows, same order) with its seed there.
-        return [[[g.text, g.num_tokens, g.finished]
-                 for g in generate_batch(self.model, self.tok, ps, batch_size=len(ps), seed=seed + b, **opts)]
+        if k is not None:
+            return [[enc(g) for g in sample_k(self.model, self.tok, ps, num_samples=int(k), batch_size=len(ps),
+                                              seed=seed + b, **opts)]
+                    for b, _, ps in jobs]
+        return [[enc(g) for g in generate_batch(self.model, self.tok, ps, batch_size=len(ps), seed=seed + b, **opts)]
                 for b, _, ps in jobs]
 
 

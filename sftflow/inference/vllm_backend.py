@@ -15,7 +15,10 @@ semantics:
 
 Sampling is seeded per row (``seed + row index``), so a row's sample does not depend on which other
 rows share its batch or its actor. Samples are not the HF path's samples (another RNG), greedy
-outputs agree up to kernel numerics.
+outputs agree up to kernel numerics. k samples per prompt (``num_samples``, rejection sampling) are
+one request with ``SamplingParams(n=k)``: vLLM prefills the prompt once and forks its KV cache for
+the k sequences (as ``sample_k`` does on transformers); a greedy request asks for one sequence and
+repeats it k times (the k greedy samples are identical, as ``sample_k``'s are).
 
 The rubric scorer (``score_pairs``) stays on transformers: it reads the probabilities of the five
 digit tokens at one position, and vLLM's ``logprobs`` only returns the top-k tokens of the
@@ -45,6 +48,7 @@ def sampling_kwargs(
     stop_ids: Sequence[int],
     seed: int | None = None,
     min_new_tokens: int = 0,
+    num_samples: int = 1,
 ) -> dict[str, Any]:
     """The ``vllm.SamplingParams`` keyword arguments that match ``generate_batch``'s settings.
 
@@ -55,12 +59,14 @@ def sampling_kwargs(
         stop_ids: token ids that end a row (``stop_token_ids``; ``ignore_eos`` when non-empty).
         seed: per-request sampling seed (None when greedy: nothing is random).
         min_new_tokens: stop ids are suppressed before this many tokens (``min_tokens``).
+        num_samples: sequences per prompt (``n``); greedy asks for one (the caller repeats it).
 
     Returns:
         A dict for ``SamplingParams(**kwargs)``.
 
     Raises:
-        ValueError: non-positive ``max_new_tokens``, a negative temperature, or ``top_p`` outside (0, 1].
+        ValueError: non-positive ``max_new_tokens`` or ``num_samples``, a negative temperature, or
+            ``top_p`` outside (0, 1].
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0 (got {max_new_tokens})")
@@ -68,6 +74,8 @@ def sampling_kwargs(
         raise ValueError(f"temperature must be >= 0 (got {temperature})")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
     sample = temperature > 0
     stops = [int(s) for s in stop_ids]
     return {
@@ -82,7 +90,8 @@ def sampling_kwargs(
         "ignore_eos": bool(stops),
         "seed": int(seed) if sample and seed is not None else None,
         "skip_special_tokens": True,
-        "n": 1,
+        # Greedy sequences are all the same: one is decoded and repeated (some vLLM versions refuse n > 1 greedy).
+        "n": int(num_samples) if sample else 1,
     }
 
 
@@ -151,8 +160,9 @@ def generate(
     min_new_tokens: int = 0,
     dtype: str | None = None,
     trust_remote_code: bool = False,
-) -> list[Generated]:
-    """Generate with vLLM; same contract as ``generate_batch`` (see the module docstring).
+    num_samples: int | None = None,
+) -> list[Generated] | list[list[Generated]]:
+    """Generate with vLLM; same contract as ``generate_batch`` (``sample_k`` with ``num_samples``).
 
     Args:
         ref: the model.
@@ -168,9 +178,10 @@ def generate(
         min_new_tokens: stop ids are suppressed before this many new tokens.
         dtype: weights dtype for vLLM.
         trust_remote_code: passed to vLLM.
+        num_samples: k sequences per prompt (``SamplingParams(n=k)``); None: one, returned unwrapped.
 
     Returns:
-        One ``Generated`` per prompt, in input order.
+        One ``Generated`` per prompt, in input order; with ``num_samples``, a list of k per prompt.
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -181,8 +192,10 @@ def generate(
         if not p:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token id")
     rows = list(range(len(prompts))) if rows is None else [int(r) for r in rows]
+    k = 1 if num_samples is None else int(num_samples)
     params = [SamplingParams(**sampling_kwargs(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                               stop_ids=stop_ids, seed=seed + r, min_new_tokens=min_new_tokens))
+                                               stop_ids=stop_ids, seed=seed + r, min_new_tokens=min_new_tokens,
+                                               num_samples=k))
               for r in rows]
     llm = _engine(ref, dtype=dtype, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {}
@@ -192,11 +205,21 @@ def generate(
         kwargs["lora_request"] = LoRARequest("adapter", 1, str(ref.path))
     outs = llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts], params,
                         use_tqdm=False, **kwargs)
-    results = []
+    results: list[Any] = []
     for out in outs:  # vLLM returns the outputs in prompt order
-        content, finished = cut_at_stop(out.outputs[0].token_ids, stop_ids)
-        results.append(Generated(text=tokenizer.decode(content, skip_special_tokens=True),
-                                 num_tokens=len(content), finished=finished))
+        seqs = []
+        for seq in out.outputs:  # n sequences (sampled), or one greedy sequence
+            content, finished = cut_at_stop(seq.token_ids, stop_ids)
+            seqs.append(Generated(text=tokenizer.decode(content, skip_special_tokens=True),
+                                  num_tokens=len(content), finished=finished))
+        if num_samples is None:
+            results.append(seqs[0])
+        elif temperature > 0:
+            if len(seqs) != k:
+                raise RuntimeError(f"vLLM returned {len(seqs)} sequences for a prompt, {k} were requested (n={k})")
+            results.append(seqs)
+        else:
+            results.append([seqs[0]] * k)  # greedy: the k samples are the one greedy sequence
     return results
 
 

@@ -32,19 +32,22 @@ with warnings.catch_warnings():
             cfg = context.model_config or {}
             kind = "adapter" if cfg.get("kind") == "adapter" else "merged"
             ref = ModelRef(path=context.artifacts["model"], sha256="", kind=kind, base=cfg.get("base_path", ""))
+            self.ref = ref
             self.model, self.tokenizer = load_model(ref)
             self.template = cfg.get("template") or None
 
         def predict(self, context, model_input, params=None):  # MLflow hook
             from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
-            from sftflow.inference.generation import generate_batch
+            from sftflow.inference.batch import ModelHandle, generate_texts
 
             params = params or {}
             prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
             template = resolve_template(self.tokenizer, self.template)
             ids = [build_generation_prompt(self.tokenizer, [{"role": "user", "content": str(p)}], template=template)
                    for p in prompts]
-            outs = generate_batch(self.model, self.tokenizer, ids, max_new_tokens=int(params.get("max_new_tokens", 64)),
+            # The one batch inference API, on the model loaded here (transformers: a server process has no engine).
+            handle = ModelHandle(self.ref, loaded=(self.model, self.tokenizer))
+            outs = generate_texts(handle, ids, max_new_tokens=int(params.get("max_new_tokens", 64)),
                                   temperature=float(params.get("temperature", 0.0)), batch_size=8,
-                                  stop_ids=stop_token_ids(self.tokenizer, template), seed=0)
+                                  stop_ids=stop_token_ids(self.tokenizer, template), seed=0, backend="hf")
             return [o.text for o in outs]

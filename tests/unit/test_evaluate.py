@@ -244,7 +244,9 @@ def test_evaluate_task_logs_to_stage_and_parent(tiny, sftflow_home: Path, tmp_pa
     assert m["mean_new_tokens"] <= 6
     assert result.metric("base/rougeL") == m["rougeL"]
     assert result.heldout_sha256 == heldout.sha256
-    assert result.eval_key == eval_key(heldout=heldout, cfg=cfg, template="gemma", max_seq_len=64)
+    # The judge (the base model itself: tiny is a base model) is part of the key (issue 21).
+    assert result.judge == tiny and result.judge_sha256 == tiny.sha256
+    assert result.eval_key == eval_key(heldout=heldout, cfg=cfg, template="gemma", max_seq_len=64, judge=tiny)
 
     samples = pd.read_parquet(result.samples.path)
     assert len(samples) == 6 and set(samples["set"]) == {"heldout", "extra"}
