@@ -182,6 +182,28 @@ def is_blank(text: str) -> bool:
     return all(is_invisible(ch) or unicodedata.category(ch)[0] == "M" for ch in text)
 
 
+# What counts as non-printable junk (the ``non_printable_fraction`` bound), decided once:
+#   junk: C0/C1 control characters (Cc) but tab, newline and carriage return; lone surrogates (Cs:
+#         undecodable bytes); private-use code points (Co: no meaning outside one vendor's font);
+#         noncharacters (U+FDD0-FDEF, U+xxFFFE/xxFFFF); U+FFFD, the mark of bytes already lost in a
+#         decode.
+#   text: every format character (Cf) — ZWJ/ZWNJ (Persian, Devanagari, emoji ZWJ sequences),
+#         LRM/RLM/ALM and the bidi embeddings/isolates of right-to-left text, the soft hyphen, word
+#         joiner, tag characters of subdivision flags, Arabic number signs — plus variation
+#         selectors (Mn), emoji modifiers (Sk) and everything else. Unassigned code points (Cn) are
+#         not counted either: Python's Unicode database trails Unicode, so a newer emoji or script
+#         would look unassigned (noncharacters, which never will be assigned, are junk).
+def is_junk_char(ch: str) -> bool:
+    """True for a code point that is no text (see the table above)."""
+    cat = unicodedata.category(ch)
+    if cat == "Cc":
+        return ch not in "\n\t\r"
+    if cat in ("Cs", "Co") or ch == "\ufffd":
+        return True
+    cp = ord(ch)
+    return 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE
+
+
 def prompt_text(messages: list[dict[str, str]]) -> str:
     """All user turns joined: the 'prompt' used for leakage checks and dedup keys."""
     return "\n".join(m["content"] for m in messages if m["role"] == "user")

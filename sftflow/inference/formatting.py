@@ -160,27 +160,19 @@ def _wants_bos(tokenizer: Any, template: str) -> bool:
 
 
 def _unlearned_assistants(messages: Sequence[dict[str, Any]]) -> frozenset[int]:
-    """Ordinals (0 = first assistant turn) of the assistant turns with ``loss_weight`` 0: never learned.
-
-    Counting assistant turns (not messages) keeps the ordinals valid after the system turn is
-    folded (gemma) or the tool fallback regroups the other turns.
-
-    Raises:
-        ValueError: a weight other than 0/1, 1 on a non-assistant turn, or every assistant turn at 0.
-    """
+    """Ordinals (0 = first assistant turn) of the assistant turns with ``loss_weight`` 0, never learned.
+    Counting assistant turns keeps them valid after gemma folds the system turn or the tool fallback
+    regroups the others. ValueError: a weight not 0/1, 1 off an assistant turn, or 0 on every one."""
     skip, k = set(), 0
     for i, m in enumerate(messages):
-        w = m.get("loss_weight")
-        if w is not None and not (isinstance(w, float) and w != w):  # None / NaN (Parquet null): no weight
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or float(w) not in (0.0, 1.0):
-                raise ValueError(f"messages[{i}].loss_weight: expected 0 or 1, got {w!r} (whole turns are masked)")
-            if float(w) == 1.0 and m.get("role") != "assistant":
-                raise ValueError(f"messages[{i}].loss_weight: 1 on a {m.get('role')!r} turn; only assistant turns "
-                                 "are learned")
-            if float(w) == 0.0 and m.get("role") == "assistant":
+        w, asst = m.get("loss_weight"), m.get("role") == "assistant"
+        if w is not None and w == w:  # None / NaN (Parquet's null): no weight
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1) or (w == 1 and not asst):
+                raise ValueError(f"messages[{i}].loss_weight: expected 0 or 1, got {w!r} on a {m.get('role')!r} "
+                                 "turn (whole assistant turns are masked; only they are learned)")
+            if w == 0 and asst:
                 skip.add(k)
-        if m.get("role") == "assistant":
-            k += 1
+        k += asst
     if k and len(skip) == k:
         raise ValueError("every assistant turn has loss_weight 0: the conversation has nothing to learn")
     return frozenset(skip)

@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 
 from sftflow.config import IngestConfig, SourceConfig, ValidationConfig
-from sftflow.data.records import is_blank, make_record, records_to_frame
+from sftflow.data.records import is_blank, is_junk_char, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from tasks.ingest import ingest
-from tasks.validate import derive_frame, is_junk_char, non_printable_detail, validate
+from tasks.validate import derive_frame, non_printable_detail, validate
 
 # (name, prompt, response): short rows, so one format character is > 1% of the text (the old bound
 # quarantined every one of them).
