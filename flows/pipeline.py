@@ -22,7 +22,7 @@ from sftflow.run_options import RunOptions, resolve_run_config
 from sftflow.tracking.runs import end_pipeline_run, run_url, start_pipeline_run
 from tasks.backtranslate import backtranslate_task
 from tasks.dedup import dedup_task
-from tasks.evaluate import evaluate_champion, evaluate_task
+from tasks.evaluate import evaluate_champion, evaluate_task, resolve_judge
 from tasks.ingest import ingest_task
 from tasks.promote import promote_task
 from tasks.provision import provision_task
@@ -144,20 +144,23 @@ def sftflow_pipeline(
                                 "uri": trained.model_uri, "path": trained.model.path}
 
             if cfg.evaluation.enabled:
+                # One judge for every evaluation (None without evaluation.judge; default the base model),
+                # resolved once and passed in, so its content is in each evaluation's cache key.
+                judge = resolve_judge(cfg.evaluation, base, base=base, trust_remote_code=cfg.trust_remote_code)
                 base_eval = evaluate_task(base, heldout, cfg.evaluation, label="base", ctx=ctx,
-                                          training=cfg.training)
+                                          training=cfg.training, judge=judge)
                 tuned_eval = evaluate_task(trained.model, heldout, cfg.evaluation, label="tuned", ctx=ctx,
-                                           training=cfg.training)
+                                           training=cfg.training, judge=judge)
                 summary["metrics"] = {"base": dict(base_eval.metrics), "tuned": dict(tuned_eval.metrics)}
                 others = ()
                 if seed_only is not None:
                     others = (evaluate_task(seed_only.model, heldout, cfg.evaluation, label="seed_only", ctx=ctx,
-                                            training=cfg.training),)
+                                            training=cfg.training, judge=judge),)
                     summary["metrics"]["seed_only"] = dict(others[0].metrics)
                 if round1 is not None:
                     # Round 1 beside round 2 (the `tuned` candidate the gate sees), on the same held-out set.
                     round1_eval = evaluate_task(round1.model, heldout, cfg.evaluation, label="round1", ctx=ctx,
-                                                training=cfg.training)
+                                                training=cfg.training, judge=judge)
                     others = (*others, round1_eval)
                     summary["metrics"]["round1"] = dict(round1_eval.metrics)
                 if cfg.promotion.enabled:

@@ -88,6 +88,44 @@ def test_no_stage_or_library_module_bypasses_the_batch_api():
     assert offenders == {}, f"generate/score outside sftflow/inference/batch.py: {offenders}"
 
 
+# --------------------------------------------------------------------------- k samples per prompt
+def test_k_samples_through_the_batch_api_are_sample_k_draws(tiny_models_home: Path, monkeypatch: pytest.MonkeyPatch):
+    """generate_texts(num_samples=k) on the local engine is sample_k: same seeded draws, same order."""
+    from sftflow.engine import LocalEngine
+    from sftflow.inference.batch import ModelHandle, generate_texts
+    from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
+    from sftflow.inference.generation import sample_k
+    from sftflow.inference.models import load_for_inference
+
+    monkeypatch.setenv("SFTFLOW_HOME", str(tiny_models_home))
+    ref = build_tiny_model("tiny-gemma")
+    model, tok = load_for_inference(ref, dtype="float32")
+    template = resolve_template(tok, None)
+    prompts = [build_generation_prompt(tok, [{"role": "user", "content": q}], template=template)
+               for q in ("hi", "List the planets.", "Why is the sky blue?")]
+    kw = dict(max_new_tokens=5, temperature=1.0, top_p=0.95, batch_size=2, stop_ids=stop_token_ids(tok, template),
+              seed=3)
+    direct = sample_k(model, tok, prompts, num_samples=3, **kw)
+    handle = ModelHandle(ref, dtype="float32", loaded=(model, tok))
+    got = generate_texts(handle, prompts, num_samples=3, engine=LocalEngine(), backend="hf", **kw)
+    assert got == direct and [len(g) for g in got] == [3, 3, 3]
+    assert len({g.text for gens in got for g in gens}) > 1  # really sampled
+    with pytest.raises(ValueError, match="num_samples"):
+        generate_texts(handle, prompts, num_samples=0, engine=LocalEngine(), backend="hf", **kw)
+
+
+def test_vllm_asks_for_k_sequences_per_prompt():
+    from sftflow.inference.vllm_backend import sampling_kwargs
+
+    sampled = sampling_kwargs(max_new_tokens=8, temperature=0.8, top_p=0.9, stop_ids=[1], seed=4, num_samples=4)
+    assert sampled["n"] == 4 and sampled["seed"] == 4
+    # Greedy: one sequence (the caller repeats it k times, as sample_k's greedy samples are identical).
+    assert sampling_kwargs(max_new_tokens=8, stop_ids=[1], num_samples=4)["n"] == 1
+    assert sampling_kwargs(max_new_tokens=8, stop_ids=[1])["n"] == 1
+    with pytest.raises(ValueError, match="num_samples"):
+        sampling_kwargs(max_new_tokens=8, temperature=0.8, stop_ids=[1], num_samples=0)
+
+
 # --------------------------------------------------------------------------- rejection sampling on Ray
 def _pool_records() -> list[dict]:
     qs = ["What is the capital of France?", "hi", "Write a short poem about the sea and the sky.",
