@@ -339,7 +339,7 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
 
 def _cmd_serve_model(args: argparse.Namespace) -> int:
     """Run ``mlflow models serve`` for a registered version until interrupted (a thin convenience)."""
-    import subprocess
+    import signal
 
     from sftflow.tracking.registry import serve_command
     from sftflow.tracking.runs import is_local_store, resolve_tracking_uri
@@ -350,12 +350,14 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
         _require_local_store(uri)
     cmd = serve_command(args.model, host=args.host, port=args.port)
     print(f"serving {args.model} on http://{args.host}:{args.port}/invocations (Ctrl-C stops)", file=sys.stderr)
-    try:
-        # mlflow execs `uvicorn` by name: this interpreter's bin folder first (a venv not activated).
-        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-        return subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
-    except KeyboardInterrupt:
-        return 130
+    from sftflow.ops.processes import run_foreground
+
+    # mlflow execs `uvicorn` by name: this interpreter's bin folder first (a venv not activated).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    # SIGTERM/Ctrl-C end mlflow and its uvicorn before we exit; kill -9 of us stops them too.
+    return run_foreground(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path},
+                          on_stop=lambda sig: print(f"sftflow: stopping the model server ({signal.Signals(sig).name})",
+                                                    file=sys.stderr, flush=True))
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:

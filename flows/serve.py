@@ -204,7 +204,7 @@ def serve_all(*, pipelines_file: str | None = None, limit_concurrency: bool = Tr
             how to start one).
     """
     from sftflow.ops.orchestration import configure_environment
-    from sftflow.ops.services import START_HINT, ServiceError, check_prefect_server
+    from sftflow.ops.services import START_HINT, ServiceError, check_prefect_server, watch_server
     from sftflow.tracking.runs import check_tracking_server
 
     _use_recorded_servers()
@@ -219,7 +219,43 @@ def serve_all(*, pipelines_file: str | None = None, limit_concurrency: bool = Tr
 
     deployments = build_deployments(pipelines_file=pipelines_file, limit_concurrency=limit_concurrency,
                                     only=only, flow_ref=flow_ref)
-    serve(*deployments)
+    # Prefect's runner retries a vanished server for over a minute and then dies with a ConnectError
+    # traceback; stop within seconds instead, with one line (and the flow runs it started).
+    api = os.environ["PREFECT_API_URL"]
+    watcher = watch_server(api.rstrip("/") + "/health", on_lost=lambda since: _server_lost(api, since=since))
+    try:
+        serve(*deployments)
+    finally:
+        watcher.set()
+
+
+# How long flow runs the runner started get to stop after the server is gone (then SIGKILL).
+SERVER_LOST_GRACE_S = 3.0
+
+
+def _server_lost(api_url: str, *, since: float) -> None:
+    """The Prefect server stopped answering: end this process's children, print one line, exit 3.
+
+    Runs in the watcher thread. ``os._exit``: the runner's event loop is blocked in retries against
+    the dead server, and a normal shutdown would wait for them (and print their tracebacks).
+    """
+    import logging
+    import sys
+    import time
+
+    from sftflow.errors import EXIT_SERVICE
+    from sftflow.ops.processes import descendants, terminate_tree
+    from sftflow.tracking.runs import mask_uri
+
+    for name in ("prefect", "websockets", "httpx", "httpcore", "asyncio", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)  # its retries are not news to the user
+    left = terminate_tree(descendants(os.getpid()), grace=SERVER_LOST_GRACE_S, kill_wait=2.0)
+    print(f"sftflow: service unavailable: the Prefect server {mask_uri(api_url)} stopped answering "
+          f"{time.monotonic() - since:.0f}s ago; sftflow serve stopped"
+          + (f" (processes {[p.pid for p in left]} did not end)" if left else "")
+          + ". Start the server again, then rerun sftflow serve.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_SERVICE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@
   is killed when this process dies, even by ``kill -9``; ``call_in_lifetime_thread`` runs the
   spawn in a thread that lives as long as the process (the kernel sends the parent-death signal
   when the *thread* that forked the child ends, not the process).
+* ``run_foreground(argv)``: run a server command until it exits or we get SIGTERM/SIGINT/SIGHUP,
+  which end its whole tree before we return (``sftflow serve-model``).
 
 Nothing here runs at import time. Where ``/proc`` does not exist the helpers degrade to
 ``os.kill(pid, 0)`` and no descendants.
@@ -271,3 +273,57 @@ def call_in_lifetime_thread(fn: Callable[[], T]) -> T:
     that forked them ends, which must be the process's end, not a worker thread's.
     """
     return _LifetimeThread.get().call(fn)
+
+
+# --------------------------------------------------------------------------- a child in the foreground
+def run_foreground(argv: list[str], *, env: dict[str, str] | None = None, grace: float = 10.0,
+                   on_stop: Callable[[int], None] | None = None) -> int:
+    """Run ``argv`` until it exits or this process is told to stop; nothing outlives this process.
+
+    The child runs in its own session (so a terminal's Ctrl-C reaches only us, and we decide) with
+    a parent-death SIGTERM (so even ``kill -9`` of this process stops it). SIGTERM, SIGINT and
+    SIGHUP to this process end the child's whole tree (``terminate_tree``: the signal, SIGKILL after
+    ``grace`` seconds; a second signal cuts the grace short) before this returns.
+
+    Args:
+        argv: the command.
+        env: its environment (default: ours).
+        grace: seconds the tree gets to stop before SIGKILL.
+        on_stop: called with the signal number when a stop signal arrives (e.g. to print one line).
+
+    Returns:
+        The child's exit code, or ``128 + signal`` when a signal stopped us.
+    """
+    import subprocess
+
+    def popen() -> subprocess.Popen:
+        return subprocess.Popen(die_with_parent(argv, sig=signal.SIGTERM), env=env, start_new_session=True)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    got: list[int] = []
+    hurry = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if got:
+            hurry.set()  # a second signal: no more grace
+        got.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in stop_signals}
+    try:
+        proc = call_in_lifetime_thread(popen)
+        while proc.poll() is None and not got:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.2)
+        if not got:
+            return int(proc.returncode)
+        if on_stop is not None:
+            on_stop(got[0])
+        # SIGINT stays SIGINT (programs treat Ctrl-C as "stop now"); SIGHUP/SIGTERM become SIGTERM.
+        first = signal.SIGINT if got[0] == signal.SIGINT else signal.SIGTERM
+        terminate_tree([proc.pid], first_signal=first, grace=grace, hurry=hurry)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)
+        return 128 + int(got[0])
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

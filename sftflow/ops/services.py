@@ -719,6 +719,31 @@ def check_prefect_server(api_url: str | None = None, *, timeout: float = 5.0) ->
                            "or unset PREFECT_API_URL to run with Prefect's embedded server.")
 
 
+def watch_server(url: str, *, on_lost: Any, interval: float = 1.0, failures: int = 3,
+                 timeout: float = 2.0) -> threading.Event:
+    """Poll ``url`` in a daemon thread; call ``on_lost(first_failure_monotonic)`` once it failed
+    ``failures`` times in a row (a server that is gone refuses at once: ~``failures x interval`` s).
+
+    ``on_lost`` runs in the watcher thread. Returns an event that stops the watcher when set.
+    """
+    stop = threading.Event()
+
+    def loop() -> None:
+        misses, first = 0, 0.0
+        while not stop.wait(interval):
+            if _http_ok(url, timeout=timeout):
+                misses = 0
+                continue
+            misses += 1
+            first = first if misses > 1 else time.monotonic()
+            if misses >= failures:
+                on_lost(first)
+                return
+
+    threading.Thread(target=loop, name="sftflow-server-watch", daemon=True).start()
+    return stop
+
+
 # --------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     """``python -m sftflow.ops.services start|stop|status`` (what infra/local and infra/postgres run)."""
