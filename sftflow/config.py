@@ -173,6 +173,13 @@ class SplitConfig(_Section):
     stratify_by: Optional[Literal["source", "category"]] = None
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _a_heldout_size(self) -> "SplitConfig":
+        # The split stage refuses it too, but only after ingest, validation and dedup ran.
+        if self.heldout_fraction is None and self.heldout_size is None:
+            raise ValueError("give heldout_fraction or heldout_size (both are null)")
+        return self
+
 
 # --------------------------------------------------------------------------- training
 class LoraConfig(_Section):
@@ -524,6 +531,10 @@ class PipelineConfig(_Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"source names must be unique; repeated: {dup}")
+        sets = [s.name for s in self.evaluation.extra_sets]
+        dup = sorted({n for n in sets if sets.count(n) > 1})
+        if dup:  # their metrics (<set>/rougeL ...) would overwrite each other
+            raise ValueError(f"evaluation.extra_sets names must be unique; repeated: {dup}")
         return self
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sftflow import layout
-from sftflow.config import PipelineConfig, TrainingConfig, merge_training
+from sftflow.config import PipelineConfig, TrainingConfig
 
 # peft's method names that put LoRA matrices on linear layers.
 LORA_METHODS = ("lora", "dora", "rslora", "qlora")
@@ -155,11 +155,10 @@ def training_configs(cfg: PipelineConfig) -> list[tuple[str, TrainingConfig, dic
     out: list[tuple[str, TrainingConfig, dict[str, Any] | None]] = [("training", cfg.training, None)]
     aug = cfg.augmentation
     if aug.enabled:
-        for key in ("backward_training", "forward_training"):
+        for key, settings in (("backward_training", aug.backward), ("forward_training", aug.forward)):
             override = dict(getattr(aug, key))
             if override:
-                out.append((f"augmentation.{key}",
-                            TrainingConfig.model_validate(merge_training(cfg.training, override)), override))
+                out.append((f"augmentation.{key}", settings(cfg.training), override))
     rs = cfg.rejection_sampling
     if rs.enabled and rs.round2_training:
         out.append(("rejection_sampling.round2_training", rs.round2(cfg.training), dict(rs.round2_training)))

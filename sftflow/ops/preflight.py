@@ -394,6 +394,11 @@ def _conflicts(cfg: PipelineConfig, *, p: str) -> list[str]:
             if n is not None and n > heldout:
                 warnings.append(f"{p}.{key}={n} > split.heldout_size={heldout}: evaluation uses at most {heldout} "
                                 "held-out rows")
+    known = {s.name for s in cfg.sources} | ({cfg.augmentation.corpus.name} if cfg.augmentation.corpus else set())
+    unknown = [n for n in cfg.dedup.source_priority if n not in known]
+    if cfg.dedup.keep == "source_priority" and unknown:
+        warnings.append(f"{p}.dedup.source_priority: {unknown} name no source (sources: {', '.join(sorted(known))}); "
+                        "rows of unlisted sources rank last")
     if cfg.promotion.enabled and not ev.enabled:
         warnings.append(f"{p}.promotion.enabled is true but evaluation.enabled is false: the gate needs the "
                         "evaluation, so nothing is promoted (the new version stays a candidate)")

@@ -149,6 +149,16 @@ def test_schedule_and_banding_are_checked_at_load(tmp_path: Path) -> None:
         resolve_pipeline("p", path=p, overrides=["dedup.near.bands=64", "dedup.near.rows=4"])
 
 
+def test_holes_that_failed_after_the_data_stages_are_refused_at_load(tmp_path: Path) -> None:
+    p = _pipeline(tmp_path)
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.split: give heldout_fraction or heldout_size \(both are null\)"):
+        resolve_pipeline("p", path=p, overrides=["split.heldout_size=null", "split.heldout_fraction=null"])
+    data = SMOKE / "dolly_smoke.jsonl"
+    with pytest.raises(ConfigError, match=r"pipelines\.p: evaluation\.extra_sets names must be unique; repeated: \['a'\]"):
+        resolve_pipeline("p", path=p, overrides=[f"evaluation.extra_sets=[{{name: a, path: {data}}}, "
+                                                 f"{{name: a, path: {data}}}]"])
+
+
 def test_contradictions_warn_before_the_run(tmp_path: Path) -> None:
     p = _pipeline(tmp_path, base="./no-model-here")
     (tmp_path / "no-model-here").mkdir()
@@ -161,6 +171,11 @@ def test_contradictions_warn_before_the_run(tmp_path: Path) -> None:
     warn = preflight(resolve_pipeline("p", path=p, overrides=["evaluation.format_robustness.max_examples=50"]),
                      pipeline="p", disk=False)
     assert any("evaluation.format_robustness.max_examples=50 > split.heldout_size=8" in w for w in warn), warn
+    warn = preflight(resolve_pipeline("p", path=p, overrides=["dedup.keep=source_priority",
+                                                              "dedup.source_priority=[dolly, dolyl]"]),
+                     pipeline="p", disk=False)
+    assert warn == ["pipelines.p.dedup.source_priority: ['dolyl'] name no source (sources: dolly); rows of unlisted "
+                    "sources rank last"]
 
 
 def test_qlora_without_its_package_or_gpu_is_refused_before_the_run(tmp_path: Path) -> None:
