@@ -308,7 +308,7 @@ def validate_shard(args: tuple) -> dict[str, Any]:
     cross-shard uniqueness check) and the GX result as JSON.
     """
     path, start, stop, cfg, tokenizer, gx_dir, valid_path, stage = args
-    from sftflow.data.shards import read_rows
+    from sftflow.data.shards import parquet_rows, read_rows
 
     # Optional metadata (e.g. ``source_row``) may be absent from older frames: add its default.
     df = with_optional_columns(read_rows(path, start, stop))
@@ -352,10 +352,26 @@ def validate_shard(args: tuple) -> dict[str, Any]:
         # source/source_row point at the row in its source file; file/row at the stage's input.
         q_rows.append(quarantine_row(stage=stage, source=str(rec.get("source", "")), source_row=_source_row(rec),
                                      file=str(path), row=start + i + 1, reason="; ".join(why), raw=raw))
-    write_parquet(df[good_mask], valid_path, name=f"{stage}_valid")
+    _write_valid(df[good_mask], valid_path, source=path, whole=start == 0 and stop >= parquet_rows(path), stage=stage)
     ids = df["id"].astype(str).tolist() if "id" in df.columns else []
     return {"rows": len(df), "quarantine": q_rows, "summary": summary, "blocking": blocking, "docs": docs,
             "ids": ids, "gx": gx_result.to_json_dict(), "statistics": gx_result.statistics}
+
+
+def _write_valid(df: pd.DataFrame, path: str, *, source: str, whole: bool, stage: str) -> None:
+    """Write a shard's valid rows. One shard of several keeps the input file's Arrow schema: a shard
+    whose turns all lack an optional field (``tool_calls``, ``loss_weight``) would otherwise get it
+    null-typed, and the shards could not be concatenated into one file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(source)
+    if whole or list(df.columns) != schema.names:
+        write_parquet(df, path, name=f"{stage}_valid")  # the bytes a single shard always had
+        return
+    tmp = Path(path).with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), schema=schema, preserve_index=False), tmp)
+    tmp.replace(path)
 
 
 def merge_validation(shards: list[dict[str, Any]]) -> dict[str, Any]:

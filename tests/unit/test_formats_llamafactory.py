@@ -233,3 +233,22 @@ def test_validation_and_encoding_refuse_bad_weights_from_elsewhere(tmp_path: Pat
         encode_for_training(tok, half["messages"], template="gemma")
     with pytest.raises(ValueError, match="every assistant turn has loss_weight 0"):
         encode_for_training(tok, none["messages"], template="gemma")
+
+
+def test_weights_and_tool_calls_survive_sharded_validation(tmp_path: Path) -> None:
+    # Shards of 2 rows: the first holds only plain turns (no tool_calls / loss_weight fields of its own).
+    from sftflow.engine import LocalEngine
+
+    plain = [make_record([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                         source="x:y") for i in range(3)]
+    weighted = make_record([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_weight": 0},
+                            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}], source="x:y")
+    call = make_record([{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "", "tool_calls": json.dumps([{"name": "f", "arguments": {}}])},
+                        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "b"}], source="x:y")
+    ref = write_parquet(records_to_frame(plain + [weighted, call]), tmp_path / "in.parquet", name="in")
+    res = validate(dataset=ref, cfg=ValidationConfig(), out_dir=tmp_path / "v", engine=LocalEngine(shard_rows=2))
+    got = frame_to_records(res.valid.read())
+    assert [r["id"] for r in got] == [r["id"] for r in plain + [weighted, call]]
+    assert [m.get("loss_weight") for m in got[3]["messages"]] == [None, 0.0, None, None]
+    assert got[4]["messages"][1]["tool_calls"] == call["messages"][1]["tool_calls"]
