@@ -538,10 +538,6 @@ class PipelineConfig(_Section):
         return self
 
 
-class PipelinesFile(_Section):
-    pipelines: dict[str, PipelineConfig] = Field(min_length=1)
-
-
 # --------------------------------------------------------------------------- loading
 def _unwrap(tp: Any) -> Any:
     """The model / list / dict inside ``Optional[...]`` or a union (first one found), else ``tp``."""

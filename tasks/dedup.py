@@ -9,11 +9,13 @@ vanishes: every removed row is written with
 ``matched_id`` + ``similarity`` (the verified pair that put it in the cluster) and ``reason``
 (``exact`` | ``near`` | ``semantic`` | ``leak``); rows in = kept + removed.
 
-Run it inside the flow (``flows/``), or alone::
+One driver does all of it, in bounded memory (``dedup_files``: per-shard scans, compact arrays for
+the merge, per-shard writes); ``dedup`` is the stage around it, ``deduplicate`` runs it on frames
+already in memory (written to a temporary folder first). Run it inside the flow (``flows/``), or alone::
 
     from tasks.dedup import dedup, deduplicate
-    result = dedup(datasets=[ref], cfg=DedupConfig(), out_dir=Path(...))   # files + DedupResult
-    frames = deduplicate(df=frame, cfg=DedupConfig())                      # in memory: kept, removed, report
+    result = dedup(datasets=[ref], cfg=DedupConfig(), out_dir=Path(...), heldout=None)  # files + DedupResult
+    frames = deduplicate(df=frame, cfg=DedupConfig())                                  # kept, removed, report
 
 Clusters are connected components of the verified pairs (union-find semantics); one row per cluster
 is kept by ``cfg.keep``: ``longest_response`` (ties: first seen), ``first`` (input order: datasets in the
@@ -39,9 +41,8 @@ from sftflow.data.neardup import (
     ParquetTexts,
     exact_keys_shard,
     find_cross_duplicates,
-    key_texts,
+    leak_key,
     lsh_params,
-    normalize_for_exact,
     strongest_matches,
 )
 from sftflow.data.records import check_accounting, prompt_text, response_text
@@ -58,7 +59,7 @@ _SAMPLE_PAIRS = 20
 
 
 class DedupFrames(NamedTuple):
-    """What ``deduplicate`` computes in memory (``dedup`` writes it and returns a ``DedupResult``).
+    """What ``deduplicate`` returns (the driver's outputs read back; ``dedup`` returns a ``DedupResult``).
 
     Attributes:
         kept: rows that stay (input columns).
@@ -69,17 +70,6 @@ class DedupFrames(NamedTuple):
     kept: pd.DataFrame
     removed: pd.DataFrame
     report: dict[str, Any]
-
-
-# --------------------------------------------------------------------------- pair finders
-def _exact_pairs(norm: list[str]) -> np.ndarray:
-    """Pairs (first row of a group, other row) of equal non-empty normalised keys."""
-    codes, _ = pd.factorize(pd.Series(norm, dtype=object))
-    _, first_of_code = np.unique(codes, return_index=True)
-    first = first_of_code[codes]
-    idx = np.arange(len(norm))
-    mask = (np.array([bool(t) for t in norm]) if norm else np.zeros(0, bool)) & (first != idx)
-    return np.stack([first[mask], idx[mask]], axis=1).astype(np.int64) if mask.any() else np.zeros((0, 2), np.int64)
 
 
 # --------------------------------------------------------------------------- semantic
@@ -99,8 +89,14 @@ def _semantic_model_dir(cfg: SemanticDedupConfig) -> Path:
     raise ValueError(f"dedup.semantic.model: {cfg.model!r} is neither a local model folder nor all-MiniLM-L6-v2")
 
 
-def embed_texts(texts: list[str], cfg: SemanticDedupConfig, *, batch_size: int = 64, max_length: int = 256) -> np.ndarray:
-    """Unit-length sentence embeddings (mean pooling over tokens, as sentence-transformers does)."""
+def embed_texts(texts: Any, cfg: SemanticDedupConfig, *, batch_size: int = 64, max_length: int = 256,
+                chunk_rows: int = 8192) -> np.ndarray:
+    """Unit-length sentence embeddings (mean pooling over tokens, as sentence-transformers does).
+
+    ``texts`` is a list of strings or a lazy ``ParquetTexts``, read ``chunk_rows`` (rounded to whole
+    batches, so the batches and therefore the numbers are the same for every chunk size) at a time;
+    only the embeddings (n x 384 floats) are held for all rows.
+    """
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -108,13 +104,18 @@ def embed_texts(texts: list[str], cfg: SemanticDedupConfig, *, batch_size: int =
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir).eval()
     chunks = []
+    step = max(1, chunk_rows // batch_size) * batch_size
     with torch.inference_mode():
-        for lo in range(0, len(texts), batch_size):
-            enc = tok(texts[lo : lo + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).float().numpy())
+        for at in range(0, len(texts), step):
+            part = texts[at : at + step]
+            part = part.load() if hasattr(part, "load") else list(part)
+            for lo in range(0, len(part), batch_size):
+                enc = tok(part[lo : lo + batch_size], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+                hidden = model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                chunks.append(torch.nn.functional.normalize(pooled, dim=-1).float().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 384), dtype=np.float32)
 
 
@@ -195,8 +196,7 @@ def _cluster_step(idx: np.ndarray, pairs: np.ndarray, sims: np.ndarray, priority
                   extra: dict[str, Any]) -> _ClusterStep:
     """Cluster the live rows ``idx`` by ``pairs`` (local indices); ``gone`` = local rows that are not representatives.
 
-    Both dedup paths (in-memory ``deduplicate`` and streamed ``dedup_files``) remove the same rows and
-    report the same stage entry through this one function.
+    Every pass of ``dedup_files`` (exact, near, semantic) goes through it.
     """
     rep, match, best, label = _cluster(len(idx), pairs, sims, priority[idx])
     gone = np.flatnonzero(rep != np.arange(len(idx)))
@@ -226,147 +226,39 @@ def _check_columns(df: pd.DataFrame, *, what: str) -> None:
 
 def deduplicate(*, df: pd.DataFrame, cfg: DedupConfig, heldout_df: pd.DataFrame | None = None,
                 engine: Any = None) -> DedupFrames:
-    """Remove exact, near, (semantic) duplicates and, given ``heldout_df``, rows that leak it (in memory).
+    """``dedup_files`` on frames already in memory: written to a temporary folder, deduplicated, read back.
 
     Args:
         df: canonical records (``id``, ``messages``, ``source`` at least), in input order.
         cfg: the pipeline's ``dedup`` section.
         heldout_df: held-out records; train rows that duplicate one (``find_cross_duplicates``) are
             removed as ``leak``.
-        engine: ``sftflow.engine.Engine`` that runs the per-shard steps (exact keys, MinHash
-            signatures, pair verification; shards of ``engine.shard_rows`` rows); clustering (union-find)
-            is one merge over all shards, so the result is the same for every engine (default: the
-            active one, local when none).
+        engine: ``sftflow.engine.Engine`` for the per-shard steps (default: the active one, local when none).
 
     Returns:
         DedupFrames: kept rows (input columns), removed rows (input columns + ``cluster_id``,
-        ``kept_id``, ``matched_id``, ``reason``, ``similarity``), and a JSON-able report.
+        ``kept_id``, ``matched_id``, ``reason``, ``similarity``), and the JSON-able report.
 
     Raises:
         ValueError: a frame lacks a canonical column.
         AccountingError: rows in != kept + removed (a bug; never silently).
     """
-    from sftflow.engine import current_engine
+    import tempfile
 
-    engine = engine or current_engine()
-    shard = engine.shard_rows
     _check_columns(df, what="dedup input")
     if heldout_df is not None:
         _check_columns(heldout_df, what="dedup heldout")
-    df = df.reset_index(drop=True)
-    n = len(df)
-    ids = df["id"].astype(str).to_numpy()
-    alive = np.ones(n, dtype=bool)
-    removed_parts: list[pd.DataFrame] = []
-    report: dict[str, Any] = {"rows_in": n, "enabled": cfg.enabled, "keep": cfg.keep, "stages": {}}
-    pair_samples: list[dict[str, Any]] = []
-    cluster_sizes: dict[str, list[int]] = {}
-    priority = _priority(df, cfg) if n else np.zeros(0)
-
-    def apply(reason: str, idx: np.ndarray, pairs: np.ndarray, sims: np.ndarray, extra: dict[str, Any]) -> None:
-        """Cluster the live rows ``idx`` by ``pairs`` (local indices), remove all but representatives."""
-        step = _cluster_step(idx, pairs, sims, priority, extra)
-        rep, match, best, gone = step.rep, step.match, step.best, step.gone
-        cluster_sizes[reason], report["stages"][reason] = step.sizes, step.stage
-        if len(gone):
-            rows = df.iloc[idx[gone]].copy()
-            rows["cluster_id"] = [f"{reason}:{ids[idx[rep[g]]]}" for g in gone]
-            rows["kept_id"] = ids[idx[rep[gone]]]
-            rows["matched_id"] = ids[idx[match[gone]]]
-            rows["reason"] = reason
-            rows["similarity"] = best[gone].astype(float)
-            removed_parts.append(rows)
-            alive[idx[gone]] = False
-        for (a, b), s in list(zip(pairs, sims))[:_SAMPLE_PAIRS]:
-            pair_samples.append(_pair_sample(df, reason, idx[a], idx[b], float(s)))
-
-    if cfg.enabled and n:
-        if cfg.exact.enabled:
-            msgs = df["messages"]
-            norm = [k for part in engine.map(exact_keys_shard, [(list(msgs.iloc[lo:lo + shard]), cfg.exact)
-                                                                  for lo in range(0, n, shard)]) for k in part]
-            pairs = _exact_pairs(norm)
-            apply("exact", np.arange(n), pairs, np.ones(len(pairs)), {"key": cfg.exact.key})
-        if cfg.near.enabled:
-            idx = np.flatnonzero(alive)
-            res = find_near_duplicates(key_texts(df.iloc[idx], cfg.near.key), lsh_params(cfg.near),
-                                       map_fn=engine.map, shard_docs=shard)
-            apply("near", idx, res.pairs, res.similarity, {
-                "key": cfg.near.key, "threshold": cfg.near.threshold, "shingle": f"{cfg.near.shingle} {cfg.near.ngram}-grams",
-                "num_perm": cfg.near.num_perm, "bands": res.bands, "rows": res.rows, "verify": cfg.near.verify,
-                "candidates": res.num_candidates, "rows_without_shingles": res.num_shingleless,
-            })
-        if cfg.semantic.enabled:
-            idx = np.flatnonzero(alive)
-            emb = embed_texts(key_texts(df.iloc[idx], cfg.near.key), cfg.semantic)
-            pairs, sims = semantic_pairs(emb, cfg.semantic.threshold)
-            apply("semantic", idx, pairs, sims, {"model": cfg.semantic.model, "threshold": cfg.semantic.threshold})
-    if heldout_df is not None and n:
-        idx = np.flatnonzero(alive)
-        heldout_df = heldout_df.reset_index(drop=True)
-        # The one leak rule (sftflow.data.neardup), the same one the split stage applies.
-        pairs = find_cross_duplicates(df.iloc[idx], heldout_df, cfg=cfg, map_fn=engine.map, shard_docs=shard)
-        best = strongest_matches(pairs)  # each leaking train row: its most similar held-out row
-        hid = heldout_df["id"].astype(str).to_numpy()
-        if best:
-            local = np.array(sorted(best), dtype=np.int64)
-            rows = df.iloc[idx[local]].copy()
-            rows["cluster_id"] = [f"leak:{hid[best[t].match]}" for t in local]
-            rows["kept_id"] = [hid[best[t].match] for t in local]
-            rows["matched_id"] = rows["kept_id"]
-            rows["reason"] = "leak"
-            rows["similarity"] = [best[t].similarity for t in local]
-            removed_parts.append(rows)
-            alive[idx[local]] = False
-        for p in sorted(pairs, key=lambda p: (p.match, p.query))[:_SAMPLE_PAIRS]:  # held-out order
-            pair_samples.append(_pair_sample(df, "leak", idx[p.query], None, p.similarity,
-                                             heldout=heldout_df.iloc[p.match]))
-        report["stages"]["leak"] = {
-            "heldout_rows": int(len(heldout_df)), "pairs": len(pairs), "removed": len(best),
-            "threshold": cfg.near.threshold,
-            "min_pair_similarity": min((p.similarity for p in pairs), default=None),
-        }
-
-    kept = df[alive].reset_index(drop=True)
-    removed = (
-        pd.concat(removed_parts, ignore_index=True)
-        if removed_parts
-        else df.iloc[0:0].assign(**{c: pd.Series(dtype=float if c == "similarity" else object) for c in REMOVED_COLUMNS})
-    )
-    check_accounting("dedup", n, kept=len(kept), removed=len(removed))  # the invariant the pipeline relies on
-    report.update(_summary(df, removed, n_kept=len(kept), cluster_sizes=cluster_sizes, pair_samples=pair_samples))
-    return DedupFrames(kept=kept, removed=removed, report=report)
+    with tempfile.TemporaryDirectory(prefix="sftflow-dedup-") as tmp:
+        folder = Path(tmp)
+        ref = write_parquet(df, folder / "input.parquet", name="input")
+        held = write_parquet(heldout_df, folder / "heldout.parquet", name="heldout") if heldout_df is not None else None
+        kept, removed, report = dedup_files(datasets=[ref], cfg=cfg, out_dir=folder / "out", heldout=held,
+                                            engine=engine)
+        return DedupFrames(kept=pd.read_parquet(kept.path), removed=pd.read_parquet(removed.path), report=report)
 
 
 def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _pair_sample(df: pd.DataFrame, reason: str, a: int, b: int | None, sim: float, *, heldout: Any = None) -> dict[str, Any]:
-    return _pair_sample_rows(reason, df.iloc[int(a)], heldout if heldout is not None else df.iloc[int(b)], sim)
-
-
-def _summary(
-    df: pd.DataFrame, removed: pd.DataFrame, *, n_kept: int, cluster_sizes: dict[str, list[int]],
-    pair_samples: list[dict[str, Any]],
-) -> dict[str, Any]:
-    by_reason = {r: int((removed["reason"] == r).sum()) for r in REASONS}
-    per_source: dict[str, dict[str, int]] = {}
-    for src, cnt in df["source"].astype(str).value_counts().sort_index().items():
-        per_source[src] = {"in": int(cnt), **{r: 0 for r in REASONS}}
-    for (src, reason), cnt in removed.groupby([removed["source"].astype(str), "reason"]).size().items():
-        per_source[src][reason] = int(cnt)
-    for v in per_source.values():
-        v["kept"] = v["in"] - sum(v[r] for r in REASONS)
-    hist = _size_histogram(cluster_sizes)
-    return {
-        "rows_kept": n_kept,
-        "rows_removed": int(len(removed)),
-        "removed_by_reason": by_reason,
-        "per_source": per_source,
-        "cluster_size_histogram": hist,
-        "sample_pairs": pair_samples,
-    }
 
 
 def plot_cluster_sizes(report: dict[str, Any], path: Path) -> Path:
@@ -488,22 +380,28 @@ def dedup_write_shard(args: tuple) -> dict[str, Any]:
 
 
 def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, stage: str = "dedup",
-                engine: Any = None) -> tuple[DatasetRef, DatasetRef, dict[str, Any]]:
-    """Exact + near dedup of Parquet ``datasets`` in bounded memory (``dedup`` without ``heldout``/semantic).
-
-    The same result as ``deduplicate`` on the concatenated frame, computed shard by shard:
+                heldout: DatasetRef | None = None, engine: Any = None) -> tuple[DatasetRef, DatasetRef, dict[str, Any]]:
+    """THE dedup driver: exact, near, semantic and held-out leak passes over Parquet ``datasets`` in bounded memory.
 
     1. scan (per shard, ``dedup_scan_shard``): ids, exact-key digests, keep-rule priority, source;
     2. merge: exact pairs from the digests, near pairs from MinHash-LSH over the live rows' key texts
-       (``ParquetTexts``: each signature task reads its own rows), clustering over all rows;
+       (``ParquetTexts``: each signature task reads its own rows), semantic pairs from embeddings
+       computed a chunk of texts at a time, clustering over all rows; then, given ``heldout``, the
+       live rows that leak it (``find_cross_duplicates``, the split stage's rule: the live rows'
+       prompts are the queries, the held-out rows are read block by block);
     3. write (per shard, ``dedup_write_shard``): the kept rows and the removed rows of each reason,
        streamed into ``kept.parquet`` / ``removed.parquet`` (removed in reason order, then input order).
 
-    Only compact arrays (ids, digests, priorities, band keys, signatures' low bytes, labels) exist for
-    all rows at once; row contents are held one shard at a time.
+    Only compact arrays (ids, digests, priorities, band keys, signatures' low bytes, embeddings,
+    labels; for the leak pass the live rows' prompt texts) exist for all rows at once; row contents
+    are held one shard at a time.
 
     Returns:
         ``(kept, removed, report)``.
+
+    Raises:
+        ValueError: an input or the held-out file lacks a canonical column.
+        AccountingError: rows in != kept + removed (a bug; never silently).
     """
     from sftflow.data.shards import concat_parquet
     from sftflow.engine import current_engine, shard_bounds
@@ -512,6 +410,9 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
     shard = engine.shard_rows
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if heldout is not None:
+        _check_file_columns(heldout.path, what="dedup heldout")
+    files = [(r.path, r.num_rows) for r in datasets]
     jobs = [(ref.path, lo, hi) for ref in datasets for lo, hi in shard_bounds(ref.num_rows, shard) if hi > lo]
     scans = engine.map(dedup_scan_shard, [(*j, cfg) for j in jobs])
     n = sum(len(s["ids"]) for s in scans)
@@ -558,7 +459,7 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
         del digests, nonempty
         if cfg.near.enabled:
             idx = np.flatnonzero(alive)
-            texts = ParquetTexts([(r.path, r.num_rows) for r in datasets], idx, key=cfg.near.key)
+            texts = ParquetTexts(files, idx, key=cfg.near.key)
             res = find_near_duplicates(texts, lsh_params(cfg.near), map_fn=engine.map, shard_docs=shard)
             apply("near", idx, res.pairs, res.similarity, {
                 "key": cfg.near.key, "threshold": cfg.near.threshold, "shingle": f"{cfg.near.shingle} {cfg.near.ngram}-grams",
@@ -566,14 +467,50 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
                 "candidates": res.num_candidates, "rows_without_shingles": res.num_shingleless,
             })
             del res, texts
+        if cfg.semantic.enabled:
+            idx = np.flatnonzero(alive)
+            emb = embed_texts(ParquetTexts(files, idx, key=cfg.near.key), cfg.semantic, chunk_rows=shard)
+            pairs, sims = semantic_pairs(emb, cfg.semantic.threshold)
+            apply("semantic", idx, pairs, sims, {"model": cfg.semantic.model, "threshold": cfg.semantic.threshold})
+            del emb
+    leak_of: dict[int, tuple[str, float]] = {}  # removed row -> (held-out id it leaks, similarity)
+    leak_samples: list[tuple[int, int, float]] = []  # (row, held-out position, similarity)
+    if heldout is not None and n:
+        idx = np.flatnonzero(alive)
+        key = leak_key(cfg)
+        # The one leak rule (sftflow.data.neardup), the same one the split stage applies.
+        # The live rows' prompts are the queries (read a shard at a time: only the texts are held);
+        # the held-out rows are the reference, read block by block.
+        lazy = ParquetTexts(files, idx, key=key)
+        queries = [t for lo in range(0, len(lazy), shard) for t in lazy[lo : lo + shard].load()]
+        pairs = find_cross_duplicates(queries,
+                                      ParquetTexts([(heldout.path, heldout.num_rows)], np.arange(heldout.num_rows), key=key),
+                                      cfg=cfg, map_fn=engine.map, shard_docs=shard)
+        del lazy, queries
+        best = strongest_matches(pairs)  # each leaking row: its most similar held-out row
+        hid = _read_ids(heldout)
+        for t in sorted(best):
+            g = int(idx[t])
+            reason_of[g] = REASONS.index("leak")
+            leak_of[g] = (hid[best[t].match], float(best[t].similarity))
+            alive[g] = False
+        for p in sorted(pairs, key=lambda p: (p.match, p.query))[:_SAMPLE_PAIRS]:  # held-out order
+            leak_samples.append((int(idx[p.query]), int(p.match), float(p.similarity)))
+        report["stages"]["leak"] = {
+            "heldout_rows": int(heldout.num_rows), "pairs": len(pairs), "removed": len(best),
+            "threshold": cfg.near.threshold,
+            "min_pair_similarity": min((p.similarity for p in pairs), default=None),
+        }
 
     # Write: one task per shard; removed rows carry their representative's and match's ids.
     write_jobs, at = [], 0
     one = len(jobs) == 1
     for k, (path, lo, hi) in enumerate(jobs):
         gl = np.flatnonzero(reason_of[at : at + hi - lo] >= 0)
-        removed = {int(i): (REASONS[reason_of[at + i]], str(ids[kept_of[at + i]]), str(ids[match_of[at + i]]),
-                            float(sim_of[at + i])) for i in gl}
+        removed = {int(i): (("leak", leak_of[at + i][0], leak_of[at + i][0], leak_of[at + i][1])
+                            if (at + i) in leak_of else
+                            (REASONS[reason_of[at + i]], str(ids[kept_of[at + i]]), str(ids[match_of[at + i]]),
+                             float(sim_of[at + i]))) for i in gl}
         paths = {r: str(out_dir / f"removed.{r}.shard-{k:05d}.parquet") for r in (*REASONS, "_empty")}
         write_jobs.append((path, lo, hi, removed, None if one else str(out_dir / f"kept.shard-{k:05d}.parquet"), paths))
         at += hi - lo
@@ -587,12 +524,14 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
         removed_df = pd.concat(parts, ignore_index=True) if parts else got["empty_removed"]
         removed = write_parquet(removed_df, out_dir / "removed.parquet", name=f"{stage}.removed")
         del got, parts, removed_df, written
-    elif not jobs:  # no input rows at all: the in-memory path's empty outputs
+    elif not jobs:  # no input rows at all: empty outputs with the inputs' columns
         frames = [ref.read() for ref in datasets]
-        got = deduplicate(df=pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(_REQUIRED)),
-                          cfg=cfg, engine=engine)
-        kept = write_parquet(got.kept, out_dir / "kept.parquet", name=f"{stage}.kept")
-        removed = write_parquet(got.removed, out_dir / "removed.parquet", name=f"{stage}.removed")
+        empty = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(_REQUIRED))
+        _check_columns(empty, what="dedup input")
+        kept = write_parquet(empty.iloc[0:0], out_dir / "kept.parquet", name=f"{stage}.kept")
+        removed = write_parquet(empty.iloc[0:0].assign(
+            **{c: pd.Series(dtype=float if c == "similarity" else object) for c in REMOVED_COLUMNS}),
+            out_dir / "removed.parquet", name=f"{stage}.removed")
     else:
         kept = concat_parquet([str(out_dir / f"kept.shard-{k:05d}.parquet") for k in range(len(jobs))],
                               out_dir / "kept.parquet", name=f"{stage}.kept")
@@ -616,12 +555,28 @@ def dedup_files(*, datasets: list[DatasetRef], cfg: DedupConfig, out_dir: Path, 
                             **{r: int(((src == c) & (reason_of == k)).sum()) for k, r in enumerate(REASONS)}}
         per_source[name]["kept"] = per_source[name]["in"] - sum(per_source[name][r] for r in REASONS)
     hist = _size_histogram(cluster_sizes)
-    need = sorted({i for _, a, b, _ in sample_pairs for i in (a, b)})
+    need = sorted({i for _, a, b, _ in sample_pairs for i in (a, b)} | {a for a, _, _ in leak_samples})
     rows_of = _read_rows_at(datasets, np.array(need, dtype=np.int64))
     samples = [_pair_sample_rows(reason, rows_of[a], rows_of[b], s) for reason, a, b, s in sample_pairs]
+    if leak_samples:
+        held_of = _read_rows_at([heldout], np.array(sorted({m for _, m, _ in leak_samples}), dtype=np.int64))
+        samples += [_pair_sample_rows("leak", rows_of[a], held_of[m], s) for a, m, s in leak_samples]
     report.update({"rows_kept": n_kept, "rows_removed": n_removed, "removed_by_reason": by_reason,
                    "per_source": per_source, "cluster_size_histogram": hist, "sample_pairs": samples})
     return kept, removed, report
+
+
+def _check_file_columns(path: str, *, what: str) -> None:
+    import pyarrow.parquet as pq
+
+    _check_columns(pd.DataFrame(columns=pq.ParquetFile(str(path)).schema_arrow.names), what=f"{what} {path}")
+
+
+def _read_ids(ref: DatasetRef) -> list[str]:
+    """The ``id`` column of ``ref`` as strings (one column read; the held-out set's ids for leak records)."""
+    import pyarrow.parquet as pq
+
+    return [str(x) for x in pq.read_table(ref.path, columns=["id"]).column("id").to_pylist()]
 
 
 def _read_rows_at(datasets: list[DatasetRef], rows: np.ndarray) -> dict[int, dict[str, Any]]:
@@ -668,18 +623,8 @@ def dedup(
         DedupResult: refs to the kept and removed rows and the report's path.
     """
     out_dir = Path(out_dir)
-    if heldout is None and not (cfg.enabled and cfg.semantic.enabled):
-        # The pipeline's main pass: streamed shard by shard (bounded memory), same result as in memory.
-        kept, removed, got_report = dedup_files(datasets=datasets, cfg=cfg, out_dir=out_dir, stage=stage)
-    else:
-        # Held-out leak checks and semantic dedup still work on the whole frame in memory.
-        frames = [ref.read() for ref in datasets]
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(_REQUIRED))
-        got = deduplicate(df=df, cfg=cfg, heldout_df=heldout.read() if heldout is not None else None)
-        del frames, df
-        kept = write_parquet(got.kept, out_dir / "kept.parquet", name=f"{stage}.kept")
-        removed = write_parquet(got.removed, out_dir / "removed.parquet", name=f"{stage}.removed")
-        got_report = got.report
+    # Every pass (the main one and dedup_augmented's held-out pass) streams shard by shard.
+    kept, removed, got_report = dedup_files(datasets=datasets, cfg=cfg, out_dir=out_dir, stage=stage, heldout=heldout)
     report = {**got_report, "inputs": [r.to_dict() for r in datasets],
               "outputs": {"kept": kept.to_dict(), "removed": removed.to_dict()}}
     report_path = out_dir / "report.json"

@@ -281,15 +281,6 @@ def _content_parts(content: Any, where: str) -> tuple[str, str, list[Any]]:
     raise RowError(f"{where}: content must be a string or a list of text parts, got {type_name(content)}")
 
 
-def _content_text(content: Any, where: str) -> str:
-    text, reasoning, calls = _content_parts(content, where)
-    if reasoning:
-        raise RowError(f"{where}: a reasoning part is only allowed in an assistant turn")
-    if calls:
-        raise RowError(f"{where}: a tool_call part is only allowed in an assistant turn")
-    return text
-
-
 def _json_value(value: Any, what: str) -> Any:
     """``value`` parsed when it is a JSON string, else as it is; RowError naming ``what`` when unparseable."""
     if not isinstance(value, str):

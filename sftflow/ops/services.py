@@ -1,4 +1,4 @@
-"""Real Prefect and MLflow servers on loopback, their PostgreSQL backend, and run-time guards.
+"""Real Prefect and MLflow servers on loopback, their PostgreSQL backend, and the Prefect health check.
 
 What this module gives:
 
@@ -14,10 +14,9 @@ What this module gives:
   (also when started with SIGINT ignored), and killed with it if it is killed.
 * ``check_prefect_server(url)``: fail fast with one clear message when the Prefect API is down
   (MLflow's equivalent is ``sftflow.tracking.runs.check_tracking_server``).
-* ``sources_unchanged(cfg, pipeline=)``: "skip if unchanged" for scheduled runs (compares the
-  ``sftflow.sources_digest`` and ``sftflow.config_hash`` tags of the last successful run).
-* ``pipeline_lock(pipeline)``: a per-pipeline file lock for the few steps two concurrent runs of
-  one pipeline must not interleave (moving registry aliases).
+
+The run-time guards (``sources_unchanged``: skip if unchanged; ``pipeline_lock``) live in
+``sftflow.ops.guards``.
 
 Command line (also what the infra scripts run)::
 

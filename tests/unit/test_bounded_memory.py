@@ -1,9 +1,10 @@
 """Bounded memory of the file stages (issue 15): dedup and split stream Parquet shard by shard.
 
 Each test runs a stage on a multi-shard input with a small ``shard_rows`` and checks two things:
-the result equals the in-memory / one-shard computation row for row (and byte for byte where the
-input is one shard), and no read of row contents ever returns more than ``shard_rows`` rows (the
-reads are instrumented, not mocked: the real reader runs and its frame sizes are recorded).
+the result equals the one-shard computation row for row (and byte for byte where the input is one
+shard), and no read of row contents ever returns more than ``shard_rows`` rows (the reads are
+instrumented, not mocked: the real reader runs and its frame sizes are recorded). Dedup has one
+driver (``tasks.dedup.dedup_files``) for every pass, the held-out leak pass included.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _no_full_reads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("keep", ["longest_response", "first", "source_priority"])
-def test_dedup_streams_shards_and_equals_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: str) -> None:
+def test_dedup_streams_shards_and_equals_one_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: str) -> None:
     df = _corpus(900)
     a = write_parquet(df.iloc[:500], tmp_path / "a.parquet", name="a")
     b = write_parquet(df.iloc[500:], tmp_path / "b.parquet", name="b")
@@ -105,7 +106,7 @@ def test_dedup_streams_shards_and_equals_in_memory(tmp_path: Path, monkeypatch: 
         assert rep[k] == json.loads(json.dumps(want.report[k], default=str)), k
 
 
-def test_dedup_one_shard_writes_the_same_bytes_as_in_memory(tmp_path: Path) -> None:
+def test_dedup_one_shard_writes_the_same_bytes_as_deduplicate(tmp_path: Path) -> None:
     df = _corpus(300)
     ref = write_parquet(df, tmp_path / "in.parquet", name="in")
     want = deduplicate(df=df, cfg=DedupConfig(), engine=LocalEngine())
@@ -116,6 +117,36 @@ def test_dedup_one_shard_writes_the_same_bytes_as_in_memory(tmp_path: Path) -> N
     assert got.kept.sha256 == w_kept.sha256 and got.removed.sha256 == w_removed.sha256
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cluster_sizes.png", "kept.parquet",
                                                                      "removed.parquet", "report.json"]
+
+
+def test_dedup_heldout_leak_pass_streams_and_equals_one_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # dedup_augmented's pass: training rows that duplicate held-out rows are removed as leaks, in bounded memory.
+    df = _corpus(700, seed=5)
+    held_df = df.iloc[::23].copy()  # every 23rd row is also held out: exact leaks...
+    held_df["messages"] = [[{**m, "content": m["content"] + (" changed" if m["role"] == "user" and k % 2 else "")}
+                            for m in msgs] for k, msgs in enumerate(held_df["messages"])]  # ...and near ones
+    held_df["id"] = [f"held-{k}" for k in range(len(held_df))]
+    a = write_parquet(df.iloc[:400], tmp_path / "a.parquet", name="a")
+    b = write_parquet(df.iloc[400:], tmp_path / "b.parquet", name="b")
+    held = write_parquet(held_df, tmp_path / "held.parquet", name="heldout")
+    cfg = DedupConfig(exact={"key": "prompt"})
+    want = deduplicate(df=df, cfg=cfg, heldout_df=held_df, engine=LocalEngine(shard_rows=10_000))
+    leaks = want.removed[want.removed["reason"] == "leak"]
+    assert len(leaks) >= 20 and set(leaks["kept_id"]) <= set(held_df["id"])
+    assert (leaks["similarity"] < 1.0).any() and (leaks["similarity"] == 1.0).any()  # near and exact leaks
+
+    sizes = _ReadSizes(monkeypatch)
+    _no_full_reads(monkeypatch)
+    # (128 rows: the report's sample pairs, at most 3 x 20 pairs, are read back in one take per file.)
+    with engine_session(ExecutionConfig(engine="local", shard_rows=128)):
+        got = dedup(datasets=[a, b], cfg=cfg, out_dir=tmp_path / "out", heldout=held, stage="dedup_augmented")
+    monkeypatch.undo()
+    assert sizes.frames and max(sizes.frames) <= 128, f"a read returned {max(sizes.frames)} rows > shard_rows"
+    pd.testing.assert_frame_equal(pd.read_parquet(got.kept.path), want.kept)
+    pd.testing.assert_frame_equal(pd.read_parquet(got.removed.path), want.removed)
+    rep = json.loads(Path(got.report).read_text())
+    assert rep["stages"]["leak"]["removed"] == len(leaks) and rep["removed_by_reason"]["leak"] == len(leaks)
+    assert rep["sample_pairs"] == json.loads(json.dumps(want.report["sample_pairs"]))
 
 
 @pytest.mark.parametrize("keep_shingles", [16_000_000, 0])
