@@ -1,29 +1,27 @@
-"""Runs whose process died are closed, and Prefect's temporary server dies with its process.
+"""Runs whose process died (or whose own closing failed) are closed by the next run.
 
 A flow run writes a small *active-run record* while it lives,
-``$SFTFLOW_HOME/runs/.active/<flow-run-id>.json`` (mode 0600): its pid and process start time
-(so a reused pid is not mistaken for it), host, boot id, MLflow tracking URI + parent run id,
-Prefect flow-run id and API URL. A normal end (success or exception) removes it. After
-``kill -9`` (or an OOM kill, a power cut) it stays, and ``reap_orphans()`` -- called when the
-next pipeline run starts, and by any command that wants to -- finds records whose process is
-gone and:
+``$SFTFLOW_HOME/runs/.active/<flow-run-id>.json`` (mode 0600): pid and process start time (a
+reused pid is not mistaken for it), host, boot id, MLflow tracking URI + parent run id, Prefect
+flow-run id and API URL; and holds an exclusive ``flock`` on ``.<flow-run-id>.lock`` beside it,
+which the kernel releases however the process ends (a free lock: the run is over). A successful
+end removes the record. After ``kill -9`` (an OOM kill, a power cut), or an end by exception (its
+own closing may have failed too, e.g. on a full disk), it stays, and ``reap_orphans()`` -- called
+when the next pipeline run starts, and by any command that wants to -- for every run that is over:
 
-* sets every MLflow run still ``RUNNING`` under that parent run (stage runs and their nested
-  runs), then the parent itself, to ``KILLED`` with an end time and the tag
-  ``sftflow.terminated_reason`` saying what happened;
-* sets the Prefect flow run and its unfinished task runs to ``Crashed`` (forced: the dead
-  process can no longer report), through the run's Prefect API, or -- for runs that used
-  Prefect's temporary server -- through a temporary server on the same database.
+* sets every MLflow run still ``RUNNING`` under its parent run (stage runs, nested runs), then the
+  parent, to ``KILLED`` with an end time and the tag ``sftflow.terminated_reason``;
+* sets the Prefect flow run and its unfinished task runs to ``Crashed`` (forced), through the
+  run's Prefect API or a temporary server on the same database.
 
-A record stays until both parts are done (e.g. a tracking server that is down is retried next
-time). Training is not affected: it resumes from its last checkpoint on the next run.
-
-``guard_ephemeral_server()`` makes the temporary Prefect server that ``sftflow run`` starts
-(no ``PREFECT_API_URL``) a child that gets SIGKILL when its parent dies, in its own session
-(Ctrl-C in the terminal reaches the flow, which can still report its final state), and
-serialises its start (database creation and migrations) across processes with a file lock.
-
-Nothing here runs at import time.
+Runs already finished are left alone, so a failed run that closed everything changes nothing. A
+record stays until both parts are done (a tracking server that is down is retried next time).
+Records are written to a temporary file in the same folder, fsync'ed and renamed (a full disk
+leaves the previous record whole). An empty or garbled record is logged and reaped from what is
+left: its file name (the flow-run id), this home's Prefect database, and the MLflow parent run
+found by its flow-run tag. Training is not affected: it resumes from its last checkpoint.
+``guard_ephemeral_server`` (``sftflow.ops.prefect_server``) is re-exported here. Nothing here
+runs at import time.
 """
 
 from __future__ import annotations
@@ -34,15 +32,15 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 from sftflow import layout
-from sftflow.ops.processes import boot_id, call_in_lifetime_thread, die_with_parent, is_alive, start_ticks
+from sftflow.tagnames import TAG_FLOW_RUN, TAG_KIND
+from sftflow.ops.prefect_server import guard_ephemeral_server  # noqa: F401  (re-exported for the flows)
+from sftflow.ops.processes import boot_id, is_alive, start_ticks
 
 TAG_TERMINATED_REASON = "sftflow.terminated_reason"
 ACTIVE_DIR_NAME = ".active"
@@ -86,10 +84,20 @@ class ActiveRun:
     prefect_db: str = ""
     mlflow_done: bool = False
     prefect_done: bool = False
+    garbled: bool = False  # rebuilt from an unreadable record: pid/ids unknown
 
     def process_alive(self) -> bool | None:
-        """True/False for a process on this host; None when it ran on another host (unknown)."""
+        """True/False for a process on this host; None when it ran on another host (unknown).
+
+        The run's lock decides when there is one (free = the flow ended or its process died);
+        otherwise the pid and its start time do (records written before locks existed).
+        """
         if self.host != socket.gethostname():
+            return None
+        held = lock_held(self.flow_run_id)
+        if held is not None:
+            return held
+        if self.garbled:
             return None
         if self.boot_id and self.boot_id != boot_id():
             return False  # the machine rebooted since
@@ -127,17 +135,86 @@ def _record_path(flow_run_id: str) -> Path:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` atomically to ``path``, readable by the owner only from the first byte."""
+    """Write ``text`` atomically to ``path``, readable by the owner only from the first byte.
+
+    A temporary file in the same folder, flushed and fsync'ed, then renamed over ``path`` (and the
+    folder fsync'ed): a full disk or a crash leaves the previous record whole, never an empty one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # the rename itself durable (not supported everywhere)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+# --------------------------------------------------------------------------- run locks
+_held_locks: dict[str, int] = {}
+
+
+def _lock_path(flow_run_id: str) -> Path:
+    return active_dir() / f".{layout.safe_name(flow_run_id)}.lock"
+
+
+def _hold_lock(flow_run_id: str) -> None:
+    """Take the run's lock for the life of this flow run (released by the kernel if we die)."""
+    import fcntl
+
+    if flow_run_id in _held_locks:
+        return
+    try:
+        _lock_path(flow_run_id).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(_lock_path(flow_run_id), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:  # e.g. no space for the file: liveness falls back to the pid
+        _log.debug("no lock for run %s: %s", flow_run_id, e)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    _held_locks[flow_run_id] = fd
+
+
+def _release_lock(flow_run_id: str, *, remove: bool) -> None:
+    fd = _held_locks.pop(flow_run_id, None)
+    if remove:
+        _lock_path(flow_run_id).unlink(missing_ok=True)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def lock_held(flow_run_id: str) -> bool | None:
+    """True while a process holds the run's lock, False once it is free, None when there is no lock file."""
+    import fcntl
+
+    if flow_run_id in _held_locks:
+        return True
+    try:
+        fd = os.open(_lock_path(flow_run_id), os.O_RDWR)
+    except OSError:  # no lock file (a record from before run locks), or unreadable
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return False
 
 
 def _current_prefect() -> tuple[str, str]:
@@ -182,26 +259,40 @@ def register_active_run(*, flow_run_id: str, pipeline: str, tracking_uri: str | 
         rec.tracking_uri = tracking_uri
     if parent_run_id is not None:
         rec.parent_run_id = parent_run_id
+    _hold_lock(flow_run_id)
     _write_private(path, json.dumps(asdict(rec), indent=1))
     return path
 
 
-def clear_active_run(flow_run_id: str) -> None:
-    """Remove this process's record of ``flow_run_id`` (the run ended in a way it could report)."""
+def clear_active_run(flow_run_id: str, *, keep_record: bool = False) -> None:
+    """Remove this process's record of ``flow_run_id`` and release its lock.
+
+    Args:
+        keep_record: release the lock but keep the record, for the next reap to close what this
+            run could not (a run that failed, perhaps because the disk was full).
+    """
     path = _record_path(flow_run_id)
     rec = read_record(path)
-    if rec is None or rec.pid == os.getpid():
+    mine = rec is None or rec.pid == os.getpid()
+    if mine and not keep_record:
         path.unlink(missing_ok=True)
+    _release_lock(flow_run_id, remove=mine and not keep_record)
 
 
 @contextlib.contextmanager
 def active_run(*, flow_run_id: str, pipeline: str) -> Iterator[Path]:
-    """Hold the active-run record of ``flow_run_id`` for the duration of the block."""
+    """Hold the active-run record of ``flow_run_id`` for the duration of the block.
+
+    A block that raises keeps the record (with its lock released): the flow's own closing of its
+    MLflow/Prefect runs may have failed with it, and the next reap closes what is still open.
+    """
     path = register_active_run(flow_run_id=flow_run_id, pipeline=pipeline)
+    ok = False
     try:
         yield path
+        ok = True
     finally:
-        clear_active_run(flow_run_id)
+        clear_active_run(flow_run_id, keep_record=not ok)
 
 
 def read_record(path: Path) -> ActiveRun | None:
@@ -215,16 +306,31 @@ def read_record(path: Path) -> ActiveRun | None:
 
 
 def active_runs() -> list[tuple[Path, ActiveRun]]:
-    """Every readable record under ``active_dir()``."""
+    """Every record under ``active_dir()``; an unreadable one (empty, garbled) as a ``garbled``
+    record rebuilt from its file name, this home's Prefect database and the file's time."""
     d = active_dir()
     if not d.is_dir():
         return []
     out = []
     for p in sorted(d.glob("*.json")):
         rec = read_record(p)
-        if rec is not None:
-            out.append((p, rec))
+        if rec is None:
+            try:
+                mtime = p.stat().st_mtime
+            except OSError:
+                continue  # removed meanwhile
+            rec = ActiveRun(flow_run_id=p.stem, pipeline="?", pid=0, start_ticks=None, boot_id="",
+                            host=socket.gethostname(), started_at=mtime, prefect_db=_current_prefect()[1],
+                            garbled=True)
+        out.append((p, rec))
     return out
+
+
+def _booted_at() -> float | None:
+    try:
+        return next(float(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime "))
+    except (OSError, StopIteration):
+        return None
 
 
 # --------------------------------------------------------------------------- reaping
@@ -264,7 +370,14 @@ def reap_orphans(*, prefect: bool = True, logger: Any = None) -> list[Reaped]:
     done: list[Reaped] = []
     try:
         for path, rec in active_runs():
-            if rec.process_alive() is not False:
+            alive = rec.process_alive()
+            if rec.garbled and alive is None:
+                booted = _booted_at()  # no lock to ask: a record older than this boot is dead
+                alive = False if booted is not None and rec.started_at < booted else None
+            if rec.garbled:  # logged, never skipped silently
+                log.warning("active-run record %s is unreadable (empty or garbled, e.g. on a full disk); %s", path,
+                            f"closing run {rec.flow_run_id}" if alive is False else "its run may be alive: left")
+            if alive is not False:
                 continue
             try:
                 result = _reap_one(path, rec, prefect=prefect)
@@ -273,7 +386,9 @@ def reap_orphans(*, prefect: bool = True, logger: Any = None) -> list[Reaped]:
                             rec.flow_run_id, _masked(str(e)))
                 continue
             done.append(result)
-            log.warning("%s", result.summary())
+            # A failed run that closed its own runs leaves nothing to change: no line for that.
+            log.log(logging.WARNING if result.mlflow_runs or result.prefect_runs else logging.DEBUG,
+                    "%s", result.summary())
     finally:
         lock.release()
     return done
@@ -291,15 +406,16 @@ def _reap_one(path: Path, rec: ActiveRun, *, prefect: bool) -> Reaped:
     mlflow_runs: list[str] = []
     prefect_runs: list[str] = []
     if not rec.mlflow_done:
-        if rec.parent_run_id and rec.tracking_uri:
-            try:
-                mlflow_runs = kill_mlflow_runs(tracking_uri=rec.tracking_uri, parent_run_id=rec.parent_run_id,
-                                               reason=reason)
-                rec.mlflow_done = True
-            except Exception as e:  # noqa: BLE001
-                pending.append(f"MLflow ({_masked(str(e)).splitlines()[0][:200]})")
-        else:
-            rec.mlflow_done = True  # killed before its MLflow parent run existed
+        try:
+            if rec.parent_run_id and rec.tracking_uri:
+                parents = [(rec.tracking_uri, rec.parent_run_id)]
+            else:  # the record never got (or lost) its parent run: find it by its flow-run tag
+                parents = find_parent_runs(flow_run_id=rec.flow_run_id, tracking_uri=rec.tracking_uri or None)
+            for uri, parent in parents:
+                mlflow_runs += kill_mlflow_runs(tracking_uri=uri, parent_run_id=parent, reason=reason)
+            rec.mlflow_done = True  # (no parent at all: killed before its MLflow parent run existed)
+        except Exception as e:  # noqa: BLE001
+            pending.append(f"MLflow ({_masked(str(e)).splitlines()[0][:200]})")
     if not rec.prefect_done:
         if not _is_uuid(rec.flow_run_id):
             rec.prefect_done = True  # ran outside Prefect
@@ -315,6 +431,7 @@ def _reap_one(path: Path, rec: ActiveRun, *, prefect: bool) -> Reaped:
                 pending.append(f"Prefect ({_masked(str(e)).splitlines()[0][:200]})")
     if rec.mlflow_done and rec.prefect_done:
         path.unlink(missing_ok=True)
+        _lock_path(rec.flow_run_id).unlink(missing_ok=True)
     else:
         _write_private(path, json.dumps(asdict(rec), indent=1))
     return Reaped(flow_run_id=rec.flow_run_id, pipeline=rec.pipeline, mlflow_runs=tuple(mlflow_runs),
@@ -329,6 +446,35 @@ def _is_uuid(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def find_parent_runs(*, flow_run_id: str, tracking_uri: str | None = None) -> list[tuple[str, str]]:
+    """``(tracking URI, run id)`` of the MLflow parent run(s) tagged with ``flow_run_id``.
+
+    For records that never got their parent run id (its update failed, e.g. on a full disk) or
+    lost it (garbled): searched in ``tracking_uri``, else the store this home resolves to. A local
+    store that does not exist yet has no runs (it is not created here).
+    """
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from sftflow.tracking.runs import init_store, is_local_store, resolve_tracking_uri
+
+    uri = tracking_uri or resolve_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1]).exists():
+        return []
+    if not is_local_store(uri):
+        from sftflow.tracking.runs import check_tracking_server
+
+        check_tracking_server(uri, timeout=5)
+    init_store(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    if not exps:
+        return []
+    runs = client.search_runs(exps, filter_string=f"tags.`{TAG_FLOW_RUN}` = '{flow_run_id}' and "
+                                                 f"tags.`{TAG_KIND}` = 'pipeline'", run_view_type=ViewType.ALL)
+    return [(uri, r.info.run_id) for r in runs]
 
 
 def kill_mlflow_runs(*, tracking_uri: str, parent_run_id: str, reason: str, status: str = "KILLED") -> list[str]:
@@ -452,84 +598,3 @@ def crash_prefect_runs(rec: ActiveRun, *, reason: str) -> list[str]:
                 break
             offset += len(page)
     return changed
-
-
-# --------------------------------------------------------------------------- Prefect's temporary server
-_guard_class: Any = None
-
-
-def _prefect_home() -> Path:
-    from prefect.settings import get_current_settings
-
-    return Path(get_current_settings().home).expanduser()
-
-
-def _guarded_server_class() -> Any:
-    """A ``SubprocessASGIServer`` whose process dies with ours and whose start is serialised."""
-    global _guard_class
-    if _guard_class is not None:
-        return _guard_class
-    from prefect.server.api.server import SubprocessASGIServer
-
-    class GuardedASGIServer(SubprocessASGIServer):  # type: ignore[misc, valid-type]
-        """Prefect's temporary server, supervised: see ``guard_ephemeral_server``."""
-
-        def start(self, timeout: int | None = None) -> None:
-            if self.running:
-                return
-            from filelock import FileLock
-
-            home = _prefect_home()
-            home.mkdir(parents=True, exist_ok=True)
-            # Creating/migrating the database happens in the server's startup, before /health
-            # answers: two first runs at once would migrate one SQLite file concurrently.
-            with FileLock(str(home / ".server-start.lock"), timeout=900):
-                super().start(timeout=timeout)
-
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            # Same command and environment as Prefect's own (prefect 3.x SubprocessASGIServer),
-            # but (1) SIGKILL when this process dies, even by kill -9, (2) its own session, so a
-            # Ctrl-C in the terminal reaches the flow (which still reports its final state to the
-            # server) and not the server first; Prefect's atexit stop() ends it on a normal exit.
-            import prefect
-            from prefect.settings import get_current_settings
-
-            argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                    "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                   "PREFECT__SERVER_FINAL": "1",
-                   **get_current_settings().to_environment_variables(exclude_unset=True)}
-            return call_in_lifetime_thread(
-                lambda: subprocess.Popen(die_with_parent(argv), env=env, start_new_session=True))
-
-    _guard_class = GuardedASGIServer
-    return _guard_class
-
-
-def guard_ephemeral_server() -> bool:
-    """Supervise the temporary Prefect server this process may start (no ``PREFECT_API_URL``).
-
-    Call before the first flow run or Prefect client of the process (``sftflow run`` does).
-    Afterwards the server Prefect starts on demand dies with this process (parent-death signal)
-    and its database initialisation is serialised with other processes on the same Prefect home.
-
-    Returns:
-        True when the guard is in place; False when a Prefect API URL is configured (nothing to
-        guard) or Prefect's default temporary server already runs in this process (too late).
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return False
-    from prefect.server.api.server import SubprocessASGIServer
-
-    cls = _guarded_server_class()
-    existing = SubprocessASGIServer._instances.get(None)
-    if isinstance(existing, cls):
-        return True
-    if existing is not None and existing.running:
-        return False
-    SubprocessASGIServer._instances.pop(None, None)
-    cls()  # registers itself as the default (port None) instance that Prefect's clients use
-    return True

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,97 @@ def test_repair_leaves_healthy_and_foreign_stores_alone(tmp_path: Path) -> None:
     con.close()
     assert repair_interrupted_migration(f"sqlite:///{orphan}") == []
     assert sqlite3.connect(orphan).execute("SELECT x FROM _alembic_tmp_runs").fetchall() == [(1,)]
+
+
+# ----------------------------------------------------------------------------- active-run records
+REPO = Path(__file__).resolve().parents[2]
+
+_RUN = """
+import json, sys, time
+from mlflow.tracking import MlflowClient
+from sftflow.tracking import runs as tracking
+from sftflow.ops import recovery
+uri = tracking.default_tracking_uri()
+exp = tracking.ensure_experiment("sftflow-full-disk", uri=uri)
+c = MlflowClient(uri)
+parent = c.create_run(exp, tags={"sftflow.kind": "pipeline", "sftflow.prefect_flow_run_id": sys.argv[1]}).info.run_id
+stage = c.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+recovery.register_active_run(flow_run_id=sys.argv[1], pipeline="p")
+if sys.argv[2] == "with-parent":
+    recovery.register_active_run(flow_run_id=sys.argv[1], pipeline="p", tracking_uri=uri, parent_run_id=parent)
+print(json.dumps({"parent": parent, "stage": stage}), flush=True)
+time.sleep(120)
+"""
+
+
+def _killed_run(home: Path, flow_run_id: str, mode: str) -> dict:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["SFTFLOW_HOME"] = str(home)
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, flow_run_id, mode], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line, "the run process failed to start"
+    proc.kill()  # kill -9
+    proc.wait()
+    return json.loads(line)
+
+
+def test_record_write_on_a_full_disk_keeps_the_previous_record(sftflow_home: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from sftflow.ops import recovery
+
+    path = recovery.register_active_run(flow_run_id="local-enospc", pipeline="p")
+    before = path.read_text()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)  # the data of the new record cannot reach the disk
+    with pytest.raises(OSError, match="No space left"):
+        recovery.register_active_run(flow_run_id="local-enospc", pipeline="p", tracking_uri="sqlite:///x.db",
+                                     parent_run_id="abc")
+    monkeypatch.undo()
+    assert path.read_text() == before and json.loads(before)["flow_run_id"] == "local-enospc"
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    recovery.clear_active_run("local-enospc")
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbled", "no-parent-id"])
+def test_unreadable_or_incomplete_record_is_still_reaped(sftflow_home: Path, damage: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A killed run whose record is empty/garbled (or never got its parent run id because that
+    write failed): the reaper logs it and closes the MLflow runs it finds by the flow-run tag."""
+    from mlflow.tracking import MlflowClient
+
+    from sftflow.ops import recovery
+    from sftflow.tracking import runs as tracking
+
+    flow_run_id = f"local-{damage}"
+    runs = _killed_run(sftflow_home, flow_run_id, "no-parent" if damage == "no-parent-id" else "with-parent")
+    record = recovery.active_dir() / f"{flow_run_id}.json"
+    if damage == "empty":
+        record.write_text("")
+    elif damage == "garbled":
+        record.write_bytes(b'{"flow_run_id": "local-gar\x00\x00')
+    with caplog.at_level(logging.WARNING, logger="sftflow.ops.recovery"):
+        reaped = recovery.reap_orphans(prefect=False)
+    assert [r.flow_run_id for r in reaped] == [flow_run_id] and reaped[0].pending == "", reaped
+    assert set(reaped[0].mlflow_runs) == {runs["parent"], runs["stage"]}
+    client = MlflowClient(tracking.default_tracking_uri())
+    assert {client.get_run(r).info.status for r in runs.values()} == {"KILLED"}
+    lines = [r.getMessage() for r in caplog.records]
+    if damage != "no-parent-id":
+        assert any("is unreadable" in ln and flow_run_id in ln for ln in lines), lines
+    assert not record.exists() and recovery.reap_orphans(prefect=False) == []
+
+
+def test_unreadable_record_of_a_live_run_is_left_alone(sftflow_home: Path) -> None:
+    from sftflow.ops import recovery
+
+    with recovery.active_run(flow_run_id="local-live", pipeline="p") as path:
+        path.write_text("")  # damaged while the run is alive: its lock says so
+        assert recovery.reap_orphans(prefect=False) == [] and path.exists()
