@@ -26,6 +26,10 @@ from sftflow.config import AugmentationConfig, DedupConfig
 from sftflow.data.neardup import CrossPair, find_cross_duplicates, strongest_matches
 from sftflow.data.records import normalize_text
 
+# (reason, detail), or None when the check passes: what every filter returns.
+Problem = tuple[str, str] | None
+
+
 # --------------------------------------------------------------------------- segments
 _BOILERPLATE = re.compile(
     r"cookie|privacy policy|terms of (use|service)|all rights reserved|click here|subscribe|sign up|"
@@ -36,24 +40,42 @@ _BOILERPLATE = re.compile(
 _URL = re.compile(r"https?://|www\.|\S+@\S+\.\w+")
 
 
-def segment_filter_reason(text: str, *, min_words: int, max_words: int) -> tuple[str, str] | None:
-    """Why a segment is unusable as a response, as (reason, detail); None when it is fine."""
+def length_reason(text: str, *, min_words: int, max_words: int) -> Problem:
+    """``too_short`` / ``too_long``: outside ``[min_words, max_words]`` words."""
     n = len(text.split())
     if n < min_words:
         return "too_short", f"{n} words < min_words {min_words}"
     if n > max_words:
         return "too_long", f"{n} words > max_words {max_words}"
+    return None
+
+
+def boilerplate_reason(text: str) -> Problem:
+    """``boilerplate``: web-page furniture (cookies, sign-up, copyright, "read more"...)."""
     m = _BOILERPLATE.search(text)
-    if m:
-        return "boilerplate", f"matched {m.group(0)!r}"
+    return ("boilerplate", f"matched {m.group(0)!r}") if m else None
+
+
+def url_heavy_reason(text: str) -> Problem:
+    """``url_heavy``: two or more URLs / e-mail addresses."""
     urls = len(_URL.findall(text))
-    if urls >= 2:
-        return "url_heavy", f"{urls} URLs/e-mails"
+    return ("url_heavy", f"{urls} URLs/e-mails") if urls >= 2 else None
+
+
+def non_prose_reason(text: str) -> Problem:
+    """``non_prose``: letters are under 60% of the visible characters (tables, numbers, code)."""
     visible = [c for c in text if not c.isspace()]
     alpha = sum(c.isalpha() for c in visible) / max(1, len(visible))
-    if alpha < 0.6:
-        return "non_prose", f"letters are {alpha:.0%} of characters"
-    return None
+    return ("non_prose", f"letters are {alpha:.0%} of characters") if alpha < 0.6 else None
+
+
+def segment_filter_reason(text: str, *, min_words: int, max_words: int) -> Problem:
+    """Why a segment is unusable as a response, as (reason, detail); None when it is fine.
+
+    The checks, first failing one wins: length, boilerplate, URL-heavy, non-prose.
+    """
+    return (length_reason(text, min_words=min_words, max_words=max_words) or boilerplate_reason(text)
+            or url_heavy_reason(text) or non_prose_reason(text))
 
 
 # Seed near-duplicates use the one near-duplicate definition (``sftflow.data.neardup``) on the
@@ -201,25 +223,28 @@ def _foreign_letters(instruction: str, segment: str) -> list[str]:
             or (unicodedata.category(c) == "Cc" and c not in "\n\t")]
 
 
-def instruction_filter_reason(instruction: str, segment: str, *, finished: bool, reject_truncated: bool = True
-                              ) -> tuple[str, str] | None:
-    """Why a generated instruction is unusable, as (reason, detail); None when it passes.
-
-    Reasons: ``empty``, ``truncated`` (hit the token bound without an end-of-turn, nothing to
-    salvage), ``too_short``, ``garbled`` (letters of a script the segment does not use: decoding
-    noise), ``repetitive``, ``copies_segment``, ``meta_instruction``.
-    """
-    text = " ".join(instruction.split())
+def empty_reason(text: str) -> Problem:
+    """``empty``: no letter at all."""
     if not any(c.isalpha() for c in text):
         return "empty", "no letters" if text else "empty output"
-    if not finished and reject_truncated:
-        return "truncated", "hit max_new_tokens without an end-of-turn"
-    words = normalize_text(text).split()
-    if len(words) < 3:
-        return "too_short", f"{len(words)} words"
+    return None
+
+
+def too_short_reason(words: Sequence[str]) -> Problem:
+    """``too_short``: fewer than 3 (normalised) words."""
+    return ("too_short", f"{len(words)} words") if len(words) < 3 else None
+
+
+def garbled_reason(text: str, segment: str) -> Problem:
+    """``garbled``: letters of a script the segment does not use, replacement or control characters."""
     foreign = _foreign_letters(text, segment)
     if foreign:
         return "garbled", f"{len(foreign)} letters of a script the segment does not use, e.g. {foreign[0]!r}"
+    return None
+
+
+def repetitive_reason(text: str, words: Sequence[str]) -> Problem:
+    """``repetitive``: a character 10+ times, a word 4+ times in a row, few distinct words, or a trigram 3+ times."""
     if re.search(r"(.)\1{9,}", text):
         return "repetitive", "a character repeated 10+ times"
     if re.search(r"\b(\w+)(\W+\1\b){3,}", text, re.IGNORECASE):
@@ -229,17 +254,49 @@ def instruction_filter_reason(instruction: str, segment: str, *, finished: bool,
     trigrams = Counter(zip(words, words[1:], words[2:]))
     if trigrams and trigrams.most_common(1)[0][1] >= 3:
         return "repetitive", f"trigram {' '.join(trigrams.most_common(1)[0][0])!r} repeated"
+    return None
+
+
+def copies_segment_reason(words: Sequence[str], segment: str) -> Problem:
+    """``copies_segment``: an instruction of 8+ words that is a span of the segment, or shares more
+    than half its word 6-grams with it (the answer copied into the question)."""
+    if len(words) < 8:
+        return None
     norm_instr, norm_seg = " ".join(words), normalize_text(segment)
-    if len(words) >= 8 and norm_instr in norm_seg:
+    if norm_instr in norm_seg:
         return "copies_segment", "the instruction is a span of the segment"
-    if len(words) >= 8:
-        six = {tuple(words[i:i + 6]) for i in range(len(words) - 5)}
-        seg_words = norm_seg.split()
-        seg_six = {tuple(seg_words[i:i + 6]) for i in range(len(seg_words) - 5)}
-        if six and len(six & seg_six) / len(six) > 0.5:
-            return "copies_segment", f"{len(six & seg_six)}/{len(six)} word 6-grams from the segment"
+    six = {tuple(words[i:i + 6]) for i in range(len(words) - 5)}
+    seg_words = norm_seg.split()
+    seg_six = {tuple(seg_words[i:i + 6]) for i in range(len(seg_words) - 5)}
+    if six and len(six & seg_six) / len(six) > 0.5:
+        return "copies_segment", f"{len(six & seg_six)}/{len(six)} word 6-grams from the segment"
+    return None
+
+
+def meta_instruction_reason(text: str) -> Problem:
+    """``meta_instruction``: the instruction describes the text or asks for it (``_META``) instead of
+    asking something the segment answers."""
     for pattern in _META:
         m = pattern.search(text)
         if m:
             return "meta_instruction", f"matched {m.group(0).strip()!r}"
     return None
+
+
+def instruction_filter_reason(instruction: str, segment: str, *, finished: bool, reject_truncated: bool = True
+                              ) -> Problem:
+    """Why a generated instruction is unusable, as (reason, detail); None when it passes.
+
+    The checks, first failing one wins: ``empty``, ``truncated`` (hit the token bound without an
+    end-of-turn, nothing to salvage; only with ``reject_truncated``), ``too_short``, ``garbled``
+    (decoding noise), ``repetitive``, ``copies_segment``, ``meta_instruction``.
+    """
+    text = " ".join(instruction.split())
+    why = empty_reason(text)
+    if why is None and not finished and reject_truncated:
+        why = "truncated", "hit max_new_tokens without an end-of-turn"
+    if why is not None:
+        return why
+    words = normalize_text(text).split()
+    return (too_short_reason(words) or garbled_reason(text, segment) or repetitive_reason(text, words)
+            or copies_segment_reason(words, segment) or meta_instruction_reason(text))
