@@ -110,13 +110,17 @@ def documents(path: Path, fmt: str, text_field: str) -> Iterable[tuple[str, str]
                 raise DataError(f"{path}:{n}: no string field {text_field!r} (set augmentation.corpus.text_field)")
             yield f"{path.name}:{n}", row[text_field]
     elif fmt == "text_lines":
+        from sftflow.data.readers import text_encoding
+
+        enc = text_encoding(path)  # UTF-8, or UTF-16/32 with a BOM or recognised by its NUL bytes (issue 22)
         try:
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding=enc) as f:
                 for n, line in enumerate(f, start=1):
                     if line.strip():
                         yield f"{path.name}:{n}", line
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; expected UTF-8 text (format text_lines)") from None
+            raise DataError(f"{path}: invalid {enc.upper()} at byte {e.start}; expected UTF-8 text (format "
+                            "text_lines)") from None
     else:
         raise DataError(f"augmentation.corpus.format: unknown format {fmt!r}")
 

@@ -145,12 +145,13 @@ def _strip_bom(path: Path, data: bytes) -> tuple[bytes, str]:
     return data, "utf-8"
 
 
-def sniff_utf16_32(data: bytes) -> str | None:
+def sniff_utf16_32(data: bytes, *, partial: bool = False) -> str | None:
     """The UTF-16/32 codec (``utf-16-le``...) a BOM-less file is in, judged by where its NUL bytes fall; else None.
 
     JSON, JSONL and CSV are mostly ASCII (keys, punctuation, digits), so in UTF-16-LE nearly every
     second byte is NUL and in UTF-32-LE three of four; UTF-8 text has no NUL byte at all (a NUL is
-    U+0000, which JSON must escape). The guess is confirmed by decoding the whole file with it.
+    U+0000, which JSON must escape). The guess is confirmed by decoding ``data`` with it (``partial``:
+    ``data`` is the head of a longer file, so it may end mid-character).
     """
     sample = data[:8192]
     if b"\x00" not in sample:
@@ -165,26 +166,41 @@ def sniff_utf16_32(data: bytes) -> str | None:
             guess = "utf-32-be"
         else:
             guess = None
-        if guess and _decodes(data, guess):
+        if guess and _decodes(data, guess, partial=partial):
             return guess
     n2 = len(sample) // 2 * 2
     h = n2 // 2
     even = sum(1 for k in range(0, n2, 2) if sample[k] == 0)
     odd = sum(1 for k in range(1, n2, 2) if sample[k] == 0)
     for guess, many, few in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
-        if h and many >= 0.1 * h and few * 4 <= many and _decodes(data, guess):
+        if h and many >= 0.1 * h and few * 4 <= many and _decodes(data, guess, partial=partial):
             return guess
     return None
 
 
-def _decodes(data: bytes, codec: str) -> bool:
-    if len(data) % (4 if "32" in codec else 2):
+def _decodes(data: bytes, codec: str, *, partial: bool = False) -> bool:
+    """True when ``data`` is valid ``codec`` text (``partial``: a prefix of it, cut anywhere)."""
+    if not partial and len(data) % (4 if "32" in codec else 2):
         return False
     try:
-        data.decode(codec)
+        codecs.getincrementaldecoder(codec)().decode(data, final=not partial)
     except UnicodeDecodeError:
         return False
     return True
+
+
+def text_encoding(path: Path, *, sample_bytes: int = 1 << 16) -> str:
+    """The codec to open a plain text file with: ``utf-8-sig``, ``utf-16``/``utf-32`` (a BOM), a BOM-less
+    UTF-16/32 codec recognised by ``sniff_utf16_32`` on the first ``sample_bytes``, else ``utf-8``."""
+    with open(path, "rb") as f:
+        head = f.read(sample_bytes)
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return sniff_utf16_32(head, partial=len(head) == sample_bytes) or "utf-8"
 
 
 def _latin1_hint(byte: int) -> str:

@@ -203,3 +203,18 @@ def test_truncated_last_jsonl_line(tmp_path: Path) -> None:
     g.write_bytes(b'{"instruction": "q", "output": "a\n{"instruction": "q2", "output": "a2"}\n')
     _, df, q = _run(tmp_path, g, max_quarantine_fraction=0.5)
     assert len(df) == 1 and "truncated" not in q.iloc[0]["reason"]
+
+
+# --------------------------------------------------------------------------- plain text (corpus text_lines)
+LINES = ["The Danube flows through ten countries.", "Der Donaudampfschiffahrtskapitän grüßt.", "長江は中国最長の川です。 🌊"]
+
+
+@pytest.mark.parametrize("codec,bom", [("utf-8", b""), ("utf-8", codecs.BOM_UTF8)]
+                         + [(c, b) for c in BOMS for b in (BOMS[c], b"")])
+def test_text_lines_corpus_in_any_unicode_encoding(tmp_path: Path, codec: str, bom: bytes) -> None:
+    from sftflow.augment.corpus import documents
+
+    f = tmp_path / "corpus.txt"
+    f.write_bytes(bom + "\r\n".join(LINES * 300).encode(codec) + "\r\n".encode(codec))  # UTF-16/32: longer than the 64 KiB sniffed
+    got = [text.rstrip("\r\n") for _, text in documents(f, "text_lines", "text")]
+    assert got == LINES * 300  # no NUL bytes, no U+FEFF glued to the first line
