@@ -1,4 +1,5 @@
-"""Train from the command line: ``python -m sftflow.training`` (the flow calls ``tasks.train.train_task``).
+"""Train from the command line: ``python -m sftflow.training`` (the flow trains through
+``sftflow.training.entry.run_training``: a content-keyed folder, resume, torchrun by ``num_processes``).
 
 ::
 

@@ -1,5 +1,8 @@
 """Data-parallel training from the flow: the recipe in ``num_processes`` processes under torchrun.
 
+Called by the one training entry (``sftflow.training.entry.run_training``) when
+``training.num_processes`` > 1; the pipeline never calls it directly.
+
 ``launch_training`` has the signature and result of ``sftflow.training.loop.train`` but runs it as
 ``python -m torch.distributed.run --standalone --nproc_per_node N -m sftflow.training --job FILE``
 (DDP; gloo on CPU, NCCL with one GPU per process; see ``loop.train`` for how the global batch
