@@ -113,13 +113,16 @@ def read_file(path: Path, *, max_line_chars: int, split: str = "train",
     body, encoding = _strip_bom(path, data)
     how = encoding if encoding == "utf-8" else f"{encoding} (byte-order mark)"
     if encoding == "utf-8" and not data.startswith(codecs.BOM_UTF8):
-        sniffed = sniff_utf16_32(body)
+        sniffed = sniff_utf16_32(body, partial=True)  # partial: a file cut mid-character is still recognised
         if sniffed:
             encoding, how = sniffed, f"{sniffed} (no byte-order mark)"
     kind = suffix.lstrip(".").upper()
     if encoding != "utf-8":
         try:
-            body = body.decode(encoding).encode("utf-8")  # UTF-16/32: re-encode, then one code path
+            # UTF-16/32: re-encode, then one code path. A file cut mid-character keeps its whole
+            # characters (its last row then reads as truncated) rather than failing as a whole.
+            dec = codecs.getincrementaldecoder(encoding)()
+            body = dec.decode(body, final=False).encode("utf-8")
         except UnicodeDecodeError as e:
             said = ("its byte-order mark announces" if "mark)" in how and "no byte" not in how
                     else "its NUL-byte pattern suggests")
@@ -128,12 +131,19 @@ def read_file(path: Path, *, max_line_chars: int, split: str = "train",
     if not body.strip(b" \t\r\n"):
         raise IngestError(f"{path}: file is empty (expected {kind} records)"
                           + (" (only blank lines)" if body else ""))
-    if suffix == ".csv":
-        return FileRows(_read_csv(path, body, max_line_chars=max_line_chars), digest, tabular=True, encoding=how)
-    if suffix in (".jsonl", ".ndjson"):
-        return FileRows(_read_jsonl(path, body, max_line_chars=max_line_chars), digest, tabular=False, encoding=how)
-    return FileRows(_read_json(path, body, max_line_chars=max_line_chars, is_record=is_record), digest,
-                    tabular=False, encoding=how)
+    try:
+        if suffix == ".csv":
+            return FileRows(_read_csv(path, body, max_line_chars=max_line_chars), digest, tabular=True, encoding=how)
+        if suffix in (".jsonl", ".ndjson"):
+            return FileRows(_read_jsonl(path, body, max_line_chars=max_line_chars), digest, tabular=False,
+                            encoding=how)
+        return FileRows(_read_json(path, body, max_line_chars=max_line_chars, is_record=is_record), digest,
+                        tabular=False, encoding=how)
+    except IngestError as e:
+        if encoding == "utf-8":
+            raise
+        # Positions in the message count characters of the decoded text; say which decoding that was.
+        raise IngestError(f"{e} (the file was decoded as {encoding.upper()}{how[len(encoding):]})") from None
 
 
 def _strip_bom(path: Path, data: bytes) -> tuple[bytes, str]:
@@ -288,8 +298,8 @@ def _parse_line(line: str) -> tuple[Any, str | None]:
     """One JSON text → (object, None) or (None, reason)."""
     try:
         obj = _loads(line)
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON: {e.msg} at column {e.colno}"
+    except json.JSONDecodeError as e:  # ("Unterminated string starting at" + " at column": one "at")
+        return None, f"malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
     except ValueError as e:  # e.g. an integer literal longer than Python's 4300-digit conversion limit
         return None, f"malformed JSON: {str(e)[:120]}"
     except RecursionError:

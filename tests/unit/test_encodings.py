@@ -99,6 +99,20 @@ def test_invalid_utf16_names_the_encoding_and_byte(tmp_path: Path) -> None:
         _run(tmp_path, f)
 
 
+def test_utf16_cut_mid_character(tmp_path: Path) -> None:
+    # An interrupted copy: whole characters are kept, the last row is named as truncated.
+    f = tmp_path / "cut16.jsonl"
+    f.write_bytes(_text("jsonl").encode("utf-16-le")[:-3])
+    res, df, q = _run(tmp_path, f)
+    assert len(df) == 19 and list(q["row"]) == [20]
+    assert q.iloc[0]["reason"].endswith("(the last line has no line end: the file looks truncated)")
+    g = tmp_path / "cut16.json"
+    g.write_bytes(_text("json").encode("utf-16-be")[:-5])
+    with pytest.raises(IngestError, match=r"cut16.json: not valid JSON at line \d+ column \d+: .*\(the file was "
+                                          r"decoded as UTF-16-BE \(no byte-order mark\)\)$"):
+        _run(tmp_path, g)
+
+
 # --------------------------------------------------------------------------- invalid UTF-8
 def test_bad_byte_in_a_json_list_quarantines_only_its_record(tmp_path: Path) -> None:
     f = tmp_path / "list.json"
@@ -196,7 +210,7 @@ def test_truncated_last_jsonl_line(tmp_path: Path) -> None:
     f.write_bytes(full[: len(full) - 25])  # the last record cut mid-string, no final newline
     res, df, q = _run(tmp_path, f)
     assert len(df) == 19 and list(q["row"]) == [20]
-    assert q.iloc[0]["reason"].startswith("malformed JSON: Unterminated string")
+    assert q.iloc[0]["reason"].startswith("malformed JSON: Unterminated string starting at column ")
     assert q.iloc[0]["reason"].endswith("(the last line has no line end: the file looks truncated)")
     # A malformed line that is not the last one gets no such note.
     g = tmp_path / "mid.jsonl"
