@@ -221,7 +221,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve_pipeline(args.pipeline, overrides=args.overrides, path=args.pipelines_file)
     warnings = preflight(cfg, pipeline=args.pipeline)
     check_home()
+    _check_inputs_readable(cfg, pipeline=args.pipeline)
     _check_tracking(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    _check_local_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
     if os.environ.get("PREFECT_API_URL"):
         from sftflow.ops.services import check_prefect_server
 
@@ -393,15 +395,59 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_local_store(uri: str) -> None:
-    """A file-based store must exist: reading lineage must not create an empty store (and say "no model")."""
+def _store_path(uri: str) -> str:
+    """The file or folder of a file-based MLflow store URI ("" for ``:memory:``)."""
     from urllib.parse import urlparse
 
     parsed = urlparse(uri)
     path = uri.removeprefix("sqlite:///") if parsed.scheme == "sqlite" else (parsed.path if parsed.scheme else uri)
-    if path and path != ":memory:" and not os.path.exists(path):
+    return "" if path == ":memory:" else path
+
+
+def _require_local_store(uri: str) -> None:
+    """A file-based store must exist: reading lineage must not create an empty store (and say "no model")."""
+    path = _store_path(uri)
+    if path and not os.path.exists(path):
         raise NotFoundError(f"no MLflow store at {path}: nothing has run under this $SFTFLOW_HOME yet "
                         "(set SFTFLOW_HOME, --tracking-uri or MLFLOW_TRACKING_URI to the store that holds the model)")
+    _check_local_store(uri)
+
+
+def _check_local_store(uri: str) -> None:
+    """An existing SQLite store must be a readable database (StoreDamaged, exit 3, naming the file,
+    otherwise): a damaged file fails here in one line, not in a stage or as "the run was deleted"."""
+    from sftflow.tracking.runs import check_sqlite_store
+
+    if uri.startswith("sqlite:"):
+        check_sqlite_store(uri)
+
+
+def _check_inputs_readable(cfg: Any, *, pipeline: str) -> None:
+    """Every local input file (sources, the augmentation corpus) can be opened by this user, before any
+    stage runs (a file the preflight could not count because it is unreadable fails here, in one line)."""
+    import glob
+
+    from sftflow.errors import access_denied
+
+    paths = [s.path for s in cfg.sources if s.path]
+    if cfg.augmentation.enabled and cfg.augmentation.corpus is not None:
+        paths.append(cfg.augmentation.corpus.path)
+    for pattern in paths:
+        for p in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) or [os.path.expanduser(pattern)]:
+            files = [p]
+            if os.path.isdir(p):
+                def denied(e: OSError) -> None:
+                    if isinstance(e, PermissionError):
+                        raise access_denied(e.filename or p) from None
+                files = [os.path.join(d, f) for d, _, fs in os.walk(p, onerror=denied) for f in fs]
+            for f in files:
+                try:
+                    with open(f, "rb") as fh:
+                        fh.read(1)
+                except PermissionError:
+                    raise access_denied(f) from None
+                except OSError:
+                    continue  # a missing file is the preflight's to report
 
 
 COMMANDS = {
@@ -457,8 +503,13 @@ def _save_traceback(exc: BaseException) -> str | None:
     if not home.is_dir():
         return None
     try:
+        from sftflow.masking import mask_text
+
         path = layout.ensure(home / "logs") / "last-error.txt"
-        path.write_text("".join(traceback.format_exception(exc)))
+        path.unlink(missing_ok=True)  # created anew: owner-only from the first byte
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(mask_text("".join(traceback.format_exception(exc))))
     except OSError:
         return None
     return str(path)
@@ -467,6 +518,11 @@ def _save_traceback(exc: BaseException) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sftflow`` console script; returns the exit code (see ``sftflow.errors``)."""
     args = build_parser().parse_args(argv)  # usage errors: argparse prints two lines and exits 2
+    from sftflow.masking import install_masking
+
+    # Before any command runs: no credential (a tracking URI's password, a token) reaches the
+    # console, a log line or a log file, whichever library writes it.
+    install_masking()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

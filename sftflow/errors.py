@@ -18,18 +18,25 @@ code  name                   meaning
 1     ``EXIT_FAILURE``       the pipeline failed for another reason (a bug, a crash in a stage)
 2     ``EXIT_CONFIG``        bad pipelines.yaml / override / command-line argument, unknown
                              pipeline or model, a size the data cannot satisfy (found before work)
-3     ``EXIT_SERVICE``       a tracking / Prefect server does not answer or cannot start
-4     ``EXIT_DATA``          bad input data: a source file cannot be ingested, the validation
-                             suite failed, too few rows left for the split
-5     ``EXIT_HOME``          ``$SFTFLOW_HOME`` cannot be used (not a folder, not writable)
+3     ``EXIT_SERVICE``       a tracking / Prefect server does not answer or cannot start, or a
+                             store's database file is damaged (``file is not a database``)
+4     ``EXIT_DATA``          bad input data: a source file cannot be ingested or read (permission
+                             denied), the validation suite failed, too few rows left for the split
+5     ``EXIT_HOME``          ``$SFTFLOW_HOME`` cannot be used (not a folder, not writable, a file
+                             in it that this user may not read or write), or a filesystem has
+                             not enough free space: before the run (the preflight's estimate) or
+                             during it (ENOSPC / quota; the line names the mount point and what
+                             is free)
 130   ``EXIT_INTERRUPTED``   interrupted (Ctrl-C)
 ====  =====================  ================================================================
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from pathlib import Path
 from typing import Iterator
 
 EXIT_OK = 0
@@ -44,9 +51,9 @@ EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success (or skipped: nothing changed)",
     EXIT_FAILURE: "the pipeline failed for another reason (a bug, a crash in a stage)",
     EXIT_CONFIG: "bad pipelines.yaml / override / argument, unknown pipeline or model, impossible size",
-    EXIT_SERVICE: "a tracking / Prefect server does not answer",
-    EXIT_DATA: "bad input data (a file that cannot be ingested, a failed validation suite, too few rows)",
-    EXIT_HOME: "$SFTFLOW_HOME is not a writable folder",
+    EXIT_SERVICE: "a tracking / Prefect server does not answer, or a store's database file is damaged",
+    EXIT_DATA: "bad input data (a file that cannot be ingested or read, a failed validation suite, too few rows)",
+    EXIT_HOME: "$SFTFLOW_HOME is not a writable folder (or a file in it cannot be used), or a disk is full",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -95,6 +102,143 @@ class HomeError(UserError, OSError):
     label = "unusable $SFTFLOW_HOME"
 
 
+class DiskFullError(HomeError):
+    """A filesystem ran out of space (or quota) while the command wrote to it (exit 5, like the
+    preflight's ``sftflow.ops.diskspace.DiskSpaceError`` found before the run)."""
+
+    label = "disk full"
+
+
+class StoreDamaged(UserError, RuntimeError):
+    """A store's database file cannot be read as a database (truncated, overwritten, not SQLite)."""
+
+    exit_code = EXIT_SERVICE
+    label = "damaged store"
+
+
+class AccessDenied(UserError, PermissionError):
+    """A file or folder this user may not read / write (exit 5 inside ``$SFTFLOW_HOME``, else 4)."""
+
+    exit_code = EXIT_DATA
+    label = "permission denied"
+
+
+# SQLite's words for a file that is not (or no longer) a database, and for a full disk.
+_SQLITE_DAMAGED = ("file is not a database", "database disk image is malformed", "file is encrypted or is not a database")
+_SQLITE_FULL = ("database or disk is full", "no space left on device")
+
+
+def _home() -> Path:
+    from sftflow import layout  # lazily: layout is as low as this module, and imports nothing of ours
+
+    return layout.sftflow_home()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the filesystem that holds ``path`` (its nearest existing ancestor's)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _fs_type(mount: Path) -> str:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            types = {fields[1]: fields[2] for fields in (line.split() for line in f) if len(fields) > 2}
+        return types.get(str(mount), "")
+    except OSError:
+        return ""
+
+
+def disk_full(path: str | Path | None = None, *, cause: BaseException | None = None) -> DiskFullError:
+    """The one-line error for a full filesystem: which filesystem (mount point, type), how much is
+    free of its size, the file being written, and what to do.
+
+    Args:
+        path: the file being written (default: ``$SFTFLOW_HOME``, where everything is written).
+        cause: the original error (its errno tells a quota from a full disk).
+    """
+    target = Path(path) if path else _home()
+    mount = mount_point(target)
+    try:
+        st = os.statvfs(mount)
+        space = f"{_size(st.f_bavail * st.f_frsize)} free of {_size(st.f_blocks * st.f_frsize)}"
+    except OSError:
+        space = "free space unknown"
+    kind = _fs_type(mount)
+    what = "disk quota exceeded" if getattr(cause, "errno", None) == errno.EDQUOT else "no space left"
+    return DiskFullError(
+        f"{what} on the filesystem mounted at {mount}{f' ({kind})' if kind else ''}: {space}, while writing "
+        f"{target}. Free some space there (old runs live in {_home() / 'runs'}), or set SFTFLOW_HOME to a folder "
+        f"on a filesystem with more room (a run needs room for its models, outputs and stores); then run the "
+        f"command again (finished stages are reused)")
+
+
+def access_denied(path: str | Path, *, writing: bool = False) -> AccessDenied:
+    """The one-line error for a file or folder this user may not read (or write)."""
+    p = Path(path).expanduser().absolute()
+    err = AccessDenied(
+        f"{p}: permission denied: this user (uid {os.geteuid()}) may not {'write' if writing else 'read'} it; "
+        f"fix its permissions or owner (chmod / chown), or run as its owner")
+    try:
+        inside_home = p.is_relative_to(_home())
+    except (OSError, ValueError):
+        inside_home = False
+    if inside_home:
+        err.exit_code = EXIT_HOME
+    return err
+
+
+def store_damaged(path: str | Path | None, detail: str) -> StoreDamaged:
+    """The one-line error for a database file that SQLite cannot read (``path`` None: not known)."""
+    if path is None:
+        return StoreDamaged(
+            f"an SQLite store is damaged ({detail}): check $SFTFLOW_HOME/mlflow/mlflow.db and "
+            f"$SFTFLOW_HOME/prefect/prefect.db ({_home()}); restore the damaged file from a backup or move it aside")
+    return StoreDamaged(
+        f"{path}: the store's database is damaged ({detail}). Restore it from a backup, or move it aside "
+        f"(mv {path} {path}.damaged) to start a new, empty store here (runs and registered models recorded "
+        f"in it are then no longer listed)")
+
+
+def _sqlite_message(exc: BaseException) -> str:
+    """The SQLite error text of ``exc`` (sqlite3 / SQLAlchemy / MLflow wrappers) in lower case, else ""."""
+    text = str(exc).lower()
+    name = type(exc).__name__
+    if name in ("DatabaseError", "OperationalError", "MlflowException") or "sqlite" in text:
+        return text
+    return ""
+
+
+def environment_error(exc: BaseException) -> UserError | None:
+    """``exc`` as the user error it really is, when it is an environment problem, not a bug: a full
+    disk (ENOSPC / EDQUOT, SQLite's "database or disk is full"), permission denied on a named file,
+    a damaged SQLite file. None otherwise."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full(exc.filename, cause=exc)
+    if isinstance(exc, PermissionError) and exc.filename:
+        return access_denied(exc.filename)
+    sqlite = _sqlite_message(exc)
+    if sqlite:
+        if any(s in sqlite for s in _SQLITE_FULL):
+            return disk_full(None, cause=exc)
+        for s in _SQLITE_DAMAGED:
+            if s in sqlite:
+                return store_damaged(None, s)
+    return None
+
+
 def classify(exc: BaseException) -> tuple[int, str] | None:
     """``(exit code, label)`` when ``exc`` itself is a user error, else None."""
     if isinstance(exc, UserError):
@@ -121,11 +265,20 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def find_user_error(exc: BaseException) -> tuple[BaseException, int, str] | None:
-    """The user error ``exc`` is or wraps, as ``(error, exit code, label)``; None for a bug."""
-    for e in _chain(exc):
+    """The user error ``exc`` is or wraps, as ``(error, exit code, label)``; None for a bug.
+
+    A user error raised on purpose wins; else an environment problem anywhere in the chain (a
+    full disk, permission denied on a file, a damaged database: ``environment_error``) is one.
+    """
+    chain = list(_chain(exc))
+    for e in chain:
         hit = classify(e)
         if hit:
             return e, hit[0], hit[1]
+    for e in chain:
+        env = environment_error(e)
+        if env is not None:
+            return env, env.exit_code, env.label
     return None
 
 

@@ -58,6 +58,10 @@ PIPE_PROGRESS_EVERY_S = 30.0
 _NOTABLE = re.compile(r"^(resumed from |training output in .* is complete)")
 _FINISHED = re.compile(r"^Finished in state (?P<state>[A-Za-z]+)")
 _TASK_SUFFIX = re.compile(r"-[0-9a-f]{3}$")
+# Prefect's own reports of a failure the CLI states once, in its closing ``sftflow:`` line (the stage
+# line says Failed): the task's, the flow's and the crash report would print the same error 2-3 times.
+_RESTATED = re.compile(r"^(Task run failed with exception|Encountered exception during execution|"
+                       r"Finished in state Failed|Crash detected|Flow run .* crashed)")
 # Metrics shown in the base-vs-tuned table (those present, in this order; the gate's metric first).
 TABLE_METRICS = ("rougeL", "eval_loss", "perplexity", "runaway_rate", "empty_rate", "judge_score")
 
@@ -404,6 +408,7 @@ class _State:
     stages: list[StageRow] = field(default_factory=list)
     live: _Live = field(default_factory=_Live)
     last_finish: float = 0.0
+    shown: set[str] = field(default_factory=set)  # warning / error texts already on the console
 
 
 class _RecordHandler(logging.Handler):
@@ -473,8 +478,14 @@ class RunConsole:
             self._installed = True
             return self
         logs = layout.ensure(layout.sftflow_home() / "logs")
+        try:
+            os.chmod(logs, 0o700)  # run logs name paths, hosts and users: the owner's only
+        except OSError:
+            pass  # a folder someone else owns: the file itself is still 0600
         self.log_path = logs / f"run-{layout.safe_name(self.pipeline)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        self._log = open(self.log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
+        # Owner-only from the first byte (0600; the mode travels with the file when it is moved).
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._log = open(fd, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
         # Everything that reaches the root logger (Prefect's run lines, py.warnings, third-party
         # warnings) is written to the file in Prefect's own format; Prefect's console handler goes.
         from prefect.logging.handlers import PrefectConsoleHandler
@@ -487,10 +498,13 @@ class RunConsole:
                 root.removeHandler(h)
                 removed.append(h)
         self._saved["root_handlers"] = removed
-        fh = logging.StreamHandler(self._log)
+        fh = RunLogHandler(self._log)
         fh.setFormatter(_FileFormatter(fmt))
         root.addHandler(fh)
         self._file_handler = fh
+        from sftflow.masking import mask_handlers
+
+        mask_handlers()  # credentials masked on this handler and every other one (Prefect's API log handler)
         # MLflow's logger writes to sys.stderr at call time (MlflowLoggingStream): the redirect below
         # takes it to the file, as it does for tqdm bars and warnings printed without logging.
         logging.captureWarnings(True)
@@ -540,9 +554,14 @@ class RunConsole:
 
     # ------------------------------------------------------------------ output
     def _write_log(self, text: str) -> None:
+        from sftflow.masking import mask_text
+
         with self._lock:
             if self._log is not None:
-                self._log.write(text)
+                try:
+                    self._log.write(mask_text(text))  # stray prints: MLflow's "View run <tracking URI>" lines
+                except OSError:
+                    pass  # a full disk: a lost log line must not fail the print() that wrote it
 
     def _clear_live(self) -> None:
         if self._live_shown:
@@ -552,12 +571,18 @@ class RunConsole:
 
     def line(self, text: str) -> None:
         """Print one permanent console line (above the live line); also kept in the log file."""
+        from sftflow.masking import mask_text
+
+        text = mask_text(text)
         with self._lock:
             self._clear_live()
             self.out.write(text + "\n")
             self.out.flush()
             if self._log is not None and not self.verbose:
-                self._log.write(f"{time.strftime('%H:%M:%S')} | CONSOLE | {text}\n")
+                try:
+                    self._log.write(f"{time.strftime('%H:%M:%S')} | CONSOLE | {text}\n")
+                except OSError:
+                    pass  # a full disk: the console line was shown; the CLI's last line says why
 
     def _live(self, text: str, *, now: float) -> None:
         """A progress line: rewritten in place on a terminal; throttled lines elsewhere."""
@@ -605,13 +630,26 @@ class RunConsole:
         if task_run and name.startswith("prefect.task_runs"):
             self._on_task_record(record, msg, str(task_run), now)
             return
+        event = event_of(record)
+        if event is not None:  # progress of work outside a task run (e.g. the recipe called directly)
+            self._on_event(event, stage=event.what, now=now)
+            return
+        if _RESTATED.match(msg.strip()) and record.levelno >= logging.WARNING:
+            return
         if record.levelno >= logging.ERROR:
             first = msg.strip().splitlines()[0] if msg.strip() else record.levelname
-            self._show(f"  ERROR {first[:300]}")
+            self._show(f"  ERROR {first[:300]}", once=True)
         elif record.levelno >= logging.WARNING and name.startswith(_RUN_LOGGERS):
-            self._show(f"  warning: {msg.strip().splitlines()[0][:300] if msg.strip() else ''}")
+            self._show(f"  warning: {msg.strip().splitlines()[0][:300] if msg.strip() else ''}", once=True)
 
-    def _show(self, text: str) -> None:
+    def _show(self, text: str, *, once: bool = False) -> None:
+        """A console line (quiet mode); ``once``: not again when the same text was shown (a task's and
+        its flow's copy of one warning)."""
+        if once:
+            key = re.sub(r"^\s*(ERROR|warning)( [\w.]+)?:\s*", "", text)
+            if key in self._state.shown:
+                return
+            self._state.shown.add(key)
         if not self.verbose:
             self.line(text)
 
@@ -619,10 +657,6 @@ class RunConsole:
         live = self._state.live
         stage = _TASK_SUFFIX.sub("", task_run)
         finished = _FINISHED.match(msg)
-        event = event_of(record)
-        if event is not None:  # progress of work outside a task run (e.g. the recipe called directly)
-            self._on_event(event, stage=event.what, now=now)
-            return
         if live.name != task_run:
             self._maybe_relocate()
             self._state.live = live = _Live(name=task_run, started=self._state.last_finish or now)
@@ -635,14 +669,26 @@ class RunConsole:
         event = event_of(record)
         if event is not None:
             self._on_event(event, stage=stage, now=now)
+        elif _RESTATED.match(msg.strip()):
+            return  # the failed stage's line and the CLI's closing line say it
         elif record.levelno >= logging.ERROR:
             first = msg.strip().splitlines()[0] if msg.strip() else record.levelname
-            self._show(f"  ERROR {stage}: {first[:300]}")
+            self._show(f"  ERROR {stage}: {first[:300]}", once=True)
         elif _NOTABLE.search(msg.strip()):
             self._show(f"  {stage}: {msg.strip().splitlines()[0][:300]}")
         elif record.levelno >= logging.WARNING:
             first = msg.strip().splitlines()[0] if msg.strip() else ""
-            self._show(f"  warning {stage}: {first[:300]}")
+            self._show(f"  warning {stage}: {first[:300]}", once=True)
+
+    def _on_event(self, event: ProgressEvent, *, stage: str, now: float) -> None:
+        """The live progress line of a typed event (``sftflow.progress``)."""
+        if isinstance(event, StepEvent):
+            d, t = event.step, event.total
+            text = f"[{self._elapsed()}] {stage}: step {d}/{t} {_bar(d, t)} loss {event.loss:.4f} eta {_fmt_eta(event.eta_s)}"
+        else:
+            d, t = event.done, event.total
+            text = f"[{self._elapsed()}] {stage}: {event.what} {d}/{t} {_bar(d, t)} eta {_fmt_eta(event.eta_s)}"
+        self._live(text, now=now)
 
     def _finish(self, stage: str, state: str, *, seconds: float, now: float) -> None:
         self._state.last_finish = now
@@ -658,16 +704,6 @@ class RunConsole:
         self._state.stages.append(row)
         mark = {"Completed": "ok", "Cached": "ok"}.get(state, "!!")
         counts = ""
-    def _on_event(self, event: ProgressEvent, *, stage: str, now: float) -> None:
-        """The live progress line of a typed event (``sftflow.progress``)."""
-        if isinstance(event, StepEvent):
-            d, t = event.step, event.total
-            text = f"[{self._elapsed()}] {stage}: step {d}/{t} {_bar(d, t)} loss {event.loss:.4f} eta {_fmt_eta(event.eta_s)}"
-        else:
-            d, t = event.done, event.total
-            text = f"[{self._elapsed()}] {stage}: {event.what} {d}/{t} {_bar(d, t)} eta {_fmt_eta(event.eta_s)}"
-        self._live(text, now=now)
-
         if row.rows_out is not None:
             counts = f"{'-' if row.rows_in is None else row.rows_in} -> {row.rows_out} rows"
         elif row.rows_in is not None:
@@ -758,10 +794,30 @@ class RunConsole:
             self.line(ln)
 
 
+def _fmt_eta(seconds: float) -> str:
+    s = int(seconds) if math.isfinite(seconds) and seconds > 0 else 0
+    return f"{s // 60}m{s % 60:02d}s"
+
+
 def _bar(done: int, total: int, width: int = 20) -> str:
     frac = 0.0 if total <= 0 else min(1.0, done / total)
     full = int(round(frac * width))
     return "[" + "#" * full + "." * (width - full) + f"] {frac:4.0%}"
+
+
+class RunLogHandler(logging.StreamHandler):
+    """The run log's handler: a record it cannot write (the disk is full) is dropped silently,
+    not reported with logging's "--- Logging error ---" traceback on the console.
+
+    Its name must not start with "_": Prefect's ``setup_logging`` (run when ``prefect.main`` is
+    first imported) keeps the root logger's handlers only when one of them looks like a user's
+    (a formatter, a class name without a leading underscore); otherwise it replaces them all.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's API)
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
 
 
 class _FileFormatter(logging.Formatter):
@@ -772,14 +828,11 @@ class _FileFormatter(logging.Formatter):
         self._prefect = prefect_fmt
 
     def format(self, record: logging.LogRecord) -> str:
-def _fmt_eta(seconds: float) -> str:
-    s = int(seconds) if math.isfinite(seconds) and seconds > 0 else 0
-    return f"{s // 60}m{s % 60:02d}s"
-
+        from sftflow.masking import mask_text
 
         if self._prefect is not None:
             try:
-                return self._prefect.format(record)
+                return mask_text(self._prefect.format(record))
             except Exception:  # noqa: BLE001
                 pass
-        return super().format(record)
+        return mask_text(super().format(record))

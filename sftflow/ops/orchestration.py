@@ -31,11 +31,21 @@ def stage_cache_policy() -> Any:
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
 
 
+def deterministic_failure(exc: BaseException) -> bool:
+    """True for a failure that a retry would only repeat: a user error (bad data, bad config ...),
+    or an environment problem that waiting seconds does not fix (a full disk, permission denied,
+    a damaged database: ``sftflow.errors.find_user_error`` knows them)."""
+    from sftflow.errors import find_user_error
+
+    return isinstance(exc, PermissionError) or find_user_error(exc) is not None
+
+
 def retry_unless(*errors: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
-    """A Prefect ``retry_condition_fn``: retry (I/O hiccups) unless the failure is one of ``errors``.
+    """A Prefect ``retry_condition_fn``: retry (I/O hiccups) unless the failure is one of ``errors``
+    or deterministic (``deterministic_failure``: user errors, a full disk, permission denied ...).
 
     Bad data (too many quarantined rows, a failed GX suite) fails the same way every time, so
-    retrying it only delays the clear error.
+    retrying it only delays the clear error (and repeats it in the log).
     """
 
     def should_retry(task: Any, task_run: Any, state: Any) -> bool:
@@ -45,7 +55,9 @@ def retry_unless(*errors: type[BaseException]) -> Callable[[Any, Any, Any], bool
                 exc = state.result(raise_on_failure=False)
             except Exception:
                 return True
-        return not isinstance(exc, errors)
+        if not isinstance(exc, BaseException):
+            return True
+        return not (isinstance(exc, errors) or deterministic_failure(exc))
 
     return should_retry
 

@@ -236,8 +236,13 @@ def lineage(spec: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
         raise LineageError(f"model version {mv.name}/{mv.version} has no training run recorded (source {mv.source})")
     try:
         train_run = client.get_run(run_id)
-    except MlflowException:
-        raise LineageError(f"model version {mv.name}/{mv.version}: its training run {run_id} was deleted") from None
+    except MlflowException as e:
+        # Only "no such run" means it was deleted (gc'ed); a store that fails to read (a damaged
+        # database, a server error) is that error, not a deleted run.
+        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise LineageError(f"model version {mv.name}/{mv.version}: its training run {run_id} was deleted "
+                           f"from the store (mlflow gc)") from None
 
     # Climb to the pipeline's parent run (the one without a parent, tagged by the flow).
     top = train_run

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from sftflow import layout
 from sftflow.data.refs import DatasetRef
+# One masking function for the whole product (re-exported: callers import them from here too).
+from sftflow.masking import mask_text as mask_secrets_in, mask_uri, mask_value  # noqa: F401
 
 # Tag names shared by every run we create (defined once in sftflow.tagnames; re-exported for callers).
 from sftflow.tagnames import (  # noqa: F401
@@ -41,50 +42,6 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 def is_local_store(uri: str) -> bool:
     """True for stores that live in files (sqlite / file), where we choose the artifact root."""
     return urlparse(uri).scheme in ("sqlite", "file", "")
-
-
-# Query parameters whose values are secrets in database / storage URIs.
-_SECRET_PARAMS = ("password", "passwd", "pwd", "secret", "token", "key", "credential", "signature", "sig")
-_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-
-
-def mask_uri(uri: str) -> str:
-    """``uri`` with its secrets replaced by ``***``: the password of ``user:password@``, a bare
-    ``https://token@`` (no user name), and secret-looking query parameters (``password=``,
-    ``token=`` ...).
-
-    Text that is not a URI (a path, "") is returned unchanged. Use it wherever a URI is printed,
-    logged or stored as a tag.
-    """
-    if not isinstance(uri, str) or "://" not in uri:
-        return uri
-    # Rebuilt by hand, not with urlunsplit: that would also "normalise" the rest (sqlite:////x).
-    scheme, _, rest = uri.partition("://")
-    netloc = re.match(r"[^/?#]*", rest).group(0)  # type: ignore[union-attr]
-    tail = rest[len(netloc):]
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, sep, _pw = userinfo.partition(":")
-        if sep:
-            netloc = f"{user}:***@{host}"
-        elif scheme.lower() in ("http", "https"):
-            netloc = f"***@{host}"  # https://<token>@host: the lone userinfo is a token
-        # else: a database URI's lone userinfo is the user name, kept
-    path, qsep, query = tail.partition("?")
-    query, hsep, fragment = query.partition("#")
-    if query:
-        pairs = []
-        for item in query.split("&"):
-            k, eq, v = item.partition("=")
-            secret = eq and v and any(s in k.lower() for s in _SECRET_PARAMS)
-            pairs.append(f"{k}=***" if secret else item)
-        query = "&".join(pairs)
-    return f"{scheme}://{netloc}{path}{qsep}{query}{hsep}{fragment}"
-
-
-def mask_secrets_in(text: str) -> str:
-    """Every URI inside free ``text`` (an error message, a log line) passed through ``mask_uri``."""
-    return _URI_IN_TEXT.sub(lambda m: mask_uri(m.group(0)), text)
 
 
 def _split_credentials(uri: str) -> tuple[str, str | None]:
@@ -148,6 +105,58 @@ def _store_lock_path(uri: str) -> Path | None:
     return None  # HTTP servers and file stores migrate nothing on the client side
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None: in memory, or not SQLite)."""
+    if urlparse(uri).scheme.split("+")[0] != "sqlite" or ":///" not in uri:
+        return None
+    db = uri.split(":///", 1)[1].split("?", 1)[0]
+    return None if not db or db.startswith(":memory:") else Path(db).expanduser()
+
+
+def check_sqlite_store(uri: str) -> None:
+    """Raise ``StoreDamaged`` (exit 3, naming the file and what to do) when the existing SQLite file of
+    ``uri`` is not a readable database; a store that does not exist yet, or another scheme, passes.
+
+    Opened read-only: checking creates nothing and changes nothing.
+    """
+    import sqlite3
+
+    from sftflow.errors import store_damaged
+
+    db = _sqlite_file(uri)
+    if db is None or not db.is_file():
+        return
+    try:
+        con = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        text = str(e)
+        if "locked" in text or "unable to open" in text:
+            return  # busy or unreadable: the real open reports it
+        raise store_damaged(db, text) from None
+
+
+def _read_only_store(uri: str, lock_path: Path) -> bool:
+    """True when the lock next to an existing store cannot be created (a read-only folder: reading
+    lineage from someone else's home): there is nothing to create then, so a reader goes on unlocked."""
+    db = _sqlite_file(uri)
+    if db is None or not db.is_file():
+        return False
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
+    except PermissionError:
+        return True
+    except OSError as e:
+        import errno
+
+        return e.errno == errno.EROFS
+    return False
+
+
 def init_store(uri: str, *, timeout: float = 900.0) -> None:
     """Create/migrate the MLflow database store ``uri`` once per process, under a file lock.
 
@@ -164,6 +173,10 @@ def init_store(uri: str, *, timeout: float = 900.0) -> None:
             from filelock import FileLock
             from mlflow.tracking import MlflowClient
 
+            check_sqlite_store(uri)  # a damaged file: one line naming it, not a migration traceback
+            if _read_only_store(uri, lock_path):
+                _initialised.add(uri)  # an outdated schema still fails at the first read, as it should
+                return
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(lock_path), timeout=timeout):
                 from sftflow.tracking.store import repair_interrupted_migration
@@ -296,7 +309,7 @@ def stage_run(ctx: StageContext, stage: str, *, tags: dict[str, str] | None = No
         run_name=stage,
         parent_run_id=parent,
         nested=parent is not None,
-        tags=all_tags,
+        tags=mask_value(all_tags, env=False),  # a run dir or a caller's tag may hold a URI with a password
     ) as run:
         try:
             yield run
@@ -418,6 +431,7 @@ def start_pipeline_run(
         "mlflow.source.name": "flows/pipeline.py",
         **(extra_tags or {}),
     }
+    tags = mask_value(tags, env=False)  # stored for anyone who can read the store: no credentials
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
     ctx = StageContext(
@@ -429,7 +443,9 @@ def start_pipeline_run(
         parent_run_id=run.info.run_id,
         config_hash=chash,
     )
-    resolved = cfg.model_dump(mode="json")
+    # The resolved config is an artifact anyone with the store can read: a tracking URI (or any
+    # other value) with a password in it is stored masked.
+    resolved = mask_value(cfg.model_dump(mode="json"))
     client.log_text(run.info.run_id, yaml_dump(resolved), "config/resolved.yaml")
     client.log_text(run.info.run_id, json.dumps(resolved, indent=2, sort_keys=True), "config/resolved.json")
     return ctx
@@ -441,7 +457,8 @@ def end_pipeline_run(ctx: StageContext, *, status: str = "FINISHED", summary: di
 
     client = MlflowClient(ctx.tracking_uri)
     if summary is not None:
-        client.log_text(ctx.parent_run_id, json.dumps(summary, indent=2, sort_keys=True, default=str), "summary.json")
+        text = json.dumps(summary, indent=2, sort_keys=True, default=str)
+        client.log_text(ctx.parent_run_id, mask_secrets_in(text), "summary.json")
     client.set_terminated(ctx.parent_run_id, status=status)
 
 
