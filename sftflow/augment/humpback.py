@@ -176,22 +176,24 @@ def curator_auc(curation: ModelRef, records: Sequence[dict[str, Any]], *, cfg: A
 def curation_model(*, cfg: AugmentationConfig, base: ModelRef, seed: DatasetRef, forward_cfg: TrainingConfig,
                    work_root: Path, trust_remote_code: bool = False, retrain: bool = False,
                    stage: str = "backtranslate") -> tuple[ModelRef, list[HelperModel]]:
-    """M0 per ``curation.model``: ``forward`` trains it on the seed, ``base`` reuses the base model,
-    anything else is a model name/path.
+    """M0 per ``curation.model``: ``forward`` trains it on the seed; ``base`` or a model name/path is
+    resolved by the one scorer resolver (``sftflow.inference.judges.resolve_scorer``).
 
     Returns:
         (the curation model, the models trained for it: [M0] for ``forward``, else []).
+
+    Raises:
+        ScorerUnavailable: the configured model cannot be loaded (naming ``augmentation.curation.model``).
     """
     choice = cfg.curation.model
     if choice == "forward":
         m0 = train_helper(run_name=f"{stage}.curation", data=seed, base=base, cfg=forward_cfg, work_root=work_root,
                           trust_remote_code=trust_remote_code, retrain=retrain)
         return m0.output.model, [m0]
-    if choice == "base":
-        return base, []
-    from sftflow.inference.models import resolve_model
+    # base / a name or path: the one scorer resolver (an unloadable model is an error naming the key).
+    from sftflow.inference.judges import resolve_scorer
 
-    return resolve_model(choice, trust_remote_code=trust_remote_code), []
+    return resolve_scorer(configured=choice, base=base, role="curation", trust_remote_code=trust_remote_code), []
 
 
 def generate_candidates(backward: ModelRef, accepted: Sequence[Any], *, cfg: AugmentationConfig,

@@ -288,3 +288,17 @@ def test_gate_refuses_base_and_tuned_scored_by_different_judges(sftflow_home: Pa
                                  training=TrainingConfig(), out_dir=tmp_path / "gate", client=MlflowClient(uri))
     assert not decision.promoted and "different judges" in decision.reason and champion is None
     assert decision.judge_sha256 == "b" * 64 and decision.summary()["judge_sha256"] == "b" * 64
+
+
+def test_backtranslation_curation_model_uses_the_resolver(sftflow_home: Path, tmp_path: Path):
+    from sftflow.augment.humpback import curation_model
+    from sftflow.config import AugmentationConfig
+
+    base = build_tiny_model("tiny-gemma")
+    kw = dict(base=base, seed=None, forward_cfg=TrainingConfig(), work_root=tmp_path / "work")
+    assert curation_model(cfg=AugmentationConfig(curation={"model": "base"}), **kw) == (base, [])
+    named = _copy_model(base.path, tmp_path / "curator")
+    ref, trained = curation_model(cfg=AugmentationConfig(curation={"model": str(named)}), **kw)
+    assert ref.path == str(named.resolve()) and trained == []
+    with pytest.raises(ScorerUnavailable, match="augmentation.curation.model"):
+        curation_model(cfg=AugmentationConfig(curation={"model": str(tmp_path / "no-curator")}), **kw)
