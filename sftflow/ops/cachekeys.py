@@ -3,8 +3,9 @@
 What a key covers (input bytes, the stage module's code closure, library versions) and how it is
 computed is ``sftflow/keys.py`` (no Prefect, no I/O beyond digests); the digests are
 ``sftflow/digests.py``; the tag names are ``sftflow/tagnames.py``. This module adds the Prefect
-side: ``StageCachePolicy`` (records each task run's key for ``current_stage_key``), ``stage_policy``
-and ``refresh_cache_requested``. The names of ``sftflow.keys`` and the tags are re-exported here
+side: ``StageCachePolicy`` (records each task run's key for ``current_stage_key``, and before a
+cache hit checks the cached result's outputs against their completion markers:
+``verify_cached_result``), ``stage_policy`` and ``refresh_cache_requested``. The names of ``sftflow.keys`` and the tags are re-exported here
 for the stages and tests that import them from ``sftflow.ops.cachekeys``. Prefect is imported only
 when the policy class is first used (Prefect reads its settings at import).
 """

@@ -4,8 +4,11 @@ Cache keys (``sftflow.ops.cachekeys``): the *content* of everything a stage read
 input files, model folders and the files its config names), the code it runs (the stage module's
 import closure within ``sftflow/``, ``tasks/``, ``flows/``) and the versions of the libraries that
 shape its output; never the ``ctx`` (run ids change every run). Results are persisted under
-``$SFTFLOW_HOME/prefect`` so a second run with nothing changed is served from cache. Retries are for I/O stages only; training
-never retries (it resumes from its last checkpoint when the flow runs again).
+``$SFTFLOW_HOME/prefect`` so a second run with nothing changed is served from cache, once the
+cached result's output files still match the digests their completion markers recorded
+(``cachekeys.verify_cached_result``, ``sftflow.markers``): a damaged output is recomputed, saying so
+in one line. Retries are for I/O stages only; training never retries (it resumes from its last
+checkpoint when the flow runs again).
 """
 
 from __future__ import annotations
