@@ -78,6 +78,7 @@ class StageRow:
         rows_in: rows the stage read, None when it reads no rows / unknown.
         rows_out: rows it produced (text: a split shows ``72 + 8``), None when unknown.
         note: a few words (quarantined / removed counts, steps, the gate decision ...).
+        peak_rss_mb: the stage's own peak resident memory (its ``peak_rss_mb`` metric), None if unknown.
     """
 
     name: str
@@ -86,6 +87,7 @@ class StageRow:
     rows_in: int | None = None
     rows_out: str | None = None
     note: str = ""
+    peak_rss_mb: float | None = None
 
 
 def _int(metrics: dict[str, float], *keys: str) -> int | None:
@@ -177,7 +179,8 @@ def stage_row(stage: str, metrics: dict[str, float], *, state: str = "Completed"
         rin, rout = _int(m, "rows_in", "rows_read"), out("rows_out", "rows_kept")
     if state != "Completed" and not note:
         note = "served from cache" if state == "Cached" else ""
-    return StageRow(name=stage, state=state, seconds=seconds, rows_in=rin, rows_out=rout, note=note)
+    return StageRow(name=stage, state=state, seconds=seconds, rows_in=rin, rows_out=rout, note=note,
+                    peak_rss_mb=m.get("peak_rss_mb"))
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -258,8 +261,9 @@ def summary_table(summary: dict[str, Any], stages: list[StageRow], *, total_seco
     if stages:
         lines.append("")
         rows = [[s.name, s.state, _fmt_seconds(s.seconds), "-" if s.rows_in is None else str(s.rows_in),
-                 s.rows_out or "-", s.note] for s in stages]
-        lines += _table(["stage", "state", "time", "rows in", "rows out", "note"], rows, right=(2, 3, 4))
+                 s.rows_out or "-", "-" if s.peak_rss_mb is None else f"{s.peak_rss_mb / 1024:.1f} GB", s.note]
+                for s in stages]
+        lines += _table(["stage", "state", "time", "rows in", "rows out", "peak RSS", "note"], rows, right=(2, 3, 4, 5))
 
     metrics = summary.get("metrics") or {}
     base, tuned = metrics.get("base") or {}, metrics.get("tuned") or {}

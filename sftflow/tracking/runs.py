@@ -311,9 +311,17 @@ def stage_run(ctx: StageContext, stage: str, *, tags: dict[str, str] | None = No
         nested=parent is not None,
         tags=mask_value(all_tags, env=False),  # a run dir or a caller's tag may hold a URI with a password
     ) as run:
+        # The stage's own peak RSS (a helper run nested in a stage leaves the stage's mark alone).
+        from sftflow.tracking.peak_rss import METRIC, peak_rss_mb, reset_peak_rss
+
+        if active is None:
+            reset_peak_rss()
         try:
             yield run
         finally:
+            peak = peak_rss_mb() if active is None else None
+            if peak is not None:
+                mlflow.log_metric(METRIC, round(peak, 1))
             # A stage's models are garbage once it returns: give their memory back before the next.
             from sftflow.inference.models import release_memory
 

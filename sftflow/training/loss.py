@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from sftflow.inference.formatting import IGNORE_INDEX
+from sftflow.training.tokens import token_rows_of
 
 log = logging.getLogger("sftflow.train")
 
@@ -35,18 +36,29 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, compute_dtype, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, softcap, compute_dtype, chunk, row_ids=None, rows=None):  # type: ignore[override]
+        # ``rows`` (k x hidden) replace rows ``row_ids`` of the frozen ``weight``: trainable token
+        # rows (``sftflow.training.tokens``). Their logits are computed apart, and only they get a
+        # weight gradient, so no (vocab x hidden) gradient or merged copy is ever made.
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
+        need_r = rows is not None and rows.requires_grad
         w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_r = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if need_r else None
+        if rows is not None:
+            rw = rows.to(compute_dtype)
+            # grad_h = g @ W_eff = g @ W + g[:, ids] @ (rows - W[ids]): the correction, in fp32
+            fix = rw.float() - w[row_ids].float() if need_h else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk].to(compute_dtype)
             t = targets[s : s + chunk]
             logits = (h @ w.T).float()
+            if rows is not None:
+                logits[:, row_ids] = (h @ rw.T).float()
             if bias is not None:
                 logits += bias.float()
             if softcap:
@@ -54,7 +66,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 logits = tanh * softcap
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_h or need_w or need_b:
+            if need_h or need_w or need_b or need_r:
                 # d(lse - logit_t)/d logits = softmax - onehot (computed in place, one buffer)
                 g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(t), device=g.device), t] -= 1.0
@@ -64,19 +76,25 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_b += g.sum(0)
                 gc = g.to(compute_dtype)
                 if need_h:
-                    grad_h[s : s + chunk] = (gc @ w).to(hidden.dtype)
+                    gh = gc @ w
+                    if rows is not None:
+                        gh = gh.float() + g[:, row_ids] @ fix
+                    grad_h[s : s + chunk] = gh.to(hidden.dtype)
                 if need_w:
                     grad_w += (gc.T @ h).float()
-        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (grad_h, grad_w, grad_b)))
-        ctx.needs = (need_h, need_w, need_b)
+                if need_r:
+                    grad_r += (gc[:, row_ids].T @ h).float()
+        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (grad_h, grad_w, grad_b, grad_r)))
+        ctx.needs = (need_h, need_w, need_b, need_r)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs
+        grad_h, grad_w, grad_b, grad_r = ctx.saved_tensors
+        need_h, need_w, need_b, need_r = ctx.needs
         return (grad_h * grad_out if need_h else None, grad_w * grad_out if need_w else None,
-                grad_b * grad_out if need_b else None, None, None, None, None)
+                grad_b * grad_out if need_b else None, None, None, None, None, None,
+                (grad_r * grad_out).to(grad_r.dtype) if need_r else None)
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -91,6 +109,9 @@ class CausalLMLoss(torch.nn.Module):
         compute_dtype: dtype of the head matmuls (bf16 under bf16 precision).
         fused: use the fused head; False calls the model's own head module on the selected
             positions (needed when the head itself carries an adapter).
+
+    A head wrapped by peft for trainable token rows stays fused: the frozen matrix plus the rows
+    (``tokens.token_rows_of``), so only the rows get a gradient.
     """
 
     def __init__(self, model: Any, *, compute_dtype: torch.dtype, fused: bool = True):
@@ -99,15 +120,18 @@ class CausalLMLoss(torch.nn.Module):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.decoder = inner.get_decoder()
         self.head = inner.get_output_embeddings()
+        # A peft trainable-tokens wrapper: the fused head reads the frozen layer inside it (reading
+        # the wrapper's ``.weight`` would build a merged copy of the whole matrix).
+        self._linear = getattr(getattr(self.head, "token_adapter", None), "base_layer", self.head)
         self.softcap = getattr(inner.config, "final_logit_softcapping", None)
         self.compute_dtype = compute_dtype
-        self.fused = fused and type(self.head) is torch.nn.Linear
+        self.fused = fused and type(self._linear) is torch.nn.Linear
         self._frozen_w: tuple[int, torch.Tensor] | None = None
-        vocab = self.head.weight.shape[0]
+        vocab = self._linear.weight.shape[0]
         self.chunk = max(16, _HEAD_CHUNK_ELEMS // vocab)
 
     def _head_weight(self) -> torch.Tensor:
-        w = self.head.weight
+        w = self._linear.weight
         if w.requires_grad or w.dtype == self.compute_dtype:
             return w
         # A frozen head (LoRA) is cast to the compute dtype once, not on every step.
@@ -126,9 +150,12 @@ class CausalLMLoss(torch.nn.Module):
         n = t.numel()
         if n == 0:
             return hidden.sum() * 0.0, n
-        if self.fused:
-            loss = FusedLinearCrossEntropy.apply(h, self._head_weight(), self.head.bias, t, self.softcap,
-                                                  self.compute_dtype, self.chunk)
+        rows = token_rows_of(self.head) if self._linear is not self.head else None
+        if self.fused and (rows is not None or self._linear is self.head):
+            ids, weights = rows if rows is not None else (None, None)
+            ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long, device=h.device)
+            loss = FusedLinearCrossEntropy.apply(h, self._head_weight(), self._linear.bias, t, self.softcap,
+                                                  self.compute_dtype, self.chunk, ids, weights)
         else:
             logits = self.head(h).float()
             if self.softcap:

@@ -127,8 +127,9 @@ def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tupl
         token_ids: embedding rows to train besides the adapter (``sftflow.training.tokens``), through
             peft's ``trainable_token_indices``: for tied embeddings peft ties the LM head's rows to
             them; for untied ones the same rows of the LM head train too. ``merge_and_unload``
-            bakes them into the weights and the adapter file stores them. Ignored for full
-            fine-tuning, where every row trains.
+            bakes them into the weights and the adapter file stores them. Their layers compute
+            sparsely (``tokens.sparse_token_rows``): only the rows get a gradient, never the whole
+            (vocab x hidden) matrix. Ignored for full fine-tuning, where every row trains.
     """
     if cfg.method == "full":
         for p in model.parameters():
@@ -146,7 +147,12 @@ def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tupl
         task_type="CAUSAL_LM",
         trainable_token_indices=_token_targets(model, list(token_ids)) if token_ids else None,
     )
-    return get_peft_model(model, lcfg)
+    model = get_peft_model(model, lcfg)
+    if token_ids:
+        from sftflow.training.tokens import sparse_token_rows
+
+        sparse_token_rows(model)
+    return model
 
 
 def _token_targets(model: Any, ids: list[int]) -> list[int] | dict[str, list[int]]:

@@ -1,0 +1,41 @@
+"""The peak resident memory of one stage: a high-water mark reset when the stage starts.
+
+Linux keeps a process's RSS high-water mark (``VmHWM`` in ``/proc/self/status``); writing ``5`` to
+``/proc/self/clear_refs`` resets it to the current RSS. ``stage_run`` resets it when a stage opens
+and logs ``peak_rss_mb`` when it closes, so each stage run reports its own peak, not the peak of
+every stage before it in the same process. Elsewhere (no procfs, or the reset refused) the value
+is the process's lifetime peak (``ru_maxrss``), which can only over-state a stage's own.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+METRIC = "peak_rss_mb"
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark to its current RSS; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """This process's RSS high-water mark in MiB (since the last ``reset_peak_rss``); None if unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20  # kB on Linux, bytes on macOS
+    except (ImportError, OSError):
+        return None
