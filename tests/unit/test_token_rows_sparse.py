@@ -177,6 +177,13 @@ def test_rows_learn_and_reach_the_merged_embedding_and_tied_head(sftflow_home: P
     merged, _ = load_model(resolve_model(out.merged.path))
     head = merged.get_output_embeddings().weight
     assert torch.equal(head[eot], emb[eot]) and not torch.equal(head[eot], before[eot])
-    # The adapter export carries the same row.
+    # The adapter export carries the same row; loaded unmerged, it computes sparsely with the same logits.
     amodel, _ = load_model(resolve_model(out.adapter.path))
+    ids = torch.tensor([[tok.bos_token_id, 10, 11, eot, 12, eot]])
+    assert "forward" in vars(amodel.get_input_embeddings().token_adapter)
+    with torch.no_grad():
+        sparse = amodel(input_ids=ids).logits
+        for m in amodel.modules():
+            m.__dict__.pop("forward", None)
+        assert torch.allclose(sparse, amodel(input_ids=ids).logits, atol=1e-5)
     assert torch.allclose(amodel.merge_and_unload().get_input_embeddings().weight[eot], emb[eot], atol=1e-6)
