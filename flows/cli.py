@@ -487,12 +487,31 @@ def _report(exc: BaseException, *, debug: bool) -> int:
     if type(exc).__name__ == "TerminationSignal":  # Prefect turns SIGTERM into this
         print("sftflow: terminated", file=sys.stderr)
         return 128 + int(getattr(exc, "signal", 15))
+    full = _home_filesystem_full()
+    if full is not None:  # a full disk that surfaced as something else (a server's HTTP 500, a closed stream)
+        print(f"sftflow: {full.label}: {one_line(str(full), limit=500)} (it surfaced as {type(exc).__name__}: "
+              f"{one_line(str(exc), limit=150)})", file=sys.stderr)
+        return full.exit_code
     print(f"sftflow: unexpected error: {type(exc).__name__}: {one_line(str(exc), limit=300)}", file=sys.stderr)
     if not debug:
         saved = _save_traceback(exc)
         print("sftflow: this is probably a bug; run again with --debug (or SFTFLOW_DEBUG=1) for the traceback"
               + (f" (saved to {saved})" if saved else ""), file=sys.stderr)
     return EXIT_FAILURE
+
+
+def _home_filesystem_full(*, below: int = 1 << 20) -> Any:
+    """The ``DiskFullError`` for $SFTFLOW_HOME's filesystem when less than ``below`` bytes are free
+    there, else None (the home must exist: nothing is created to find out)."""
+    from sftflow import layout
+    from sftflow.errors import disk_full, mount_point
+
+    home = layout.sftflow_home()
+    try:
+        st = os.statvfs(mount_point(home))
+    except OSError:
+        return None
+    return disk_full(home) if home.is_dir() and st.f_bavail * st.f_frsize < below else None
 
 
 def _save_traceback(exc: BaseException) -> str | None:

@@ -204,3 +204,26 @@ def test_deterministic_failures_are_not_retried() -> None:
     wrapped.__cause__ = full
     assert not should_retry(None, None, State(wrapped))
     assert should_retry(None, None, State(ConnectionResetError("server went away")))  # an I/O hiccup: retried
+
+
+def test_an_unexpected_error_on_a_full_home_says_disk_full(small_tmpfs: Path) -> None:
+    # A full disk often surfaces as something else (the Prefect server's HTTP 500, a closed stream):
+    # when $SFTFLOW_HOME's filesystem has no room left, that is what the line says, not "a bug".
+    home = small_tmpfs / "home"
+    home.mkdir()
+    with open(small_tmpfs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    code = ("import sys, flows.cli as c\n"
+            "def boom(args): raise RuntimeError('Server error 500 Internal Server Error for url http://127.0.0.1:1/api')\n"
+            "c.COMMANDS['validate-config'] = boom\n"
+            "sys.exit(c.main(sys.argv[1:]))\n")
+    res = subprocess.run([sys.executable, "-c", code, "validate-config"], cwd=small_tmpfs.parent, env=_env(home),
+                         capture_output=True, text=True, timeout=120)
+    line = _one_line(res, errors.EXIT_HOME, "sftflow: disk full: ", f"mounted at {small_tmpfs} (tmpfs)",
+                     "it surfaced as RuntimeError: Server error 500")
+    assert "0 B free of 1.0 MiB" in line
