@@ -236,9 +236,9 @@ def install_masking() -> None:
       handlers a library installs later (MLflow configures its loggers when first imported) write
       masked messages too.
     """
-    if not isinstance(sys.stdout, MaskingStream):
+    if sys.stdout is not None and not isinstance(sys.stdout, MaskingStream):
         sys.stdout = MaskingStream(sys.stdout)  # type: ignore[assignment]
-    if not isinstance(sys.stderr, MaskingStream):
+    if sys.stderr is not None and not isinstance(sys.stderr, MaskingStream):
         sys.stderr = MaskingStream(sys.stderr)  # type: ignore[assignment]
     mask_handlers()
     if not _factory_installed:

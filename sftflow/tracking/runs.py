@@ -423,6 +423,11 @@ def start_pipeline_run(
     from mlflow.tracking import MlflowClient
 
     from sftflow.config import config_hash
+    from sftflow.masking import install_masking
+
+    # A flow run started outside the CLI (a served deployment's subprocess, the UI) masks too:
+    # MLflow prints "View run <tracking URI>" for every stage run from here on.
+    install_masking()
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_server(uri)
     experiment_id = ensure_experiment(cfg.tracking.experiment or f"sftflow-{pipeline}", uri=uri)
