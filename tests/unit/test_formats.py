@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.data.formats import FORMATS, RowError, convert_row, detect_format, load_records
+from sftflow.data.format_rows import RowError
+from sftflow.data.formats import FORMATS, convert_row, detect_format, load_records
 from sftflow.data.readers import IngestError
 
 
