@@ -292,6 +292,14 @@ def heldout_loss(model: Any, tokenizer: Any, conversations: Iterable[list[Mappin
                         precision="bf16" if precision == "bf16" else "fp32")
 
 
+def _target_logprobs(head_mod: CausalLMLoss, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position of ``hidden`` (rows x hidden), through the model's head."""
+    logits = head_mod.head(hidden).float()
+    if head_mod.softcap:
+        logits = torch.tanh(logits / head_mod.softcap) * head_mod.softcap
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
 @dataclass(frozen=True)
 class RowLoss:
     """One held-out row's loss, split into its answer tokens and its end-of-turn marker.
@@ -365,10 +373,11 @@ def row_losses(model: Any, tokenizer: Any, conversations: Iterable[list[Mapping[
             for j, k in enumerate(b):
                 keep = targets[j] != IGNORE_INDEX
                 tgt = targets[j][keep]
-                logits = head_mod.head(hidden[j, :-1][keep]).float()
-                if head_mod.softcap:
-                    logits = torch.tanh(logits / head_mod.softcap) * head_mod.softcap
-                logp = torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None]).squeeze(1)
+                hk = hidden[j, :-1][keep]
+                # Chunks of positions: a row's full-vocabulary logits (262k x 4 bytes per label
+                # token, plus log_softmax's copy) would take over 1 GB for a 384-token answer.
+                logp = torch.cat([_target_logprobs(head_mod, hk[c : c + head_mod.chunk], tgt[c : c + head_mod.chunk])
+                                  for c in range(0, len(tgt), head_mod.chunk)])
                 is_stop = torch.tensor([int(x) in stops for x in tgt.tolist()], device=logp.device)
                 end = torch.nonzero(is_stop).flatten()
                 out[present[k]] = RowLoss(
