@@ -113,12 +113,10 @@ def verify_cached_result(task_ctx: Any, inputs: dict[str, Any], key: str) -> lis
     from datetime import datetime, timedelta, timezone
 
     store.write(obj=None, key=key, expiration=datetime.now(timezone.utc) - timedelta(seconds=1))
-    label = inputs.get("label")
-    stage = inputs.get("stage") if isinstance(inputs.get("stage"), str) else None
-    stage = stage or (f"{task_ctx.task.name}.{label}" if isinstance(label, str) else task_ctx.task.name)
     from sftflow.ops.orchestration import run_logger
 
-    markers.report(run_logger("sftflow.cache"), f"{stage}: cached output {markers.describe(problems)}; recomputing",
+    # The task run's logger: the console prefixes the stage ("warning dedup: cached output ...").
+    markers.report(run_logger("sftflow.cache"), f"cached output {markers.describe(problems)}; recomputing",
                    problems=problems)
     return problems
 

@@ -93,7 +93,7 @@ def test_damaged_outputs_are_recomputed_once_and_equal_the_first_run(tmp_path: P
         "evaluate-base": "Cached"}, states
     said = [ln for ln in logs.splitlines() if "cached output" in ln and "recomputing" in ln]
     for stage, name in (("dedup", "kept.parquet"), ("split", "heldout.parquet"), ("train", "model.safetensors")):
-        mine = [ln for ln in said if f"{stage}: cached output" in ln]
+        mine = [ln for ln in said if re.search(rf"Task run '{stage}(-[0-9a-f]{{3}})?' - cached output", ln)]
         assert len(mine) == 1 and name in mine[0] and "changed on disk" in mine[0], said
     # The recomputed outputs are the first run's bytes again (a new run folder; the model retrained in place).
     run2 = next(p for p in (home / "runs" / "smoke").iterdir() if not p.name.startswith(("_", ".")) and p != run1)
