@@ -217,7 +217,8 @@ def test_unparseable_share_counts_ratings_the_model_did_not_expect(tiny):
         unparseable_share(masses, floor=1.5)
 
 
-def test_score_pairs_batched_equals_single_on_real_model(tiny):
+def test_score_pairs_batched_equals_single_on_the_tiny_model(tiny):
+    """Padding and batching change no rubric probability (the tiny random model; the real 270M one: test_models)."""
     model, tok, template = tiny
     pairs = [("What is the capital of France?", "Paris."), ("hi", "Hello! How can I help you today?"),
              ("Explain why the sky is blue.", "Rayleigh scattering.")]

@@ -90,8 +90,9 @@ def test_metric_name_strips_label_prefix() -> None:
 
 
 # --------------------------------------------------------------------------- helpers for registry tests
-def _samples(tmp: Path, label: str, outputs: list[str], rouge: list[float], loss: list[float] | None = None):
-    df = pd.DataFrame({"set": "heldout", "id": [f"id{i}" for i in range(len(outputs))],
+def _samples(tmp: Path, label: str, outputs: list[str], rouge: list[float], loss: list[float] | None = None,
+             ids: list[str] | None = None):
+    df = pd.DataFrame({"set": "heldout", "id": ids or [f"id{i}" for i in range(len(outputs))],
                        "prompt": [f"p{i}" for i in range(len(outputs))],
                        "reference": [f"r{i}" for i in range(len(outputs))],
                        "output": outputs, "rougeL": rouge, "num_tokens": 3, "finished": True, "judge": math.nan})
@@ -225,13 +226,14 @@ def test_gate_without_registered_version(tmp_path: Path) -> None:
 def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tmp_path: Path) -> None:
     """The champion's recorded eval key differs: it is loaded offline and evaluated on this held-out set."""
     from sftflow.inference.models import build_tiny_model
-    from tasks.evaluate import eval_key
+    from sftflow.evaluation.sets import eval_key
 
     import mlflow
 
     from sftflow.data.refs import ModelRef
     from sftflow.tracking.registry import log_model, model_version_ref
-    from tasks.evaluate import evaluate, resolve_judge
+    from sftflow.evaluation.judge import resolve_judge
+    from tasks.evaluate import evaluate
 
     tiny = build_tiny_model("tiny-gemma")
     name = "sftflow-reeval"
@@ -254,15 +256,16 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
     recs = [make_record([{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}], source="t:x")
             for w in ("yes", "no", "maybe")]
     heldout = write_parquet(records_to_frame(recs), tmp_path / "heldout.parquet", name="heldout")
+    ids = heldout.read()["id"].astype(str).tolist()  # the held-out rows' real ids: they join the champion's
     evaluation = EvaluationConfig(max_new_tokens=4, batch_size=3)
     training = TrainingConfig(max_seq_len=64)
     key = eval_key(heldout=heldout, cfg=evaluation, template="gemma", max_seq_len=64)
     base = EvalResult(label="base", metrics=(("eval_loss", 50.0),),
-                      samples=_samples(tmp_path, "b", ["x"], [0.0], loss=[50.0]), heldout_sha256=heldout.sha256,
-                      eval_key=key)
+                      samples=_samples(tmp_path, "b", ["x"] * 3, [0.0] * 3, loss=[50.0, 49.0, 51.0], ids=ids),
+                      heldout_sha256=heldout.sha256, eval_key=key)
     tuned = EvalResult(label="tuned", metrics=(("eval_loss", 1.0),),
-                       samples=_samples(tmp_path, "t", ["y"], [0.0], loss=[1.0]), heldout_sha256=heldout.sha256,
-                       eval_key=key)
+                       samples=_samples(tmp_path, "t", ["y"] * 3, [0.0] * 3, loss=[1.0, 0.9, 1.1], ids=ids),
+                       heldout_sha256=heldout.sha256, eval_key=key)
     v2 = _register(client, name)
     cfg = PromotionConfig(metric="eval_loss", direction="minimize", min_improvement=0.5)
     gate = dict(base=base, tuned=tuned, registered_name=name, registered_version=v2, cfg=cfg, heldout=heldout,
@@ -282,8 +285,11 @@ def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tm
     assert champ.heldout_sha256 == heldout.sha256 and champ.eval_key == key
     assert d.promoted and str(client.get_model_version_by_alias(name, CHAMPION).version) == v2
     assert "re-evaluated" in client.get_model_version(name, v2).description
-    # The re-evaluated champion's samples have no per-row loss (yet): compared on its value, and said so.
-    assert "point comparison" in d.reason
+    # The champion's re-evaluation scored the same held-out rows (ids join): the comparison is per
+    # example, with an interval, not a point comparison of two means.
+    champ_ids = set(pd.read_parquet(champ.samples.path)["id"].astype(str))
+    assert champ_ids == set(ids)
+    assert "point comparison" not in d.reason and "95% CI" in d.reason, d.reason
 
 
 def _train_result(name: str, version: str) -> TrainResult:
