@@ -54,7 +54,7 @@ from prefect.cache_policies import NO_CACHE
 
 from sftflow.breakdown import BREAKDOWN_PREFIXES, task_groups
 from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
-from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact, table_artifact
+from sftflow.ops.orchestration import IO_RETRIES, retry_unless, markdown_artifact, table_artifact
 from sftflow.data.refs import DatasetRef
 from sftflow.results import EvalResult, PromotionDecision, TrainResult
 from sftflow.gate import (
@@ -406,7 +406,7 @@ def _tasks_table(tasks: pd.DataFrame) -> str:
 
 
 # Never served from cache: the gate reads the registry (current champion), which changes between runs.
-@task(name="promote", cache_policy=NO_CACHE, persist_result=True, **IO_RETRIES)
+@task(name="promote", cache_policy=NO_CACHE, persist_result=True, **IO_RETRIES, retry_condition_fn=retry_unless())
 def promote_task(
     base: EvalResult,
     tuned: EvalResult,

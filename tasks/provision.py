@@ -3,8 +3,8 @@
 A thin Prefect task over ``sftflow.inference.models.resolve_model``. It is not cached by Prefect: the pull
 is idempotent (a completed ``$SFTFLOW_HOME/models/<name>/`` is reused after a manifest check that
 takes milliseconds), and re-resolving each run notices a deleted or changed model directory.
-Retries cover I/O failures (disk, hub); a missing package or an unknown name fails the same way
-on every try, so those raise ``ModelError`` at once and the retries end quickly.
+Retries cover I/O failures (hub, network); a missing package, an unknown name, a full disk or a
+permission error fails the same way on every try, so ``retry_unless()`` does not retry them.
 
 Run it alone::
 
@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sftflow.inference.models import resolve_model
-from sftflow.ops.orchestration import IO_RETRIES, markdown_artifact
+from sftflow.ops.orchestration import IO_RETRIES, retry_unless, markdown_artifact
 from sftflow.data.refs import ModelRef
 
 
@@ -34,7 +34,7 @@ def provision(*, name: str, trust_remote_code: bool = False) -> ModelRef:
     return resolve_model(name, trust_remote_code=trust_remote_code)
 
 
-@task(name="provision", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="provision", cache_policy=NO_CACHE, **IO_RETRIES, retry_condition_fn=retry_unless())
 def provision_task(name: str, *, trust_remote_code: bool) -> ModelRef:
     """Prefect task: ``provision`` plus a markdown artifact naming the model and its digest."""
     ref = provision(name=name, trust_remote_code=trust_remote_code)
