@@ -37,6 +37,7 @@ def _pipeline(tmp_path: Path, source: str, extra: str = "") -> Path:
             base_model: tiny-gemma
             sources: [{{name: s, path: {source}}}]
             evaluation: {{enabled: false}}
+            promotion: {{enabled: false}}
             training: {{max_steps: 1, batch_size: 2}}
         """) + extra)
     return p
