@@ -23,8 +23,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("sftflow.config", "sftflow.run_options", "sftflow.stats", "sftflow.engine")),
     ("data", ("sftflow.data", "sftflow.results", "sftflow.breakdown", "sftflow.gate", "sftflow.keys",
               "sftflow.markers")),
-    ("inference", ("sftflow.inference",)),
-    ("recipes", ("sftflow.training", "sftflow.augment")),
+    # training/tokens.py (template control-token rows; imports only inference.formatting) sits here:
+    # loading an adapter with trainable token rows (inference/models.py) computes them sparsely with it.
+    ("inference", ("sftflow.inference", "sftflow.training.tokens")),
+    ("recipes", ("sftflow.training", "sftflow.augment", "sftflow.evaluation", "sftflow.rejection")),
     ("tracking", ("sftflow.tracking",)),
     ("ops", ("sftflow.ops",)),
     ("tasks", ("tasks",)),
