@@ -283,15 +283,44 @@ class GenerationConfig(_Section):
 
 class CurationConfig(_Section):
     model: Literal["forward", "base"] | str = Field("forward", description="forward (M0), base, or a model name/path")
-    threshold: float = Field(4.0, ge=1, le=5, description="keep pairs whose expected score >= threshold")
-    keep: Literal["threshold", "score5"] = Field(
-        "threshold",
-        description="threshold: expected score >= threshold; score5: the paper's rule, the most likely rating is 5",
+    # How a pair is scored (sftflow/augment/curation.py): rubric = the paper's 1-5 prompt read from
+    # digit logits; pmi = mean over answer tokens of log p(y_t|x,y<t) - log p(y_t|y<t), the reference
+    # being the answer after an EMPTY user turn in the same template; loglik = mean log p(y_t|x,y<t).
+    method: Literal["rubric", "pmi", "loglik"] = Field(
+        "rubric", description="rubric (1-5 rating prompt), pmi (per-token PMI of answer and instruction, nats), "
+                              "loglik (mean log p(answer|instruction), nats)")
+    threshold: float = Field(4.0, ge=1, le=5, description="rubric: keep pairs whose expected score >= threshold")
+    keep: Optional[Literal["threshold", "score5", "top_fraction"]] = Field(
+        None,
+        description="threshold: rubric expected score >= threshold, pmi/loglik score >= min_score; score5 (rubric "
+                    "only): the paper's rule, the most likely rating is 5; top_fraction: the best top_fraction of "
+                    "scored pairs; default: threshold for rubric, top_fraction for pmi/loglik",
     )
+    top_fraction: float = Field(0.25, gt=0, le=1, description="keep: top_fraction keeps this share of scored pairs")
+    min_score: Optional[float] = Field(
+        None, description="pmi/loglik with keep: threshold: keep pairs whose score (nats per token) >= min_score")
     batch_size: int = Field(8, gt=0)
     auc_examples: int = Field(
         32, ge=0, description="held-out rows the curator is checked on (AUC of true vs mismatched answers; 0: off)"
     )
+    min_auc: float = Field(0.6, ge=0, le=1, description="the chosen method's held-out AUC below which below_min_auc acts")
+    below_min_auc: Literal["warn", "skip", "fail"] = Field(
+        "warn", description="curator AUC < min_auc: warn (curate, say so in log, summary and result), skip (curate "
+                            "nothing), fail (stop with an error)")
+
+    @model_validator(mode="after")
+    def _keep_fits_method(self) -> "CurationConfig":
+        if self.method != "rubric" and self.keep == "score5":
+            raise ValueError(f"keep: score5 reads a 1-5 rating; method {self.method} scores in nats per token: "
+                             "use keep: top_fraction or keep: threshold with min_score")
+        if self.method != "rubric" and self.keep == "threshold" and self.min_score is None:
+            raise ValueError(f"keep: threshold with method {self.method} needs min_score (nats per token)")
+        return self
+
+    @property
+    def keep_rule(self) -> str:
+        """``keep`` as configured, else the method's default (rubric: threshold; pmi/loglik: top_fraction)."""
+        return self.keep or ("threshold" if self.method == "rubric" else "top_fraction")
 
 
 class AugmentationConfig(_Section):

@@ -3,8 +3,12 @@
 The method, step by step, is ``sftflow.augment.humpback``: segments of an unlabeled corpus
 (``sftflow.augment.corpus``, filtered by ``sftflow.augment.filters``) become responses; a backward
 model M_yx trained on the reversed seed writes an instruction for each; a curation model (M0
-trained on the seed, the base model, or a named model) rates each pair 1-5 and the best are kept,
-tagged with ``augmented_system_prompt`` (the seed gets ``seed_system_prompt``). Every segment
+trained on the seed, the base model, or a named model) scores each pair with ``curation.method``
+(``sftflow.augment.curation``: the paper's 1-5 ``rubric``, per-token ``pmi`` of answer and
+instruction, or ``loglik``) and the best are kept, tagged with ``augmented_system_prompt`` (the
+seed gets ``seed_system_prompt``). Every method's AUC on held-out true vs mismatched pairs is
+measured and logged (``curation/auc/<method>``); the chosen one below ``curation.min_auc`` warns,
+skips curation or fails, per ``curation.below_min_auc``. Every segment
 examined is one row of ``candidates.parquet`` with its status and reason; the accounting
 (``sftflow.augment.pairs.accounting``) is checked before anything is returned.
 
@@ -28,7 +32,8 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from sftflow.augment.humpback import AugmentOutput, HelperModel, curator_auc, humpback  # noqa: F401  (curator_auc: re-exported)
+from sftflow.augment.curation import curator_auc  # noqa: F401  (re-exported)
+from sftflow.augment.humpback import AugmentOutput, HelperModel, humpback
 from sftflow.augment.pairs import BELOW, KEPT, select_pairs  # noqa: F401  (select_pairs: re-exported)
 from sftflow.augment.report import examples, markdown_summary, score_histogram_png, unparseable_scores
 from sftflow.config import AugmentationConfig, DedupConfig, TrainingConfig
@@ -78,6 +83,8 @@ def backtranslate(
 
     Raises:
         ConfigError: no corpus, or a bad training override (naming its key path).
+        CuratorBelowMinAuc: the curator's held-out AUC is below ``curation.min_auc`` with
+            ``below_min_auc: fail`` (names the keys and the AUC).
         ValueError: a malformed corpus file (naming file and row) or an empty seed.
     """
     return humpback(seed=seed, base=base, cfg=cfg, backward_cfg=cfg.backward(training),
@@ -85,6 +92,19 @@ def backtranslate(
                     work_root=Path(work_root) if work_root is not None else Path(out_dir) / "_train",
                     trust_remote_code=trust_remote_code, dedup=dedup, heldout=heldout, retrain=retrain,
                     progress=progress_callback, stage=STAGE)
+
+
+def curation_metrics(quality: dict[str, float], *, method: str) -> dict[str, float]:
+    """MLflow metrics of the curators' quality: ``curation/auc/<method>`` for every method measured, the
+    chosen method's as ``curation/auc``, ``curation/min_auc`` and ``curation/below_min_auc`` (1.0: below)."""
+    out = {f"curation/auc/{k[len('curator_auc_'):]}": v for k, v in quality.items()
+           if k.startswith("curator_auc_") and k != "curator_auc_pairs" and "_iter" not in k}
+    if f"curator_auc_{method}" in quality:
+        out["curation/auc"] = quality[f"curator_auc_{method}"]
+    for key, name in (("curator_min_auc", "curation/min_auc"), ("curator_below_min_auc", "curation/below_min_auc")):
+        if key in quality:
+            out[name] = quality[key]
+    return out
 
 
 def _log_helper(helper: HelperModel, *, base: ModelRef) -> None:
@@ -128,8 +148,11 @@ def backtranslate_task(
 ) -> AugmentResult:
     """Prefect task: ``backtranslate`` in its own MLflow run, each model it trained in a nested run.
 
-    The stage run gets the settings, the accounting (``bt_*``), the mean expected score and the
-    share of unparseable ratings, the candidate table, the score histogram and a summary; each
+    The stage run gets the settings, the accounting (``bt_*``), every curation method's held-out
+    AUC (``curation/auc/<method>``, the chosen one also as ``curation/auc`` and ``bt_curator_auc``,
+    ``curation/below_min_auc`` 1.0 when it is below ``min_auc``), the mean score (and for the
+    rubric the share of unparseable ratings), the candidate table, the score histogram, ``report.json``
+    and a summary; each
     helper model's run gets its training data, curves and the model itself. No retries: a rerun of
     the flow redoes the stage (cached when unchanged) and its models resume from their keyed folders.
 
@@ -156,7 +179,9 @@ def backtranslate_task(
             "min_words": cfg.min_words, "max_words": cfg.max_words, "temperature": cfg.generation.temperature,
             "top_p": cfg.generation.top_p, "max_new_tokens": cfg.generation.max_new_tokens,
             "curation_model": cfg.curation.model, "threshold": cfg.curation.threshold, "iterations": cfg.iterations,
-            "curation_keep": cfg.curation.keep,
+            "curation_keep": cfg.curation.keep_rule, "curation_method": cfg.curation.method,
+            "curation_min_auc": cfg.curation.min_auc, "curation_below_min_auc": cfg.curation.below_min_auc,
+            "curation_top_fraction": cfg.curation.top_fraction, "curation_min_score": cfg.curation.min_score,
         })
         log_dataset(seed, context="backtranslate.seed")
         out = backtranslate(seed=seed, base=base, cfg=cfg, training=training, out_dir=out_dir,
@@ -169,26 +194,37 @@ def backtranslate_task(
         counts = dict(out.counts)
         mlflow.log_metrics({f"bt_{k}": float(v) for k, v in counts.items()})
         mlflow.log_metrics({f"bt_{k}": float(v) for k, v in out.quality})
+        mlflow.log_metrics(curation_metrics(dict(out.quality), method=cfg.curation.method))
         for it, kept in enumerate(out.iteration_kept, start=1):
             mlflow.log_metric("bt_kept_per_iteration", float(kept), step=it)
+        for check in out.checks:
+            if check.status != "unmeasured":
+                mlflow.log_metric("curation/auc_per_iteration", check.auc, step=check.iteration)
         frame = pd.read_parquet(out.candidates.path)
         scored = frame[frame["status"].isin([KEPT, BELOW])]
         if len(scored):
-            mlflow.log_metric("bt_mean_expected_score", float(scored.expected.mean()))
+            mlflow.log_metric("bt_mean_score", float(scored.score.mean()))
+            if cfg.curation.method == "rubric":
+                mlflow.log_metric("bt_mean_expected_score", float(scored.expected.mean()))
         unparseable = unparseable_scores(frame)
-        mlflow.log_metric("bt_unparseable_scores", unparseable)
+        if cfg.curation.method == "rubric":  # the rubric's ratings only; likelihood methods read no digit
+            mlflow.log_metric("bt_unparseable_scores", unparseable)
         for ref, context in ((out.candidates, "backtranslate.candidates"), (out.curated, "backtranslate.curated"),
                              (out.reversed, "backtranslate.backward_train"), (out.seed, "backtranslate.seed_tagged")):
             log_dataset(ref, context=context)
         mlflow.log_artifact(out.candidates.path, artifact_path="backtranslate")
-        png = score_histogram_png(frame, out_dir / "score_histogram.png", threshold=cfg.curation.threshold)
+        png = score_histogram_png(frame, out_dir / "score_histogram.png", cfg=cfg)
         mlflow.log_artifact(str(png), artifact_path="backtranslate")
+        if out.report:
+            mlflow.log_artifact(out.report, artifact_path="backtranslate")
         summary = markdown_summary(counts, frame, cfg, out.iteration_kept, unparseable=unparseable,
-                                   quality=dict(out.quality))
+                                   quality=dict(out.quality), checks=out.checks)
         mlflow.log_text(summary, "backtranslate/summary.md")
         if out.heldout is not None:
             log_dataset(out.heldout, context="backtranslate.heldout_tagged")
         log_json({"counts": counts, "iteration_kept": list(out.iteration_kept), "quality": dict(out.quality),
+                  "curation": {"method": cfg.curation.method, "keep": cfg.curation.keep_rule,
+                               "checks": [c.message() for c in out.checks]},
                   "backward_model": out.backward_model.path, "curation_model": out.curation_model.path,
                   "work_dirs": {h.run_name: str(h.run.work_dir) for h in out.helpers}},
                  "backtranslate/summary.json")

@@ -11,11 +11,16 @@
    a generation cut at the token bound keeps its first question (``filters.salvage_instruction``),
    and ``filters.instruction_filter_reason`` rejects the unusable ones.
 4. **Self-curation**: the curation model (``curation.model``: ``forward`` = M0 trained on the seed,
-   ``base``, or a model name/path) rates each pair 1-5 from the next-token distribution after
-   ``Score:`` (``sftflow.inference.batch.score_texts``); ``pairs.select_pairs`` keeps them.
-5. **Iterations** (``iterations`` > 1): M_k trained on tagged seed + curated pairs rescores.
-6. **Quality and outputs**: backward-model finished rate, curator AUC on held-out rows; the candidate
-   table (``candidates.parquet``, accounting checked) and the tagged curated records.
+   ``base``, or a model name/path) scores each pair with ``curation.method``
+   (``sftflow.augment.curation``: ``rubric`` = the paper's 1-5 rating from digit logits, ``pmi`` =
+   per-token PMI of answer and instruction, ``loglik``); ``curation.keep_decision`` keeps them.
+   Before it curates, the curator is measured on held-out rows (AUC of true vs mismatched answers,
+   every method) and checked against ``curation.min_auc`` (``below_min_auc``: warn, skip, fail);
+   the check of M0 runs before any instruction is generated, so ``fail``/``skip`` cost no generation.
+5. **Iterations** (``iterations`` > 1): M_k trained on tagged seed + curated pairs, measured and
+   checked the same way, rescores (a ``skip`` there keeps the previous iteration's pairs).
+6. **Quality and outputs**: backward-model finished rate, curator AUCs; the candidate table
+   (``candidates.parquet``, accounting checked), the tagged curated records and ``report.json``.
 
 It writes files below ``out_dir`` (models below ``work_root``) and logs nothing:
 ``tasks.backtranslate`` logs the stage, each trained model in its own nested run
@@ -32,25 +37,27 @@ import pandas as pd
 
 from sftflow import layout
 from sftflow.augment.corpus import load_corpus
+from sftflow.augment.curation import METHODS, CuratorCheck, check_curator, curator_auc, keep_decision, method_scores
 from sftflow.augment.filters import instruction_filter_reason, salvage_instruction, select_segments
 from sftflow.augment.pairs import (
     BELOW,
     CANDIDATE_COLUMNS,
     FILTERED,
     KEPT,
+    NOT_CURATED,
     REJECTED,
     accounting,
     candidate_row,
     curated_records,
     reverse_records,
-    select_pairs,
     tag_seed,
 )
 from sftflow.config import AugmentationConfig, ConfigError, DedupConfig, TrainingConfig
 from sftflow.data.records import frame_to_records, records_to_frame, response_text
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.data.tags import tag_dataset
-from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
+from sftflow.inference.batch import ModelHandle, generate_texts
+from sftflow.progress import run_logger
 from sftflow.training.entry import TrainingRun, run_training
 
 # label -> on_progress(done, total) (e.g. ``sftflow.ops.console.progress_callback``); None: silent.
@@ -94,7 +101,10 @@ class AugmentOutput:
         iteration_kept: pairs kept after each curation iteration.
         helpers: every model trained here, in training order (for the stage to log).
         heldout: the held-out set tagged like the seed (evaluation prompts = training prompts), or None.
-        quality: curator and backward-model quality figures (``curator_auc``, ``backward_finished_rate``...).
+        quality: curator and backward-model quality figures (``curator_auc``, ``curator_auc_<method>``,
+            ``curator_below_min_auc`` (1.0: the chosen curator was below ``min_auc``), ``backward_finished_rate``...).
+        checks: the min_auc check of each iteration's curator (``curation.CuratorCheck``).
+        report: ``report.json`` in the stage folder (counts, quality, curation: method, keep rule, AUCs, checks).
     """
 
     curated: DatasetRef
@@ -108,6 +118,8 @@ class AugmentOutput:
     helpers: tuple[HelperModel, ...] = ()
     heldout: DatasetRef | None = None
     quality: tuple[tuple[str, float], ...] = ()
+    checks: tuple[CuratorCheck, ...] = ()
+    report: str = ""
 
 
 def _silent(_label: str) -> None:
@@ -128,49 +140,6 @@ def train_helper(*, run_name: str, data: DatasetRef, base: ModelRef, cfg: Traini
     run = run_training(train=data, heldout=None, base=base, cfg=cfg, work_root=work_root,
                        trust_remote_code=trust_remote_code, discard_finished=retrain)
     return HelperModel(run_name=run_name, data=data, cfg=cfg, run=run)
-
-
-def score_pairs(ref: ModelRef, rows: Sequence[dict[str, Any]], *, cfg: AugmentationConfig, training: TrainingConfig,
-                trust_remote_code: bool = False, progress: Progress = None, label: str = "backtranslate score"
-                ) -> list[Any]:
-    """Rubric scores (``Score``: probs, expected, argmax, mass) of (instruction, segment) rows.
-
-    In this process, or over Ray Data actors (one model each) with ``execution.engine: ray``.
-    """
-    pairs = [(r["instruction"], r["segment"]) for r in rows]
-    return score_texts(ref, pairs, template=training.template, batch_size=cfg.curation.batch_size,
-                       dtype=cfg.generation.dtype, trust_remote_code=trust_remote_code,
-                       on_progress=(progress or _silent)(label))
-
-
-def curator_auc(curation: ModelRef, records: Sequence[dict[str, Any]], *, cfg: AugmentationConfig,
-                training: TrainingConfig, trust_remote_code: bool = False, progress: Progress = None,
-                label: str = "backtranslate score") -> dict[str, float]:
-    """How well the curator separates a row's true answer from another row's answer.
-
-    Each held-out row is scored twice with the curation rubric: (its instruction, its answer) and
-    (its instruction, the next row's answer). The AUC of the two score sets is the chance that a
-    true pair outscores a mismatched one: 0.5 is a curator that cannot tell them apart.
-
-    Returns:
-        ``curator_auc``, ``curator_true_mean``, ``curator_mismatched_mean`` and ``curator_auc_pairs``
-        (empty with fewer than two usable rows).
-    """
-    from sftflow.data.records import prompt_text
-    from sftflow.stats import auc
-
-    rows = [(prompt_text(r["messages"]), response_text(r["messages"])) for r in records]
-    rows = [(q, a) for q, a in rows if q.strip() and a.strip()]
-    if len(rows) < 2:
-        return {}
-    true = [{"instruction": q, "segment": a} for q, a in rows]
-    mismatched = [{"instruction": q, "segment": rows[(i + 1) % len(rows)][1]} for i, (q, _) in enumerate(rows)]
-    scores = score_pairs(curation, true + mismatched, cfg=cfg, training=training, trust_remote_code=trust_remote_code,
-                         progress=progress, label=label)
-    pos = [s.expected for s in scores[: len(true)]]
-    neg = [s.expected for s in scores[len(true):]]
-    return {"curator_auc": auc(pos, neg), "curator_true_mean": float(sum(pos) / len(pos)),
-            "curator_mismatched_mean": float(sum(neg) / len(neg)), "curator_auc_pairs": float(len(rows))}
 
 
 def curation_model(*, cfg: AugmentationConfig, base: ModelRef, seed: DatasetRef, forward_cfg: TrainingConfig,
@@ -231,6 +200,38 @@ def generate_candidates(backward: ModelRef, accepted: Sequence[Any], *, cfg: Aug
                    finished=out.finished, salvaged=salvaged)
         rows.append(row)
     return rows
+
+
+def write_report(path: Path, *, counts: dict[str, int], quality: dict[str, float], cfg: AugmentationConfig,
+                 checks: Sequence[CuratorCheck], per_iteration: Sequence[dict[str, float]],
+                 iteration_kept: Sequence[int], skipped: bool) -> Path:
+    """``report.json`` of the stage: accounting, quality, and the curation (method, keep rule, every
+    method's AUC per iteration, the min_auc checks and what they did). Non-finite numbers are null."""
+    import json
+    import math
+
+    def num(v: float) -> float | None:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    cur = cfg.curation
+    doc = {
+        "counts": counts,
+        "iteration_kept": list(iteration_kept),
+        "quality": {k: num(v) for k, v in sorted(quality.items())},
+        "curation": {
+            "method": cur.method, "keep": cur.keep_rule, "threshold": cur.threshold, "top_fraction": cur.top_fraction,
+            "min_score": cur.min_score, "min_auc": cur.min_auc, "below_min_auc": cur.below_min_auc,
+            "auc": {m: num(per_iteration[-1].get(f"curator_auc_{m}", math.nan)) for m in METHODS}
+            if per_iteration and per_iteration[-1] else {},
+            "auc_per_iteration": [{m: num(q.get(f"curator_auc_{m}", math.nan)) for m in METHODS} for q in per_iteration],
+            "auc_pairs": int(per_iteration[-1].get("curator_auc_pairs", 0)) if per_iteration else 0,
+            "checks": [{"iteration": c.iteration, "method": c.method, "auc": num(c.auc), "status": c.status,
+                        "action": c.action if c.below else "", "message": c.message()} for c in checks],
+            "skipped": skipped,
+        },
+    }
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    return path
 
 
 def humpback(
@@ -298,19 +299,51 @@ def humpback(
                             work_root=work_root, trust_remote_code=trust_remote_code, retrain=retrain)]
     backward = helpers[0].output.model
 
-    # 3. self-augmentation: one candidate instruction per segment, batched
-    generated = generate_candidates(backward, accepted, cfg=cfg, template_setting=backward_cfg.template,
-                                    trust_remote_code=trust_remote_code, progress=progress,
-                                    label=f"{stage} generate instructions") if accepted else []
-    to_score = [r for r in generated if r["status"] != REJECTED]
-
-    # 4. self-curation with M0 (or base / a named model), 5. optional iterations with M_k
+    # 3. the curation model (M0, base or a named model), measured before any instruction is
+    #    generated: every method's AUC on held-out true vs mismatched pairs (rows never trained on),
+    #    the chosen method's checked against min_auc (fail stops here, skip curates nothing).
     seed_tagged = tag_seed(seed, cfg.seed_system_prompt, out_dir / "seed_tagged.parquet")
     curation, trained = curation_model(cfg=cfg, base=base, seed=seed, forward_cfg=forward_cfg, work_root=work_root,
                                        trust_remote_code=trust_remote_code, retrain=retrain, stage=stage)
     helpers += trained
+    heldout_tagged = None
+    auc_records: list[dict[str, Any]] = []
+    if heldout is not None:
+        heldout_tagged = tag_dataset(heldout, cfg.seed_system_prompt, out_dir / "heldout_tagged.parquet",
+                                     name="heldout_tagged")
+        if cfg.curation.auc_examples:
+            auc_records = frame_to_records(heldout.read())[: cfg.curation.auc_examples]
+    on_score = (progress or _silent)(f"{stage} score")
+    per_iteration: list[dict[str, float]] = []
+    checks: list[CuratorCheck] = []
+
+    def measure(model: ModelRef, it: int) -> CuratorCheck:
+        q = curator_auc(model, auc_records, cfg=cfg, training=forward_cfg, methods=METHODS,
+                        trust_remote_code=trust_remote_code, on_progress=on_score) if auc_records else {}
+        per_iteration.append(q)
+        check = check_curator(q, cfg.curation, iteration=it)  # raises CuratorBelowMinAuc with fail
+        checks.append(check)
+        if check.status != "ok":
+            run_logger("sftflow.backtranslate").warning("%s", check.message())
+        return check
+
+    skipped = measure(curation, 1).below and cfg.curation.below_min_auc == "skip"
+
+    # 4. self-augmentation: one candidate instruction per segment, batched (none when skipped)
+    if skipped:
+        rows += [candidate_row(seg, status=NOT_CURATED, reason="curator_below_min_auc", detail=checks[0].message())
+                 for seg in accepted]
+        generated: list[dict[str, Any]] = []
+    else:
+        generated = generate_candidates(backward, accepted, cfg=cfg, template_setting=backward_cfg.template,
+                                        trust_remote_code=trust_remote_code, progress=progress,
+                                        label=f"{stage} generate instructions") if accepted else []
+    to_score = [r for r in generated if r["status"] != REJECTED]
+
+    # 5. self-curation with the chosen method, optional iterations with M_k
     iteration_kept: list[int] = []
-    for it in range(1, cfg.iterations + 1):
+    rule = cfg.curation.keep_rule
+    for it in range(1, (0 if skipped else cfg.iterations) + 1):
         if it > 1:
             # M_k: seed + the pairs curated so far, both tagged, as in the paper's iteration.
             kept_rows = [r for r in to_score if r["status"] == KEPT]
@@ -320,29 +353,33 @@ def humpback(
             helpers.append(train_helper(run_name=f"{stage}.curation_iter{it}", data=mix_ref, base=base,
                                         cfg=forward_cfg, work_root=work_root, trust_remote_code=trust_remote_code,
                                         retrain=retrain))
+            if measure(helpers[-1].output.model, it).below and cfg.curation.below_min_auc == "skip":
+                break  # M_k does not curate: the pairs M_(k-1) kept stay (its check passed or warned)
             curation = helpers[-1].output.model
-        scores = score_pairs(curation, to_score, cfg=cfg, training=forward_cfg, trust_remote_code=trust_remote_code,
-                             progress=progress, label=f"{stage} score") if to_score else []
-        keep, details = select_pairs(scores, keep=cfg.curation.keep, threshold=cfg.curation.threshold)
-        for r, s, k, detail in zip(to_score, scores, keep, details):
-            r.update(probs=list(s.probs), expected=s.expected, argmax=s.argmax, mass=s.mass,
-                     status=KEPT if k else BELOW, reason="" if k else "below_threshold", detail=detail)
-            r[f"expected_iter{it}"] = s.expected
+        scores = method_scores(curation, [(r["instruction"], r["segment"]) for r in to_score],
+                               method=cfg.curation.method, cfg=cfg, training=forward_cfg,
+                               trust_remote_code=trust_remote_code, on_progress=on_score) if to_score else []
+        keep, details = keep_decision(scores, cfg.curation)
+        for r, sc, k, detail in zip(to_score, scores, keep, details):
+            r.update(sc, status=KEPT if k else BELOW, detail=detail,
+                     reason="" if k else ("below_top_fraction" if rule == "top_fraction" else "below_threshold"))
+            if cfg.curation.method == "rubric":
+                r[f"expected_iter{it}"] = sc["expected"]
+            r[f"score_iter{it}"] = sc["score"]
         iteration_kept.append(sum(keep))
 
-    # 6. quality of the helpers: does M_yx end its instructions, can the curator tell a true answer
-    #    from another question's answer (held-out rows, never trained on)?
+    # 6. quality of the helpers: does M_yx end its instructions, can the curator (the last one that
+    #    curated, or the one that was refused) tell a true answer from another question's answer?
     quality: dict[str, float] = {}
     if generated:
         quality["backward_finished_rate"] = sum(bool(r["finished"]) for r in generated) / len(generated)
-    heldout_tagged = None
-    if heldout is not None:
-        heldout_tagged = tag_dataset(heldout, cfg.seed_system_prompt, out_dir / "heldout_tagged.parquet",
-                                     name="heldout_tagged")
-        if cfg.curation.auc_examples:
-            quality.update(curator_auc(curation, frame_to_records(heldout.read())[: cfg.curation.auc_examples],
-                                       cfg=cfg, training=forward_cfg, trust_remote_code=trust_remote_code,
-                                       progress=progress, label=f"{stage} score"))
+    final = checks[-1]
+    quality.update(per_iteration[-1])
+    if final.status != "unmeasured":
+        quality.update(curator_min_auc=final.min_auc, curator_below_min_auc=float(final.below))
+    if len(per_iteration) > 1:
+        for it, q in enumerate(per_iteration, start=1):
+            quality.update({f"{k}_iter{it}": v for k, v in q.items() if k.startswith("curator_auc_")})
 
     # 7. outputs: the audit table, the tagged curated records
     frame = pd.DataFrame(rows + generated)
@@ -356,7 +393,9 @@ def humpback(
     kept_rows = [r for r in generated if r["status"] == KEPT]
     curated_ref = write_parquet(records_to_frame(curated_records(kept_rows, system_prompt=cfg.augmented_system_prompt)),
                                 out_dir / "curated.parquet", name="curated")
+    report = write_report(out_dir / "report.json", counts=counts, quality=quality, cfg=cfg, checks=checks,
+                          per_iteration=per_iteration, iteration_kept=iteration_kept, skipped=skipped)
     return AugmentOutput(curated=curated_ref, candidates=candidates_ref, seed=seed_tagged, reversed=reversed_ref,
                          backward_model=backward, curation_model=curation, counts=tuple(sorted(counts.items())),
                          iteration_kept=tuple(iteration_kept), helpers=tuple(helpers), heldout=heldout_tagged,
-                         quality=tuple(sorted(quality.items())))
+                         quality=tuple(sorted(quality.items())), checks=tuple(checks), report=str(report))

@@ -3,14 +3,18 @@
 * ``candidates.parquet`` has one row per segment examined (``CANDIDATE_COLUMNS``) and its status
   (``STATUSES``); ``accounting`` counts them and checks the identities::
 
-      segments examined = segments filtered + candidates generated
+      segments examined = segments filtered + candidates generated + not curated
       candidates generated = instructions rejected + pairs scored
       pairs scored = kept + below threshold
+
+  (``not curated``: accepted segments never sent to the backward model because the curator's
+  held-out AUC was below ``curation.min_auc`` with ``below_min_auc: skip``.)
 
 * ``reverse_records``: the backward model's training data (response -> instruction);
   ``curated_records``: kept pairs as canonical records (``origin=backtranslated``, tagged);
   ``tag_seed``: the seed with its system tag.
-* ``select_pairs``: the keep rule of self-curation (``curation.keep``: threshold or score 5).
+* ``select_pairs``: the rubric's keep rules (``curation.keep``: threshold or score 5);
+  ``select_top_fraction`` / ``select_at_least``: any method's score (``sftflow.augment.curation``).
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ FILTERED = "filtered_segment"  # the segment never reached the backward model
 REJECTED = "rejected_instruction"  # the generated instruction failed a filter
 BELOW = "below_threshold"  # scored, expected score < threshold
 KEPT = "kept"  # scored, expected score >= threshold
-STATUSES = (FILTERED, REJECTED, BELOW, KEPT)
+NOT_CURATED = "not_curated"  # accepted, but the curator failed min_auc (below_min_auc: skip): nothing curated
+STATUSES = (FILTERED, REJECTED, BELOW, KEPT, NOT_CURATED)
 
 CANDIDATE_COLUMNS = (
     "segment_id", "source", "segment", "num_words", "instruction", "num_tokens", "finished",
-    "probs", "expected", "argmax", "mass", "status", "reason", "detail",
+    "probs", "expected", "argmax", "mass", "score", "status", "reason", "detail",
 )
 
 
@@ -44,7 +49,7 @@ def candidate_row(seg: Segment, *, status: str, reason: str, detail: str) -> dic
     return {
         "segment_id": seg.id, "source": seg.source, "segment": seg.text, "num_words": seg.num_words,
         "instruction": "", "num_tokens": 0, "finished": False, "probs": None, "expected": math.nan,
-        "argmax": 0, "mass": math.nan, "status": status, "reason": reason, "detail": detail,
+        "argmax": 0, "mass": math.nan, "score": math.nan, "status": status, "reason": reason, "detail": detail,
         "raw_output": "", "salvaged": False,
     }
 
@@ -94,13 +99,18 @@ def tag_seed(ref: DatasetRef, system_prompt: str | None, out_path: Path) -> Data
 
 
 def curated_records(rows: Iterable[dict[str, Any]], *, system_prompt: str | None) -> list[dict[str, Any]]:
-    """Kept candidates as canonical records: (system tag,) user = instruction, assistant = segment."""
+    """Kept candidates as canonical records: (system tag,) user = instruction, assistant = segment.
+
+    A record's ``score`` is the curation method's score (``score``; a rubric row without it: ``expected``).
+    """
     out = []
     for r in rows:
         msgs = [{"role": "user", "content": r["instruction"].strip()}, {"role": "assistant", "content": r["segment"]}]
         if system_prompt:
             msgs.insert(0, {"role": "system", "content": system_prompt})
-        out.append(make_record(msgs, source=r["source"], origin="backtranslated", score=float(r["expected"])))
+        score = r.get("score")
+        score = r["expected"] if score is None or (isinstance(score, float) and math.isnan(score)) else score
+        out.append(make_record(msgs, source=r["source"], origin="backtranslated", score=float(score)))
     return out
 
 
@@ -128,6 +138,31 @@ def select_pairs(scores: Sequence[Any], *, keep: str, threshold: float) -> tuple
     return flags, details
 
 
+def select_top_fraction(scores: Sequence[float], fraction: float) -> tuple[list[bool], list[str]]:
+    """Keep the best ``ceil(fraction * n)`` of the ``n`` non-NaN scores (ties: the earlier row first).
+
+    Returns:
+        (keep flags, detail strings), one per score.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"augmentation.curation.top_fraction must be in (0, 1] (got {fraction})")
+    valid = [i for i, s in enumerate(scores) if not math.isnan(float(s))]
+    k = math.ceil(fraction * len(valid)) if valid else 0
+    order = sorted(valid, key=lambda i: (-float(scores[i]), i))
+    rank = {i: r for r, i in enumerate(order, start=1)}
+    flags = [rank.get(i, k + 1) <= k for i in range(len(scores))]
+    details = [f"score {float(s):.3f} rank {rank[i]} of {len(valid)} {'<=' if f else '>'} top {fraction:g} ({k} kept)"
+               if i in rank else "no score (NaN)" for i, (s, f) in enumerate(zip(scores, flags))]
+    return flags, details
+
+
+def select_at_least(scores: Sequence[float], min_score: float) -> tuple[list[bool], list[str]]:
+    """Keep a score >= ``min_score`` (NaN never passes); (keep flags, detail strings)."""
+    flags = select_by_threshold([float(s) for s in scores], min_score)
+    details = [f"score {float(s):.3f} {'>=' if f else '<'} min_score {min_score:g}" for s, f in zip(scores, flags)]
+    return flags, details
+
+
 def accounting(candidates: pd.DataFrame) -> dict[str, int]:
     """Counts of the candidate table, checking that no row disappeared.
 
@@ -146,10 +181,12 @@ def accounting(candidates: pd.DataFrame) -> dict[str, int]:
         "scored": int(status.get(BELOW, 0) + status.get(KEPT, 0)),
         "kept": int(status.get(KEPT, 0)),
         "below_threshold": int(status.get(BELOW, 0)),
+        "not_curated": int(status.get(NOT_CURATED, 0)),
     }
     # The identities of the module docstring (they cannot fail unless a status was lost). Raised,
     # not asserted: the check must also run under `python -O`.
-    for total, parts in (("segments_in", ("segments_filtered", "generated")), ("generated", ("rejected", "scored")),
+    for total, parts in (("segments_in", ("segments_filtered", "generated", "not_curated")),
+                         ("generated", ("rejected", "scored")),
                          ("scored", ("kept", "below_threshold"))):
         if c[total] != sum(c[p] for p in parts):
             raise AccountingError(f"backtranslate accounting broken: {total} {c[total]} != "

@@ -2,7 +2,8 @@
 
 THE inference path: every stage that generates or scores (backtranslation's backward generation
 and self-curation, rejection sampling's k samples per prompt and rubric scores, evaluation's
-generations and judge) calls ``generate_texts`` / ``score_texts`` with a ``ModelHandle`` and the
+generations and judge) calls ``generate_texts`` / ``score_texts`` (``loglik_texts``: per-token
+answer log-probabilities, curation's likelihood methods) with a ``ModelHandle`` and the
 engine the flow activated (``sftflow.engine.current_engine()``); none calls ``generate_batch``,
 ``sample_k`` or ``score_pairs`` itself (``tests/unit/test_inference_path.py`` checks it), so
 ``execution.engine`` and ``execution.generation_backend`` apply everywhere.
@@ -390,6 +391,74 @@ def score_texts(
             handle.close()
 
 
+def loglik_texts(
+    model: ModelRef | ModelHandle,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    template: str | None,
+    batch_size: int,
+    max_answer_tokens: int | None = 768,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    engine: Any = None,
+    on_progress: ProgressCallback | None = None,
+) -> list[list[float]]:
+    """Per-token log-probabilities of each answer given its instruction, on the active engine.
+
+    Each (instruction, answer) pair is the user turn + the assistant opener + the answer's tokens
+    (``loglik.answer_row``); the values are ``log p(y_t | instruction, y_<t)`` for every answer token
+    (``loglik.token_logprobs``; the end-of-turn marker is not scored). An empty instruction gives
+    an empty user turn (the reference of per-token PMI). On the Ray engine the length-sorted batches
+    the local run makes go to Ray Data actors (one model each), so values equal local ones up to
+    float rounding.
+
+    Args:
+        model: a ``ModelHandle`` or a ``ModelRef`` (loaded with ``dtype``/``trust_remote_code``).
+        pairs: (instruction, answer) tuples.
+        template: the configured template (None: the tokenizer's own; ``formatting.resolve_template``).
+        batch_size: pairs per forward pass.
+        max_answer_tokens: answers are cut to this many tokens (None: whole).
+        dtype, trust_remote_code: used when ``model`` is a ``ModelRef``.
+        engine: the execution engine (None: ``current_engine()``).
+        on_progress: ``on_progress(done, total)`` as batches finish.
+
+    Returns:
+        One list of per-token log-probabilities per pair, in input order (empty for an empty answer).
+    """
+    from sftflow.inference.formatting import resolve_template
+    from sftflow.inference.generation import _length_sorted_batches
+    from sftflow.inference.loglik import answer_row, token_logprobs
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0 (got {batch_size})")
+    pairs = [(str(q), str(a)) for q, a in pairs]
+    if not pairs:
+        return []
+    engine = _engine(engine)
+    handle, own = _handle(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        tok = handle.tokenizer
+        tmpl = resolve_template(tok, template)
+        rows = [answer_row(tok, q, a, template=tmpl, max_answer_tokens=max_answer_tokens) for q, a in pairs]
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if engine.kind == "ray" and len(rows) > batch_size:
+            batches = _length_sorted_batches([len(r[0]) for r in rows], batch_size)
+            items = [{"b": b, "rows": json.dumps(idx), "items": json.dumps([rows[i] for i in idx])}
+                     for b, idx in enumerate(batches)]
+            out = _run_on_ray(_LoglikActor, items, handle=handle, engine=engine, backend="hf",
+                              options={"pad_id": int(pad_id)}, total=len(rows), on_progress=on_progress)
+            results: list[list[float] | None] = [None] * len(rows)
+            for b, idx in enumerate(batches):
+                for i, v in zip(idx, out[b]):
+                    results[i] = [float(x) for x in v]
+            return [r if r is not None else [] for r in results]
+        lm, _ = handle.model_and_tokenizer()
+        return token_logprobs(lm, rows, batch_size=batch_size, pad_id=int(pad_id), on_progress=on_progress)
+    finally:
+        if own:
+            handle.close()
+
+
 # --------------------------------------------------------------------------- Ray Data
 def actor_plan(resources: dict[str, float], *, batches: int) -> dict[str, Any]:
     """How many actors and what each reserves, from a cluster's resources.
@@ -537,5 +606,20 @@ class _ScoreActor(_InferenceActor):
                 for _, _, ps in jobs]
 
 
+class _LoglikActor(_InferenceActor):
+    payload = "items"
+
+    def _backend(self, requested: str) -> str:
+        return "hf"  # log-probabilities need the model's logits
+
+    def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:
+        from sftflow.inference.loglik import token_logprobs
+
+        # Each job is one batch exactly as the local run makes it (same rows, same padding).
+        return [token_logprobs(self.model, [(ids, start) for ids, start in rows], batch_size=len(rows),
+                               pad_id=int(self.options["pad_id"]))
+                for _, _, rows in jobs]
+
+
 __all__ = ["BACKENDS", "ModelHandle", "actor_plan", "choose_backend", "generate_texts", "load_tokenizer",
-           "resolve_backend", "score_texts"]
+           "loglik_texts", "resolve_backend", "score_texts"]
