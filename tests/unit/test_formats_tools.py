@@ -14,13 +14,8 @@ from pydantic import ValidationError
 from sftflow.config import IngestConfig, SourceConfig
 from sftflow.data.formats import detect_format, load_records
 from sftflow.data.records import frame_to_records, make_record, normalize_text, record_id, records_to_frame
-from sftflow.inference.formatting import (
-    IGNORE_INDEX,
-    build_generation_prompt,
-    encode_for_training,
-    supports_tools,
-    tool_text_fallback,
-)
+from sftflow.inference.formatting import IGNORE_INDEX, build_generation_prompt, encode_for_training
+from sftflow.inference.tool_format import supports_tools, tool_text_fallback
 from tasks.ingest import ingest, report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -377,7 +372,7 @@ def test_heldout_loss_takes_tools_aligned_with_conversations() -> None:
 
 
 def test_evaluation_reference_of_a_tool_call_turn_is_the_call() -> None:
-    from tasks.evaluate import split_prompt_reference
+    from sftflow.evaluation.sets import split_prompt_reference
 
     msgs, tools = _sample_conversation()
     prompt, ref = split_prompt_reference(msgs[:2])  # the last assistant turn only calls a tool
