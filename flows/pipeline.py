@@ -16,13 +16,14 @@ from prefect import flow, get_run_logger
 
 from sftflow.layout import RunLayout
 from sftflow.engine import activate as activate_engine, release as release_engine
+from sftflow.evaluation.judge import resolve_judge
 from sftflow.ops.preflight import check_provisioned_model, preflight
 from sftflow.ops.recovery import active_run, reap_orphans, register_active_run
 from sftflow.run_options import RunOptions, resolve_run_config
 from sftflow.tracking.runs import end_pipeline_run, run_url, start_pipeline_run
 from tasks.backtranslate import backtranslate_task
 from tasks.dedup import dedup_task
-from tasks.evaluate import evaluate_champion, evaluate_task, resolve_judge
+from tasks.evaluate import evaluate_champion, evaluate_task
 from tasks.ingest import ingest_task
 from tasks.promote import promote_task
 from tasks.provision import provision_task

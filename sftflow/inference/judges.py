@@ -18,7 +18,7 @@ A scorer that cannot be loaded is an error (``ScorerUnavailable``, a user error 
 key and the missing path), never silently the model under test: an evaluation judged by the tuned
 model itself would reward the tuned model for agreeing with itself, and the gate would compare it
 with a base-judged base. ``scorer_digest`` is the content digest a judge contributes to the
-evaluation's comparability key (``tasks.evaluate.eval_key``) and to the gate's evidence.
+evaluation's comparability key (``sftflow.evaluation.sets.eval_key``) and to the gate's evidence.
 
 Example::
 

@@ -14,15 +14,10 @@ from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.errors import DataError
 from sftflow import markers
-from tasks.evaluate import (
-    EvalResult,
-    eval_key,
-    evaluate,
-    generation_metrics,
-    load_eval_set,
-    rouge_l,
-    split_prompt_reference,
-)
+from sftflow.evaluation.metrics import generation_metrics, rouge_l
+from sftflow.evaluation.sets import eval_key, load_eval_set, split_prompt_reference
+from sftflow.results import EvalResult
+from tasks.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[2]
 

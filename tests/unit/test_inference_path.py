@@ -178,7 +178,7 @@ def _copy_model(src: str, dst: Path) -> Path:
 
 
 def test_a_missing_judge_is_an_error_naming_the_key_and_path(sftflow_home: Path, tmp_path: Path):
-    from tasks.evaluate import resolve_judge
+    from sftflow.evaluation.judge import resolve_judge
 
     base = build_tiny_model("tiny-gemma")
     missing = tmp_path / "no-such-judge"
@@ -233,7 +233,9 @@ def test_rejection_with_an_unloadable_scorer_fails_before_sampling(sftflow_home:
 
 def test_judge_content_is_in_the_eval_key_and_the_stage_cache_key(sftflow_home: Path, tmp_path: Path):
     from sftflow.ops.cachekeys import input_digests
-    from tasks.evaluate import eval_key, evaluate, resolve_judge
+    from sftflow.evaluation.judge import resolve_judge
+    from sftflow.evaluation.sets import eval_key
+    from tasks.evaluate import evaluate
 
     base = build_tiny_model("tiny-gemma")
     judge_dir = _copy_model(base.path, tmp_path / "judge")

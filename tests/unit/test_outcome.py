@@ -38,7 +38,7 @@ def test_eval_prompt_equals_training_prompt_token_by_token_with_tags(sftflow_hom
     from sftflow.data.tags import tag_dataset
     from sftflow.inference.formatting import IGNORE_INDEX, build_generation_prompt, encode_for_training
     from sftflow.inference.models import load_model
-    from tasks.evaluate import split_prompt_reference
+    from sftflow.evaluation.sets import split_prompt_reference
 
     _, tok = load_model(tiny)
     ref = write_parquet(records_to_frame(_records()), sftflow_home / "heldout.parquet", name="heldout")
@@ -84,7 +84,7 @@ def test_row_losses_split_answer_and_end_marker_and_add_up_to_the_heldout_loss(s
 
 
 def test_max_new_tokens_auto_covers_the_reference_quantile() -> None:
-    from tasks.evaluate import resolve_max_new_tokens
+    from sftflow.evaluation.metrics import resolve_max_new_tokens
 
     assert resolve_max_new_tokens(EvaluationConfig(max_new_tokens=64), [500]) == 64
     lengths = list(range(1, 101))  # 1..100 tokens
@@ -96,7 +96,7 @@ def test_max_new_tokens_auto_covers_the_reference_quantile() -> None:
 
 
 def test_runaway_rate_counts_only_references_that_fit() -> None:
-    from tasks.evaluate import generation_metrics
+    from sftflow.evaluation.metrics import generation_metrics
 
     m, _ = generation_metrics(outputs=["a b", "c", "d", "e"], references=["a b", "c", "x", "y"],
                               num_tokens=[2, 1, 8, 8], finished=[True, True, False, False],

@@ -16,7 +16,9 @@ from sftflow.data.refs import write_parquet
 from sftflow.data.wrappers import WRAPPER_NAMES
 from sftflow.gate import decide, gate_evidence
 from sftflow.results import EvalResult
-from tasks.evaluate import answer_accuracy, eval_key, evaluate
+from sftflow.evaluation.metrics import answer_accuracy
+from sftflow.evaluation.sets import eval_key
+from tasks.evaluate import evaluate
 from tasks.promote import metrics_markdown, per_task_markdown
 
 SOURCES = ("dolly:dolly.jsonl", "gsm8k:gsm8k_alpaca_200.json", "tools:toolformer.json")

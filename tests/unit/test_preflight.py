@@ -70,7 +70,7 @@ def test_source_bounds_respect_max_rows_globs_and_weights(tmp_path: Path) -> Non
 
 
 def test_eval_metric_names_match_the_evaluation_stage() -> None:
-    from tasks.evaluate import GENERATION_METRICS, LOSS_METRICS
+    from sftflow.evaluation.metrics import GENERATION_METRICS, LOSS_METRICS
 
     assert set(EVAL_METRICS) == set(GENERATION_METRICS) | set(LOSS_METRICS) | {"num_examples"}
 
