@@ -225,7 +225,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_tracking(resolve_tracking_uri(cfg.tracking.tracking_uri))
     _check_local_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
     if os.environ.get("PREFECT_API_URL"):
-        from sftflow.ops.services import check_prefect_server
+        from sftflow.ops.servers import check_prefect_server
 
         check_prefect_server(os.environ["PREFECT_API_URL"])
     _warn(warnings)

@@ -204,7 +204,7 @@ def serve_all(*, pipelines_file: str | None = None, limit_concurrency: bool = Tr
             how to start one).
     """
     from sftflow.ops.orchestration import configure_environment
-    from sftflow.ops.services import START_HINT, ServiceError, check_prefect_server, watch_server
+    from sftflow.ops.servers import START_HINT, ServiceError, check_prefect_server, watch_server
     from sftflow.tracking.runs import check_tracking_server
 
     _use_recorded_servers()

@@ -558,9 +558,9 @@ def crash_prefect_runs(rec: ActiveRun, *, reason: str) -> list[str]:
 
     current_api, current_db = _current_prefect()
     if rec.prefect_api_url:
-        from sftflow.ops.services import _http_ok
+        from sftflow.ops.servers import http_ok
 
-        if not _http_ok(rec.prefect_api_url.rstrip("/") + "/health", timeout=5):
+        if not http_ok(rec.prefect_api_url.rstrip("/") + "/health", timeout=5):
             from sftflow.tracking.runs import mask_uri
 
             raise _NotReachable(f"Prefect API {mask_uri(rec.prefect_api_url)} is unreachable")

@@ -61,20 +61,20 @@ def _home(home: Path) -> Iterator[None]:
 def stack(request: pytest.FixtureRequest) -> Iterator[Running]:
     """A Prefect server + MLflow server on free loopback ports with the given backend store,
     under a fresh $SFTFLOW_HOME (PostgreSQL: a cluster initialised in it)."""
-    from sftflow.ops import services
+    from sftflow.ops import postgres, servers, services
     backend = request.param
     if backend == "postgres":
         try:
-            services.pg_bindir()
-        except services.ServiceError as e:
+            postgres.pg_bindir()
+        except servers.ServiceError as e:
             pytest.skip(str(e))
     # Not under pytest's basetemp: pytest re-chmods /tmp/pytest-of-<user> to 0700 (the `postgres`
     # account must reach the cluster) and concurrent pytest sessions prune old numbered dirs.
     home = Path(tempfile.mkdtemp(prefix=f"sftflow-stack-{backend}-", dir=os.environ.get("SFTFLOW_TEST_TMP")))
     try:
         with _home(home):
-            st = services.start_stack(backend=backend, prefect_port=services.free_port(),
-                                      mlflow_port=services.free_port(), pg_port=services.free_port())
+            st = services.start_stack(backend=backend, prefect_port=servers.free_port(),
+                                      mlflow_port=servers.free_port(), pg_port=servers.free_port())
         try:
             yield Running(backend=backend, home=home, stack=st)
         finally:

@@ -29,11 +29,11 @@ def _grep(root: Path, needle: bytes) -> list[str]:
 
 def test_tracking_password_is_masked_in_console_log_store_and_artifacts(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from sftflow.ops import services
+    from sftflow.ops import servers, services
 
     server_home = tmp_path / "server"
     monkeypatch.setenv("SFTFLOW_HOME", str(server_home))
-    port = services.free_port()
+    port = servers.free_port()
     state = server_home / "state"
     state.mkdir(parents=True)
     svc = services.start_mlflow_server(port=port, state=state)
@@ -71,4 +71,4 @@ def test_tracking_password_is_masked_in_console_log_store_and_artifacts(tmp_path
         assert _grep(server_home, PASSWORD.encode()) == []
         assert list(server_home.rglob("resolved.yaml")), "the run logged no config artifact"
     finally:
-        services.stop_service(svc, state=state)
+        servers.stop_service(svc, state=state)

@@ -62,7 +62,7 @@ def test_champion_serves_chat_without_the_repository(sftflow_home: Path, tmp_pat
 
     from sftflow.data.refs import ModelRef
     from sftflow.inference.models import build_tiny_model
-    from sftflow.ops.services import free_port
+    from sftflow.ops.servers import free_port
     from sftflow.tracking.registry import CHAMPION, log_model, serve_command, set_alias
     from sftflow.tracking.runs import configure, ensure_experiment, resolve_tracking_uri
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prefect import flow
 
-from sftflow.ops import guards, processes, services
+from sftflow.ops import guards, processes, servers, services
 from sftflow.config import load_pipelines
 from tests.integration.conftest import (
     REPO,
@@ -44,13 +44,13 @@ def sleepy_flow(pipeline: str = "demo", overrides: dict[str, Any] | None = None,
 
 
 def test_servers_answer_and_absent_ones_fail_clearly(stack) -> None:
-    services.check_prefect_server(stack.prefect_api_url)
+    servers.check_prefect_server(stack.prefect_api_url)
     from sftflow.tracking.runs import check_tracking_server
 
     check_tracking_server(stack.mlflow_uri)
-    dead = f"http://127.0.0.1:{services.free_port()}"
-    with pytest.raises(services.ServiceError, match=f"Prefect server {dead}/api is unreachable.*infra/local/start.sh"):
-        services.check_prefect_server(f"{dead}/api", timeout=1)
+    dead = f"http://127.0.0.1:{servers.free_port()}"
+    with pytest.raises(servers.ServiceError, match=f"Prefect server {dead}/api is unreachable.*infra/local/start.sh"):
+        servers.check_prefect_server(f"{dead}/api", timeout=1)
     with pytest.raises(RuntimeError, match=f"MLflow tracking server {dead} is unreachable"):
         check_tracking_server(dead, timeout=1)
     status = services.stack_status(state=stack.home / "services")
@@ -242,14 +242,14 @@ def test_sftflow_ui_prints_both_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path)
     from sftflow.ops.processes import descendants, terminate_tree
 
     home = tmp_path / "home"
-    pp, mp_ = services.free_port(), services.free_port()
+    pp, mp_ = servers.free_port(), servers.free_port()
     proc, out = _start_ui(home, pp, mp_, sigint_ignored=True)
     tree: list[int] = []
     try:
         assert f"http://127.0.0.1:{pp}" in out and f"http://127.0.0.1:{mp_}" in out, out
-        services.check_prefect_server(f"http://127.0.0.1:{pp}/api")
+        servers.check_prefect_server(f"http://127.0.0.1:{pp}/api")
         assert (home / "prefect" / "prefect.db").exists() and (home / "mlflow" / "mlflow.db").exists()
-        recorded = [services.read_service(n, state=home / "services") for n in (services.PREFECT_NAME, services.MLFLOW_NAME)]
+        recorded = [servers.read_service(n, state=home / "services") for n in (servers.PREFECT_NAME, servers.MLFLOW_NAME)]
         assert all(r is not None and processes.is_alive(r.pid) for r in recorded)
         tree = descendants(proc.pid)
         assert {r.pid for r in recorded} <= set(tree), tree
@@ -267,7 +267,7 @@ def test_sftflow_ui_prints_both_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path)
     assert "stopping:" in rest
     assert leftovers == [], f"still running after `sftflow ui` ended: {leftovers}"
     assert took < 60, took  # bounded: SIGTERM, 10 s grace, SIGKILL
-    assert not services.port_in_use(pp) and not services.port_in_use(mp_)
+    assert not servers.port_in_use(pp) and not servers.port_in_use(mp_)
     assert not (home / "services" / "prefect-server.json").exists()
 
 
@@ -279,7 +279,7 @@ def test_sftflow_ui_killed_with_kill_9_leaves_no_server_behind(tmp_path: Path) -
     from sftflow.ops.processes import descendants, terminate_tree
 
     home = tmp_path / "home"
-    pp, mp_ = services.free_port(), services.free_port()
+    pp, mp_ = servers.free_port(), servers.free_port()
     proc, out = _start_ui(home, pp, mp_)
     tree: list[int] = []
     try:
@@ -295,7 +295,7 @@ def test_sftflow_ui_killed_with_kill_9_leaves_no_server_behind(tmp_path: Path) -
     finally:
         terminate_tree([proc.pid, *tree], grace=1)
     assert leftovers == [], f"still running after kill -9 of `sftflow ui`: {leftovers}"
-    assert not services.port_in_use(pp) and not services.port_in_use(mp_)
+    assert not servers.port_in_use(pp) and not servers.port_in_use(mp_)
 
 
 def test_postgres_password_is_in_no_command_line_file_or_message(stack) -> None:
@@ -325,7 +325,7 @@ def test_postgres_password_is_in_no_command_line_file_or_message(stack) -> None:
                 leaks.append((d.name, cmd[:200]))
     assert leaks == []
     # The MLflow server really runs on PostgreSQL: its command line names the database, not the password.
-    mlflow_svc = services.read_service(services.MLFLOW_NAME, state=stack.home / "services")
+    mlflow_svc = servers.read_service(servers.MLFLOW_NAME, state=stack.home / "services")
     argv = Path(f"/proc/{mlflow_svc.pid}/cmdline").read_bytes().decode()
     assert f"postgresql+psycopg2://{pg.user}@{pg.host}:{pg.port}/mlflow" in argv
     for f in [*(stack.home / "services").rglob("*"), stack.home / "postgres" / "postgres.log"]:

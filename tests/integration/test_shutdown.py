@@ -55,11 +55,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 # --------------------------------------------------------------------------- sftflow serve
 def test_serve_stops_within_10s_with_one_line_when_the_prefect_server_is_gone(tmp_path: Path) -> None:
-    from sftflow.ops import services
+    from sftflow.ops import servers, services
 
     home = Path(tempfile.mkdtemp(prefix="sftflow-shutdown-", dir=os.environ.get("SFTFLOW_TEST_TMP")))
     state = home / "services"
-    server = services.start_prefect_server(port=services.free_port(), prefect_home=home / "prefect", state=state)
+    server = services.start_prefect_server(port=servers.free_port(), prefect_home=home / "prefect", state=state)
     log = tmp_path / "serve.log"
     out = log.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], cwd=REPO, stdout=out,
@@ -69,8 +69,8 @@ def test_serve_stops_within_10s_with_one_line_when_the_prefect_server_is_gone(tm
         with prefect_api(server.url):
             wait_for_deployment("sftflow/smoke", proc=proc, log=log)
         before = log.read_text(errors="replace")
-        services.stop_service(server, state=state)  # SIGTERM its tree; returns once it is gone
-        assert not services.port_in_use(int(server.url.rsplit(":", 1)[1].split("/")[0]))
+        servers.stop_service(server, state=state)  # SIGTERM its tree; returns once it is gone
+        assert not servers.port_in_use(int(server.url.rsplit(":", 1)[1].split("/")[0]))
         took = _wait_exit(proc, timeout=10.0)
         assert took is not None, f"serve still runs 10 s after the server stopped:\n{log.read_text()[-3000:]}"
         after = log.read_text(errors="replace")[len(before):]
@@ -83,7 +83,7 @@ def test_serve_stops_within_10s_with_one_line_when_the_prefect_server_is_gone(tm
     finally:
         _kill_group(proc)
         out.close()
-        services.stop_service(server, state=state)
+        servers.stop_service(server, state=state)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -151,7 +151,7 @@ def _alive(procs: list) -> list[str]:
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_serve_model_leaves_no_listener_and_no_child(registered: str, sftflow_home: Path, tmp_path: Path,
                                                      how: str) -> None:
-    from sftflow.ops.services import free_port, port_in_use
+    from sftflow.ops.servers import free_port, port_in_use
 
     port = free_port()
     log = tmp_path / "serve-model.log"

@@ -25,7 +25,7 @@ from sftflow.ops import processes
 
 from sftflow.ops import recovery
 
-from sftflow.ops import services
+from sftflow.ops import postgres, servers, services
 
 from sftflow.tracking import runs as tracking
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_mask_secrets_in_free_text() -> None:
 
 
 def test_unreachable_tracking_server_message_masks_the_password() -> None:
-    uri = f"http://bob:TopSecret42@127.0.0.1:{services.free_port()}"
+    uri = f"http://bob:TopSecret42@127.0.0.1:{servers.free_port()}"
     with pytest.raises(RuntimeError) as e:
         tracking.check_tracking_server(uri, timeout=1)
     assert "TopSecret42" not in str(e.value)
@@ -112,14 +112,14 @@ def test_run_url_never_shows_credentials() -> None:
 
 # --------------------------------------------------------------------------- secrets on disk / argv
 def test_split_db_password_moves_the_secret_to_pgpassword() -> None:
-    url, env = services.split_db_password("postgresql+psycopg2://sftflow:a%2Fb@127.0.0.1:5432/mlflow")
+    url, env = postgres.split_db_password("postgresql+psycopg2://sftflow:a%2Fb@127.0.0.1:5432/mlflow")
     assert url == "postgresql+psycopg2://sftflow@127.0.0.1:5432/mlflow" and env == {"PGPASSWORD": "a/b"}
-    assert services.split_db_password("sqlite:////x/mlflow.db") == ("sqlite:////x/mlflow.db", {})
-    assert services.split_db_password("postgresql://u@h/db") == ("postgresql://u@h/db", {})
+    assert postgres.split_db_password("sqlite:////x/mlflow.db") == ("sqlite:////x/mlflow.db", {})
+    assert postgres.split_db_password("postgresql://u@h/db") == ("postgresql://u@h/db", {})
 
 
 def test_postgres_cluster_keeps_its_password_out_of_repr_and_urls() -> None:
-    c = services.PostgresCluster(data_dir="/d", host="127.0.0.1", port=5432, user="sftflow", password="pw/+secret")
+    c = postgres.PostgresCluster(data_dir="/d", host="127.0.0.1", port=5432, user="sftflow", password="pw/+secret")
     assert "pw/+secret" not in repr(c)
     assert "secret" not in c.url("mlflow", driver="psycopg2")
     assert c.url("mlflow", with_password=True) == "postgresql://sftflow:pw%2F%2Bsecret@127.0.0.1:5432/mlflow"
@@ -132,7 +132,7 @@ def test_secret_files_are_private_from_the_first_byte(tmp_path: Path) -> None:
         f = tmp_path / "creds.json"
         f.write_text("old, world-readable")
         f.chmod(0o644)
-        services.write_secret_file(f, "{}")
+        postgres.write_secret_file(f, "{}")
         assert stat.S_IMODE(f.stat().st_mode) == 0o600 and f.read_text() == "{}"
     finally:
         os.umask(old)
@@ -145,11 +145,11 @@ def test_mlflow_server_argv_carries_no_database_password(sftflow_home: Path, mon
 
     def fake_spawn(name, argv, *, env, **kw):
         seen.update(argv=argv, env=env)
-        raise services.ServiceError("stop here")
+        raise servers.ServiceError("stop here")
 
-    monkeypatch.setattr(services, "_spawn", fake_spawn)
-    with pytest.raises(services.ServiceError):
-        services.start_mlflow_server(port=services.free_port(),
+    monkeypatch.setattr(services, "spawn_service", fake_spawn)
+    with pytest.raises(servers.ServiceError):
+        services.start_mlflow_server(port=servers.free_port(),
                                      backend_store_uri="postgresql+psycopg2://u:Pa55word@127.0.0.1:1/mlflow")
     assert not any("Pa55word" in a for a in seen["argv"])
     assert "postgresql+psycopg2://u@127.0.0.1:1/mlflow" in seen["argv"]
@@ -301,7 +301,7 @@ def test_active_run_context_removes_its_record_and_keeps_it_after_an_exception(s
 
 def test_unreachable_tracking_server_keeps_the_record_for_later(sftflow_home: Path) -> None:
     path = recovery.register_active_run(flow_run_id="local-later", pipeline="p",
-                                        tracking_uri=f"http://u:pw@127.0.0.1:{services.free_port()}",
+                                        tracking_uri=f"http://u:pw@127.0.0.1:{servers.free_port()}",
                                         parent_run_id="abc")
     recovery._release_lock("local-later", remove=True)  # a record without a run lock: liveness by pid
     data = json.loads(path.read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftflow.ops import guards, processes, services
+from sftflow.ops import guards, processes, servers, services
 from sftflow.config import config_hash, resolve_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,28 +23,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- fail-fast checks
 def test_check_prefect_server_names_the_url_and_how_to_start(sftflow_home: Path) -> None:
-    url = f"http://127.0.0.1:{services.free_port()}/api"
-    with pytest.raises(services.ServiceError) as e:
-        services.check_prefect_server(url, timeout=1)
+    url = f"http://127.0.0.1:{servers.free_port()}/api"
+    with pytest.raises(servers.ServiceError) as e:
+        servers.check_prefect_server(url, timeout=1)
     assert url in str(e.value) and "infra/local/start.sh" in str(e.value) and "sftflow ui" in str(e.value)
-    with pytest.raises(services.ServiceError, match="not an http"):
-        services.check_prefect_server("127.0.0.1:4200", timeout=1)
+    with pytest.raises(servers.ServiceError, match="not an http"):
+        servers.check_prefect_server("127.0.0.1:4200", timeout=1)
 
 
 def test_check_prefect_server_without_url_is_the_embedded_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    services.check_prefect_server()  # nothing to check, no error
+    servers.check_prefect_server()  # nothing to check, no error
 
 
 def test_serve_all_refuses_without_a_server(sftflow_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.serve import serve_all
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with pytest.raises(services.ServiceError, match="needs a Prefect server.*PREFECT_API_URL"):
+    with pytest.raises(servers.ServiceError, match="needs a Prefect server.*PREFECT_API_URL"):
         serve_all(pipelines_file=str(REPO / "pipelines.yaml"))
-    dead = f"http://127.0.0.1:{services.free_port()}/api"
+    dead = f"http://127.0.0.1:{servers.free_port()}/api"
     monkeypatch.setenv("PREFECT_API_URL", dead)
-    with pytest.raises(services.ServiceError, match=f"Prefect server {dead} is unreachable"):
+    with pytest.raises(servers.ServiceError, match=f"Prefect server {dead} is unreachable"):
         serve_all(pipelines_file=str(REPO / "pipelines.yaml"))
 
 
@@ -55,9 +55,9 @@ def test_start_stack_refuses_a_busy_port(sftflow_home: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         busy = s.getsockname()[1]
-        with pytest.raises(services.ServiceError, match=f"127.0.0.1:{busy} is already in use"):
-            services.start_stack(prefect_port=busy, mlflow_port=services.free_port())
-    with pytest.raises(services.ServiceError, match="backend: must be one of"):
+        with pytest.raises(servers.ServiceError, match=f"127.0.0.1:{busy} is already in use"):
+            services.start_stack(prefect_port=busy, mlflow_port=servers.free_port())
+    with pytest.raises(servers.ServiceError, match="backend: must be one of"):
         services.start_stack(backend="mysql")  # type: ignore[arg-type]
 
 
@@ -65,9 +65,10 @@ def test_spawn_reports_a_server_that_dies_with_its_log(sftflow_home: Path, tmp_p
     import sys
 
     state = tmp_path / "state"
-    with pytest.raises(services.ServiceError, match="(?s)exited with code 3.*boom"):
-        services._spawn("dies", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], env=dict(os.environ),
-                        url="http://x", health=f"http://127.0.0.1:{services.free_port()}/", state=state, timeout=30)
+    with pytest.raises(servers.ServiceError, match="(?s)exited with code 3.*boom"):
+        servers.spawn_service("dies", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
+                              env=dict(os.environ), url="http://x", health=f"http://127.0.0.1:{servers.free_port()}/",
+                              state=state, timeout=30)
     assert not (state / "dies.json").exists()  # no stale pid file left behind
 
 
@@ -81,9 +82,9 @@ def test_stop_service_ends_the_process_group_by_pid(tmp_path: Path) -> None:
     time.sleep(1.0)
     children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     assert children
-    svc = services.Service(name="fake", url="http://x", pid=proc.pid, log="")
+    svc = servers.Service(name="fake", url="http://x", pid=proc.pid, log="")
     (tmp_path / "fake.json").write_text("{}")
-    services.stop_service(svc, state=tmp_path, timeout=10)
+    servers.stop_service(svc, state=tmp_path, timeout=10)
     proc.wait(timeout=5)
     time.sleep(0.5)
     assert not processes.is_alive(children[0])
@@ -150,7 +151,7 @@ def test_sources_unchanged_compares_digest_and_config_of_last_success(sftflow_ho
 
 def test_sources_unchanged_with_unreachable_server_names_the_uri(tmp_path: Path) -> None:
     cfg = resolve_pipeline("p", path=_write_pipeline(tmp_path))
-    dead = f"http://127.0.0.1:{services.free_port()}"
+    dead = f"http://127.0.0.1:{servers.free_port()}"
     with pytest.raises(RuntimeError, match=f"MLflow tracking server {dead} is unreachable"):
         guards.sources_unchanged(cfg, pipeline="p", tracking_uri=dead)
 
