@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--backend", default="hf", choices=("auto", "hf", "vllm"))
     args = ap.parse_args()
 
-    from sftflow.config import ExecutionConfig
+    from sftflow.config_sections import ExecutionConfig
     from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
     from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
     from sftflow.inference.models import TINY_MODELS, build_tiny_model, resolve_model

@@ -81,7 +81,8 @@ def make_data(path: Path, rows: int, *, seed: int = 0) -> dict[str, int]:
 
 def run_stages(*, data: Path, out: Path, engine: str, workers: int, shard_rows: int) -> dict[str, Any]:
     """One run of the four stages with ``engine`` (called in the worker subprocess)."""
-    from sftflow.config import DedupConfig, ExecutionConfig, IngestConfig, SourceConfig, SplitConfig, ValidationConfig
+    from sftflow.config_sections import (DedupConfig, ExecutionConfig, IngestConfig, SourceConfig, SplitConfig,
+                                         ValidationConfig)
     from sftflow.engine import engine_session
     from tasks.dedup import dedup
     from tasks.ingest import ingest

@@ -95,7 +95,7 @@ def trainset_loss(model_dir_or_model, tokenizer, rows, *, device) -> float:
 
 
 def run_ours(args, base, rows_msgs, work: Path) -> dict:
-    from sftflow.config import TrainingConfig
+    from sftflow.config_sections import TrainingConfig
     from sftflow.inference.models import load_model
     from sftflow.data.records import make_record, records_to_frame
     from sftflow.data.refs import write_parquet

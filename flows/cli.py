@@ -260,7 +260,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from sftflow.config import ConfigError, load_pipelines, resolve_pipeline
+    from sftflow.config import load_pipelines, resolve_pipeline
+    from sftflow.config_sections import ConfigError
     from sftflow.ops.preflight import preflight, source_rows
 
     # Nothing is created here: no environment set-up, no $SFTFLOW_HOME.

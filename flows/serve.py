@@ -95,7 +95,7 @@ def build_deployments(*, pipelines_file: str | None = None, limit_concurrency: b
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
-    from sftflow.config import ConfigError
+    from sftflow.config_sections import ConfigError
 
     path = Path(pipelines_file).expanduser().resolve() if pipelines_file else default_pipelines_path()
     pipelines = load_pipelines(path)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from contextlib import contextmanager
 
-from sftflow.config import ConfigError, ExecutionConfig
+from sftflow.config_sections import ConfigError, ExecutionConfig
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 

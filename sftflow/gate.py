@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from sftflow.breakdown import BREAKDOWNS, task_name, weighted_mean
-from sftflow.config import PromotionConfig
+from sftflow.config_sections import PromotionConfig
 from sftflow.results import HELDOUT_SET, EvalResult
 from sftflow.stats import MAXIMIZE, MINIMIZE, GainInterval, paired_bootstrap, strip_label
 

@@ -27,7 +27,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from sftflow.config import ConfigError, PipelineConfig, resolve_pipeline
+from sftflow.config import PipelineConfig, resolve_pipeline
+from sftflow.config_sections import ConfigError
 
 TrainingMethod = Literal["lora", "dora", "rslora", "full", "qlora"]
 

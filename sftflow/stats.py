@@ -104,7 +104,7 @@ def resolve_direction(*, metric: str, direction: str | None) -> str:
     """
     problem = direction_problem(metric=metric, direction=direction)
     if problem is not None:
-        from sftflow.config import ConfigError  # lazily: config may import this module
+        from sftflow.config_sections import ConfigError  # lazily: config may import this module
 
         raise ConfigError(problem)
     return direction or implied_direction(metric)  # type: ignore[return-value]

@@ -36,7 +36,7 @@ from sftflow.augment.curation import curator_auc  # noqa: F401  (re-exported)
 from sftflow.augment.humpback import AugmentOutput, HelperModel, humpback
 from sftflow.augment.pairs import BELOW, KEPT, select_pairs  # noqa: F401  (select_pairs: re-exported)
 from sftflow.augment.report import examples, markdown_summary, score_histogram_png, unparseable_scores
-from sftflow.config import AugmentationConfig, DedupConfig, TrainingConfig
+from sftflow.config_sections import AugmentationConfig, DedupConfig, TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef
 from sftflow.ops.console import progress_callback
 from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact

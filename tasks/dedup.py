@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from sftflow.config import DedupConfig, SemanticDedupConfig
+from sftflow.config_sections import DedupConfig, SemanticDedupConfig
 from sftflow.data.minhash import connected_components, find_near_duplicates
 from sftflow.data.neardup import (
     ParquetTexts,

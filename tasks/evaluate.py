@@ -65,7 +65,7 @@ from prefect import task
 
 from sftflow import layout
 from sftflow.breakdown import per_task_metrics
-from sftflow.config import EvaluationConfig, TrainingConfig
+from sftflow.config_sections import EvaluationConfig, TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.evaluation.judge import judge_scores, resolve_judge
 from sftflow.evaluation.metrics import answer_accuracy, generation_metrics, reference_lengths, resolve_max_new_tokens

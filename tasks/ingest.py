@@ -47,7 +47,8 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from sftflow.config import IngestConfig, SourceConfig, resolve_paths
+from sftflow.config import resolve_paths
+from sftflow.config_sections import IngestConfig, SourceConfig
 from sftflow.data.formats import LoadedRecords, convert_rows, load_records
 from sftflow.data.quarantine import quarantine_frame, quarantine_row
 from sftflow.data.readers import FILE_SUFFIXES, IngestError, is_saved_dataset, read_hub

@@ -53,7 +53,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sftflow.breakdown import BREAKDOWN_PREFIXES, task_groups
-from sftflow.config import EvaluationConfig, PromotionConfig, TrainingConfig
+from sftflow.config_sections import EvaluationConfig, PromotionConfig, TrainingConfig
 from sftflow.ops.orchestration import IO_RETRIES, retry_unless, markdown_artifact, table_artifact
 from sftflow.data.refs import DatasetRef
 from sftflow.results import EvalResult, PromotionDecision, TrainResult

@@ -56,7 +56,7 @@ import pandas as pd
 from prefect import task
 
 from sftflow import layout
-from sftflow.config import DedupConfig, RejectionSamplingConfig, TrainingConfig
+from sftflow.config_sections import DedupConfig, RejectionSamplingConfig, TrainingConfig
 from sftflow.data.answers import answers_match, extract_final_answer
 from sftflow.ops.console import progress_callback
 from sftflow.data.neardup import find_cross_duplicates, strongest_matches

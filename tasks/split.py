@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from sftflow.config import DedupConfig, SplitConfig
+from sftflow.config_sections import DedupConfig, SplitConfig
 from sftflow.data.neardup import ParquetTexts, find_cross_duplicates, leak_key, strongest_matches
 from sftflow.data.records import check_accounting
 from sftflow.data.refs import DatasetRef, write_parquet

@@ -16,7 +16,7 @@ from typing import Any
 
 from prefect import task
 
-from sftflow.config import TrainingConfig
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef
 from sftflow.ops.cachekeys import (
     TAG_BASE_SHA256,

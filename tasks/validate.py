@@ -33,7 +33,7 @@ import pandas as pd
 from prefect import task
 
 from sftflow.errors import DataError
-from sftflow.config import ValidationConfig
+from sftflow.config_sections import ValidationConfig
 from sftflow.ops.orchestration import (
     IO_RETRIES,
     markdown_artifact,

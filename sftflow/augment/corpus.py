@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from sftflow.config import CorpusConfig, resolve_paths
+from sftflow.config import resolve_paths
+from sftflow.config_sections import CorpusConfig
 from sftflow.errors import DataError
 
 # A corpus document longer than this (characters on one JSONL line) is an error naming its row.

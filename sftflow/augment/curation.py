@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from sftflow.augment.pairs import select_at_least, select_pairs, select_top_fraction
-from sftflow.config import AugmentationConfig, CurationConfig, TrainingConfig
+from sftflow.config_sections import AugmentationConfig, CurationConfig, TrainingConfig
 from sftflow.data.refs import ModelRef
 from sftflow.errors import UserError
 from sftflow.inference.batch import ModelHandle, loglik_texts, score_texts

@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Sequence
 
 from sftflow.augment.corpus import Segment
-from sftflow.config import AugmentationConfig, DedupConfig
+from sftflow.config_sections import AugmentationConfig, DedupConfig
 from sftflow.data.neardup import CrossPair, find_cross_duplicates, strongest_matches
 from sftflow.data.records import normalize_text
 

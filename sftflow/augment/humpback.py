@@ -52,7 +52,7 @@ from sftflow.augment.pairs import (
     reverse_records,
     tag_seed,
 )
-from sftflow.config import AugmentationConfig, ConfigError, DedupConfig, TrainingConfig
+from sftflow.config_sections import AugmentationConfig, ConfigError, DedupConfig, TrainingConfig
 from sftflow.data.records import frame_to_records, records_to_frame, response_text
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.data.tags import tag_dataset

@@ -15,7 +15,7 @@ import pandas as pd
 
 from sftflow.augment.curation import METHODS, SCORE_UNITS, CuratorCheck
 from sftflow.augment.pairs import BELOW, KEPT
-from sftflow.config import AugmentationConfig
+from sftflow.config_sections import AugmentationConfig
 from sftflow.inference.generation import RATING_MASS_FLOOR, unparseable_share
 
 

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from sftflow.config import DedupConfig, ExactDedupConfig, NearDedupConfig
+from sftflow.config_sections import DedupConfig, ExactDedupConfig, NearDedupConfig
 from sftflow.data.minhash import LSHParams, find_near_duplicates
 from sftflow.data.records import prompt_text, response_text
 

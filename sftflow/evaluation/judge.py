@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from sftflow.config import EvaluationConfig
+from sftflow.config_sections import EvaluationConfig
 from sftflow.data.refs import ModelRef
 from sftflow.inference.batch import ModelHandle, score_texts
 from sftflow.inference.judges import base_model_of, resolve_scorer

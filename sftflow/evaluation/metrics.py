@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sftflow.config import EvaluationConfig
+from sftflow.config_sections import EvaluationConfig
 from sftflow.data.answers import answers_match, extract_final_answer
 
 # Metric names computed for every set (extra sets get a "<set>/" prefix).

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from sftflow.config import EvaluationConfig
+from sftflow.config_sections import EvaluationConfig
 from sftflow.evaluation.metrics import answer_accuracy, rouge_l
 from sftflow.inference.batch import ModelHandle, generate_texts
 from sftflow.inference.generation import Generated, ProgressCallback

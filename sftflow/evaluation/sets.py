@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sftflow.config import EvaluationConfig, ExtraEvalSet
+from sftflow.config_sections import EvaluationConfig, ExtraEvalSet
 from sftflow.data.records import frame_to_records
 from sftflow.data.refs import DatasetRef, ModelRef, sha256_file, sha256_json
 from sftflow.errors import DataError

@@ -202,7 +202,7 @@ def check_free_space(cfg: PipelineConfig, *, home: Path | None = None) -> None:
         DiskSpaceError: one line: the mount point, free vs needed, and what to do.
         ConfigError: ``$SFTFLOW_DISK_NEEDED`` is not a size.
     """
-    from sftflow.config import ConfigError
+    from sftflow.config_sections import ConfigError
 
     home = Path(home) if home is not None else layout.sftflow_home()
     override = os.environ.get(ENV_NEEDED, "").strip()

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sftflow import layout
-from sftflow.config import PipelineConfig, TrainingConfig
+from sftflow.config import PipelineConfig
+from sftflow.config_sections import TrainingConfig
 
 # peft's method names that put LoRA matrices on linear layers.
 LORA_METHODS = ("lora", "dora", "rslora", "qlora")

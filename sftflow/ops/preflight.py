@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftflow import layout
-from sftflow.config import ConfigError, PipelineConfig, SourceConfig, resolve_paths
+from sftflow.config import PipelineConfig, resolve_paths
+from sftflow.config_sections import ConfigError, SourceConfig
 from sftflow.errors import HomeError
 
 # Files larger than this are not parsed whole to count their rows (JSON) / instances (JSONL).

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from sftflow.config import TrainingConfig, apply_overrides
+from sftflow.config import apply_overrides
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.refs import DatasetRef
 from sftflow.training.loop import LOGGER_NAME, train
 from sftflow.training.model import dist_info

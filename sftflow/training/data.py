@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from sftflow.config import FormatDiversificationConfig, TrainingConfig
+from sftflow.config_sections import FormatDiversificationConfig, TrainingConfig
 from sftflow.data.records import frame_to_records
 from sftflow.data.refs import DatasetRef
 from sftflow.data.wrappers import choose_wrapper, wrap_messages

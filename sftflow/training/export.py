@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sftflow import markers
-from sftflow.config import TrainingConfig
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.refs import ModelRef
 from sftflow.training.checkpoint import CKPT_DIR
 from sftflow.training.model import learning_rate

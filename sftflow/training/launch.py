@@ -34,7 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from sftflow.config import TrainingConfig
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef
 
 LAUNCH_DIR = "launch"  # inside the training folder: job.json, torchrun.log, rank-<r>.log, metrics.jsonl

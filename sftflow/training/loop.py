@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from sftflow.config import TrainingConfig
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef, sha256_json
 from sftflow.inference.formatting import IGNORE_INDEX, resolve_template
 from sftflow.progress import StepEvent, run_logger

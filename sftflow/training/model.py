@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftflow.config import TrainingConfig
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.refs import ModelRef
 
 LORA_METHODS = ("lora", "dora", "rslora", "qlora")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import IngestConfig, SourceConfig, ValidationConfig, resolve_pipeline
+from sftflow.config import resolve_pipeline
+from sftflow.config_sections import IngestConfig, SourceConfig, ValidationConfig
 from tasks.ingest import ingest
 from tasks.validate import validate
 

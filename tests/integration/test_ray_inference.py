@@ -15,7 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install -e '.[ray]')")
 
-from sftflow.config import ExecutionConfig  # noqa: E402
+from sftflow.config_sections import ExecutionConfig  # noqa: E402
 from sftflow.inference import batch as batch_inference  # noqa: E402
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids  # noqa: E402
 from sftflow.inference.generation import generate_batch, score_pairs  # noqa: E402

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("sftflow", "sftflow.digests", "sftflow.errors", "sftflow.layout", "sftflow.tagnames",
               "sftflow.progress", "sftflow.masking", "sftflow.data.wrappers")),
-    ("config", ("sftflow.config", "sftflow.run_options", "sftflow.stats", "sftflow.engine")),
+    ("config", ("sftflow.config", "sftflow.config_sections", "sftflow.run_options", "sftflow.stats",
+                "sftflow.engine")),
     ("data", ("sftflow.data", "sftflow.results", "sftflow.breakdown", "sftflow.gate", "sftflow.keys",
               "sftflow.markers")),
     # training/tokens.py (template control-token rows; imports only inference.formatting) sits here:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from sftflow.augment.corpus import corpus_files, corpus_format, load_corpus
-from sftflow.config import ConfigError, CorpusConfig, SourceConfig, resolve_paths
+from sftflow.config import resolve_paths
+from sftflow.config_sections import ConfigError, CorpusConfig, SourceConfig
 from sftflow.errors import DataError
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from sftflow.augment import filters as f
 from sftflow.augment.corpus import Segment
-from sftflow.config import AugmentationConfig, DedupConfig
+from sftflow.config_sections import AugmentationConfig, DedupConfig
 
 SEGMENT = ("Paris is the capital and most populous city of France. Since the 17th century Paris has been one of "
            "the major centres of finance, diplomacy, commerce, culture, fashion and gastronomy.")

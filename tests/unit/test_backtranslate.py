@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
+from sftflow.config_sections import AugmentationConfig, ConfigError, CorpusConfig, DedupConfig, TrainingConfig
 from sftflow.data.records import AccountingError, frame_to_records, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.augment.corpus import Segment, load_corpus, split_into_segments

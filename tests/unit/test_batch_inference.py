@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.config import ExecutionConfig
+from sftflow.config_sections import ExecutionConfig
 from sftflow.data.refs import ModelRef
 from sftflow.inference import batch as batch_inference
 from sftflow.inference import vllm_backend

@@ -18,13 +18,13 @@ import pandas as pd
 import pytest
 
 import sftflow.data.shards as shards_mod
-from sftflow.config import DedupConfig, SplitConfig
+from sftflow.config_sections import DedupConfig, SplitConfig
 from sftflow.data.minhash import LSHParams, find_near_duplicates
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import sha256_file, write_parquet
 from sftflow.data.neardup import ParquetTexts
 from sftflow.engine import LocalEngine, engine_session
-from sftflow.config import ExecutionConfig
+from sftflow.config_sections import ExecutionConfig
 from tasks.dedup import dedup, deduplicate
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -202,7 +202,7 @@ def test_split_streams_shards_and_equals_one_shard(tmp_path: Path, monkeypatch: 
 
 def test_ingest_parts_and_mixture_equal_one_shard(tmp_path: Path) -> None:
     """Two sources (one of two files), capped and weighted: many shards give the rows one shard gives."""
-    from sftflow.config import IngestConfig, SourceConfig
+    from sftflow.config_sections import IngestConfig, SourceConfig
     from tasks.ingest import ingest
 
     rng = random.Random(11)

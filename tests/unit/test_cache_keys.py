@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 
 from sftflow.ops import cachekeys as ck
-from sftflow.config import AugmentationConfig, CorpusConfig, DedupConfig, EvaluationConfig, ExtraEvalSet, SourceConfig
+from sftflow.config_sections import (AugmentationConfig, CorpusConfig, DedupConfig, EvaluationConfig, ExtraEvalSet,
+                                     SourceConfig)
 from sftflow.data.refs import DatasetRef, ModelRef, sha256_file, write_parquet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -350,7 +351,7 @@ def test_train_work_dir_keyed_by_content_and_no_cache_retrains(sftflow_home: Pat
     new folder when the training file changes in place; the run and the version carry the digests."""
     import mlflow
 
-    from sftflow.config import TrainingConfig
+    from sftflow.config_sections import TrainingConfig
     from sftflow.inference.models import build_tiny_model
     from tasks.train import OUTPUT_FILE, train_task
 

@@ -217,7 +217,7 @@ def test_validate_config_of_the_repo_passes_and_creates_nothing(tmp_path: Path) 
 
 
 def test_user_errors_are_found_inside_wrappers() -> None:
-    from sftflow.config import ConfigError
+    from sftflow.config_sections import ConfigError
 
     from sftflow.data.readers import IngestError
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.config import ConfigError, apply_overrides, config_hash, load_pipelines, parse_override, resolve_pipeline
+from sftflow.config import apply_overrides, config_hash, load_pipelines, parse_override, resolve_pipeline
+from sftflow.config_sections import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,7 +136,7 @@ def test_training_overrides_merge_with_the_pipeline_training(tmp_path: Path) -> 
     body = GOOD + "    augmentation: {backward_training: {max_steps: 2, lora: {alpha: 4}}}\n"
     cfg = load_pipelines(_write(tmp_path, body))["p1"]
     assert cfg.augmentation.backward_training == {"max_steps": 2, "lora": {"alpha": 4}}  # still a partial override
-    from sftflow.config import merge_training
+    from sftflow.config_sections import merge_training
 
     merged = merge_training(cfg.training, cfg.augmentation.backward_training)
     assert merged["lora"] == {**cfg.training.lora.model_dump(), "alpha": 4} and merged["max_steps"] == 2

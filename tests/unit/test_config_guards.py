@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.config import ConfigError, load_pipelines, parse_override, resolve_pipeline
+from sftflow.config import load_pipelines, parse_override, resolve_pipeline
+from sftflow.config_sections import ConfigError
 from sftflow.ops.preflight import check_provisioned_model, preflight
 
 REPO = Path(__file__).resolve().parents[2]

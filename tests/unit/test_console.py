@@ -205,7 +205,7 @@ def test_progress_callback_labels_with_spaces_reach_the_console() -> None:
 
 def test_the_real_training_loop_reports_progress_to_the_console(sftflow_home, monkeypatch) -> None:
     """The recipe (tiny model, 3 steps) emits StepEvents; the console shows them, whatever the text says."""
-    from sftflow.config import TrainingConfig
+    from sftflow.config_sections import TrainingConfig
     from sftflow.data.records import make_record, records_to_frame
     from sftflow.data.refs import write_parquet
     from sftflow.inference.models import build_tiny_model

@@ -22,7 +22,7 @@ from sftflow.augment.curation import (
     likelihood_scores,
 )
 from sftflow.augment.pairs import BELOW, KEPT, NOT_CURATED, accounting, select_top_fraction
-from sftflow.config import AugmentationConfig, CorpusConfig, CurationConfig, TrainingConfig
+from sftflow.config_sections import AugmentationConfig, CorpusConfig, CurationConfig, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import ModelRef, write_parquet
 from sftflow.errors import UserError

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from sftflow.config import DedupConfig
+from sftflow.config_sections import DedupConfig
 from sftflow.data.minhash import (
     LSHParams,
     Shingler,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.config import FormatDiversificationConfig, TrainingConfig
+from sftflow.config_sections import FormatDiversificationConfig, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.data.wrappers import WRAPPER_NAMES, choose_wrapper, get_wrapper, wrap_messages

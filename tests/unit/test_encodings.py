@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import IngestConfig, SourceConfig
+from sftflow.config_sections import IngestConfig, SourceConfig
 from sftflow.data.formats import load_records
 from sftflow.data.readers import IngestError, sniff_utf16_32
 from tasks.ingest import ingest

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from sftflow.config import DedupConfig, ExecutionConfig, IngestConfig, SourceConfig, ValidationConfig, resolve_pipeline
+from sftflow.config import resolve_pipeline
+from sftflow.config_sections import DedupConfig, ExecutionConfig, IngestConfig, SourceConfig, ValidationConfig
 from sftflow.data.minhash import LSHParams, find_near_duplicates, signature_shard
 from sftflow.data.neardup import find_cross_duplicates
 from sftflow.data.records import make_record, records_to_frame
@@ -152,7 +153,7 @@ def test_ingest_files_as_tasks_equal_one_task(tmp_path: Path) -> None:
 
 
 def test_split_sharded_leak_check_equals_one_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sftflow.config import SplitConfig
+    from sftflow.config_sections import SplitConfig
     from sftflow import engine as engines
 
     df = _dedup_frame()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import IngestConfig, SourceConfig, ValidationConfig
+from sftflow.config_sections import IngestConfig, SourceConfig, ValidationConfig
 from sftflow.data.formats import load_records
 from sftflow.data.records import frame_to_records, make_record, records_to_frame
 from sftflow.data.refs import write_parquet

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from sftflow.config import IngestConfig, SourceConfig
+from sftflow.config_sections import IngestConfig, SourceConfig
 from sftflow.data.formats import detect_format, load_records
 from sftflow.data.records import frame_to_records, make_record, normalize_text, record_id, records_to_frame
 from sftflow.inference.formatting import IGNORE_INDEX, build_generation_prompt, encode_for_training

@@ -17,7 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from sftflow.config import ConfigError, resolve_pipeline
+from sftflow.config import resolve_pipeline
+from sftflow.config_sections import ConfigError
 from sftflow.errors import EXIT_HOME
 from sftflow.ops.diskspace import (
     ENV_NEEDED,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sftflow.config import PromotionConfig
+from sftflow.config_sections import PromotionConfig
 from sftflow.data.refs import write_parquet
 from sftflow.gate import decide, gate_evidence, interval_lines, per_example_markdown, per_example_values
 from sftflow.results import EvalResult

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import EvaluationConfig, PromotionConfig, RejectionSamplingConfig, TrainingConfig
+from sftflow.config_sections import EvaluationConfig, PromotionConfig, RejectionSamplingConfig, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import ModelRef, write_parquet
 from sftflow.errors import UserError
@@ -141,7 +141,7 @@ def _pool_records() -> list[dict]:
 def test_rejection_sampling_on_ray_keeps_what_local_keeps(sftflow_home: Path):
     """engine=ray (a real local Ray cluster, 2 CPUs, 2 actors) samples and scores the same batches as local."""
     ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install -e '.[ray]')")
-    from sftflow.config import ExecutionConfig
+    from sftflow.config_sections import ExecutionConfig
     from sftflow import engine as engines
     from tasks.rejection import rejection_sample
 
@@ -294,7 +294,7 @@ def test_gate_refuses_base_and_tuned_scored_by_different_judges(sftflow_home: Pa
 
 def test_backtranslation_curation_model_uses_the_resolver(sftflow_home: Path, tmp_path: Path):
     from sftflow.augment.humpback import curation_model
-    from sftflow.config import AugmentationConfig
+    from sftflow.config_sections import AugmentationConfig
 
     base = build_tiny_model("tiny-gemma")
     kw = dict(base=base, seed=None, forward_cfg=TrainingConfig(), work_root=tmp_path / "work")

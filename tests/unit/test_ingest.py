@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import IngestConfig, SourceConfig
+from sftflow.config_sections import IngestConfig, SourceConfig
 from sftflow.data.formats import detect_format
 from sftflow.data.readers import IngestError
 from sftflow import markers

@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import PipelineConfig, SourceConfig
+from sftflow.config import PipelineConfig
+from sftflow.config_sections import SourceConfig
 from sftflow.tracking.lineage import LineageError, format_lineage, lineage, parse_spec
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
@@ -165,7 +166,7 @@ def test_lineage_digests_equal_sha256_of_the_files_read(sftflow_home: Path, tmp_
     import shutil
 
     from sftflow.ops.cachekeys import dir_digest
-    from sftflow.config import DedupConfig, IngestConfig, SplitConfig, TrainingConfig
+    from sftflow.config_sections import DedupConfig, IngestConfig, SplitConfig, TrainingConfig
     from sftflow.inference.models import build_tiny_model
     from sftflow.tracking.runs import end_pipeline_run, sources_digest, start_pipeline_run
     from tasks.ingest import ingest_task

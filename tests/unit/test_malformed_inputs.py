@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import DedupConfig, IngestConfig, SourceConfig, SplitConfig, ValidationConfig
+from sftflow.config_sections import DedupConfig, IngestConfig, SourceConfig, SplitConfig, ValidationConfig
 from sftflow.data.records import is_blank, make_record, records_to_frame, visible_text
 from sftflow.data.refs import write_parquet
 from sftflow.data.readers import MAX_JSON_DEPTH, IngestError

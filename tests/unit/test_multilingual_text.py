@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import IngestConfig, SourceConfig, ValidationConfig
+from sftflow.config_sections import IngestConfig, SourceConfig, ValidationConfig
 from sftflow.data.records import is_blank, is_junk_char, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from tasks.ingest import ingest

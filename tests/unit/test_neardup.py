@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sftflow.config import DedupConfig, ExactDedupConfig
+from sftflow.config_sections import DedupConfig, ExactDedupConfig
 from sftflow.data.neardup import (
     CrossPair,
     find_cross_duplicates,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from sftflow.config import AugmentationConfig, EvaluationConfig, TrainingConfig
+from sftflow.config_sections import AugmentationConfig, EvaluationConfig, TrainingConfig
 from sftflow.data.records import frame_to_records, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 

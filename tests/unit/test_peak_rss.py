@@ -35,7 +35,8 @@ def test_the_high_water_mark_resets() -> None:
 def test_each_stage_run_logs_its_own_peak(sftflow_home: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from sftflow.config import PipelineConfig, SourceConfig
+    from sftflow.config import PipelineConfig
+    from sftflow.config_sections import SourceConfig
     from sftflow.tracking.runs import end_pipeline_run, stage_run, start_pipeline_run
 
     src = tmp_path / "src.json"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from sftflow.breakdown import per_task_metrics, task_groups, task_name
-from sftflow.config import EvaluationConfig, PromotionConfig
+from sftflow.config_sections import EvaluationConfig, PromotionConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.data.wrappers import WRAPPER_NAMES

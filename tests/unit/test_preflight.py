@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import ConfigError, load_pipelines
+from sftflow.config import load_pipelines
+from sftflow.config_sections import ConfigError
 from sftflow.errors import EXIT_CONFIG, EXIT_HOME, HomeError
 from sftflow.ops.preflight import EVAL_METRICS, check_home, count_file_rows, mixture_bound, preflight, source_rows
 

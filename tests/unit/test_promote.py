@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import ConfigError, EvaluationConfig, PromotionConfig, TrainingConfig
+from sftflow.config_sections import ConfigError, EvaluationConfig, PromotionConfig, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.results import EvalResult, TrainResult

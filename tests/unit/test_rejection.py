@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sftflow.config import DedupConfig, PipelineConfig, RejectionSamplingConfig, TrainingConfig
+from sftflow.config import PipelineConfig
+from sftflow.config_sections import DedupConfig, RejectionSamplingConfig, TrainingConfig
 from sftflow.data.records import AccountingError, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
@@ -241,7 +242,7 @@ def test_config_section_defaults_off_and_round2_overrides(tmp_path: Path):
     rs = RejectionSamplingConfig(round2_training={"max_steps": 3, "lora": {"r": 4}})
     t2 = rs.round2(TrainingConfig(max_steps=10))
     assert t2.max_steps == 3 and t2.lora.r == 4 and t2.lora.alpha == TrainingConfig().lora.alpha
-    from sftflow.config import ConfigError
+    from sftflow.config_sections import ConfigError
 
     with pytest.raises(ConfigError, match="rejection_sampling.round2_training"):
         RejectionSamplingConfig(round2_training={"max_stepz": 3}).round2(TrainingConfig())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from sftflow.config import ConfigError, load_pipelines, resolve_pipeline
+from sftflow.config import load_pipelines, resolve_pipeline
+from sftflow.config_sections import ConfigError
 from sftflow.run_options import RunOptions, options_model, options_overrides, resolve_run_config
 
 

@@ -229,7 +229,7 @@ def test_build_deployments_one_per_pipeline_with_cron_and_limit(sftflow_home: Pa
 
 def test_build_deployments_unknown_pipeline_is_a_config_error() -> None:
     from flows.serve import build_deployments
-    from sftflow.config import ConfigError
+    from sftflow.config_sections import ConfigError
 
     with pytest.raises(ConfigError, match="pipelines.nope: no such pipeline"):
         build_deployments(pipelines_file=str(REPO / "pipelines.yaml"), only=["nope"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sftflow.config import DedupConfig, ExactDedupConfig, SplitConfig
+from sftflow.config_sections import DedupConfig, ExactDedupConfig, SplitConfig
 from sftflow.data.neardup import find_cross_duplicates, normalize_for_exact
 from sftflow.data.records import make_record, prompt_text, records_to_frame
 from sftflow.data.refs import write_parquet

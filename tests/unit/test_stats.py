@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sftflow.config import ConfigError
+from sftflow.config_sections import ConfigError
 from sftflow.errors import UserError
 from sftflow.stats import direction_problem, implied_direction, paired_bootstrap, resolve_direction
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sftflow.config import TrainingConfig
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 

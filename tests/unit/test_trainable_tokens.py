@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftflow.config import TrainingConfig
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import ModelRef, write_parquet
 

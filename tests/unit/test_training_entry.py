@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.config import AugmentationConfig, CorpusConfig, TrainingConfig
+from sftflow.config_sections import AugmentationConfig, CorpusConfig, TrainingConfig
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 
@@ -107,7 +107,7 @@ def test_backtranslation_models_train_through_the_entry_in_keyed_folders(sftflow
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from sftflow.config import TrainingConfig
+from sftflow.config_sections import TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef
 from sftflow.training.entry import run_training
 
