@@ -25,6 +25,7 @@ from sftflow.augment.pairs import (
     BELOW,
     FILTERED,
     KEPT,
+    NOT_CURATED,
     REJECTED,
     accounting,
     curated_records,
@@ -314,7 +315,10 @@ def test_tagging(sftflow_home: Path):
 def test_accounting_identities_and_unknown_status():
     frame = pd.DataFrame({"status": [FILTERED, FILTERED, REJECTED, BELOW, KEPT, KEPT]})
     assert accounting(frame) == {"segments_in": 6, "segments_filtered": 2, "generated": 4, "rejected": 1,
-                                 "scored": 3, "kept": 2, "below_threshold": 1}
+                                 "scored": 3, "kept": 2, "below_threshold": 1, "not_curated": 0}
+    # Accepted segments a curator below min_auc never curated (below_min_auc: skip) still count.
+    skipped = pd.concat([frame, pd.DataFrame({"status": [NOT_CURATED, NOT_CURATED]})], ignore_index=True)
+    assert accounting(skipped)["segments_in"] == 8 and accounting(skipped)["not_curated"] == 2
     with pytest.raises(AccountingError, match="unknown candidate statuses"):
         accounting(pd.DataFrame({"status": [KEPT, "lost"]}))
 
@@ -414,7 +418,8 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
     uri, exp, parent = ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id
     client = MlflowClient(uri)
 
-    result = backtranslate_task.fn(seed_ref, base, cfg, training, ctx=ctx)
+    heldout = write_parquet(records_to_frame(_seed_records()), sftflow_home / "heldout.parquet", name="heldout")
+    result = backtranslate_task.fn(seed_ref, base, cfg, training, ctx=ctx, heldout=heldout)
 
     assert isinstance(result, AugmentResult) and result.seed is not None
     counts = dict(result.counts)
@@ -429,7 +434,14 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
     assert stage.data.metrics["bt_unparseable_scores"] == pytest.approx(unparseable_scores(frame))
     assert stage.data.metrics["bt_unparseable_scores"] == 1.0  # a random model never expects a rating
     files = {f.path for f in client.list_artifacts(stage.info.run_id, "backtranslate")}
-    assert {"backtranslate/candidates.parquet", "backtranslate/score_histogram.png", "backtranslate/summary.md"} <= files
+    assert {"backtranslate/candidates.parquet", "backtranslate/score_histogram.png", "backtranslate/summary.md",
+            "backtranslate/report.json"} <= files
+    # Every curation method's held-out AUC is a metric; the chosen one (rubric) also as curation/auc.
+    m = stage.data.metrics
+    assert {"curation/auc/rubric", "curation/auc/pmi", "curation/auc/loglik", "curation/auc",
+            "curation/below_min_auc", "curation/min_auc"} <= set(m)
+    assert m["curation/auc"] == m["curation/auc/rubric"] == m["bt_curator_auc"]
+    assert m["curation/below_min_auc"] == float(m["curation/auc"] < 0.6)
     # Each helper model is the logged model of its own run, nested under the stage run.
     for name in ("backtranslate.backward", "backtranslate.curation"):
         run = runs[name]
