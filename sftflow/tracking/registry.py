@@ -90,8 +90,11 @@ def _servable(model: ModelRef, template: str) -> tuple[Any, Any, list[int]]:
     """``(model, tokenizer, stop_ids)`` ready to save: merged weights, the training chat template,
     and every end-of-turn id in the generation config's eos (so generation stops at the turn end)."""
     from sftflow.inference.formatting import stop_token_ids
-    from sftflow.inference.models import load_model
+    from sftflow.inference.models import load_model, release_memory
 
+    # The model that was just trained (peft wrappers hold reference cycles) is garbage by now but
+    # still resident until the cyclic GC runs: free it before a second copy is loaded.
+    release_memory()
     # An adapter is merged here: a served version must not depend on a base folder elsewhere.
     lm, tokenizer = load_model(model, dtype="auto")
     if model.kind == "adapter":
