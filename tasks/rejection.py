@@ -36,6 +36,10 @@ Accounting, checked before anything is returned::
 ``rejection_sample`` only computes and writes files; ``rejection_task`` logs it to MLflow
 (params, ``rs_*`` metrics, the candidate table via ``mlflow.log_table``, datasets, a histogram).
 
+This module is the stage: ``rejection_sample`` runs the steps in order and ``rejection_task`` logs
+it. The steps live in ``sftflow/rejection/``: ``pool`` (steps 1-2), ``sampling`` (3-4),
+``selection`` (5, the reasons and the accounting) and ``report`` (histogram, metrics, summary).
+
 Run it alone::
 
     from tasks.rejection import rejection_sample
@@ -45,91 +49,29 @@ Run it alone::
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import pandas as pd
 from prefect import task
 
 from sftflow import layout
 from sftflow.config_sections import DedupConfig, RejectionSamplingConfig, TrainingConfig
-from sftflow.data.answers import answers_match, extract_final_answer
-from sftflow.ops.console import progress_callback
-from sftflow.data.neardup import find_cross_duplicates, strongest_matches
-from sftflow.data.records import (
-    check_accounting,
-    frame_to_records,
-    is_blank,
-    make_record,
-    normalize_text,
-    prompt_text,
-    records_to_frame,
-)
+from sftflow.data.records import check_accounting, frame_to_records, make_record, records_to_frame
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
-from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
-from sftflow.inference.judges import resolve_scorer
-from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
 from sftflow.markers import write_marker
+from sftflow.ops.console import progress_callback
+from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
+from sftflow.rejection.pool import load_pool, screen_prompts
+from sftflow.rejection.report import markdown_summary, rejection_metrics, score_histogram_png
+from sftflow.rejection.sampling import sample_and_score
+from sftflow.rejection.selection import CANDIDATE_COLUMNS, ORIGIN, accounting, select_best
 from sftflow.results import RejectionResult
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run
 
 STAGE = "rejection"
-ORIGIN = "rejection_sampled"
-
-# Reasons a prompt yields no selected sample (each prompt gets exactly one: kept or one of these).
-DUP_PROMPT = "duplicate_prompt"  # repeats an earlier prompt of the pool (not sampled)
-DUP_HELDOUT = "duplicate_of_heldout"  # duplicates a held-out prompt (not sampled: a leak)
-BAD_PROMPT = "bad_prompt"  # the prompt cannot be rendered for generation (not sampled)
-EMPTY = "empty"  # every sample was empty
-UNFINISHED = "unfinished"  # no non-empty sample ended before max_new_tokens
-BELOW = "below_threshold"  # best rubric score < threshold
-WRONG = "wrong_answer"  # no finished sample has the reference's final answer
-REASONS = (DUP_PROMPT, DUP_HELDOUT, BAD_PROMPT, EMPTY, UNFINISHED, BELOW, WRONG)
-SCREENED = (DUP_PROMPT, DUP_HELDOUT, BAD_PROMPT)  # decided before sampling
-
-CANDIDATE_COLUMNS = (
-    "prompt_id", "prompt_index", "sample_index", "source", "prompt", "response", "num_tokens", "finished",
-    "scorer", "score", "reference_answer", "predicted_answer", "best", "kept", "reason", "detail",
-)
-_PROMPT_KEYS = ("prompt", "instruction", "question", "input_text")
-
-
-# =========================================================================== data
-@dataclass(frozen=True)
-class PoolPrompt:
-    """One prompt of the pool.
-
-    Attributes:
-        prompt_id: the source record's id (train) or a stable hash of the prompt (file).
-        messages: the turns before the answer (system/user/...; never ending with an assistant turn), as
-            ``(role, content)`` pairs, or ``(role, content, tool_calls JSON)`` for an assistant turn that
-            calls tools (a tool conversation's prompt keeps its calls, or it cannot be rendered).
-        answer: the reference final answer of a verifiable task ('' when none).
-        source: the source name (train rows keep theirs; file rows get the file's stem).
-        category: the category ('' when none).
-        tools: JSON tool schemas ('' when none).
-    """
-
-    prompt_id: str
-    messages: tuple[tuple[str, ...], ...]
-    answer: str = ""
-    source: str = ""
-    category: str = ""
-    tools: str = ""
-
-    def turns(self) -> list[dict[str, str]]:
-        """``messages`` as role/content dicts (with ``tool_calls`` where a turn has them)."""
-        return [{"role": m[0], "content": m[1], **({"tool_calls": m[2]} if len(m) > 2 and m[2] else {})}
-                for m in self.messages]
-
-    @property
-    def text(self) -> str:
-        """The user turns joined (the key of the duplicate checks)."""
-        return prompt_text(self.turns())
 
 
 @dataclass(frozen=True)
@@ -147,293 +89,6 @@ class RejectionOutput:
     candidates: DatasetRef
     train_round2: DatasetRef
     counts: tuple[tuple[str, int], ...]
-
-
-def _prompt_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """The turns before the last assistant turn (all turns when there is none), tool calls kept."""
-    msgs = []
-    for m in messages:
-        turn = {"role": str(m["role"]), "content": str(m["content"])}
-        calls = m.get("tool_calls")
-        if isinstance(calls, str) and calls.strip():
-            turn["tool_calls"] = calls
-        msgs.append(turn)
-    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-    return msgs if last is None else msgs[:last]
-
-
-def _pool_from_records(records: Sequence[dict[str, Any]]) -> list[PoolPrompt]:
-    out = []
-    for r in records:
-        turns = _prompt_turns(r["messages"])
-        out.append(PoolPrompt(prompt_id=str(r["id"]),
-                              messages=tuple((m["role"], m["content"], *([m["tool_calls"]] if "tool_calls" in m else []))
-                                             for m in turns),
-                              answer=str(r.get("answer") or ""), source=str(r.get("source") or ""),
-                              category=str(r.get("category") or ""), tools=str(r.get("tools") or "")))
-    return out
-
-
-def read_prompt_file(path: str | Path) -> list[PoolPrompt]:
-    """Prompts of an unlabeled prompt file.
-
-    ``.txt``: one prompt a line (blank lines skipped). ``.jsonl``: one JSON object a line;
-    ``.json``: a list of objects. An object gives its prompt in ``prompt``, ``instruction``,
-    ``question`` or ``input_text`` (an ``input`` field is appended as context) and may carry a
-    reference ``answer``.
-
-    Raises:
-        ValueError: naming the file and line/row, for malformed JSON or a row without a prompt.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"rejection_sampling.prompts: file not found: {p}")
-    source = p.stem
-    rows: list[tuple[int, Any]] = []
-    if p.suffix == ".txt":
-        rows = [(i, {"prompt": line.strip()}) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-                if line.strip()]
-    elif p.suffix == ".jsonl":
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: line {i}: not valid JSON ({e.msg})") from None
-    elif p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{p}: expected a JSON list of objects, got {type(data).__name__}")
-        rows = list(enumerate(data, 1))
-    else:
-        raise ValueError(f"{p}: unsupported prompt file type {p.suffix!r} (expected .jsonl, .json or .txt)")
-    out = []
-    for i, row in rows:
-        if not isinstance(row, dict):
-            raise ValueError(f"{p}: row {i}: expected an object with one of {list(_PROMPT_KEYS)}, "
-                             f"got {type(row).__name__}")
-        text = next((str(row[k]) for k in _PROMPT_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
-        if text is None:
-            raise ValueError(f"{p}: row {i}: no prompt (expected a non-empty string in one of {list(_PROMPT_KEYS)})")
-        if isinstance(row.get("input"), str) and row["input"].strip():
-            text = f"{text.strip()}\n\n{row['input'].strip()}"
-        answer = row.get("answer", "")
-        turns = [{"role": "user", "content": text.strip()}]
-        rec = make_record(turns, source=source, answer=str(answer) if answer is not None else "")
-        out.append(PoolPrompt(prompt_id=rec["id"], messages=(("user", text.strip()),), answer=rec["answer"],
-                              source=source, category=str(row.get("category") or "")))
-    return out
-
-
-def load_pool(cfg: RejectionSamplingConfig, *, train: DatasetRef) -> list[PoolPrompt]:
-    """The prompt pool per ``cfg.prompts``, shuffled with ``cfg.seed`` and capped at ``cfg.max_prompts``."""
-    if cfg.prompts == "train":
-        pool = _pool_from_records(frame_to_records(train.read()))
-    else:
-        pool = read_prompt_file(cfg.prompts)
-    random.Random(cfg.seed).shuffle(pool)
-    return pool[: cfg.max_prompts] if cfg.max_prompts else pool
-
-
-# =========================================================================== screening
-def screen_prompts(pool: Sequence[PoolPrompt], *, heldout: DatasetRef | None,
-                   dedup: DedupConfig | None = None) -> dict[int, tuple[str, str]]:
-    """Prompts not to sample, by pool position: ``(reason, detail)``.
-
-    A prompt whose normalised text repeats an earlier pool prompt is a ``duplicate_prompt``; one
-    that duplicates a held-out prompt (exactly or nearly, under the pipeline's ``dedup`` rule on
-    the prompt key, as dedup's held-out pass) is a ``duplicate_of_heldout``.
-    """
-    out: dict[int, tuple[str, str]] = {}
-    first: dict[str, int] = {}
-    for i, item in enumerate(pool):
-        key = normalize_text(item.text + "\x00" + "\x00".join(f"{r}:{c}" for r, c, *_ in item.messages if r == "system"))
-        if key in first:
-            out[i] = (DUP_PROMPT, f"same prompt as pool row {first[key]}")
-        else:
-            first[key] = i
-    if heldout is not None and heldout.num_rows:
-        ref = heldout.read()
-        pairs = strongest_matches(find_cross_duplicates([p.text for p in pool], ref, cfg=dedup or DedupConfig(),
-                                                        key="prompt"))
-        ids = ref["id"].tolist() if "id" in ref.columns else []
-        for q, pair in pairs.items():
-            if q not in out:
-                what = "exact" if pair.exact else f"jaccard {pair.similarity:.2f}"
-                match = ids[pair.match] if pair.match < len(ids) else pair.match
-                out[q] = (DUP_HELDOUT, f"{what} duplicate of held-out row {match}")
-    return out
-
-
-# =========================================================================== scoring and selection
-def scorer_for(item: PoolPrompt, scorer: str) -> str:
-    """``answer`` or ``rubric`` for one prompt under ``cfg.scorer`` (auto: answer when the row has one)."""
-    if scorer == "auto":
-        return "answer" if item.answer.strip() else "rubric"
-    return scorer
-
-
-def answer_score(response: str, reference: str) -> float:
-    """1.0 when the response's final answer equals the reference's, else 0.0 (no reference: NaN)."""
-    if not reference.strip():
-        return math.nan
-    return 1.0 if answers_match(response, reference) else 0.0
-
-
-def select_best(samples: Sequence[dict[str, Any]], *, method: str, threshold: float,
-                require_finished: bool = True) -> tuple[int | None, bool, str, str]:
-    """Pick the best sample of one prompt and decide whether it is kept.
-
-    Args:
-        samples: the prompt's samples in sample order, each with ``response``, ``finished`` and
-            ``score`` (NaN: unscored).
-        method: ``answer`` (kept when correct: score 1.0) or ``rubric`` (kept when score >= threshold).
-        threshold: the rubric threshold.
-        require_finished: only samples that ended with a stop token are eligible.
-
-    Returns:
-        (best sample index or None when none is eligible, kept, reason ('' when kept), detail).
-    """
-    nonblank = [i for i, s in enumerate(samples) if not is_blank(str(s["response"]))]
-    if not nonblank:
-        return None, False, EMPTY, f"all {len(samples)} samples empty"
-    eligible = [i for i in nonblank if samples[i]["finished"] or not require_finished]
-    if not eligible:
-        return None, False, UNFINISHED, f"none of {len(nonblank)} non-empty samples ended before max_new_tokens"
-    scored = [i for i in eligible if not math.isnan(float(samples[i]["score"]))]
-    if not scored:
-        return eligible[0], False, (WRONG if method == "answer" else BELOW), "no sample could be scored"
-    # Highest score; ties go to the lowest sample index (max keeps the first maximum).
-    best = max(scored, key=lambda i: float(samples[i]["score"]))
-    score = float(samples[best]["score"])
-    if method == "answer":
-        ok = score >= 1.0
-        return best, ok, "" if ok else WRONG, (f"{sum(float(samples[i]['score']) >= 1 for i in scored)} of "
-                                               f"{len(scored)} eligible samples correct")
-    ok = score >= threshold
-    return best, ok, "" if ok else BELOW, f"best score {score:.2f} {'>=' if ok else '<'} threshold {threshold}"
-
-
-def accounting(candidates: pd.DataFrame, *, k: int) -> dict[str, int]:
-    """Counts of the candidate table, checked: prompts in = kept + rejected by reason; samples = sampled * k.
-
-    Raises:
-        AccountingError: a broken identity or an unknown reason (a bug, never bad data).
-    """
-    from sftflow.data.records import AccountingError
-
-    per_prompt = candidates.groupby("prompt_index", sort=True).agg(kept=("kept", "any"), reason=("reason", "first"),
-                                                                 sampled=("sample_index", "max"))
-    unknown = set(per_prompt.loc[~per_prompt.kept, "reason"]) - set(REASONS)
-    if unknown:
-        raise AccountingError(f"rejection sampling accounting: unknown reasons {sorted(unknown)}")
-    counts = {"prompts_in": int(len(per_prompt)), "kept": int(per_prompt.kept.sum())}
-    for r in REASONS:
-        counts[r] = int(((~per_prompt.kept) & (per_prompt.reason == r)).sum())
-    check_accounting("rejection sampling", counts["prompts_in"], kept=counts["kept"],
-                     **{r: counts[r] for r in REASONS})
-    sampled = int((per_prompt.sampled >= 0).sum())
-    samples = int((candidates.sample_index >= 0).sum())
-    check_accounting("rejection sampling samples", samples, **{f"prompts_sampled_x{k}": sampled * k})
-    counts.update(prompts_sampled=sampled, samples=samples,
-                  samples_finished=int(candidates.loc[candidates.sample_index >= 0, "finished"].astype(bool).sum()))
-    return counts
-
-
-# =========================================================================== the stage
-def _rubric_scores(rows: list[dict[str, Any]], *, scorer: ModelRef | None, sampler: ModelHandle, model: ModelRef,
-                   cfg: RejectionSamplingConfig, training: TrainingConfig, trust_remote_code: bool) -> list[float]:
-    """Expected 1-5 rubric scores of (prompt, response) rows by ``scorer`` (batch ``score_texts``).
-
-    The sampler's own model (``scorer_model: tuned``) reuses the sampler's handle (loaded once);
-    another scorer is loaded as the sampler is (adapter merged, ``cfg.dtype``).
-    """
-    if not rows:
-        return []
-    if scorer is None:
-        raise ValueError("rejection sampling: rubric rows to score but no scorer was resolved (a bug)")
-    ref = scorer
-    own = ref != model
-    handle = ModelHandle(ref, dtype=cfg.dtype, trust_remote_code=trust_remote_code) if own else sampler
-    try:
-        scores = score_texts(handle, [(r["prompt"], r["response"]) for r in rows], template=training.template,
-                             batch_size=cfg.score_batch_size)
-    finally:
-        if own:
-            handle.close()
-    return [float(s.expected) for s in scores]
-
-
-def _sample_and_score(pool: Sequence[PoolPrompt], screened: dict[int, tuple[str, str]], *, model: ModelRef,
-                      base: ModelRef | None, cfg: RejectionSamplingConfig, training: TrainingConfig,
-                      trust_remote_code: bool, on_progress: Callable[[int, int], None] | None
-                      ) -> dict[int, list[dict[str, Any]]]:
-    """k samples of every pool prompt not ``screened`` (a prompt that cannot be rendered is added to
-    it as ``bad_prompt``), each scored; ``{pool position: its k candidate rows}``.
-
-    Sampling and rubric scoring go through the batch inference API (engine and backend apply).
-    """
-    from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
-
-    # The sampler, as batch inference loads it: here (local engine) or once per Ray Data actor / vLLM.
-    sampler = ModelHandle(model, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
-    try:
-        tok = sampler.tokenizer
-        template = resolve_template(tok, training.template)
-        to_sample: list[int] = []
-        prompt_ids: list[list[int]] = []
-        for i, item in enumerate(pool):
-            if i in screened:
-                continue
-            try:
-                ids = build_generation_prompt(tok, item.turns(), template=template, tools=item.tools or None)
-            except ValueError as e:
-                screened[i] = (BAD_PROMPT, str(e)[:300])
-                continue
-            to_sample.append(i)
-            prompt_ids.append(list(ids))
-        # The rubric scorer is resolved before any sampling: a scorer that cannot be loaded fails fast.
-        scorer = resolve_scorer(configured=cfg.scorer_model, base=base, role="rejection", model=model,
-                                trust_remote_code=trust_remote_code) \
-            if any(scorer_for(pool[i], cfg.scorer) == "rubric" for i in to_sample) else None
-        samples = generate_texts(sampler, prompt_ids, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
-                                 stop_ids=stop_token_ids(tok, template), seed=cfg.seed, on_progress=on_progress) \
-            if prompt_ids else []
-
-        sampled_rows: dict[int, list[dict[str, Any]]] = {}
-        for i, gens in zip(to_sample, samples):
-            item = pool[i]
-            method = scorer_for(item, cfg.scorer)
-            sampled_rows[i] = [{
-                "prompt_id": item.prompt_id, "prompt_index": i, "sample_index": s, "source": item.source,
-                "prompt": item.text, "response": g.text, "num_tokens": g.num_tokens, "finished": g.finished,
-                "scorer": method, "score": math.nan, "reference_answer": item.answer,
-                "predicted_answer": (extract_final_answer(g.text) or "") if method == "answer" else "",
-                "best": False, "kept": False, "reason": "", "detail": "",
-            } for s, g in enumerate(gens)]
-
-        # Score every non-empty sample: answers by comparison, the rest with the rubric in one pass.
-        rubric_rows = []
-        for rs in sampled_rows.values():
-            for r in rs:
-                if is_blank(r["response"]):
-                    continue
-                if r["scorer"] == "answer":
-                    r["score"] = answer_score(r["response"], r["reference_answer"])
-                else:
-                    rubric_rows.append(r)
-        got = _rubric_scores(rubric_rows, scorer=scorer, sampler=sampler, model=model, cfg=cfg, training=training,
-                             trust_remote_code=trust_remote_code)
-    finally:
-        sampler.close()
-    for r, score in zip(rubric_rows, got):
-        r["score"] = score
-    return sampled_rows
 
 
 def rejection_sample(
@@ -476,8 +131,8 @@ def rejection_sample(
         raise ValueError(f"rejection_sampling.prompts: the prompt pool ({cfg.prompts}) is empty")
     screened = screen_prompts(pool, heldout=heldout, dedup=dedup)
 
-    sampled_rows = _sample_and_score(pool, screened, model=model, base=base, cfg=cfg, training=training,
-                                     trust_remote_code=trust_remote_code, on_progress=on_progress)
+    sampled_rows = sample_and_score(pool, screened, model=model, base=base, cfg=cfg, training=training,
+                                    trust_remote_code=trust_remote_code, on_progress=on_progress)
     rows: list[dict[str, Any]] = []
     for i, (reason, detail) in sorted(screened.items()):
         item = pool[i]
@@ -516,72 +171,6 @@ def rejection_sample(
                      selected=selected_ref.num_rows)
     return RejectionOutput(selected=selected_ref, candidates=candidates_ref, train_round2=round2_ref,
                            counts=tuple(sorted(counts.items())))
-
-
-# =========================================================================== reporting
-def score_histogram_png(frame: pd.DataFrame, path: Path, *, threshold: float) -> Path:
-    """Histogram of sample scores (rubric: expected 1-5, kept best vs others; answer: correct vs wrong) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scored = frame[(frame.sample_index >= 0) & frame.score.notna()]
-    rubric, answer = scored[scored.scorer == "rubric"], scored[scored.scorer == "answer"]
-    panels = [p for p in (("rubric", rubric), ("answer", answer)) if len(p[1])] or [("rubric", rubric)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
-    for ax, (kind, part) in zip(axes[0], panels):
-        if kind == "rubric":
-            bins = [1 + 0.25 * i for i in range(17)]
-            ax.hist([part.loc[part.kept, "score"], part.loc[~part.kept, "score"]], bins=bins, stacked=True,
-                    label=["kept (best of its prompt)", "not kept"], color=["#2a9d8f", "#e76f51"])
-            ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
-            ax.set_xlabel("rubric expected score (1-5)")
-        else:
-            correct = int((part.score >= 1).sum())
-            ax.bar(["correct", "wrong"], [correct, len(part) - correct], color=["#2a9d8f", "#e76f51"])
-            ax.set_xlabel("final answer")
-        ax.set_ylabel("samples")
-        ax.set_title(f"Rejection sampling: {len(part)} {kind}-scored samples")
-        if kind == "rubric":
-            ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _metrics(counts: dict[str, int], frame: pd.DataFrame) -> dict[str, float]:
-    m = {f"rs_{k}": float(v) for k, v in counts.items()}
-    sampled = frame[frame.sample_index >= 0]
-    m["rs_keep_rate"] = counts["kept"] / counts["prompts_in"] if counts["prompts_in"] else 0.0
-    if len(sampled):
-        m["rs_finished_rate"] = float(sampled.finished.astype(bool).mean())
-        rub = sampled[(sampled.scorer == "rubric") & sampled.score.notna()]
-        if len(rub):
-            m["rs_mean_score"] = float(rub.score.mean())
-            m["rs_mean_best_score"] = float(rub[rub.best].score.mean()) if rub.best.any() else math.nan
-        ans = sampled[(sampled.scorer == "answer") & sampled.score.notna()]
-        if len(ans):
-            m["rs_sample_accuracy"] = float((ans.score >= 1).mean())
-            per = ans.groupby("prompt_index").score.max()
-            m["rs_pass_at_k"] = float((per >= 1).mean())
-    return {k: v for k, v in m.items() if not math.isnan(v)}
-
-
-def _markdown_summary(counts: dict[str, int], metrics: dict[str, float], cfg: RejectionSamplingConfig) -> str:
-    lines = [f"## Rejection sampling: {counts['kept']} of {counts['prompts_in']} prompts kept "
-             f"(best of k={cfg.k})", "", "| outcome | prompts |", "|---|---|", f"| kept | {counts['kept']} |"]
-    lines += [f"| {r} | {counts[r]} |" for r in REASONS if counts.get(r)]
-    lines += ["", f"Samples: {counts['samples']} ({counts['samples_finished']} finished); "
-              f"temperature {cfg.temperature}, top_p {cfg.top_p}, max_new_tokens {cfg.max_new_tokens}; "
-              f"rubric threshold {cfg.threshold}"]
-    lines += [f"- {k}: {v:.3f}" for k, v in sorted(metrics.items()) if k in (
-        "rs_mean_score", "rs_mean_best_score", "rs_sample_accuracy", "rs_pass_at_k", "rs_finished_rate")]
-    return "\n".join(lines)
-
-
 
 
 @task(name=STAGE, cache_policy=stage_cache_policy(), persist_result=True)
@@ -628,7 +217,7 @@ def rejection_task(
                                on_progress=progress_callback(f"{STAGE} prompts"))
         counts = dict(out.counts)
         frame = pd.read_parquet(out.candidates.path)
-        metrics = _metrics(counts, frame)
+        metrics = rejection_metrics(counts, frame)
         mlflow.log_metrics(metrics)
         mlflow.log_table(data=frame, artifact_file="rejection/candidates.json")
         for ref, context in ((out.candidates, "rejection.candidates"), (out.selected, "rejection.selected"),
@@ -637,7 +226,7 @@ def rejection_task(
         mlflow.log_artifact(out.candidates.path, artifact_path="rejection")
         png = score_histogram_png(frame, out_dir / "score_histogram.png", threshold=cfg.threshold)
         mlflow.log_artifact(str(png), artifact_path="rejection")
-        summary = _markdown_summary(counts, metrics, cfg)
+        summary = markdown_summary(counts, metrics, cfg)
         mlflow.log_text(summary, "rejection/summary.md")
         log_json({"counts": counts, "metrics": metrics, "sampler_model": model.path}, "rejection/summary.json")
         best = frame[frame.best].sort_values("score", ascending=False)

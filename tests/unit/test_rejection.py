@@ -17,22 +17,19 @@ from sftflow.data.refs import write_parquet
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
 from sftflow.inference.generation import generate_batch, nucleus_logits, nucleus_sample, sample_k
 from sftflow.inference.models import build_tiny_model, load_model
-from tasks.rejection import (
+from sftflow.rejection.pool import PoolPrompt, pool_from_records, read_prompt_file, screen_prompts
+from sftflow.rejection.selection import (
     BELOW,
     DUP_HELDOUT,
     DUP_PROMPT,
     EMPTY,
     UNFINISHED,
     WRONG,
-    PoolPrompt,
     accounting,
     answer_score,
-    read_prompt_file,
-    rejection_sample,
-    rejection_task,
-    screen_prompts,
     select_best,
 )
+from tasks.rejection import rejection_sample, rejection_task
 
 QUESTIONS = ["What is the capital of France?", "hi", "Write a short poem about the sea and the sky.",
              "List the planets.", "Explain why the sky is blue in two sentences."]
@@ -309,8 +306,6 @@ def test_tool_conversation_prompts_keep_their_calls_and_are_sampled(tiny):
     """A train-pool prompt that is a tool conversation (user, call, tool result) renders and samples."""
     import json
 
-    from tasks.rejection import _pool_from_records
-
     from sftflow.data.records import frame_to_records
 
     model, tok, template = tiny
@@ -320,7 +315,7 @@ def test_tool_conversation_prompts_keep_their_calls_and_are_sampled(tiny):
                        {"role": "assistant", "content": "", "tool_calls": call},
                        {"role": "tool", "content": "Paris is the capital of France."},
                        {"role": "assistant", "content": "The capital of France."}], source="tools", tools=tools)
-    pool = _pool_from_records(frame_to_records(records_to_frame([rec])))
+    pool = pool_from_records(frame_to_records(records_to_frame([rec])))
     turns = pool[0].turns()
     assert [t["role"] for t in turns] == ["user", "assistant", "tool"] and turns[1]["tool_calls"] == call
     assert screen_prompts(pool, heldout=None) == {}
