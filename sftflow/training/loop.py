@@ -295,6 +295,12 @@ def train(
 
     # ---------------------------------------------------------------- save
     restore_weights(model, originals)
+    # Before merging: drop the bf16 head copy and give freed activations back to the OS (glibc
+    # keeps them mapped), so the merge and the save do not stack on the training peak.
+    from sftflow.inference.models import release_memory
+
+    loss_mod._frozen_w = None
+    release_memory()
     if cfg.early_stopping_patience and best_path.exists():
         load_trainable(model, torch.load(best_path, map_location=device))  # the best eval-loss weights
     metrics = _summary_metrics(state, data=data, n_trainable=n_trainable, n_total=n_total, run_seconds=time.perf_counter() - t_run)
