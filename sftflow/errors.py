@@ -70,7 +70,7 @@ class UserError(Exception):
     label: str = "error"
 
 
-# ``sftflow.config.ConfigError`` (a bad pipelines.yaml, override or size) is the UserError with
+# ``sftflow.config_sections.ConfigError`` (a bad pipelines.yaml, override or size) is the UserError with
 # exit code EXIT_CONFIG; it lives beside the schema it checks.
 
 

@@ -99,7 +99,7 @@ def resolve_direction(*, metric: str, direction: str | None) -> str:
     """The gate's direction: the explicit one when it agrees with the metric, else the implied one.
 
     Raises:
-        sftflow.config.ConfigError: the direction contradicts the metric, or the metric implies
+        sftflow.config_sections.ConfigError: the direction contradicts the metric, or the metric implies
             none and none was given (the message names ``promotion.direction``).
     """
     problem = direction_problem(metric=metric, direction=direction)

@@ -299,7 +299,7 @@ def promote(
 
     Raises:
         ValueError: the champion must be re-evaluated and no ``evaluate_champion`` was given.
-        sftflow.config.ConfigError: ``promotion.direction`` contradicts the metric, or the metric
+        sftflow.config_sections.ConfigError: ``promotion.direction`` contradicts the metric, or the metric
             implies no direction and none is set.
     """
     from mlflow import MlflowClient

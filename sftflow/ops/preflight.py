@@ -37,7 +37,7 @@ from sftflow.errors import HomeError
 
 # Files larger than this are not parsed whole to count their rows (JSON) / instances (JSONL).
 _PARSE_LIMIT = 256 << 20
-# What the evaluation stage reports for every set (tasks/evaluate.py: GENERATION_METRICS,
+# What the evaluation stage reports for every set (sftflow/evaluation/metrics.py: GENERATION_METRICS,
 # LOSS_METRICS, num_examples); judge_score only with `evaluation.judge`. A unit test keeps them equal.
 EVAL_METRICS = ("rougeL", "mean_new_tokens", "mean_words", "empty_rate", "runaway_rate", "runaway_rate_all",
                 "fit_fraction", "eval_loss", "perplexity", "eval_tokens", "answer_loss", "end_prob", "num_examples")
