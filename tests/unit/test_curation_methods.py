@@ -213,3 +213,23 @@ def test_below_min_auc_warn_skip_fail(sftflow_home: Path, caplog: pytest.LogCapt
     with pytest.raises(CuratorBelowMinAuc, match=r"augmentation\.curation\.min_auc: the rubric curator's held-out AUC"):
         backtranslate(out_dir=sftflow_home / "fail", **fail_kw)
     assert not (sftflow_home / "fail" / "candidates.parquet").exists()  # stopped before generating
+
+
+@pytest.mark.timeout(600)
+def test_loglik_on_ray_equals_local(tiny: ModelRef) -> None:
+    """engine=ray (a real local Ray cluster, 2 CPUs): the same length-sorted batches on Ray Data actors."""
+    ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install -e '.[ray]')")
+    from sftflow import engine as engines
+    from sftflow.config_sections import ExecutionConfig
+
+    local = loglik_texts(tiny, PAIRS, template=None, batch_size=2)
+    engine = engines.activate(ExecutionConfig(engine="ray", num_cpus=2, generation_backend="hf"))
+    try:
+        assert isinstance(engine, engines.RayEngine) and int(ray.cluster_resources()["CPU"]) == 2
+        seen: list[int] = []
+        remote = loglik_texts(tiny, PAIRS, template=None, batch_size=2, on_progress=lambda d, _t: seen.append(d))
+    finally:
+        engines.release()
+    assert [len(r) for r in remote] == [len(r) for r in local] and seen[-1] == len(PAIRS)
+    for a, b in zip(local, remote):
+        assert a == pytest.approx(b, abs=1e-5)
