@@ -9,6 +9,10 @@ M0 trained on the train split as the stage trains it (``--forward``).
 Run::
 
     SFTFLOW_HOME=/tmp/x .venv/bin/python bench/curator_auc.py --pipeline demo [--forward]
+
+Measured 2026-12-07 on the shared 2-core CPU (load ~8-13), demo, 32 held-out rows, Gemma 3 270M base
+(bfloat16, the demo's ``generation.dtype``): AUC rubric 0.457, pmi 0.881, loglik 0.644 (mean pmi
+true 0.791 vs mismatched 0.067 nats/token); scoring 616 s.
 """
 
 from __future__ import annotations
