@@ -12,7 +12,9 @@ Run::
 
 Measured 2026-12-07 on the shared 2-core CPU (load ~8-13), demo, 32 held-out rows, Gemma 3 270M base
 (bfloat16, the demo's ``generation.dtype``): AUC rubric 0.457, pmi 0.881, loglik 0.644 (mean pmi
-true 0.791 vs mismatched 0.067 nats/token); scoring 616 s.
+true 0.791 vs mismatched 0.067 nats/token); scoring 616 s. With ``--forward`` (M0, the demo's
+curator: 16 LoRA steps on the train split): rubric 0.510, pmi 0.906, loglik 0.711 (pmi true 1.094
+vs mismatched 0.028); M0 training + prep 355 s, scoring 273 s.
 """
 
 from __future__ import annotations
