@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- one inference path
 # The primitives only the batch inference API (and the backends it dispatches to) may call.
-PRIMITIVES = frozenset({"generate_batch", "score_pairs", "sample_k"})
+PRIMITIVES = frozenset({"generate_batch", "score_pairs", "sample_k", "token_logprobs"})
 # Where they are defined, dispatched to, or where transformers/vLLM ``.generate`` is driven.
 ALLOWED = frozenset({"sftflow/inference/batch.py", "sftflow/inference/generation.py",
-                     "sftflow/inference/vllm_backend.py"})
+                     "sftflow/inference/loglik.py", "sftflow/inference/vllm_backend.py"})
 
 
 GENERATION = "sftflow.inference.generation"
+PRIMITIVE_MODULES = frozenset({GENERATION, "sftflow.inference.loglik"})
 
 
 def bypasses(source: str) -> list[str]:
@@ -47,7 +48,7 @@ def bypasses(source: str) -> list[str]:
     tree = ast.parse(source)
     hits, imported = [], set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == GENERATION:
+        if isinstance(node, ast.ImportFrom) and node.module in PRIMITIVE_MODULES:
             for a in node.names:
                 if a.name in PRIMITIVES:
                     imported.add(a.asname or a.name)
