@@ -6,7 +6,7 @@ row, the same batches, bf16 autocast as the recipe runs it. The two paths altern
 
 * ``dense``: peft's ``trainable_token_indices`` forward (a merged copy of the 262k x 640 tied
   matrix per call, a dense gradient for it) with the LM head unfused: what training ran before;
-* ``sparse``: ``sftflow.training.tokens.sparse_token_rows`` + the fused head with row overrides.
+* ``sparse``: ``sftflow.inference.token_rows.sparse_token_rows`` + the fused head with row overrides.
 
 Reported: tokens/s per path (non-pad tokens over the timed steps, the first one is warm-up), their
 ratio, tokens per CPU-second of this process (less blurred by other work on a shared machine; use

@@ -704,7 +704,7 @@ def load_model(
         model = PeftModel.from_pretrained(model, str(path))
         # Trainable token rows (e.g. <end_of_turn>): peft's forward would copy the whole tied
         # (vocab x hidden) matrix on every call, i.e. twice per decoded token; read the rows instead.
-        from sftflow.training.tokens import sparse_token_rows
+        from sftflow.inference.token_rows import sparse_token_rows
 
         sparse_token_rows(model)
     tok_dir = path if (path / "tokenizer_config.json").exists() else base_path

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from sftflow.inference.formatting import IGNORE_INDEX
-from sftflow.training.tokens import token_rows_of
+from sftflow.inference.token_rows import token_rows_of
 
 log = logging.getLogger("sftflow.train")
 
@@ -38,7 +38,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, softcap, compute_dtype, chunk, row_ids=None, rows=None):  # type: ignore[override]
         # ``rows`` (k x hidden) replace rows ``row_ids`` of the frozen ``weight``: trainable token
-        # rows (``sftflow.training.tokens``). Their logits are computed apart, and only they get a
+        # rows (``sftflow.inference.token_rows``). Their logits are computed apart, and only they get a
         # weight gradient, so no (vocab x hidden) gradient or merged copy is ever made.
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad

@@ -128,7 +128,7 @@ def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tupl
             peft's ``trainable_token_indices``: for tied embeddings peft ties the LM head's rows to
             them; for untied ones the same rows of the LM head train too. ``merge_and_unload``
             bakes them into the weights and the adapter file stores them. Their layers compute
-            sparsely (``tokens.sparse_token_rows``): only the rows get a gradient, never the whole
+            sparsely (``sftflow.inference.token_rows.sparse_token_rows``): only the rows get a gradient, never the whole
             (vocab x hidden) matrix. Ignored for full fine-tuning, where every row trains.
     """
     if cfg.method == "full":
@@ -149,7 +149,7 @@ def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tupl
     )
     model = get_peft_model(model, lcfg)
     if token_ids:
-        from sftflow.training.tokens import sparse_token_rows
+        from sftflow.inference.token_rows import sparse_token_rows
 
         sparse_token_rows(model)
     return model

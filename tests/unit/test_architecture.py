@@ -24,9 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "sftflow.engine")),
     ("data", ("sftflow.data", "sftflow.results", "sftflow.breakdown", "sftflow.gate", "sftflow.keys",
               "sftflow.markers")),
-    # training/tokens.py (template control-token rows; imports only inference.formatting) sits here:
-    # loading an adapter with trainable token rows (inference/models.py) computes them sparsely with it.
-    ("inference", ("sftflow.inference", "sftflow.training.tokens")),
+    ("inference", ("sftflow.inference",)),
     ("recipes", ("sftflow.training", "sftflow.augment", "sftflow.evaluation", "sftflow.rejection")),
     ("tracking", ("sftflow.tracking",)),
     ("ops", ("sftflow.ops",)),

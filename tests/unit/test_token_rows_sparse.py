@@ -1,4 +1,4 @@
-"""Trainable token rows compute sparsely (sftflow.training.tokens.sparse_token_rows + the fused loss).
+"""Trainable token rows compute sparsely (sftflow.inference.token_rows.sparse_token_rows + the fused loss).
 
 peft's trainable-tokens layer builds a merged copy of the whole (vocab x hidden) tied matrix on
 every forward and gets a dense gradient for it; for Gemma's 262k x 640 matrix that cost a third of
