@@ -32,9 +32,8 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from sftflow.augment.curation import curator_auc  # noqa: F401  (re-exported)
 from sftflow.augment.humpback import AugmentOutput, HelperModel, humpback
-from sftflow.augment.pairs import BELOW, KEPT, select_pairs  # noqa: F401  (select_pairs: re-exported)
+from sftflow.augment.pairs import BELOW, KEPT
 from sftflow.augment.report import examples, markdown_summary, score_histogram_png, unparseable_scores
 from sftflow.config_sections import AugmentationConfig, DedupConfig, TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef

@@ -112,7 +112,7 @@ def _score(expected: float, argmax: int) -> SimpleNamespace:
 
 
 def test_curation_keep_rules() -> None:
-    from tasks.backtranslate import select_pairs
+    from sftflow.augment.pairs import select_pairs
 
     scores = [_score(4.6, 5), _score(4.4, 4), _score(3.2, 5), _score(float("nan"), 5)]
     keep, why = select_pairs(scores, keep="threshold", threshold=4.0)
@@ -132,7 +132,7 @@ def test_auc() -> None:
 
 
 def test_curator_auc_on_heldout_rows(sftflow_home: Path, tiny) -> None:
-    from tasks.backtranslate import curator_auc
+    from sftflow.augment.curation import curator_auc
 
     cfg = AugmentationConfig(curation={"batch_size": 4})
     got = curator_auc(tiny, _records(5), cfg=cfg, training=TrainingConfig())
