@@ -29,6 +29,7 @@ from sftflow.config_sections import (AugmentationConfig, ConfigError, DedupConfi
                                      IngestConfig, PromotionConfig, RejectionSamplingConfig, ScheduleConfig, Section,
                                      SourceConfig, SplitConfig, TrackingConfig, TrainingConfig, ValidationConfig,
                                      format_errors, merge_training, name_problem)
+from sftflow.masking import mask_uri
 
 
 class PipelineConfig(Section):
@@ -62,6 +63,14 @@ class PipelineConfig(Section):
         dup = sorted({n for n in sets if sets.count(n) > 1})
         if dup:  # their metrics (<set>/rougeL ...) would overwrite each other
             raise ValueError(f"evaluation.extra_sets names must be unique; repeated: {dup}")
+        uri = self.tracking.tracking_uri
+        if uri and mask_uri(uri) != uri:
+            # The resolved config travels as Prefect flow-run parameters and MLflow artifacts: a
+            # password (or a token given as the user name) would be stored there. MLflow reads
+            # credentials from the environment instead.
+            raise ValueError("tracking.tracking_uri: holds credentials (user:password@); give the URI without them and put the "
+                             "credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or the whole "
+                             "URI in $MLFLOW_TRACKING_URI), which are never stored")
         return self
 
 # --------------------------------------------------------------------------- loading

@@ -269,3 +269,21 @@ def test_the_flow_checks_again_once_the_model_is_provisioned(tmp_path: Path, sft
     ref = build_tiny_model("tiny-gemma")  # what provision_task does
     with pytest.raises(ConfigError, match=r"pipelines\.p\.training\.lora\.r=100000: larger than"):
         check_provisioned_model(cfg, pipeline="p", model_dir=ref.path)
+
+
+# --------------------------------------------------------------------------- credentials in the config
+@pytest.mark.parametrize("uri", ["http://alice:s3cret-pw@127.0.0.1:5000",
+                                 "postgresql://mlflow:s3cret-pw@db.internal:5432/mlflow"])
+def test_a_tracking_uri_with_a_password_is_refused_without_echoing_it(tmp_path: Path, uri: str) -> None:
+    # The resolved config is stored (Prefect flow-run parameters, MLflow artifacts): a password in it
+    # would be kept there, so it is refused; the message points at the environment variables.
+    p = _pipeline(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        resolve_pipeline("p", path=p, overrides=[f"tracking.tracking_uri={uri}"])
+    assert "tracking.tracking_uri: holds credentials" in str(e.value)
+    assert "MLFLOW_TRACKING_PASSWORD" in str(e.value) and "s3cret-pw" not in str(e.value)
+    # A user name alone may be a token: refused too. Without credentials the URI is accepted.
+    with pytest.raises(ConfigError, match="holds credentials"):
+        resolve_pipeline("p", path=p, overrides=["tracking.tracking_uri=http://ghp_tokenlike@127.0.0.1:5000"])
+    ok = resolve_pipeline("p", path=p, overrides=["tracking.tracking_uri=http://127.0.0.1:5000"])
+    assert ok.tracking.tracking_uri == "http://127.0.0.1:5000"
