@@ -37,7 +37,7 @@ from sftflow.augment.pairs import BELOW, KEPT
 from sftflow.augment.report import examples, markdown_summary, score_histogram_png, unparseable_scores
 from sftflow.config_sections import AugmentationConfig, DedupConfig, TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef
-from sftflow.ops.console import progress_callback
+from sftflow.ops.progress_report import progress_callback
 from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
 from sftflow.markers import write_marker
 from sftflow.results import AugmentResult

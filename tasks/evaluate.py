@@ -74,7 +74,7 @@ from sftflow.evaluation.sets import eval_key, heldout_rows, load_eval_set, split
 from sftflow.inference.batch import ModelHandle
 from sftflow.inference.judges import scorer_digest
 from sftflow.markers import write_marker
-from sftflow.ops.console import progress_callback
+from sftflow.ops.progress_report import progress_callback
 from sftflow.ops.orchestration import markdown_artifact, stage_cache_policy
 from sftflow.results import HELDOUT_SET, EvalResult
 from sftflow.tracking.runs import StageContext, log_dataset, log_json, stage_run

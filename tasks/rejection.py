@@ -62,7 +62,7 @@ from sftflow.config_sections import DedupConfig, RejectionSamplingConfig, Traini
 from sftflow.data.records import check_accounting, frame_to_records, make_record, records_to_frame
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.markers import write_marker
-from sftflow.ops.console import progress_callback
+from sftflow.ops.progress_report import progress_callback
 from sftflow.ops.orchestration import markdown_with_image, stage_cache_policy, table_artifact
 from sftflow.rejection.pool import load_pool, screen_prompts
 from sftflow.rejection.report import markdown_summary, rejection_metrics, score_histogram_png

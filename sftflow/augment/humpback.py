@@ -60,7 +60,7 @@ from sftflow.inference.batch import ModelHandle, generate_texts
 from sftflow.progress import run_logger
 from sftflow.training.entry import TrainingRun, run_training
 
-# label -> on_progress(done, total) (e.g. ``sftflow.ops.console.progress_callback``); None: silent.
+# label -> on_progress(done, total) (e.g. ``sftflow.ops.progress_report.progress_callback``); None: silent.
 Progress = Callable[[str], Callable[[int, int], None]] | None
 
 

@@ -9,7 +9,9 @@ import logging
 import time
 from typing import Iterator
 
-from sftflow.ops.console import Progress, RunConsole, StageRow, next_commands, stage_row, summary_table
+from sftflow.ops.console import RunConsole
+from sftflow.ops.progress_report import Progress
+from sftflow.ops.summary import StageRow, next_commands, stage_row, summary_table
 from sftflow.progress import EVENT_ATTR, CountEvent, StepEvent, event_of
 from sftflow.tracking.history import format_runs
 
@@ -186,7 +188,7 @@ def test_runs_table_is_aligned() -> None:
 
 def test_progress_callback_labels_with_spaces_reach_the_console() -> None:
     """Generation loops report cumulative counts; labels such as 'evaluate.base heldout' are parsed whole."""
-    from sftflow.ops.console import progress_callback
+    from sftflow.ops.progress_report import progress_callback
 
     with _captured("sftflow.progress") as seen:  # run_logger's name outside a Prefect run
         cb = progress_callback("evaluate.base heldout")

@@ -60,7 +60,7 @@ def test_each_stage_run_logs_its_own_peak(sftflow_home: Path, tmp_path: Path) ->
 
 
 def test_summary_table_has_a_peak_rss_column() -> None:
-    from sftflow.ops.console import StageRow, stage_row, summary_table
+    from sftflow.ops.summary import StageRow, stage_row, summary_table
 
     row = stage_row("train", {"train_rows": 80.0, "steps": 40.0, METRIC: 2560.0})
     assert row.peak_rss_mb == 2560.0
