@@ -4,7 +4,7 @@ Each test runs a stage on a multi-shard input with a small ``shard_rows`` and ch
 the result equals the one-shard computation row for row (and byte for byte where the input is one
 shard), and no read of row contents ever returns more than ``shard_rows`` rows (the reads are
 instrumented, not mocked: the real reader runs and its frame sizes are recorded). Dedup has one
-driver (``tasks.dedup.dedup_files``) for every pass, the held-out leak pass included.
+driver (``sftflow.data.dedup_driver.dedup_files``) for every pass, the held-out leak pass included.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from sftflow.data.minhash import (
 from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow import markers
-from tasks.dedup import REMOVED_COLUMNS, dedup, deduplicate
+from sftflow.data.dedup_driver import REMOVED_COLUMNS
+from tasks.dedup import dedup, deduplicate
 
 WORDS = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
