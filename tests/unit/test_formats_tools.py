@@ -223,7 +223,7 @@ def test_plain_rows_render_as_before_even_from_a_mixed_frame() -> None:
 
 
 def test_validation_accepts_tool_rows() -> None:
-    from tasks.validate import ROLE_PATTERN, derive_frame
+    from sftflow.data.validation_suite import ROLE_PATTERN, derive_frame
 
     recs = [make_record(r.messages, source="t:f", tools=r.tools) for r in load_records(TOOLS_SAMPLE).records]
     d = derive_frame(records_to_frame(recs))

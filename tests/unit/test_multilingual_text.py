@@ -23,7 +23,8 @@ from sftflow.config_sections import IngestConfig, SourceConfig, ValidationConfig
 from sftflow.data.records import is_blank, is_junk_char, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from tasks.ingest import ingest
-from tasks.validate import derive_frame, non_printable_detail, validate
+from sftflow.data.validation_suite import derive_frame, non_printable_detail
+from tasks.validate import validate
 
 # (name, prompt, response): short rows, so one format character is > 1% of the text (the old bound
 # quarantined every one of them).

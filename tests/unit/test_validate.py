@@ -15,7 +15,8 @@ from sftflow.data.refs import write_parquet
 from sftflow.data.quarantine import QUARANTINE_COLUMNS
 from sftflow import markers
 from tasks.ingest import ingest
-from tasks.validate import SOURCE_PATTERN, ValidationFailed, derive_frame, validate, validate_task
+from sftflow.data.validation_suite import SOURCE_PATTERN, derive_frame
+from tasks.validate import ValidationFailed, validate, validate_task
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "data" / "smoke"
