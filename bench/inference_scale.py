@@ -40,7 +40,8 @@ def main() -> None:
     from sftflow.config_sections import ExecutionConfig
     from sftflow.inference.batch import ModelHandle, generate_texts, score_texts
     from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
-    from sftflow.inference.models import TINY_MODELS, build_tiny_model, resolve_model
+    from sftflow.inference.models import resolve_model
+    from sftflow.inference.tiny import TINY_MODELS, build_tiny_model
     from sftflow import engine as engines
 
     ref = build_tiny_model(args.model) if args.model in TINY_MODELS else resolve_model(args.model)

@@ -42,7 +42,8 @@ def main() -> None:
     from sftflow import layout
     from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
     from sftflow.inference.generation import generate_batch, sample_k
-    from sftflow.inference.models import build_tiny_model, load_model, resolve_model
+    from sftflow.inference.models import load_model, resolve_model
+    from sftflow.inference.tiny import build_tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

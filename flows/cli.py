@@ -287,12 +287,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from sftflow.inference import models
+    from sftflow.inference import gguf, models
     if args.models_command == "pull":
         _prepare_environment(args)
-        names = [args.name] if args.name else list(models.EMBEDDED_MODELS)
+        names = [args.name] if args.name else list(gguf.EMBEDDED_MODELS)
         for name in names:
-            ref = models.pull_model(name, force=args.force)
+            ref = gguf.pull_model(name, force=args.force)
             print(f"ok  {name}: {ref.path}")
         return 0
     rows = models.list_models()

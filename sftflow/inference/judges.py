@@ -133,7 +133,8 @@ def resolve_scorer(
             raise ScorerUnavailable(f"{key}: {'base' if choice else 'unset (the base model)'} needs the pipeline's "
                                     "base model, and none was given; set it to a model name or path")
         return _check_loadable(base, key=key, what="base model")
-    from sftflow.inference.models import ModelError, resolve_model
+    from sftflow.inference.model_store import ModelError
+    from sftflow.inference.models import resolve_model
 
     try:
         ref = resolve_model(choice, trust_remote_code=trust_remote_code)
@@ -153,9 +154,9 @@ def scorer_digest(ref: ModelRef | None) -> str:
     if ref.kind != "adapter" or not ref.base:
         return ref.sha256
     from sftflow.data.refs import sha256_json
-    from sftflow.inference.models import model_dir_digest
+    from sftflow.digests import dir_sha256
 
-    base = model_dir_digest(ref.base) if Path(ref.base).is_dir() else "missing"
+    base = dir_sha256(ref.base) if Path(ref.base).is_dir() else "missing"
     return sha256_json({"adapter": ref.sha256, "base": base})
 
 

@@ -111,7 +111,8 @@ def _model_params(cfg: PipelineConfig) -> tuple[int | None, bool, dict[str, tupl
         except (OSError, ValueError):
             return None, True, {}
         return sum(math.prod(s) for s in shapes.values()), True, layers
-    from sftflow.inference.models import EMBEDDED_MODELS, TINY_MODELS
+    from sftflow.inference.gguf import EMBEDDED_MODELS
+    from sftflow.inference.tiny import TINY_MODELS
 
     if cfg.base_model in TINY_MODELS:
         return 200_000, False, {}

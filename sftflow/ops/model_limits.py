@@ -50,7 +50,9 @@ def local_model_dir(name: str) -> Path | None:
     Embedded and tiny models: ``$SFTFLOW_HOME/models/<name>`` once provisioned; a local folder
     (an adapter folder resolves to its base); a hub id: its snapshot in ``$SFTFLOW_HOME/cache/hub``.
     """
-    from sftflow.inference.models import DONE_MARKER, EMBEDDED_MODELS, TINY_MODELS
+    from sftflow.inference.gguf import EMBEDDED_MODELS
+    from sftflow.inference.model_store import DONE_MARKER
+    from sftflow.inference.tiny import TINY_MODELS
 
     if name in EMBEDDED_MODELS or name in TINY_MODELS:
         d = layout.models_dir() / layout.safe_name(name)

@@ -61,7 +61,7 @@ def test_champion_serves_chat_without_the_repository(sftflow_home: Path, tmp_pat
     from mlflow import MlflowClient
 
     from sftflow.data.refs import ModelRef
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.ops.servers import free_port
     from sftflow.tracking.registry import CHAMPION, log_model, serve_command, set_alias
     from sftflow.tracking.runs import configure, ensure_experiment, resolve_tracking_uri

@@ -99,7 +99,7 @@ def registered(sftflow_home: Path) -> str:
     from mlflow import MlflowClient
 
     from sftflow.data.refs import ModelRef
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.tracking.registry import CHAMPION, log_model, set_alias
     from sftflow.tracking.runs import configure, ensure_experiment, resolve_tracking_uri
 

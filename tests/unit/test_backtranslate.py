@@ -338,7 +338,7 @@ def test_backtranslate_end_to_end_tiny(sftflow_home: Path, threshold: float, ite
                                        monkeypatch: pytest.MonkeyPatch):
     import mlflow
 
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     def no_logging(*_args, **_kwargs):
         raise AssertionError("the plain backtranslate() must not log to MLflow (its task does)")
@@ -399,7 +399,7 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
     import mlflow
     from mlflow import MlflowClient
 
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from tasks.backtranslate import AugmentResult, backtranslate_task
 
     base = build_tiny_model("tiny-chatml")

@@ -352,7 +352,7 @@ def test_train_work_dir_keyed_by_content_and_no_cache_retrains(sftflow_home: Pat
     import mlflow
 
     from sftflow.config_sections import TrainingConfig
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from tasks.train import OUTPUT_FILE, train_task
 
     monkeypatch.delenv("PREFECT_TASKS_REFRESH_CACHE", raising=False)

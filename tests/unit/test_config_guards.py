@@ -192,7 +192,7 @@ def test_qlora_without_its_package_or_gpu_is_refused_before_the_run(tmp_path: Pa
 # --------------------------------------------------------------------------- against the model
 @pytest.fixture()
 def tiny(sftflow_home: Path) -> Path:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     return Path(build_tiny_model("tiny-gemma").path)
 
@@ -260,7 +260,7 @@ def test_max_seq_len_below_the_templates_overhead_is_refused(tmp_path: Path, tin
 
 
 def test_the_flow_checks_again_once_the_model_is_provisioned(tmp_path: Path, sftflow_home: Path) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     p = _pipeline(tmp_path)
     cfg = resolve_pipeline("p", path=p, overrides=["training.lora.r=100000"])

@@ -210,7 +210,7 @@ def test_the_real_training_loop_reports_progress_to_the_console(sftflow_home, mo
     from sftflow.config_sections import TrainingConfig
     from sftflow.data.records import make_record, records_to_frame
     from sftflow.data.refs import write_parquet
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.ops.console import _RecordHandler
     from sftflow.training import loop
 

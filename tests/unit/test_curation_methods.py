@@ -41,7 +41,7 @@ PAIRS = [("What is the capital of France?", "The capital of France is Paris, a c
 
 @pytest.fixture()
 def tiny(sftflow_home: Path) -> ModelRef:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     return build_tiny_model("tiny-gemma")
 
@@ -133,7 +133,7 @@ def test_min_auc_check_names_the_key_and_the_auc() -> None:
 
 # --------------------------------------------------------------------------- the stage, end to end
 def _stage_inputs(home: Path, *, curation: dict) -> dict:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     base = build_tiny_model("tiny-gemma")
     leads = json.loads(REPO_LEADS.read_text())

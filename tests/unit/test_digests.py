@@ -56,7 +56,8 @@ def test_big_files_are_read_once_and_a_rewrite_is_read_again(tmp_path: Path, mon
 def test_every_sha256_lineage_shows_is_this_digest(sftflow_home: Path, tmp_path: Path) -> None:
     # The three former definitions (cache keys, model refs, dataset/folder refs) now agree.
     from sftflow.data import refs
-    from sftflow.inference.models import build_tiny_model, resolve_model
+    from sftflow.inference.models import resolve_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.ops import cachekeys
 
     ref = build_tiny_model("tiny-gemma")

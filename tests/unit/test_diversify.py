@@ -21,7 +21,8 @@ def _records(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tok(tiny_models_home: Path):
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SFTFLOW_HOME", str(tiny_models_home))

@@ -142,7 +142,7 @@ def test_load_eval_set_names_file_and_rows(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- model passes (tiny model)
 @pytest.fixture()
 def tiny(sftflow_home: Path):
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     return build_tiny_model("tiny-gemma")
 

@@ -51,7 +51,7 @@ def tiny_toks(tiny_models_home: Path):
     """Tokenizers of both tiny models (gemma: built-in template; chatml: native chat template)."""
     from transformers import AutoTokenizer
 
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     mp = pytest.MonkeyPatch()
     mp.setenv("SFTFLOW_HOME", str(tiny_models_home))

@@ -171,7 +171,8 @@ def test_truncation_and_bad_input() -> None:
                                                         ("tiny-chatml", "native", "<|im_end|>")])
 def test_tiny_models_share_one_formatting(sftflow_home, name: str, expected_template: str, eot: str) -> None:
     """The project's tiny test models (Gemma-like base, ChatML instruct) go through the same API."""
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
 
     _, tok = load_model(build_tiny_model(name))
     template = resolve_template(tok, None)

@@ -86,7 +86,7 @@ def test_threshold_against_the_real_filesystem(tmp_path: Path, monkeypatch: pyte
 
 
 def test_the_estimate_follows_the_model_and_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     monkeypatch.setenv("SFTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

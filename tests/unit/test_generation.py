@@ -20,7 +20,8 @@ from sftflow.inference.generation import (
     score_token_ids,
     unparseable_share,
 )
-from sftflow.inference.models import build_tiny_model, load_model
+from sftflow.inference.models import load_model
+from sftflow.inference.tiny import build_tiny_model
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -22,7 +22,7 @@ from sftflow.data.records import make_record, records_to_frame
 from sftflow.data.refs import ModelRef, write_parquet
 from sftflow.errors import UserError
 from sftflow.inference.judges import ScorerUnavailable, resolve_scorer, scorer_digest
-from sftflow.inference.models import build_tiny_model
+from sftflow.inference.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

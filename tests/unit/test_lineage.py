@@ -167,7 +167,7 @@ def test_lineage_digests_equal_sha256_of_the_files_read(sftflow_home: Path, tmp_
 
     from sftflow.ops.cachekeys import dir_digest
     from sftflow.config_sections import DedupConfig, IngestConfig, SplitConfig, TrainingConfig
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.tracking.runs import end_pipeline_run, sources_digest, start_pipeline_run
     from tasks.ingest import ingest_task
     from tasks.split import split_task

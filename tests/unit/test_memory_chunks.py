@@ -11,7 +11,8 @@ import pytest
 def test_row_losses_are_the_same_in_chunks(sftflow_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sftflow.training.loss as loss
     from sftflow.inference.formatting import stop_token_ids
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))
     convs = [[{"role": "user", "content": f"Count to {i}."},

@@ -17,19 +17,10 @@ import pytest
 import torch
 
 from sftflow import layout
-from sftflow.inference.models import (
-    DONE_MARKER,
-    EMBEDDED_MODELS,
-    MANIFEST,
-    TINY_MODELS,
-    ModelError,
-    ModelNotFoundError,
-    build_tiny_model,
-    list_models,
-    load_model,
-    pull_model,
-    resolve_model,
-)
+from sftflow.inference.gguf import EMBEDDED_MODELS, pull_model
+from sftflow.inference.model_store import DONE_MARKER, MANIFEST, ModelError, ModelNotFoundError
+from sftflow.inference.models import list_models, load_model, resolve_model
+from sftflow.inference.tiny import TINY_MODELS, build_tiny_model
 from sftflow.data.refs import ModelRef
 from sftflow.digests import dir_sha256, file_sha256
 
@@ -125,7 +116,7 @@ def test_second_build_reuses_dir_and_rebuilds_incomplete(sftflow_home: Path) -> 
 
 
 def test_concurrent_build_keeps_the_first_complete_dir(sftflow_home: Path) -> None:
-    import sftflow.inference.models as models
+    from sftflow.inference import model_store, tiny
 
     out = layout.models_dir() / "tiny-gemma"
 
@@ -136,9 +127,10 @@ def test_concurrent_build_keeps_the_first_complete_dir(sftflow_home: Path) -> No
         build_tiny_model("tiny-gemma")
         winner["mtime"] = (out / "model.safetensors").stat().st_mtime_ns
         time.sleep(0.01)  # so our own files would get a different mtime
-        return models._build_tiny("tiny-gemma", tmp)
+        return tiny._build_tiny("tiny-gemma", tmp)
 
-    ref = models._build_atomically(out, name="tiny-gemma", build=racing_build, keep_if={"recipe": models._RECIPE_VERSION})
+    ref = model_store.build_atomically(out, name="tiny-gemma", build=racing_build,
+                                     keep_if={"recipe": model_store.RECIPE_VERSION})
     assert ref == build_tiny_model("tiny-gemma")
     assert (out / "model.safetensors").stat().st_mtime_ns == winner["mtime"], "the first complete dir must be kept"
     assert sorted(p.name for p in layout.models_dir().iterdir()) == ["tiny-gemma"], "loser's temp dir must go"

@@ -69,7 +69,7 @@ def tok(tiny_models_home: Path):
     """The tiny Gemma tokenizer (byte-level BPE: every code point has tokens)."""
     from transformers import AutoTokenizer
 
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     mp = pytest.MonkeyPatch()
     mp.setenv("SFTFLOW_HOME", str(tiny_models_home))

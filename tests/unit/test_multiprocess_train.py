@@ -79,7 +79,7 @@ def test_two_processes_match_one_process_and_only_the_stage_logs(sftflow_home: P
     rank 0 alone writes outputs; metrics and the model reach MLflow from the stage's process."""
     import mlflow
 
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.tracking.runs import StageContext, default_tracking_uri, ensure_experiment
     from sftflow.training.loop import train
     from tasks.train import train_task
@@ -123,7 +123,7 @@ def test_two_processes_match_one_process_and_only_the_stage_logs(sftflow_home: P
 def test_two_processes_resume_after_a_kill(sftflow_home: Path, data) -> None:
     """Kill torchrun (SIGKILL) after a checkpoint: its ranks die with it, and launching again
     resumes and ends on the loss curve of an uninterrupted run."""
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.launch import launch_training, torchrun_command, worker_env, write_job
     from sftflow.training.loop import train
 
@@ -164,7 +164,7 @@ def test_two_processes_resume_after_a_kill(sftflow_home: Path, data) -> None:
 
 
 def test_a_killed_worker_is_one_error_naming_its_rank(sftflow_home: Path, data) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.launch import WorkerError, launch_training
 
     base = build_tiny_model("tiny-gemma")

@@ -26,7 +26,7 @@ def _records(n: int = 6) -> list[dict]:
 
 @pytest.fixture()
 def tiny(sftflow_home: Path):
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     return build_tiny_model("tiny-gemma")
 

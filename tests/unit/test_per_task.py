@@ -94,7 +94,7 @@ def _heldout(tmp: Path) -> object:
 
 
 def test_evaluate_reports_per_task_accuracy_and_format_spread(sftflow_home: Path, tmp_path: Path) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     tiny = build_tiny_model("tiny-gemma")
     heldout = _heldout(tmp_path)

@@ -225,7 +225,7 @@ def test_gate_without_registered_version(tmp_path: Path) -> None:
 
 def test_champion_on_other_heldout_is_reevaluated(client, sftflow_home: Path, tmp_path: Path) -> None:
     """The champion's recorded eval key differs: it is loaded offline and evaluated on this held-out set."""
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.evaluation.sets import eval_key
 
     import mlflow

@@ -30,7 +30,8 @@ def test_registered_model_is_a_servable_chat_model(client, sftflow_home: Path) -
 
     from sftflow.data.refs import ModelRef
     from sftflow.inference.formatting import stop_token_ids
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.tracking.registry import CANDIDATE, log_model
     from sftflow.tracking.runs import ensure_experiment, resolve_tracking_uri
 
@@ -86,7 +87,8 @@ def test_registered_model_is_a_servable_chat_model(client, sftflow_home: Path) -
 def test_serving_template_matches_training_prompt(sftflow_home: Path, tiny_name: str, template: str) -> None:
     """The served tokenizer's chat template gives exactly the prompt ids training/evaluation use."""
     from sftflow.inference.formatting import build_generation_prompt
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.tracking.registry import serving_chat_template
 
     _, tok = load_model(build_tiny_model(tiny_name))
@@ -104,7 +106,8 @@ def test_serving_template_matches_training_prompt(sftflow_home: Path, tiny_name:
 
 
 def test_serving_template_refuses_native_without_chat_template(sftflow_home: Path) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.tracking.registry import serving_chat_template
 
     _, tok = load_model(build_tiny_model("tiny-gemma"))
@@ -161,7 +164,8 @@ def test_adapter_is_merged_and_read_back_as_one_folder(client, sftflow_home: Pat
     from peft import LoraConfig, get_peft_model
 
     from sftflow.data.refs import ModelRef
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.tracking.registry import log_model, model_version_ref
     from sftflow.tracking.runs import ensure_experiment, resolve_tracking_uri
 

@@ -16,7 +16,8 @@ from sftflow.data.records import AccountingError, make_record, records_to_frame
 from sftflow.data.refs import write_parquet
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
 from sftflow.inference.generation import generate_batch, nucleus_logits, nucleus_sample, sample_k
-from sftflow.inference.models import build_tiny_model, load_model
+from sftflow.inference.models import load_model
+from sftflow.inference.tiny import build_tiny_model
 from sftflow.rejection.pool import PoolPrompt, pool_from_records, read_prompt_file, screen_prompts
 from sftflow.rejection.selection import (
     BELOW,

@@ -105,7 +105,7 @@ def _check(tok, template: str, *, system: bool) -> None:
 def tiny_tokenizers(tmp_path_factory: pytest.TempPathFactory):
     import os
 
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from tasks.validate import load_tokenizer
 
     old = os.environ.get("SFTFLOW_HOME")

@@ -53,7 +53,8 @@ class _ShapeLog(TorchDispatchMode):
 def _setup(sparse: bool, *, precision: str = "fp32"):
     """tiny-gemma + LoRA + the <end_of_turn> row; the new (sparse) or the previous (peft dense) path."""
     from sftflow.inference.formatting import resolve_template
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.data import collate, encode_records
     from sftflow.training.loss import CausalLMLoss
     from sftflow.training.model import apply_method
@@ -157,7 +158,8 @@ def test_sparse_forward_equals_peft_forward(sftflow_home: Path) -> None:
 def test_rows_learn_and_reach_the_merged_embedding_and_tied_head(sftflow_home: Path) -> None:
     from safetensors.torch import load_file
 
-    from sftflow.inference.models import build_tiny_model, load_model, resolve_model
+    from sftflow.inference.models import load_model, resolve_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.loop import train
 
     base = build_tiny_model("tiny-gemma")

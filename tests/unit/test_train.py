@@ -74,7 +74,8 @@ def test_fused_cross_entropy_matches_reference() -> None:
 @pytest.mark.parametrize("name", ["tiny-gemma", "tiny-chatml"])
 def test_label_position_loss_equals_model_loss(sftflow_home: Path, name: str) -> None:
     """The head-only loss equals transformers' own masked loss on the same batch."""
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.data import collate
     from sftflow.training.loss import CausalLMLoss
 
@@ -90,7 +91,8 @@ def test_label_position_loss_equals_model_loss(sftflow_home: Path, name: str) ->
 
 def test_packing_isolates_examples(sftflow_home: Path) -> None:
     """A packed example sees only itself: its hidden states equal those of the example alone."""
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.data import collate
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))
@@ -133,7 +135,8 @@ def test_length_grouping_cuts_padding() -> None:
 
 
 def test_overlong_truncate_and_drop_are_counted(sftflow_home: Path, data) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.data import encode_dataset
 
     train, _ = data
@@ -148,7 +151,8 @@ def test_overlong_truncate_and_drop_are_counted(sftflow_home: Path, data) -> Non
 
 
 def test_malformed_row_names_the_row(sftflow_home: Path) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.data import encode_dataset
 
     rec = make_record([{"role": "user", "content": "only a question"}], source="unit:bad")
@@ -159,7 +163,7 @@ def test_malformed_row_names_the_row(sftflow_home: Path) -> None:
 
 
 def test_qlora_without_cuda_is_a_clear_error(sftflow_home: Path, data) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.loop import train
 
     if torch.cuda.is_available():
@@ -172,7 +176,8 @@ def test_qlora_without_cuda_is_a_clear_error(sftflow_home: Path, data) -> None:
 # ----------------------------------------------------------------------------- training
 @pytest.mark.parametrize("method", ["dora", "rslora", "full"])
 def test_methods_train_and_lower_the_loss(sftflow_home: Path, data, method: str) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.loop import train
 
     out = train(train=data[0], heldout=data[1], base=build_tiny_model("tiny-gemma"),
@@ -195,7 +200,7 @@ def test_methods_train_and_lower_the_loss(sftflow_home: Path, data, method: str)
 
 
 def test_early_stopping_stops_when_eval_loss_stalls(sftflow_home: Path, data) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.loop import train
 
     # A learning rate of 1e-12 leaves the eval loss flat: every eval after the first is "no improvement".
@@ -213,7 +218,7 @@ def _cli(home: Path, out: Path, data, *extra: str) -> list[str]:
 
 def test_resume_after_sigkill_matches_uninterrupted_run(sftflow_home: Path, data) -> None:
     """Kill a real training process after a checkpoint; re-running it ends where an uninterrupted run ends."""
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
 
     build_tiny_model("tiny-gemma")  # once, before the subprocesses
     sets = ["--set", "max_steps=24", "--set", "checkpoint_every=4", "--set", "eval_every=10", "--set", "batch_size=4",
@@ -264,7 +269,7 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
     import mlflow
     import pandas as pd
 
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.tracking.runs import StageContext, default_tracking_uri, ensure_experiment
     from tasks.train import train_task
 
@@ -307,7 +312,8 @@ def test_train_task_logs_registers_and_loads_back(sftflow_home: Path, data) -> N
 
 def test_bf16_weight_cast_changes_no_number_and_is_undone(sftflow_home: Path) -> None:
     """Pre-casting frozen linears to bf16 gives the autocast loss exactly, and restore brings fp32 back."""
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.data import collate
     from sftflow.training.loss import CausalLMLoss
     from sftflow.training.model import apply_method, cast_frozen_linears, restore_weights

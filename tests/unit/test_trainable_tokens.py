@@ -39,7 +39,8 @@ def _untrain_row(model, tid: int, n_twins: int = 40) -> None:
 @pytest.fixture()
 def untrained_base(sftflow_home: Path) -> tuple[ModelRef, int]:
     """tiny-gemma saved with an untrained-looking <end_of_turn> row; returns (ref, its id)."""
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
@@ -66,7 +67,8 @@ def _embedding(path: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- detection
 def test_control_tokens_of_the_templates(sftflow_home: Path) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.tokens import template_control_token_ids
 
     _, tok = load_model(build_tiny_model("tiny-gemma"))
@@ -80,7 +82,8 @@ def test_control_tokens_of_the_templates(sftflow_home: Path) -> None:
 
 
 def test_untrained_rows_are_detected_and_random_rows_are_not(sftflow_home: Path) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.tokens import resolve_trainable_tokens, untrained_token_ids
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))
@@ -98,7 +101,8 @@ def test_untrained_rows_are_detected_and_random_rows_are_not(sftflow_home: Path)
 
 
 def test_explicit_list_and_unknown_token_error(sftflow_home: Path) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.tokens import resolve_trainable_tokens
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))

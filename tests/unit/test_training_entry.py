@@ -61,7 +61,7 @@ def _sha(path: str) -> str:
 
 # --------------------------------------------------------------------------- (a) backtranslation
 def test_backtranslation_models_train_through_the_entry_in_keyed_folders(sftflow_home: Path, train_ref) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training import entry
     from sftflow.training.loop import training_key
     from tasks.backtranslate import backtranslate
@@ -120,7 +120,7 @@ run_training(train=DatasetRef(**job["train"]), heldout=None, base=base, cfg=Trai
 
 
 def test_a_killed_training_resumes_from_its_checkpoint(sftflow_home: Path, train_ref) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.entry import run_training
 
     base = build_tiny_model("tiny-gemma")
@@ -161,7 +161,7 @@ def test_a_killed_training_resumes_from_its_checkpoint(sftflow_home: Path, train
 
 # --------------------------------------------------------------------------- (c) torchrun
 def test_two_processes_go_through_torchrun_with_the_same_global_batch(sftflow_home: Path, train_ref) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.entry import run_training
 
     base = build_tiny_model("tiny-gemma")

@@ -39,7 +39,8 @@ def data(sftflow_home: Path):
 def test_evaluation_loss_equals_training_eval_loss(sftflow_home: Path, data, overlong: str) -> None:
     """The merged model's held-out loss, computed the way evaluation does, is training's last eval loss."""
     from sftflow.data.records import frame_to_records
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.loss import heldout_loss
     from sftflow.training.loop import train
 
@@ -64,7 +65,8 @@ def test_evaluation_loss_equals_training_eval_loss(sftflow_home: Path, data, ove
 
 
 def test_heldout_loss_without_answer_tokens_is_nan(sftflow_home: Path) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.loss import heldout_loss
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))
@@ -76,7 +78,8 @@ def test_heldout_loss_without_answer_tokens_is_nan(sftflow_home: Path) -> None:
 
 
 def test_heldout_loss_names_a_malformed_conversation(sftflow_home: Path) -> None:
-    from sftflow.inference.models import build_tiny_model, load_model
+    from sftflow.inference.models import load_model
+    from sftflow.inference.tiny import build_tiny_model
     from sftflow.training.loss import heldout_loss
 
     model, tok = load_model(build_tiny_model("tiny-gemma"))

@@ -100,7 +100,7 @@ def test_derive_frame_flags_malformed_messages_and_types() -> None:
 
 
 def test_token_bound_uses_the_tokenizer(sftflow_home: Path, tmp_path: Path) -> None:
-    from sftflow.inference.models import build_tiny_model
+    from sftflow.inference.tiny import build_tiny_model
     from tasks.validate import load_tokenizer
 
     tok = load_tokenizer(build_tiny_model("tiny-gemma"))
