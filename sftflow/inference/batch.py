@@ -14,10 +14,11 @@ per prompt.
 
 * **local** engine: the model is loaded in this process (once per handle) and the call is exactly
   ``generate_batch`` (or ``sample_k`` with ``num_samples``) / ``score_pairs`` over all rows.
-* **ray** engine: the rows are grouped into the SAME length-sorted batches the local path makes
-  (``generation._length_sorted_batches``); each batch becomes one row of a Ray Data dataset, and
-  ``map_batches`` sends them to a fixed pool of actors (``ActorPoolStrategy(size=n)``), each loading
-  the model once (one model per actor; one GPU each when the cluster has GPUs, else CPUs). An actor
+* **ray** engine (``sftflow.inference.batch_ray``): the rows are grouped into the SAME
+  length-sorted batches the local path makes (``generation._length_sorted_batches``); each batch
+  becomes one row of a Ray Data dataset, and ``map_batches`` sends them to a fixed pool of actors
+  (``ActorPoolStrategy(size=n)``), each loading the model once (one model per actor; one GPU each
+  when the cluster has GPUs, else CPUs). An actor
   runs each batch with ``generate_batch(seed=seed + batch index)`` (``sample_k`` with
   ``num_samples``) / ``score_pairs`` on exactly that batch, so every batch sees the same tensors,
   and the same seed, as in the local run: greedy AND sampled generations (k samples included) are
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any, Sequence, overload
 
 from sftflow.data.refs import ModelRef
+from sftflow.inference.batch_ray import GenerateActor, LoglikActor, ScoreActor, run_on_ray
 from sftflow.inference.generation import Generated, ProgressCallback, Score
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -297,7 +299,7 @@ def generate_texts(
         if engine.kind == "ray" and len(batches) > 1:
             items = [{"b": b, "rows": json.dumps(idx), "prompts": json.dumps([rows[i] for i in idx])}
                      for b, idx in enumerate(batches)]
-            out = _run_on_ray(_GenerateActor, items, handle=handle, engine=engine, backend=backend,
+            out = run_on_ray(GenerateActor, items, handle=handle, engine=engine, backend=backend,
                               options={**opts, "seed": int(seed), "num_samples": k}, total=len(rows),
                               on_progress=on_progress)
             results: list[Any] = [None] * len(rows)
@@ -376,7 +378,7 @@ def score_texts(
             batches = _length_sorted_batches(lengths, batch_size)
             items = [{"b": b, "rows": json.dumps(idx), "pairs": json.dumps([pairs[i] for i in idx])}
                      for b, idx in enumerate(batches)]
-            out = _run_on_ray(_ScoreActor, items, handle=handle, engine=engine, backend="hf", options=opts,
+            out = run_on_ray(ScoreActor, items, handle=handle, engine=engine, backend="hf", options=opts,
                               total=len(pairs), on_progress=on_progress)
             results: list[Score | None] = [None] * len(pairs)
             for b, idx in enumerate(batches):
@@ -445,7 +447,7 @@ def loglik_texts(
             batches = _length_sorted_batches([len(r[0]) for r in rows], batch_size)
             items = [{"b": b, "rows": json.dumps(idx), "items": json.dumps([rows[i] for i in idx])}
                      for b, idx in enumerate(batches)]
-            out = _run_on_ray(_LoglikActor, items, handle=handle, engine=engine, backend="hf",
+            out = run_on_ray(LoglikActor, items, handle=handle, engine=engine, backend="hf",
                               options={"pad_id": int(pad_id)}, total=len(rows), on_progress=on_progress)
             results: list[list[float] | None] = [None] * len(rows)
             for b, idx in enumerate(batches):
@@ -459,167 +461,5 @@ def loglik_texts(
             handle.close()
 
 
-# --------------------------------------------------------------------------- Ray Data
-def actor_plan(resources: dict[str, float], *, batches: int) -> dict[str, Any]:
-    """How many actors and what each reserves, from a cluster's resources.
-
-    One model per actor: one GPU each when the cluster has GPUs (as many actors as GPUs), else
-    the cluster's CPUs shared out (as many actors as CPUs, at most one per batch).
-
-    Returns:
-        ``{"actors": n, "num_cpus": c, "num_gpus": g}``.
-    """
-    gpus = int(resources.get("GPU", 0) or 0)
-    cpus = max(1, int(resources.get("CPU", 1) or 1))
-    if gpus > 0:
-        return {"actors": max(1, min(gpus, batches)), "num_cpus": 1, "num_gpus": 1}
-    actors = max(1, min(cpus, batches))
-    return {"actors": actors, "num_cpus": max(1, cpus // actors), "num_gpus": 0}
-
-
-def _run_on_ray(actor_cls: type, items: list[dict[str, Any]], *, handle: ModelHandle, engine: Any, backend: str,
-                options: dict[str, Any], total: int, on_progress: ProgressCallback | None) -> dict[int, list[Any]]:
-    """Run ``actor_cls`` over ``items`` (one inference batch each) with Ray Data; ``{batch index: results}``."""
-    import ray
-    import ray.data
-
-    # The stage reports progress through on_progress; Ray Data's own bars would write to the console.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    plan = actor_plan(ray.cluster_resources(), batches=len(items))
-    # One block per inference batch, so the actors share the batches out between them. transformers
-    # runs one inference batch per call; vLLM (GPU actors, backend not hf) gets several per call,
-    # since its continuous batching wants many prompts at once.
-    per_call = 1 if plan["num_gpus"] == 0 or backend == "hf" else max(1, -(-len(items) // (4 * plan["actors"])))
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        actor_cls,
-        batch_size=per_call,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-        num_cpus=plan["num_cpus"],
-        num_gpus=plan["num_gpus"],
-        # A failed actor fails the stage with its error (like a failed shard task) instead of being
-        # restarted; restarts are also what makes Ray print a core-worker error line to the console.
-        max_restarts=0,
-        fn_constructor_kwargs={"ref": handle.ref, "dtype": handle.dtype,
-                               "trust_remote_code": handle.trust_remote_code,
-                               "merge_adapter": handle.merge_adapter, "backend": backend,
-                               "options": options},
-    )
-    out: dict[int, list[Any]] = {}
-    done = 0
-    for row in ds.iter_rows():  # in completion order; the batch index puts each back in place
-        got = json.loads(str(row["out"]))
-        out[int(row["b"])] = got
-        done += len(got)
-        if on_progress is not None:
-            on_progress(done, total)
-    missing = sorted(set(range(len(items))) - set(out))
-    if missing:
-        raise RuntimeError(f"Ray Data returned no result for inference batches {missing[:10]}")
-    return out
-
-
-class _InferenceActor:
-    """One model per Ray actor; ``__call__`` runs one inference batch per dataset row."""
-
-    def __init__(self, *, ref: ModelRef, dtype: str | None, trust_remote_code: bool, merge_adapter: bool,
-                 backend: str, options: dict[str, Any]) -> None:
-        self.ref, self.dtype, self.trust_remote_code = ref, dtype, trust_remote_code
-        self.options = options
-        self.backend = self._backend(backend)
-        if self.backend == "vllm":
-            self.model, self.tok = None, load_tokenizer(ref, trust_remote_code=trust_remote_code)
-        else:
-            # A GPU actor (Ray sets CUDA_VISIBLE_DEVICES to its GPU) runs the model there.
-            self.model, self.tok = _load(ref, dtype=dtype, trust_remote_code=trust_remote_code,
-                                         merge_adapter=merge_adapter, device="cuda" if _cuda_available() else None)
-
-    payload = "prompts"  # the item field with the batch's inputs
-
-    def _backend(self, requested: str) -> str:
-        return resolve_backend(requested)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        jobs = [(int(b), json.loads(str(r)), json.loads(str(p)))
-                for b, r, p in zip(batch["b"], batch["rows"], batch[self.payload])]
-        outs = [json.dumps(o) for o in self.run(jobs)]
-        return {"b": np.asarray([b for b, _, _ in jobs]), "out": np.asarray(outs, dtype=object)}
-
-    def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:  # pragma: no cover - abstract
-        """Results of each ``(batch index, row indices, inputs)`` job, as JSON-able lists."""
-        raise NotImplementedError
-
-
-class _GenerateActor(_InferenceActor):
-    payload = "prompts"
-
-    def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:
-        from sftflow.inference.generation import generate_batch, sample_k
-
-        opts = dict(self.options)
-        seed = int(opts.pop("seed"))
-        k = opts.pop("num_samples", None)
-
-        def enc1(g: Generated) -> list[Any]:
-            return [g.text, g.num_tokens, g.finished]
-
-        def enc(got: Any) -> list[Any]:  # one row's result as JSON: [text, tokens, finished] (k: a list of them)
-            return enc1(got) if k is None else [enc1(g) for g in got]
-
-        if self.backend == "vllm":
-            from sftflow.inference import vllm_backend
-
-            # Every job of the call in one vLLM request list; per-row seeds keep rows independent.
-            got = vllm_backend.generate(self.ref, self.tok, [p for _, _, ps in jobs for p in ps],
-                                        rows=[r for _, rs, _ in jobs for r in rs], seed=seed, dtype=self.dtype,
-                                        trust_remote_code=self.trust_remote_code, num_samples=k, **opts)
-            flat = [enc(g) for g in got]
-            out, n = [], 0
-            for _, _, ps in jobs:
-                out.append(flat[n:n + len(ps)])
-                n += len(ps)
-            return out
-        # Each batch exactly as the local run makes it (same rows, same order) with its seed there.
-        if k is not None:
-            return [[enc(g) for g in sample_k(self.model, self.tok, ps, num_samples=int(k), batch_size=len(ps),
-                                              seed=seed + b, **opts)]
-                    for b, _, ps in jobs]
-        return [[enc(g) for g in generate_batch(self.model, self.tok, ps, batch_size=len(ps), seed=seed + b, **opts)]
-                for b, _, ps in jobs]
-
-
-class _ScoreActor(_InferenceActor):
-    payload = "pairs"
-
-    def _backend(self, requested: str) -> str:
-        return "hf"  # the logit rubric scorer needs the digits' logits (see vllm_backend)
-
-    def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:
-        from sftflow.inference.generation import score_pairs
-
-        return [[[list(s.probs), s.expected, s.argmax, s.mass]
-                 for s in score_pairs(self.model, self.tok, [(q, a) for q, a in ps], batch_size=len(ps),
-                                      **self.options)]
-                for _, _, ps in jobs]
-
-
-class _LoglikActor(_InferenceActor):
-    payload = "items"
-
-    def _backend(self, requested: str) -> str:
-        return "hf"  # log-probabilities need the model's logits
-
-    def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:
-        from sftflow.inference.loglik import token_logprobs
-
-        # Each job is one batch exactly as the local run makes it (same rows, same padding).
-        return [token_logprobs(self.model, [(ids, start) for ids, start in rows], batch_size=len(rows),
-                               pad_id=int(self.options["pad_id"]))
-                for _, _, rows in jobs]
-
-
-__all__ = ["BACKENDS", "ModelHandle", "actor_plan", "choose_backend", "generate_texts", "load_tokenizer",
+__all__ = ["BACKENDS", "ModelHandle", "choose_backend", "generate_texts", "load_tokenizer",
            "loglik_texts", "resolve_backend", "score_texts"]

@@ -17,6 +17,7 @@ ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip i
 
 from sftflow.config_sections import ExecutionConfig  # noqa: E402
 from sftflow.inference import batch as batch_inference  # noqa: E402
+from sftflow.inference.batch_ray import actor_plan  # noqa: E402
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids  # noqa: E402
 from sftflow.inference.generation import generate_batch, score_pairs  # noqa: E402
 from sftflow.inference.models import load_for_inference  # noqa: E402
@@ -52,7 +53,7 @@ def test_ray_data_generation_and_scoring_equal_local(tmp_path: Path, monkeypatch
     engine = engines.activate(ExecutionConfig(engine="ray", num_cpus=2, generation_backend="hf"))
     try:
         assert isinstance(engine, engines.RayEngine) and int(ray.cluster_resources()["CPU"]) == 2
-        assert batch_inference.actor_plan(ray.cluster_resources(), batches=4)["actors"] == 2
+        assert actor_plan(ray.cluster_resources(), batches=4)["actors"] == 2
         seen: list[tuple[int, int]] = []
         on_ray = batch_inference.generate_texts(ref, prompts, **greedy_kw, on_progress=lambda d, t: seen.append((d, t)))
         on_ray_sampled = batch_inference.generate_texts(ref, prompts, **sampled_kw)

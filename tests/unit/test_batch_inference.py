@@ -16,7 +16,8 @@ from sftflow.config_sections import ExecutionConfig
 from sftflow.data.refs import ModelRef
 from sftflow.inference import batch as batch_inference
 from sftflow.inference import vllm_backend
-from sftflow.inference.batch import ModelHandle, actor_plan, choose_backend, generate_texts, score_texts
+from sftflow.inference.batch import ModelHandle, choose_backend, generate_texts, score_texts
+from sftflow.inference.batch_ray import actor_plan
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
 from sftflow.inference.generation import generate_batch, score_pairs
 from sftflow.inference.models import load_for_inference, load_model

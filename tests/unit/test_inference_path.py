@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # The primitives only the batch inference API (and the backends it dispatches to) may call.
 PRIMITIVES = frozenset({"generate_batch", "score_pairs", "sample_k", "token_logprobs"})
 # Where they are defined, dispatched to, or where transformers/vLLM ``.generate`` is driven.
-ALLOWED = frozenset({"sftflow/inference/batch.py", "sftflow/inference/generation.py",
-                     "sftflow/inference/loglik.py", "sftflow/inference/vllm_backend.py"})
+ALLOWED = frozenset({"sftflow/inference/batch.py", "sftflow/inference/batch_ray.py",
+                     "sftflow/inference/generation.py", "sftflow/inference/loglik.py",
+                     "sftflow/inference/vllm_backend.py"})
 
 
 GENERATION = "sftflow.inference.generation"
