@@ -103,7 +103,7 @@ def bench_scoring(model, tok, template, *, n: int, batch_size: int, naive_max_ne
     import torch
 
     from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
-    from sftflow.inference.generation import DEFAULT_RUBRIC, _score_left_padded, rubric_prompt_ids, score_pairs, score_token_ids
+    from sftflow.inference.rubric import DEFAULT_RUBRIC, _score_left_padded, rubric_prompt_ids, score_pairs, score_token_ids
 
     pairs = _segments(n)
     t0 = time.perf_counter()
@@ -159,7 +159,8 @@ def _warm_up(model, tok, template) -> None:
     """One small call down each path first, so one-time costs (kernel selection, allocator
     growth) are charged to neither side of a comparison."""
     from sftflow.inference.formatting import build_generation_prompt, stop_token_ids
-    from sftflow.inference.generation import generate_batch, score_pairs
+    from sftflow.inference.generation import generate_batch
+    from sftflow.inference.rubric import score_pairs
 
     ids = build_generation_prompt(tok, [{"role": "user", "content": "Hello there."}], template=template)
     generate_batch(model, tok, [ids, ids[1:]], max_new_tokens=2, batch_size=2, stop_ids=stop_token_ids(tok, template),

@@ -16,7 +16,7 @@ import pandas as pd
 from sftflow.augment.curation import METHODS, SCORE_UNITS, CuratorCheck
 from sftflow.augment.pairs import BELOW, KEPT
 from sftflow.config_sections import AugmentationConfig
-from sftflow.inference.generation import RATING_MASS_FLOOR, unparseable_share
+from sftflow.inference.rubric import RATING_MASS_FLOOR, unparseable_share
 
 
 def unparseable_scores(frame: pd.DataFrame) -> float:

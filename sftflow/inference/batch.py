@@ -50,7 +50,8 @@ from typing import Any, Sequence, overload
 
 from sftflow.data.refs import ModelRef
 from sftflow.inference.batch_ray import GenerateActor, LoglikActor, ScoreActor, run_on_ray
-from sftflow.inference.generation import Generated, ProgressCallback, Score
+from sftflow.inference.generation import Generated, ProgressCallback
+from sftflow.inference.rubric import Score
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -358,7 +359,8 @@ def score_texts(
         One ``Score`` per pair, in input order.
     """
     from sftflow.inference.formatting import resolve_template
-    from sftflow.inference.generation import _length_sorted_batches, rubric_prompt_ids, score_pairs
+    from sftflow.inference.generation import _length_sorted_batches
+    from sftflow.inference.rubric import rubric_prompt_ids, score_pairs
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0 (got {batch_size})")

@@ -172,7 +172,7 @@ class ScoreActor(_InferenceActor):
         return "hf"  # the logit rubric scorer needs the digits' logits (see vllm_backend)
 
     def run(self, jobs: list[tuple[int, list[int], list[Any]]]) -> list[list[Any]]:
-        from sftflow.inference.generation import score_pairs
+        from sftflow.inference.rubric import score_pairs
 
         return [[[list(s.probs), s.expected, s.argmax, s.mass]
                  for s in score_pairs(self.model, self.tok, [(q, a) for q, a in ps], batch_size=len(ps),

@@ -19,9 +19,10 @@ from sftflow.config_sections import ExecutionConfig  # noqa: E402
 from sftflow.inference import batch as batch_inference  # noqa: E402
 from sftflow.inference.batch_ray import actor_plan  # noqa: E402
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids  # noqa: E402
-from sftflow.inference.generation import generate_batch, score_pairs  # noqa: E402
+from sftflow.inference.generation import generate_batch  # noqa: E402
 from sftflow.inference.models import load_for_inference  # noqa: E402
 from sftflow.inference.tiny import build_tiny_model  # noqa: E402
+from sftflow.inference.rubric import score_pairs  # noqa: E402
 from sftflow import engine as engines  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

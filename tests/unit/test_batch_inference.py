@@ -19,7 +19,8 @@ from sftflow.inference import vllm_backend
 from sftflow.inference.batch import ModelHandle, choose_backend, generate_texts, score_texts
 from sftflow.inference.batch_ray import actor_plan
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
-from sftflow.inference.generation import generate_batch, score_pairs
+from sftflow.inference.generation import generate_batch
+from sftflow.inference.rubric import score_pairs
 from sftflow.inference.models import load_for_inference, load_model
 from sftflow.inference.tiny import build_tiny_model
 from sftflow.engine import LocalEngine, engine_session

@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
-from sftflow.inference.generation import (
+from sftflow.inference.generation import Generated, _length_sorted_batches, generate_batch
+from sftflow.inference.rubric import (
     DEFAULT_RUBRIC,
-    Generated,
-    _length_sorted_batches,
     _score_with_shared_prefix,
-    generate_batch,
     rubric_prompt_ids,
     score_pairs,
     score_token_ids,

@@ -31,18 +31,18 @@ ROOT = Path(__file__).resolve().parents[2]
 PRIMITIVES = frozenset({"generate_batch", "score_pairs", "sample_k", "token_logprobs"})
 # Where they are defined, dispatched to, or where transformers/vLLM ``.generate`` is driven.
 ALLOWED = frozenset({"sftflow/inference/batch.py", "sftflow/inference/batch_ray.py",
-                     "sftflow/inference/generation.py", "sftflow/inference/loglik.py",
-                     "sftflow/inference/vllm_backend.py"})
+                     "sftflow/inference/generation.py", "sftflow/inference/rubric.py",
+                     "sftflow/inference/loglik.py", "sftflow/inference/vllm_backend.py"})
 
 
 GENERATION = "sftflow.inference.generation"
-PRIMITIVE_MODULES = frozenset({GENERATION, "sftflow.inference.loglik"})
+PRIMITIVE_MODULES = frozenset({GENERATION, "sftflow.inference.rubric", "sftflow.inference.loglik"})
 
 
 def bypasses(source: str) -> list[str]:
     """Lines of ``source`` that reach an inference primitive directly, or drive ``<model>.generate(...)``.
 
-    A primitive is reached by importing it from ``sftflow.inference.generation`` (then calling it),
+    A primitive is reached by importing it from one of ``PRIMITIVE_MODULES`` (then calling it),
     or by calling it as an attribute (``generation.sample_k(...)``). A module's own function that
     happens to share a name (a wrapper of ``score_texts`` called ``score_pairs``) is not a bypass.
     """
@@ -68,9 +68,9 @@ def test_the_check_finds_a_bypass():
     # The checker itself: each way of reaching a primitive directly is caught, a batch call is not.
     assert bypasses("from sftflow.inference.generation import sample_k\nsample_k(m, t, p, num_samples=2)") == [
         "1: imports sample_k", "2: calls sample_k"]
-    assert bypasses("from sftflow.inference.generation import score_pairs as sp\nsp(m, t, [])") == [
+    assert bypasses("from sftflow.inference.rubric import score_pairs as sp\nsp(m, t, [])") == [
         "1: imports score_pairs", "2: calls sp"]
-    assert bypasses("import sftflow.inference.generation as g\ng.score_pairs(m, t, [])") == ["2: calls score_pairs"]
+    assert bypasses("import sftflow.inference.rubric as r\nr.score_pairs(m, t, [])") == ["2: calls score_pairs"]
     assert bypasses("out = model.generate(input_ids=x)") == ["1: calls generate"]
     assert bypasses("from sftflow.inference.batch import generate_texts\ngenerate_texts(h, p)") == []
     assert bypasses("def score_pairs(ref, rows):\n    return score_texts(ref, rows)\nscore_pairs(r, [])") == []

@@ -306,7 +306,7 @@ def test_gemma_270m_pulls_loads_and_generates(tmp_path_factory: pytest.TempPathF
     decoding continues a fact, and batched rubric scoring equals one-at-a-time on real weights.
     """
     from sftflow.inference.formatting import resolve_template
-    from sftflow.inference.generation import score_pairs
+    from sftflow.inference.rubric import score_pairs
 
     monkeypatch.setenv("SFTFLOW_HOME", str(tmp_path_factory.mktemp("gemma-home")))
     ref = pull_model("gemma-3-270m")
