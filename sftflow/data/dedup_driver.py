@@ -126,7 +126,7 @@ def _size_histogram(cluster_sizes: dict[str, list[int]]) -> dict[str, dict[str, 
 
 
 def check_columns(df: pd.DataFrame, *, what: str) -> None:
-    """Raise ValueError naming ``what`` when ``df`` lacks a canonical column dedup needs (``id``, ``messages``, ``source``)."""
+    """Raise ValueError naming ``what`` when ``df`` lacks a column dedup needs (``id``, ``messages``, ``source``)."""
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"{what}: missing column(s) {missing}; dedup needs canonical records (sftflow.data.records)")
