@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 # ``on_progress(done, total)``: generation reports progress through a plain callback, so this
-# module stays free of console/orchestration imports (the stage adapts it to ``ops.console.Progress``).
+# module stays free of console/orchestration imports (the stage adapts it to ``ops.progress_report.Progress``).
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -160,7 +160,7 @@ def generate_batch(
         min_new_tokens: stop tokens are suppressed before this many new tokens (0: off); a
             benchmark sets it to ``max_new_tokens`` so every row decodes the same length.
         on_progress: called as ``on_progress(prompts_done, prompts_total)`` after each batch (a
-            stage passes one that feeds ``sftflow.ops.console.Progress``).
+            stage passes one that feeds ``sftflow.ops.progress_report.Progress``).
 
     Returns:
         One ``Generated`` per prompt, in input order.
