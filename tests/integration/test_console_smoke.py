@@ -46,7 +46,8 @@ def test_console_is_short_and_free_of_third_party_noise(smoke) -> None:
     for stage in ("ingest", "validate", "dedup", "split", "backtranslate", "train", "evaluate.base",
                   "evaluate.tuned", "promote"):
         assert re.search(rf"^\[\d+:\d\d\] ok {re.escape(stage)} +Completed", out, re.M), stage
-    assert re.search(r"^ingest +Completed +[\d.]+s +89 +84 +5 quarantined$", out, re.M), out
+    # stage, state, time, rows in, rows out, the stage's own peak RSS, note
+    assert re.search(r"^ingest +Completed +[\d.]+s +89 +84 +\d+\.\d GB +5 quarantined$", out, re.M), out
     assert "rougeL (gate)" in out and "Gate:" in out and "MLflow run:" in out
     promoted = "PROMOTED to champion" in out
     version = re.search(r"^Model: +sftflow-smoke version (\d+)", out, re.M)
