@@ -219,6 +219,12 @@ def serve_all(*, pipelines_file: str | None = None, limit_concurrency: bool = Tr
 
     deployments = build_deployments(pipelines_file=pipelines_file, limit_concurrency=limit_concurrency,
                                     only=only, flow_ref=flow_ref)
+    # When the server goes away, the runner's cancellation observer logs a websocket traceback at
+    # once ("switching to polling") before the watcher below can say, in one line, what happened;
+    # its fallback is internal resilience, not news (its errors still show).
+    import logging
+
+    logging.getLogger("prefect.FlowRunCancellingObserver").setLevel(logging.ERROR)
     # Prefect's runner retries a vanished server for over a minute and then dies with a ConnectError
     # traceback; stop within seconds instead, with one line (and the flow runs it started).
     api = os.environ["PREFECT_API_URL"]

@@ -2,7 +2,8 @@
 
 ``guard_ephemeral_server()`` makes the temporary Prefect server that ``sftflow run`` starts (no
 ``PREFECT_API_URL``) a child that gets SIGKILL when its parent dies, in its own session (Ctrl-C in
-the terminal reaches the flow, which can still report its final state), and serialises its start
+the terminal reaches the flow, which can still report its final state), writing to
+``$PREFECT_HOME/server.log`` instead of the terminal, and serialises its start
 (database creation and migrations) across processes with a file lock. ``sftflow.ops.recovery``
 re-exports it (the flows import it from there). Nothing here runs at import time.
 """
@@ -62,8 +63,21 @@ def _guarded_server_class() -> Any:
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1",
                    **get_current_settings().to_environment_variables(exclude_unset=True)}
-            return call_in_lifetime_thread(
-                lambda: subprocess.Popen(die_with_parent(argv), env=env, start_new_session=True))
+            # (3) its output to a log file beside its database, not the user's terminal: a server
+            # error (e.g. its SQLite on a full disk) is a traceback per request, while the flow
+            # already says what went wrong in one line. If the file cannot be opened, inherit.
+            try:
+                log = open(_prefect_home() / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+                os.chmod(log.name, 0o600)
+            except OSError:
+                log = None
+            out = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
+            try:
+                return call_in_lifetime_thread(
+                    lambda: subprocess.Popen(die_with_parent(argv), env=env, start_new_session=True, **out))
+            finally:
+                if log is not None:
+                    log.close()  # the child has its own descriptor
 
     _guard_class = GuardedASGIServer
     return _guard_class
