@@ -279,23 +279,21 @@ class CurationConfig(Section):
     # How a pair is scored (sftflow/augment/curation.py): rubric = the paper's 1-5 prompt read from
     # digit logits; pmi = mean over answer tokens of log p(y_t|x,y<t) - log p(y_t|y<t), the reference
     # being the answer after an EMPTY user turn in the same template; loglik = mean log p(y_t|x,y<t).
-    method: Literal["rubric", "pmi", "loglik"] = Field(
-        "rubric", description="rubric (1-5 rating prompt), pmi (per-token PMI of answer and instruction, nats), "
-                              "loglik (mean log p(answer|instruction), nats)")
+    method: Literal["auto", "rubric", "pmi", "loglik"] = Field(
+        "auto", description="auto (the method with the best held-out AUC), rubric (1-5 rating prompt), pmi "
+                            "(per-token PMI of answer and instruction, nats), loglik (mean log p(answer|instruction))")
     threshold: float = Field(4.0, ge=1, le=5, description="rubric: keep pairs whose expected score >= threshold")
     keep: Optional[Literal["threshold", "score5", "top_fraction"]] = Field(
-        None,
-        description="threshold: rubric expected score >= threshold, pmi/loglik score >= min_score; score5 (rubric "
+        None, description="threshold: rubric expected score >= threshold, pmi/loglik score >= min_score; score5 (rubric "
                     "only): the paper's rule, the most likely rating is 5; top_fraction: the best top_fraction of "
                     "scored pairs; default: threshold for rubric, top_fraction for pmi/loglik",
     )
     top_fraction: float = Field(0.25, gt=0, le=1, description="keep: top_fraction keeps this share of scored pairs")
-    min_score: Optional[float] = Field(
-        None, description="pmi/loglik with keep: threshold: keep pairs whose score (nats per token) >= min_score")
+    min_score: Optional[float] = Field(None, description="pmi/loglik with keep: threshold: keep pairs whose score "
+                                                          "(nats per token) >= min_score")
     batch_size: int = Field(8, gt=0)
-    auc_examples: int = Field(
-        32, ge=0, description="held-out rows the curator is checked on (AUC of true vs mismatched answers; 0: off)"
-    )
+    auc_examples: int = Field(32, ge=0, description="held-out rows the curator is checked on (AUC of true vs "
+                                                   "mismatched answers; 0: off)")
     min_auc: float = Field(0.6, ge=0, le=1, description="the chosen method's held-out AUC below which below_min_auc acts")
     below_min_auc: Literal["warn", "skip", "fail"] = Field(
         "warn", description="curator AUC < min_auc: warn (curate, say so in log, summary and result), skip (curate "
@@ -303,6 +301,9 @@ class CurationConfig(Section):
 
     @model_validator(mode="after")
     def _keep_fits_method(self) -> "CurationConfig":
+        if self.method == "auto" and self.keep in ("threshold", "score5"):  # auto keeps the top fraction
+            raise ValueError(f"keep: {self.keep} reads one method's scale; method auto may choose any: use keep: "
+                             "top_fraction (or name the method)")
         if self.method != "rubric" and self.keep == "score5":
             raise ValueError(f"keep: score5 reads a 1-5 rating; method {self.method} scores in nats per token: "
                              "use keep: top_fraction or keep: threshold with min_score")
@@ -312,7 +313,7 @@ class CurationConfig(Section):
 
     @property
     def keep_rule(self) -> str:
-        """``keep`` as configured, else the method's default (rubric: threshold; pmi/loglik: top_fraction)."""
+        """``keep`` as configured, else the method's default (rubric: threshold; auto/pmi/loglik: top_fraction)."""
         return self.keep or ("threshold" if self.method == "rubric" else "top_fraction")
 
 
@@ -323,9 +324,8 @@ class AugmentationConfig(Section):
     min_words: int = Field(20, ge=1)
     max_words: int = Field(300, ge=1)
     dedup_against_seed: bool = True
-    reject_truncated: bool = Field(
-        True, description="reject candidate instructions that hit generation.max_new_tokens without an end-of-turn"
-    )
+    reject_truncated: bool = Field(True, description="reject candidate instructions that hit "
+                                   "generation.max_new_tokens without an end-of-turn")
     # Partial TrainingConfig overrides (checked against TrainingConfig by `training_override_errors`,
     # which names the key path); kept as plain dicts so only the keys given override the pipeline's
     # `training` section.
@@ -334,10 +334,10 @@ class AugmentationConfig(Section):
     generation: GenerationConfig = GenerationConfig()
     curation: CurationConfig = CurationConfig()
     iterations: int = Field(1, ge=1, le=5)
-    ablation: bool = Field(
-        False, description="also train a seed-only model at the same steps and report it beside seed+curated "
-                           "(the Humpback ablation; costs one more training and evaluation)",
-    )
+    ablation: bool = Field(False, description="also train a seed-only model at the same steps and report it beside "
+                           "seed+curated (the Humpback ablation; costs one more training and evaluation)")
+    keep_if_helps: bool = Field(True, description="with ablation: register the better of seed+curated and seed-only "
+                                "on the promotion metric (paired bootstrap of the difference on the model version)")
     seed_system_prompt: Optional[str] = "Answer in the style of an AI Assistant."
     augmented_system_prompt: Optional[str] = "Answer with knowledge from web search."
 

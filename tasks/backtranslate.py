@@ -186,6 +186,10 @@ def backtranslate_task(
         out = backtranslate(seed=seed, base=base, cfg=cfg, training=training, out_dir=out_dir,
                             trust_remote_code=trust_remote_code, dedup=dedup, heldout=heldout,
                             work_root=pipeline_work_root(ctx.run_dir), retrain=refresh_cache_requested())
+        used = out.curation_config(cfg)  # the method that curated (auto: the best held-out AUC)
+        if out.choice is not None:
+            mlflow.log_param("curation_method_used", out.choice.method)
+            mlflow.set_tag("sftflow.curation.method", out.choice.reason[:5000])
         # Each helper model is the logged model of its own run, nested in the stage run.
         for helper in out.helpers:
             with stage_run(ctx, helper.run_name):
@@ -193,9 +197,13 @@ def backtranslate_task(
         counts = dict(out.counts)
         mlflow.log_metrics({f"bt_{k}": float(v) for k, v in counts.items()})
         mlflow.log_metrics({f"bt_{k}": float(v) for k, v in out.quality})
-        mlflow.log_metrics(curation_metrics(dict(out.quality), method=cfg.curation.method))
+        mlflow.log_metrics(curation_metrics(dict(out.quality), method=used.curation.method))
         for it, kept in enumerate(out.iteration_kept, start=1):
             mlflow.log_metric("bt_kept_per_iteration", float(kept), step=it)
+        for row in out.per_iteration:
+            for key in ("kept_mean_score", "scored_mean_score"):
+                if row[key] == row[key]:  # not NaN
+                    mlflow.log_metric(f"curation/{key}_per_iteration", float(row[key]), step=int(row["iteration"]))
         for check in out.checks:
             if check.status != "unmeasured":
                 mlflow.log_metric("curation/auc_per_iteration", check.auc, step=check.iteration)
@@ -203,26 +211,30 @@ def backtranslate_task(
         scored = frame[frame["status"].isin([KEPT, BELOW])]
         if len(scored):
             mlflow.log_metric("bt_mean_score", float(scored.score.mean()))
-            if cfg.curation.method == "rubric":
+            if used.curation.method == "rubric":
                 mlflow.log_metric("bt_mean_expected_score", float(scored.expected.mean()))
         unparseable = unparseable_scores(frame)
-        if cfg.curation.method == "rubric":  # the rubric's ratings only; likelihood methods read no digit
+        if used.curation.method == "rubric":  # the rubric's ratings only; likelihood methods read no digit
             mlflow.log_metric("bt_unparseable_scores", unparseable)
         for ref, context in ((out.candidates, "backtranslate.candidates"), (out.curated, "backtranslate.curated"),
                              (out.reversed, "backtranslate.backward_train"), (out.seed, "backtranslate.seed_tagged")):
             log_dataset(ref, context=context)
         mlflow.log_artifact(out.candidates.path, artifact_path="backtranslate")
-        png = score_histogram_png(frame, out_dir / "score_histogram.png", cfg=cfg)
+        png = score_histogram_png(frame, out_dir / "score_histogram.png", cfg=used)
         mlflow.log_artifact(str(png), artifact_path="backtranslate")
         if out.report:
             mlflow.log_artifact(out.report, artifact_path="backtranslate")
-        summary = markdown_summary(counts, frame, cfg, out.iteration_kept, unparseable=unparseable,
+        summary = markdown_summary(counts, frame, used, out.iteration_kept, unparseable=unparseable,
                                    quality=dict(out.quality), checks=out.checks)
+        if out.choice is not None:
+            summary = f"Curation method: {out.choice.reason}\n\n{summary}"
         mlflow.log_text(summary, "backtranslate/summary.md")
         if out.heldout is not None:
             log_dataset(out.heldout, context="backtranslate.heldout_tagged")
         log_json({"counts": counts, "iteration_kept": list(out.iteration_kept), "quality": dict(out.quality),
-                  "curation": {"method": cfg.curation.method, "keep": cfg.curation.keep_rule,
+                  "curation": {"method": used.curation.method, "configured_method": cfg.curation.method,
+                               "why": out.choice.reason if out.choice else "", "keep": used.curation.keep_rule,
+                               "iterations": list(out.per_iteration),
                                "checks": [c.message() for c in out.checks]},
                   "backward_model": out.backward_model.path, "curation_model": out.curation_model.path,
                   "work_dirs": {h.run_name: str(h.run.work_dir) for h in out.helpers}},

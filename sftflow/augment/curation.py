@@ -22,6 +22,9 @@ row's answer) with EVERY method and reports each method's AUC, so a user can cho
 method's AUC is checked against ``min_auc`` (``check_curator``): below it, ``below_min_auc``
 warns (curate anyway, loudly), skips (curate nothing) or fails (``CuratorBelowMinAuc``).
 
+``auto`` (the default) measures every method first and curates with the one of highest held-out AUC
+(``choose_method``; its reason goes in the report); min_auc then applies to the chosen one.
+
 Keep rule (``curation.keep_rule``): ``threshold`` (rubric: expected >= ``threshold``; pmi/loglik:
 score >= ``min_score``), ``score5`` (rubric: most likely rating 5, the paper's rule) or
 ``top_fraction`` (the best ``top_fraction`` of scored pairs: the paper's "keep the top-rated"
@@ -221,12 +224,68 @@ def curator_auc(curation: ModelRef, records: Sequence[dict[str, Any]], *, cfg: A
     return out
 
 
+@dataclass(frozen=True)
+class MethodChoice:
+    """Which method curates, and why (``curation.method: auto`` picks it from the held-out AUCs).
+
+    Attributes:
+        method: the method that scores and keeps pairs.
+        configured: ``curation.method`` as configured (``auto`` or the method itself).
+        reason: one sentence for the log, the summary and ``report.json``.
+    """
+
+    method: str
+    configured: str
+    reason: str
+
+
+# With no held-out AUC to choose by, auto curates with per-token PMI: on the demo's held-out pairs it
+# separated true from mismatched answers best (bench/curator_auc.py), and it needs no rating prompt.
+AUTO_FALLBACK = "pmi"
+
+
+def choose_method(quality: dict[str, float], cfg: CurationConfig) -> MethodChoice:
+    """The curation method: ``cfg.method`` when named, else (``auto``) the method with the highest held-out
+    AUC in ``quality`` (``curator_auc`` output); a tie goes to pmi, then loglik, then the rubric (the
+    likelihood methods are cheaper), and with no AUC measured the choice is ``AUTO_FALLBACK``."""
+    if cfg.method != "auto":
+        return MethodChoice(cfg.method, cfg.method, f"{cfg.method} (configured: augmentation.curation.method)")
+    measured = {m: float(quality[f"curator_auc_{m}"]) for m in (*LIKELIHOOD, "rubric")
+                if not math.isnan(float(quality.get(f"curator_auc_{m}", math.nan)))}
+    if not measured:
+        return MethodChoice(AUTO_FALLBACK, "auto", f"{AUTO_FALLBACK} (auto: no held-out AUC measured, "
+                                                   f"{AUTO_FALLBACK} is the default likelihood curator)")
+    best = max(measured, key=lambda m: measured[m])  # max keeps the first of equal values
+    others = ", ".join(f"{m} {v:.3f}" for m, v in sorted(measured.items(), key=lambda kv: -kv[1]) if m != best)
+    pairs = int(quality.get("curator_auc_pairs", 0))
+    return MethodChoice(best, "auto", f"{best} (auto: highest held-out AUC {measured[best]:.3f} on {pairs} true vs "
+                                      f"mismatched pairs" + (f"; {others}" if others else "") + ")")
+
+
+def resolved(cfg: CurationConfig, method: str) -> CurationConfig:
+    """``cfg`` with ``method`` in place of ``auto``; auto's keep rule (``top_fraction``) stays whatever is chosen."""
+    if cfg.method == method:
+        return cfg
+    return cfg.model_copy(update={"method": method, "keep": cfg.keep or "top_fraction"})
+
+
+def with_chosen(quality: dict[str, float], method: str) -> dict[str, float]:
+    """``quality`` plus the chosen method's figures under the unsuffixed keys (``curator_auc`` ...)."""
+    out = dict(quality)
+    for key in ("curator_auc", "curator_true_mean", "curator_mismatched_mean"):
+        if f"{key}_{method}" in quality:
+            out[key] = quality[f"{key}_{method}"]
+    return out
+
+
 def check_curator(quality: dict[str, float], cfg: CurationConfig, *, iteration: int = 1) -> CuratorCheck:
     """The chosen method's AUC (``quality`` from ``curator_auc``) against ``min_auc``.
 
     Raises:
         CuratorBelowMinAuc: below ``min_auc`` with ``below_min_auc: fail`` (names the keys and the AUC).
     """
+    if cfg.method == "auto":  # the check applies to the method auto chooses from these AUCs
+        cfg = resolved(cfg, choose_method(quality, cfg).method)
     value = quality.get(f"curator_auc_{cfg.method}", math.nan)
     pairs = int(quality.get("curator_auc_pairs", 0))
     status = "unmeasured" if math.isnan(value) else ("ok" if value >= cfg.min_auc else "below")

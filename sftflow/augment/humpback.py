@@ -37,7 +37,18 @@ import pandas as pd
 
 from sftflow import layout
 from sftflow.augment.corpus import load_corpus
-from sftflow.augment.curation import METHODS, CuratorCheck, check_curator, curator_auc, keep_decision, method_scores
+from sftflow.augment.curation import (
+    METHODS,
+    CuratorCheck,
+    MethodChoice,
+    check_curator,
+    choose_method,
+    curator_auc,
+    keep_decision,
+    method_scores,
+    resolved,
+    with_chosen,
+)
 from sftflow.augment.filters import instruction_filter_reason, salvage_instruction, select_segments
 from sftflow.augment.pairs import (
     BELOW,
@@ -105,6 +116,9 @@ class AugmentOutput:
             ``curator_below_min_auc`` (1.0: the chosen curator was below ``min_auc``), ``backward_finished_rate``...).
         checks: the min_auc check of each iteration's curator (``curation.CuratorCheck``).
         report: ``report.json`` in the stage folder (counts, quality, curation: method, keep rule, AUCs, checks).
+        choice: the method that curated and why (``curation.method: auto`` picks it by held-out AUC).
+        per_iteration: per curation iteration: ``iteration``, ``kept``, ``scored``, the chosen method's
+            ``auc``, ``kept_mean_score`` / ``scored_mean_score`` (what the kept pairs look like to that curator).
     """
 
     curated: DatasetRef
@@ -120,6 +134,14 @@ class AugmentOutput:
     quality: tuple[tuple[str, float], ...] = ()
     checks: tuple[CuratorCheck, ...] = ()
     report: str = ""
+    choice: MethodChoice | None = None
+    per_iteration: tuple[dict[str, Any], ...] = ()
+
+    def curation_config(self, cfg: AugmentationConfig) -> AugmentationConfig:
+        """``cfg`` with the method that curated in place of ``auto`` (for reports that read the method)."""
+        if self.choice is None:
+            return cfg
+        return cfg.model_copy(update={"curation": resolved(cfg.curation, self.choice.method)})
 
 
 def _silent(_label: str) -> None:
@@ -202,24 +224,43 @@ def generate_candidates(backward: ModelRef, accepted: Sequence[Any], *, cfg: Aug
     return rows
 
 
+def _iteration_summary(it: int, scores: Sequence[dict[str, Any]], keep: Sequence[bool],
+                       check: CuratorCheck) -> dict[str, Any]:
+    """One curation iteration in figures: how many pairs were scored and kept, the curator's AUC, and the
+    mean score (chosen method's units) of the kept and of all scored pairs."""
+    import math
+
+    def mean(vals: list[float]) -> float:
+        vals = [v for v in vals if not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    values = [float(sc["score"]) for sc in scores]
+    return {"iteration": it, "method": check.method, "auc": check.auc, "check": check.status,
+            "scored": len(values), "kept": int(sum(keep)),
+            "kept_mean_score": mean([v for v, k in zip(values, keep) if k]), "scored_mean_score": mean(values)}
+
+
 def write_report(path: Path, *, counts: dict[str, int], quality: dict[str, float], cfg: AugmentationConfig,
                  checks: Sequence[CuratorCheck], per_iteration: Sequence[dict[str, float]],
-                 iteration_kept: Sequence[int], skipped: bool) -> Path:
-    """``report.json`` of the stage: accounting, quality, and the curation (method, keep rule, every
-    method's AUC per iteration, the min_auc checks and what they did). Non-finite numbers are null."""
+                 iteration_kept: Sequence[int], skipped: bool, choice: MethodChoice | None = None,
+                 iterations: Sequence[dict[str, Any]] = ()) -> Path:
+    """``report.json`` of the stage: accounting, quality, and the curation (method configured and chosen
+    with the reason, keep rule, every method's AUC per iteration, the min_auc checks and what they did,
+    per iteration: AUC, kept count and mean scores). Non-finite numbers are null."""
     import json
     import math
 
     def num(v: float) -> float | None:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    cur = cfg.curation
+    cur = cfg.curation if choice is None else resolved(cfg.curation, choice.method)
     doc = {
         "counts": counts,
         "iteration_kept": list(iteration_kept),
         "quality": {k: num(v) for k, v in sorted(quality.items())},
         "curation": {
-            "method": cur.method, "keep": cur.keep_rule, "threshold": cur.threshold, "top_fraction": cur.top_fraction,
+            "method": cur.method, "configured_method": cfg.curation.method,
+            "why": choice.reason if choice is not None else "", "keep": cur.keep_rule, "threshold": cur.threshold, "top_fraction": cur.top_fraction,
             "min_score": cur.min_score, "min_auc": cur.min_auc, "below_min_auc": cur.below_min_auc,
             "auc": {m: num(per_iteration[-1].get(f"curator_auc_{m}", math.nan)) for m in METHODS}
             if per_iteration and per_iteration[-1] else {},
@@ -228,6 +269,7 @@ def write_report(path: Path, *, counts: dict[str, int], quality: dict[str, float
             "checks": [{"iteration": c.iteration, "method": c.method, "auc": num(c.auc), "status": c.status,
                         "action": c.action if c.below else "", "message": c.message()} for c in checks],
             "skipped": skipped,
+            "iterations": [{k: num(v) for k, v in row.items()} for row in iterations],
         },
     }
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
@@ -316,18 +358,26 @@ def humpback(
     on_score = (progress or _silent)(f"{stage} score")
     per_iteration: list[dict[str, float]] = []
     checks: list[CuratorCheck] = []
+    choice: MethodChoice | None = None
+    cur = cfg.curation  # the curation settings with the chosen method (auto resolved after the first measure)
 
     def measure(model: ModelRef, it: int) -> CuratorCheck:
+        nonlocal choice, cur
         q = curator_auc(model, auc_records, cfg=cfg, training=forward_cfg, methods=METHODS,
                         trust_remote_code=trust_remote_code, on_progress=on_score) if auc_records else {}
+        if choice is None:  # auto picks by the first curator's AUCs and keeps its pick for later iterations
+            choice = choose_method(q, cfg.curation)
+            cur = resolved(cfg.curation, choice.method)
+            run_logger("sftflow.backtranslate").info("curation method: %s", choice.reason)
+        q = with_chosen(q, cur.method)
         per_iteration.append(q)
-        check = check_curator(q, cfg.curation, iteration=it)  # raises CuratorBelowMinAuc with fail
+        check = check_curator(q, cur, iteration=it)  # raises CuratorBelowMinAuc with fail
         checks.append(check)
         if check.status != "ok":
             run_logger("sftflow.backtranslate").warning("%s", check.message())
         return check
 
-    skipped = measure(curation, 1).below and cfg.curation.below_min_auc == "skip"
+    skipped = measure(curation, 1).below and cur.below_min_auc == "skip"
 
     # 4. self-augmentation: one candidate instruction per segment, batched (none when skipped)
     if skipped:
@@ -342,7 +392,8 @@ def humpback(
 
     # 5. self-curation with the chosen method, optional iterations with M_k
     iteration_kept: list[int] = []
-    rule = cfg.curation.keep_rule
+    iteration_rows: list[dict[str, Any]] = []
+    rule = cur.keep_rule
     for it in range(1, (0 if skipped else cfg.iterations) + 1):
         if it > 1:
             # M_k: seed + the pairs curated so far, both tagged, as in the paper's iteration.
@@ -353,20 +404,21 @@ def humpback(
             helpers.append(train_helper(run_name=f"{stage}.curation_iter{it}", data=mix_ref, base=base,
                                         cfg=forward_cfg, work_root=work_root, trust_remote_code=trust_remote_code,
                                         retrain=retrain))
-            if measure(helpers[-1].output.model, it).below and cfg.curation.below_min_auc == "skip":
+            if measure(helpers[-1].output.model, it).below and cur.below_min_auc == "skip":
                 break  # M_k does not curate: the pairs M_(k-1) kept stay (its check passed or warned)
             curation = helpers[-1].output.model
         scores = method_scores(curation, [(r["instruction"], r["segment"]) for r in to_score],
-                               method=cfg.curation.method, cfg=cfg, training=forward_cfg,
+                               method=cur.method, cfg=cfg, training=forward_cfg,
                                trust_remote_code=trust_remote_code, on_progress=on_score) if to_score else []
-        keep, details = keep_decision(scores, cfg.curation)
+        keep, details = keep_decision(scores, cur)
         for r, sc, k, detail in zip(to_score, scores, keep, details):
             r.update(sc, status=KEPT if k else BELOW, detail=detail,
                      reason="" if k else ("below_top_fraction" if rule == "top_fraction" else "below_threshold"))
-            if cfg.curation.method == "rubric":
+            if cur.method == "rubric":
                 r[f"expected_iter{it}"] = sc["expected"]
             r[f"score_iter{it}"] = sc["score"]
         iteration_kept.append(sum(keep))
+        iteration_rows.append(_iteration_summary(it, scores, keep, checks[-1]))
 
     # 6. quality of the helpers: does M_yx end its instructions, can the curator (the last one that
     #    curated, or the one that was refused) tell a true answer from another question's answer?
@@ -394,8 +446,10 @@ def humpback(
     curated_ref = write_parquet(records_to_frame(curated_records(kept_rows, system_prompt=cfg.augmented_system_prompt)),
                                 out_dir / "curated.parquet", name="curated")
     report = write_report(out_dir / "report.json", counts=counts, quality=quality, cfg=cfg, checks=checks,
-                          per_iteration=per_iteration, iteration_kept=iteration_kept, skipped=skipped)
+                          per_iteration=per_iteration, iteration_kept=iteration_kept, skipped=skipped,
+                          choice=choice, iterations=iteration_rows)
     return AugmentOutput(curated=curated_ref, candidates=candidates_ref, seed=seed_tagged, reversed=reversed_ref,
                          backward_model=backward, curation_model=curation, counts=tuple(sorted(counts.items())),
                          iteration_kept=tuple(iteration_kept), helpers=tuple(helpers), heldout=heldout_tagged,
-                         quality=tuple(sorted(quality.items())), checks=tuple(checks), report=str(report))
+                         quality=tuple(sorted(quality.items())), checks=tuple(checks), report=str(report),
+                         choice=choice, per_iteration=tuple(iteration_rows))

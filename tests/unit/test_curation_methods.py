@@ -120,11 +120,11 @@ def test_min_auc_check_names_the_key_and_the_auc() -> None:
     q = {"curator_auc_pairs": 32.0, "curator_auc_rubric": 0.512, "curator_auc_pmi": 0.94}
     ok = check_curator(q, CurationConfig(method="pmi"))
     assert ok.status == "ok" and not ok.below
-    warn = check_curator(q, CurationConfig())
+    warn = check_curator(q, CurationConfig(method="rubric"))
     assert warn.below and "0.512" in warn.message() and "curating anyway" in warn.message()
     assert check_curator({}, CurationConfig()).status == "unmeasured"
     with pytest.raises(CuratorBelowMinAuc) as err:
-        check_curator(q, CurationConfig(below_min_auc="fail"))
+        check_curator(q, CurationConfig(method="rubric", below_min_auc="fail"))
     text = str(err.value)
     assert isinstance(err.value, UserError)
     assert "augmentation.curation.min_auc" in text and "0.512" in text and "below_min_auc: fail" in text
@@ -182,7 +182,7 @@ def test_below_min_auc_warn_skip_fail(sftflow_home: Path, caplog: pytest.LogCapt
     from tasks.backtranslate import backtranslate
 
     # A random tiny model is no curator: min_auc 0.99 is out of its reach.
-    kw = _stage_inputs(sftflow_home, curation={"min_auc": 0.99})
+    kw = _stage_inputs(sftflow_home, curation={"method": "rubric", "min_auc": 0.99})
     with caplog.at_level("WARNING", logger="sftflow.backtranslate"):
         warned = backtranslate(out_dir=sftflow_home / "warn", **kw)
     q = dict(warned.quality)
