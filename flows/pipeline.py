@@ -7,16 +7,20 @@ task (tasks/), every task a nested MLflow run under one parent run per flow run.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from sftflow.augment import report as augment_report
 from sftflow.layout import RunLayout
 from sftflow.engine import activate as activate_engine, release as release_engine
 from sftflow.evaluation.judge import resolve_judge
+from sftflow.gate import SEED_ONLY, ablation_choice
 from sftflow.ops.preflight import check_provisioned_model, preflight
 from sftflow.ops.recovery import active_run, reap_orphans, register_active_run
 from sftflow.run_options import RunOptions, resolve_run_config
@@ -29,7 +33,7 @@ from tasks.promote import promote_task
 from tasks.provision import provision_task
 from tasks.rejection import rejection_task
 from tasks.split import split_task
-from tasks.train import train_task
+from tasks.train import register_task, train_task
 from tasks.validate import validate_task
 
 
@@ -104,11 +108,15 @@ def sftflow_pipeline(
             # with augmentation, tagged like the seed.
             heldout = split.heldout
 
+            curation_note = ""
             if cfg.augmentation.enabled:
                 aug = backtranslate_task(split.train, base, cfg.augmentation, cfg.training, ctx=ctx, dedup=cfg.dedup,
                                          heldout=split.heldout)
                 summary["augmentation"] = {"candidates": aug.candidates.num_rows, "curated": aug.curated.num_rows,
                                            **dict(aug.quality)}
+                # The method, AUCs and min_auc checks, stated on the model version by the gate.
+                curation_note = augment_report.curation_note(Path(aug.candidates.path).parent / "report.json")
+                summary["augmentation"]["curation"] = curation_note
                 train_data = aug.seed or split.train
                 heldout = aug.heldout or split.heldout
                 if aug.curated.num_rows:
@@ -122,11 +130,14 @@ def sftflow_pipeline(
 
             model_name = cfg.promotion.model_name or f"sftflow-{pipeline}"
             rft = cfg.rejection_sampling.enabled
+            ablation = cfg.augmentation.enabled and cfg.augmentation.ablation
+            # keep_if_helps: both ablation models are evaluated and only the better one is registered (below).
+            keep_if_helps = ablation and cfg.augmentation.keep_if_helps and cfg.evaluation.enabled and not rft
             # With rejection sampling, round 2 is the registered candidate; round 1 is not registered.
             trained = train_task(train_data, heldout, base, cfg.training, ctx=ctx,
-                                 register_as=None if rft else model_name)
+                                 register_as=None if rft or keep_if_helps else model_name)
             seed_only = None
-            if cfg.augmentation.enabled and cfg.augmentation.ablation:
+            if ablation:
                 # The Humpback ablation: the same recipe and steps on the (tagged) seed alone.
                 seed_only = train_task(aug.seed or split.train, heldout, base, cfg.training, ctx=ctx, register_as=None,
                                        stage="train.seed_only")
@@ -154,10 +165,24 @@ def sftflow_pipeline(
                                            training=cfg.training, judge=judge)
                 summary["metrics"] = {"base": dict(base_eval.metrics), "tuned": dict(tuned_eval.metrics)}
                 others = ()
+                choice = None
                 if seed_only is not None:
-                    others = (evaluate_task(seed_only.model, heldout, cfg.evaluation, label="seed_only", ctx=ctx,
-                                            training=cfg.training, judge=judge),)
-                    summary["metrics"]["seed_only"] = dict(others[0].metrics)
+                    seed_eval = evaluate_task(seed_only.model, heldout, cfg.evaluation, label="seed_only", ctx=ctx,
+                                              training=cfg.training, judge=judge)
+                    others = (seed_eval,)
+                    summary["metrics"]["seed_only"] = dict(seed_eval.metrics)
+                    choice = ablation_choice(curated=tuned_eval, seed_only=seed_eval, cfg=cfg.promotion)
+                    summary["ablation"] = choice.summary()
+                    log.info("Ablation: %s", choice.reason)
+                    if keep_if_helps:
+                        # The better of the two is the candidate; the gate compares it with the base as usual.
+                        if choice.keep == SEED_ONLY:
+                            others = (dataclasses.replace(tuned_eval, label="seed_curated"),)
+                            trained, tuned_eval = seed_only, seed_eval
+                        trained = register_task(trained, model_name, tags=choice.tags(),
+                                                stage="train.seed_only" if choice.keep == SEED_ONLY else "train")
+                        summary["model"] = {"name": trained.registered_name, "version": trained.registered_version,
+                                            "uri": trained.model_uri, "path": trained.model.path}
                 if round1 is not None:
                     # Round 1 beside round 2 (the `tuned` candidate the gate sees), on the same held-out set.
                     round1_eval = evaluate_task(round1.model, heldout, cfg.evaluation, label="round1", ctx=ctx,
@@ -167,7 +192,8 @@ def sftflow_pipeline(
                 if cfg.promotion.enabled:
                     decision = promote_task(base_eval, tuned_eval, trained, cfg.promotion, ctx=ctx,
                                             heldout=heldout, evaluation=cfg.evaluation, training=cfg.training,
-                                            evaluate_champion=evaluate_champion, others=others)
+                                            evaluate_champion=evaluate_champion, others=others, ablation=choice,
+                                            note=curation_note)
                     summary["promotion"] = decision.summary()
         except BaseException:
             release_engine()

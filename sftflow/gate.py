@@ -15,6 +15,9 @@ refused when, on any task of the held-out mixture (a ``source`` or ``category`` 
 margin; the reason names the task. Base and tuned scored by different judges
 (``EvalResult.judge_sha256``) are not compared at all (``judge_mismatch``): a judge score, and a
 decision on it, means nothing across two judges.
+
+``ablation_choice`` (``augmentation.keep_if_helps``) picks the better of seed+curated and seed-only
+before the gate runs, with the paired bootstrap interval of their difference.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pandas as pd
 from sftflow.breakdown import BREAKDOWNS, task_name, weighted_mean
 from sftflow.config_sections import PromotionConfig
 from sftflow.results import HELDOUT_SET, EvalResult
-from sftflow.stats import MAXIMIZE, MINIMIZE, GainInterval, paired_bootstrap, strip_label
+from sftflow.stats import MAXIMIZE, MINIMIZE, GainInterval, paired_bootstrap, resolve_direction, strip_label
 
 # Fixed so that the same evaluations always give the same interval and decision (a re-run of the
 # gate must not flip on the bootstrap's draw).
@@ -361,3 +364,92 @@ def interval_lines(evidence: GateEvidence | None) -> str:
         out.append(f"Gain over champion: {evidence.over_champion.text()}.")
     return "\n".join(out)
 
+
+
+# --------------------------------------------------------------------------- keep_if_helps (the ablation)
+CURATED = "seed+curated"
+SEED_ONLY = "seed-only"
+
+
+@dataclass(frozen=True)
+class AblationChoice:
+    """Seed+curated vs seed-only at equal steps (``augmentation.ablation``) and which one is registered.
+
+    Attributes:
+        keep: ``CURATED`` or ``SEED_ONLY``: the better of the two on the promotion metric (a tie keeps
+            seed+curated, the configured recipe).
+        metric / direction: the promotion metric (unprefixed) and its direction.
+        curated / seed_only: the two models' values of the metric on the held-out set.
+        difference: paired bootstrap interval of seed+curated minus seed-only (positive = curation
+            helped; ``promotion.bootstrap_samples`` / ``confidence``, seed ``BOOTSTRAP_SEED``); None
+            without per-example values.
+        reason: one sentence with the numbers: which is kept and why.
+    """
+
+    keep: str
+    metric: str
+    direction: str
+    curated: float
+    seed_only: float
+    difference: GainInterval | None
+    reason: str
+
+    def markdown(self) -> str:
+        """The side-by-side table with the interval of the difference and the choice."""
+        diff = self.difference.text() if self.difference else "no per-example values, no interval"
+        return "\n".join([
+            f"Ablation (equal steps), {self.metric} ({self.direction}):", "",
+            "| model | value |", "|---|---|", f"| {CURATED} | {self.curated:.4f} |",
+            f"| {SEED_ONLY} | {self.seed_only:.4f} |", "",
+            f"Seed+curated minus seed-only: {diff}.", f"Registered: **{self.keep}**. {self.reason}"])
+
+    def tags(self) -> dict[str, str]:
+        """Model-version tags: which model was kept, why, and the interval of the difference."""
+        return {"sftflow.ablation.kept": self.keep, "sftflow.ablation.reason": self.reason[:5000],
+                "sftflow.ablation.curated": repr(self.curated), "sftflow.ablation.seed_only": repr(self.seed_only),
+                "sftflow.ablation.difference": self.difference.text() if self.difference else "none"}
+
+    def summary(self) -> dict[str, object]:
+        """JSON-able figures for the flow's summary."""
+        d = self.difference
+        return {"kept": self.keep, "metric": self.metric, CURATED: self.curated, SEED_ONLY: self.seed_only,
+                "difference": None if d is None else {"gain": d.gain, "low": d.low, "high": d.high,
+                                                      "confidence": d.confidence, "n": d.n},
+                "reason": self.reason}
+
+
+def ablation_choice(*, curated: EvalResult, seed_only: EvalResult, cfg: PromotionConfig) -> AblationChoice:
+    """Which of seed+curated and seed-only to register (``augmentation.keep_if_helps``).
+
+    The better on the promotion metric's value (in its direction) is kept; the paired bootstrap
+    interval of the difference (same examples, same resamples as the gate's) says how sure that is.
+    The gate then compares the kept model with the base as usual.
+
+    Raises:
+        sftflow.config_sections.ConfigError: ``promotion.direction`` contradicts the metric.
+    """
+    direction = resolve_direction(metric=cfg.metric, direction=cfg.direction)
+    metric = metric_name(cfg)
+    c_value, s_value = curated.metric(metric), seed_only.metric(metric)
+    interval = None
+    c, s = per_example_values(curated, metric), per_example_values(seed_only, metric)
+    if c is not None and s is not None:
+        keys = ["set", "id", "_n"]
+        pairs = s[keys + ["value"]].rename(columns={"value": "base"}).merge(
+            c[keys + ["value", "weight"]].rename(columns={"value": "tuned"}), on=keys, validate="one_to_one")
+        if len(pairs):
+            interval = _interval(pairs, old="base", new="tuned", direction=direction, cfg=cfg)
+    sign = 1.0 if direction == MAXIMIZE else -1.0
+    gain = sign * (c_value - s_value)
+    if math.isnan(gain) or gain >= 0:
+        keep = CURATED
+        why = (f"seed+curated {metric} {c_value:.4f} vs seed-only {s_value:.4f}: the curated pairs "
+               + ("did not hurt" if gain == 0 else "helped" if gain > 0 else "could not be compared") + ", kept")
+    else:
+        keep = SEED_ONLY
+        why = (f"seed-only {metric} {s_value:.4f} beats seed+curated {c_value:.4f}: the curated pairs did not "
+               "help, so the seed-only model is registered (augmentation.keep_if_helps)")
+    if interval is not None:
+        why += f"; seed+curated minus seed-only {interval.text()}"
+    return AblationChoice(keep=keep, metric=metric, direction=direction, curated=c_value, seed_only=s_value,
+                          difference=interval, reason=why)

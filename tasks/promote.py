@@ -58,6 +58,7 @@ from sftflow.ops.orchestration import IO_RETRIES, retry_unless, markdown_artifac
 from sftflow.data.refs import DatasetRef
 from sftflow.results import EvalResult, PromotionDecision, TrainResult
 from sftflow.gate import (
+    AblationChoice,
     GateEvidence,
     decide,
     gate_evidence,
@@ -419,6 +420,8 @@ def promote_task(
     training: TrainingConfig,
     evaluate_champion: ChampionEvaluator | None = None,
     others: Sequence[EvalResult] = (),
+    ablation: AblationChoice | None = None,
+    note: str = "",
 ) -> PromotionDecision:
     """Prefect task: side-by-side table, deltas, and the promotion gate, in the nested run ``promote``.
 
@@ -435,6 +438,12 @@ def promote_task(
         evaluate_champion: the evaluation stage's champion evaluator (``ChampionEvaluator``).
         others: further evaluations shown beside base and tuned (e.g. the seed-only ablation);
             they do not take part in the decision.
+        ablation: seed+curated vs seed-only (``sftflow.gate.ablation_choice``): its table and the
+            interval of the difference go in the summary, the version's description and tags
+            (``sftflow.ablation.*``: which model ``augmentation.keep_if_helps`` registered and why).
+        note: lines about how the training data was made (the curation method, its AUCs and the
+            min_auc checks, ``sftflow.augment.report.curation_note``): in the summary, the version's
+            description and its tag ``sftflow.data.note``.
 
     Raises:
         TypeError: ``train`` is neither a ``TrainResult`` nor None (a wiring mistake in the flow
@@ -470,6 +479,13 @@ def promote_task(
             tasks_md = per_task_markdown(base, tuned, champion_eval, others)
             if tasks_md:
                 metrics_md += f"\n\nPer task (held-out source and category):\n\n{tasks_md}"
+            if ablation is not None:  # said before the per-task numbers would push it out of the description
+                metrics_md = f"{ablation.markdown()}\n\n{metrics_md}"
+            if note:
+                metrics_md = f"{note}\n\n{metrics_md}"
+                if decision.registered_name and decision.registered_version:
+                    set_version_tags(client, name=decision.registered_name, version=decision.registered_version,
+                                     tags={"sftflow.data.note": note[:5000]})
             record_decision(client, decision, tuned=tuned, run_id=run.info.run_id, evidence=evidence,
                             metrics_md=metrics_md)
 
@@ -507,6 +523,14 @@ def promote_task(
 
         metrics = {f"delta/{k}": v for k, v in decision.deltas if math.isfinite(v)}
         metrics["promotion/promoted"] = float(decision.promoted)
+        if ablation is not None:
+            metrics.update({"ablation/seed_curated": ablation.curated, "ablation/seed_only": ablation.seed_only,
+                            "ablation/kept_seed_only": float(ablation.keep != "seed+curated")})
+            if ablation.difference is not None:
+                d = ablation.difference
+                metrics.update({"ablation/difference": d.gain, "ablation/difference_low": d.low,
+                                "ablation/difference_high": d.high})
+            metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         for which, iv in (("base", evidence.over_base), ("champion", evidence.over_champion)):
             if iv is not None:
                 metrics.update({f"promotion/gain_over_{which}": iv.gain, f"promotion/gain_over_{which}_low": iv.low,
@@ -522,7 +546,8 @@ def promote_task(
         tags = {"sftflow.gate.decision": "promoted" if decision.promoted else "rejected",
                 "sftflow.gate.reason": decision.reason[:5000],
                 "sftflow.model.name": decision.registered_name,
-                "sftflow.model.version": decision.registered_version}
+                "sftflow.model.version": decision.registered_version,
+                **(ablation.tags() if ablation is not None else {})}
         mlflow.set_tags(tags)
         if parent:
             for k, v in tags.items():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from sftflow.config_sections import TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef
@@ -96,6 +97,59 @@ def train_task(train: DatasetRef, heldout: DatasetRef | None, base: ModelRef, cf
                          base=output.model.base, name=output.model.name, meta=meta)
         return TrainResult(model=model, run_id=run.info.run_id, model_uri=model_uri, registered_name=name,
                            registered_version=version, metrics=tuple(sorted(metrics.items())))
+
+
+# Never cached: it reads the registry. Idempotent instead: a version registered from the same training
+# run (tag TAG_SOURCE_RUN) is reused, so a cached rerun of the flow does not register it again.
+@task(name="register", task_run_name="register.{stage}", cache_policy=NO_CACHE, persist_result=True)
+def register_task(trained: TrainResult, name: str, *, stage: str = "train",
+                  tags: dict[str, str] | None = None) -> TrainResult:
+    """Register a model that ``train_task`` logged without registering (``register_as=None``).
+
+    Used by ``augmentation.keep_if_helps``: seed+curated and seed-only are both trained, evaluated,
+    and only the better one is registered. The version gets the alias ``candidate`` and the tags a
+    version registered by ``train_task`` gets (final losses, model sha256, the training run's
+    lineage tags), plus ``tags`` (e.g. ``AblationChoice.tags``).
+
+    Args:
+        trained: the train stage's result (``model_uri`` of its logged model, ``run_id``).
+        name: the registered model name.
+        stage: the train stage it came from (names the task run).
+        tags: extra version tags.
+
+    Returns:
+        ``trained`` with ``registered_name`` / ``registered_version`` set.
+    """
+    import dataclasses
+
+    import mlflow
+
+    from sftflow.tagnames import TAG_MODEL_SHA256
+    from sftflow.tracking.registry import CANDIDATE, LOSS_TAGS, set_alias, set_version_tags
+
+    client = mlflow.MlflowClient()  # the tracking and registry URIs the flow set (start_pipeline_run)
+    version = ""
+    try:
+        for mv in client.search_model_versions(f"name='{name}'"):
+            if (mv.tags or {}).get(TAG_SOURCE_RUN) == trained.run_id:
+                version = str(max(int(version or 0), int(mv.version)))
+    except Exception:  # no such registered model yet
+        version = ""
+    if not version:
+        version = str(mlflow.register_model(trained.model_uri, name).version)
+    run_tags = client.get_run(trained.run_id).data.tags
+    lineage = {k: v for k, v in run_tags.items() if k in LINEAGE_TAGS}
+    set_alias(client, name=name, alias=CANDIDATE, version=version)
+    set_version_tags(client, name=name, version=version, tags={
+        **{k: f"{v:.6g}" for k, v in trained.metrics if k in LOSS_TAGS},
+        **dict(sorted({TAG_MODEL_SHA256: trained.model.sha256, **lineage}.items())),
+        TAG_SOURCE_RUN: trained.run_id, "sftflow.train.stage": stage, **(tags or {})})
+    return dataclasses.replace(trained, registered_name=name, registered_version=version)
+
+
+# The training run a version registered by register_task came from.
+TAG_SOURCE_RUN = "sftflow.train.source_run"
+LINEAGE_TAGS = (TAG_TRAIN_SHA256, TAG_HELDOUT_SHA256, TAG_BASE_SHA256, TAG_TRAIN_KEY, TAG_CODE_DIGEST, TAG_CACHE_KEY)
 
 
 def _lineage_tags(comps: dict[str, Any], *, key: str,

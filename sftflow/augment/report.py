@@ -157,3 +157,23 @@ def markdown_summary(counts: dict[str, int], frame: pd.DataFrame, cfg: Augmentat
             lines.append(f"{label} | {'#' * n} {n}")
         lines.append("```")
     return "\n".join(lines)
+
+
+def curation_note(report_path: str | Path) -> str:
+    """What the curation did, in a few lines for the model version and the run's summary: the method
+    (and why, for auto), each method's held-out AUC, the min_auc check of each iteration (and its
+    action when below), the pairs kept per iteration. "" when ``report.json`` is missing."""
+    import json
+
+    path = Path(report_path)
+    if not path.is_file():
+        return ""
+    doc = json.loads(path.read_text())
+    cur = doc.get("curation", {})
+    aucs = ", ".join(f"{m} {v:.3f}" for m, v in (cur.get("auc") or {}).items() if v is not None)
+    lines = [f"Curation method: {cur.get('method')}" + (f" ({cur['why']})" if cur.get("why") else ""),
+             f"Held-out curator AUC per method: {aucs or 'not measured'}"]
+    lines += [c["message"] for c in cur.get("checks", [])]
+    lines.append(f"Kept per iteration: {doc.get('iteration_kept')} of {doc.get('counts', {}).get('scored', 0)} "
+                 f"scored ({doc.get('counts', {}).get('segments_in', 0)} segments read)")
+    return "\n".join(lines)

@@ -357,7 +357,7 @@ def test_backtranslate_end_to_end_tiny(sftflow_home: Path, threshold: float, ite
         enabled=True, corpus=CorpusConfig(name="wiki", path=str(corpus)), max_segments=6, min_words=20,
         max_words=120, reject_truncated=False, iterations=iterations,
         backward_training={"max_steps": 2}, forward_training={"max_steps": 2},
-        generation={"max_new_tokens": 8, "batch_size": 4}, curation={"threshold": threshold, "batch_size": 4},
+        generation={"max_new_tokens": 8, "batch_size": 4}, curation={"method": "rubric", "threshold": threshold, "batch_size": 4},
     )
     training = TrainingConfig(batch_size=2, max_seq_len=128, lora={"r": 4, "alpha": 8}, precision="fp32",
                               checkpoint_every=None, learning_rate=1e-3)
@@ -410,7 +410,7 @@ def test_backtranslate_task_logs_runs_models_and_artifacts(sftflow_home: Path, s
     cfg = AugmentationConfig(
         enabled=True, corpus=CorpusConfig(name="wiki", path=str(corpus)), max_segments=4, min_words=10,
         reject_truncated=False, backward_training={"max_steps": 1}, forward_training={"max_steps": 1},
-        generation={"max_new_tokens": 6, "batch_size": 4}, curation={"threshold": 1.0, "batch_size": 4},
+        generation={"max_new_tokens": 6, "batch_size": 4}, curation={"method": "rubric", "threshold": 1.0, "batch_size": 4},
     )
     training = TrainingConfig(batch_size=2, max_seq_len=96, lora={"r": 4, "alpha": 8}, precision="fp32",
                               checkpoint_every=None)
