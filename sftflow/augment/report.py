@@ -171,7 +171,7 @@ def curation_note(report_path: str | Path) -> str:
     doc = json.loads(path.read_text())
     cur = doc.get("curation", {})
     aucs = ", ".join(f"{m} {v:.3f}" for m, v in (cur.get("auc") or {}).items() if v is not None)
-    lines = [f"Curation method: {cur.get('method')}" + (f" ({cur['why']})" if cur.get("why") else ""),
+    lines = [f"Curation method: {cur.get('why') or cur.get('method')}",  # why starts with the method
              f"Held-out curator AUC per method: {aucs or 'not measured'}"]
     lines += [c["message"] for c in cur.get("checks", [])]
     lines.append(f"Kept per iteration: {doc.get('iteration_kept')} of {doc.get('counts', {}).get('scored', 0)} "
