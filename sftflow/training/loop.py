@@ -160,23 +160,12 @@ def train(
                  template, precision, device, world, n_trainable / 1e6, n_total / 1e6)
 
     # ---------------------------------------------------------------- optimizer, schedule, loss
-    from transformers import get_scheduler
+    # No weight decay on biases, norm scales, nor token rows; token rows at their own lr, warmed up and
+    # clipped on their own (make_optimizer, issue 24): the clip below is the adapter's alone.
+    from sftflow.training.model import adapter_params, make_optimizer
 
-    # No weight decay on biases, norm scales, nor token rows (peft stores whole rows there: decay
-    # would pull them towards zero, not towards where they started). Token rows get their own,
-    # larger lr: an untrained row must travel far in few steps, and Adam moves each coordinate by
-    # about lr per step (LoRA's 2e-4 x 30 steps moves a ~0.03-sized coordinate by ~10%).
-    rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
-    row_ids = {id(p) for p in rows}
-    decay = [p for p in trainable if p.ndim >= 2 and id(p) not in row_ids]
-    no_decay = [p for p in trainable if p.ndim < 2 and id(p) not in row_ids]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if rows:
-        groups.append({"params": rows, "weight_decay": 0.0, "lr": token_rows_learning_rate(cfg)})
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate(cfg), betas=(0.9, 0.999), eps=1e-8,
-                                  fused=device.type == "cuda")
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    optimizer, scheduler = make_optimizer(model, cfg, trainable=trainable, total_steps=total_steps, device=device)
+    trainable = adapter_params(optimizer)
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     loss_mod = CausalLMLoss(model, compute_dtype=compute_dtype)
     loss_mod._head_weight()  # cache the bf16 head before the frozen linears are cast (tied weights)

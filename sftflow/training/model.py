@@ -118,7 +118,8 @@ def load_base(base: ModelRef, cfg: TrainingConfig, *, device: torch.device, trus
     return model.to(device), tokenizer
 
 
-def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tuple[int, ...] = ()) -> Any:
+def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tuple[int, ...] = (),
+                 init_rows: bool = True) -> Any:
     """Wrap the model with peft (LoRA family) or unfreeze everything (full).
 
     Args:
@@ -130,6 +131,8 @@ def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tupl
             bakes them into the weights and the adapter file stores them. Their layers compute
             sparsely (``sftflow.inference.token_rows.sparse_token_rows``): only the rows get a gradient, never the whole
             (vocab x hidden) matrix. Ignored for full fine-tuning, where every row trains.
+        init_rows: start the untrained ones among those rows at the mean of the trained rows
+            (``sftflow.training.tokens.init_untrained_rows``; issue 24's stable recipe).
     """
     if cfg.method == "full":
         for p in model.parameters():
@@ -152,6 +155,10 @@ def apply_method(model: Any, cfg: TrainingConfig, *, token_ids: list[int] | tupl
         from sftflow.inference.token_rows import sparse_token_rows
 
         sparse_token_rows(model)
+        if init_rows:
+            from sftflow.training.tokens import init_untrained_rows
+
+            init_untrained_rows(model)
     return model
 
 
@@ -212,3 +219,82 @@ def neftune_hook(alpha: float, active: list[bool]):
         return output + torch.empty_like(output).uniform_(-mag, mag)
 
     return hook
+
+
+# The token rows' own warm-up, as a fraction of the run's steps (on top of the schedule's warm-up).
+TOKEN_WARMUP_FRACTION = 0.25
+
+
+def make_optimizer(model: Any, cfg: TrainingConfig, *, trainable: list[torch.nn.Parameter], total_steps: int,
+                   device: torch.device, token_warmup_fraction: float = TOKEN_WARMUP_FRACTION,
+                   per_group_clip: bool = True) -> tuple[Any, Any]:
+    """AdamW and its lr schedule for the adapter and the trainable token rows (issue 24's stable recipe).
+
+    Groups: decayed matrices, undecayed vectors, and the token rows (no weight decay: peft stores
+    whole rows, decay would pull them towards zero, not towards where they started) at their own,
+    larger lr (``token_rows_learning_rate``): an untrained row must travel far in few steps.
+
+    Why the token rows get their own warm-up and clip: Adam's first updates move every coordinate
+    by about the lr, all in the direction of the first gradients, which at 25x the adapter's lr
+    raises the row's logit at every position and the loss spiked (bench/stability.py). The token
+    group's lr multiplies the schedule by a linear ramp over ``token_warmup_fraction`` of the steps,
+    and its gradient norm is clipped on its own (``cfg.max_grad_norm``) in a pre-step hook, so
+    neither group's norm scales the other's gradient. The adapter's own clip stays with the caller
+    (``adapter_params``).
+
+    Args:
+        model: the (peft) model.
+        cfg: the training config (lr, scheduler, warm-up ratio, weight decay, max_grad_norm).
+        trainable: the parameters that require grad.
+        total_steps: optimizer steps of the run.
+        device: the training device (fused AdamW on CUDA).
+        token_warmup_fraction: the token rows' extra warm-up, a fraction of ``total_steps`` (0: none).
+        per_group_clip: clip the token rows' gradient norm on their own before each step.
+
+    Returns:
+        ``(optimizer, scheduler)``; a token-row group is marked ``token_rows=True``.
+    """
+    from transformers import get_scheduler
+
+    rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+    row_ids = {id(p) for p in rows}
+    decay = [p for p in trainable if p.ndim >= 2 and id(p) not in row_ids]
+    no_decay = [p for p in trainable if p.ndim < 2 and id(p) not in row_ids]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0, "lr": token_rows_learning_rate(cfg), "token_rows": True})
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate(cfg), betas=(0.9, 0.999), eps=1e-8,
+                                  fused=device.type == "cuda")
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    if rows and token_warmup_fraction > 0:
+        ramp = max(1, math.ceil(token_warmup_fraction * total_steps))
+        k = len(groups) - 1
+        scheduler.lr_lambdas[k] = _Ramped(scheduler.lr_lambdas[k], ramp)
+        group = optimizer.param_groups[k]
+        group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[k](scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    if rows and per_group_clip:
+        def clip_token_rows(opt: Any, _args: Any, _kwargs: Any) -> None:
+            for g in opt.param_groups:
+                if g.get("token_rows"):
+                    torch.nn.utils.clip_grad_norm_(g["params"], cfg.max_grad_norm)
+
+        optimizer.register_step_pre_hook(clip_token_rows)
+    return optimizer, scheduler
+
+
+def adapter_params(optimizer: Any, *, per_group_clip: bool = True) -> list[torch.nn.Parameter]:
+    """The parameters the training loop clips together: every group's but the token rows' when those
+    clip on their own (``make_optimizer(per_group_clip=True)``), else all of them."""
+    return [p for g in optimizer.param_groups if not (per_group_clip and g.get("token_rows")) for p in g["params"]]
+
+
+class _Ramped:
+    """A schedule multiplied by a linear ramp from 1/(steps+1) to 1 over ``steps`` steps (picklable)."""
+
+    def __init__(self, inner: Any, steps: int) -> None:
+        self.inner, self.steps = inner, steps
+
+    def __call__(self, step: int) -> float:
+        return float(self.inner(step)) * min(1.0, (step + 1) / (self.steps + 1))

@@ -11,6 +11,9 @@ to a direction of its own, while rows never updated stay at their (shared) initi
 form a tight cluster. A row is untrained when its cosine similarity exceeds ``cos`` (0.99) with
 more than ``max(min_twins, twin_fraction x vocab)`` (8, 0.1%) *other* rows. For an untied model
 the output (LM-head) row is checked too, and either row being untrained selects the token.
+
+``init_untrained_rows`` then starts those rows at the mean of the trained rows (issue 24: a
+stable start for the token rows' larger learning rate; see ``training.model.make_optimizer``).
 """
 
 from __future__ import annotations
@@ -125,3 +128,57 @@ def resolve_trainable_tokens(model: Any, tokenizer: Any, template: str, setting:
                              "vocabulary (give its exact token string or its integer id)")
         out.append(int(tid))
     return sorted(set(out))
+
+
+def init_untrained_rows(model: Any, *, cos: float = 0.99, min_twins: int = 8, twin_fraction: float = 0.001) -> list[int]:
+    """Start each untrained trainable token row at the mean of the matrix's trained rows.
+
+    Why: an untrained row sits in the shared never-updated cluster (``untrained_token_ids``), far
+    from where trained tokens live, so the token-row optimizer must move it a long way, fast, and
+    its first large Adam steps (about lr per coordinate, all in one direction) raise its logit at
+    every position at once: the loss spikes. The mean of the trained rows is a neutral start (the
+    average token's logit), from which a smaller, warmed-up step suffices. Rows that are trained
+    already (a token listed explicitly in ``training.trainable_tokens``) keep their values.
+
+    Args:
+        model: a peft model whose trainable-tokens layers are set up (``apply_method``).
+        cos / min_twins / twin_fraction: the untrained rule, as in ``untrained_token_ids``.
+
+    Returns:
+        The token ids whose rows were re-initialised (deduplicated, sorted).
+    """
+    from sftflow.inference.token_rows import token_rows_of
+
+    done: set[int] = set()
+    seen: set[int] = set()
+    for mod in model.modules():
+        if not (hasattr(mod, "trainable_tokens_delta") and hasattr(mod, "base_layer")):
+            continue
+        found = token_rows_of(mod)
+        if found is None or id(found[1]) in seen:
+            continue
+        ids, rows = found
+        weight = mod.base_layer.weight.detach()
+        limit = max(min_twins, int(twin_fraction * weight.shape[0]))
+        counts = _twin_counts(weight, ids, cos=cos)
+        cand = [k for k, c in enumerate(counts) if c > limit]
+        if not cand:
+            continue
+        # Trained rows: every row outside the cluster of any untrained candidate (chunked, like _twin_counts).
+        cvec = torch.nn.functional.normalize(weight[[ids[k] for k in cand]].float(), dim=1)
+        total = torch.zeros(weight.shape[1], dtype=torch.float64)
+        n = 0
+        for s in range(0, weight.shape[0], _CHUNK_ROWS):
+            block = weight[s : s + _CHUNK_ROWS].float()
+            keep = ~((torch.nn.functional.normalize(block, dim=1) @ cvec.T) > cos).any(dim=1)
+            total += block[keep].double().sum(dim=0).cpu()
+            n += int(keep.sum())
+        if n == 0:
+            continue
+        mean = (total / n).to(rows.dtype).to(rows.device)
+        with torch.no_grad():
+            for k in cand:
+                rows[k].copy_(mean)
+        seen.add(id(rows))
+        done |= {int(ids[k]) for k in cand}
+    return sorted(done)
