@@ -69,8 +69,9 @@ from sftflow.config_sections import EvaluationConfig, TrainingConfig
 from sftflow.data.refs import DatasetRef, ModelRef, write_parquet
 from sftflow.evaluation.judge import judge_scores, resolve_judge
 from sftflow.evaluation.metrics import answer_accuracy, generation_metrics, reference_lengths, resolve_max_new_tokens
+from sftflow.evaluation.passes import both_ways as both_ways_pass
 from sftflow.evaluation.passes import format_robustness, generate_outputs, loss_metrics
-from sftflow.evaluation.sets import eval_key, heldout_rows, load_eval_set, split_prompt_reference
+from sftflow.evaluation.sets import common_system_tag, eval_key, heldout_rows, load_eval_set, split_prompt_reference
 from sftflow.inference.batch import ModelHandle
 from sftflow.inference.judges import scorer_digest
 from sftflow.markers import write_marker
@@ -93,6 +94,7 @@ def evaluate(
     overlong: str = "truncate",
     judge: ModelRef | None = None,
     trust_remote_code: bool = False,
+    both_ways: bool = False,
 ) -> EvalResult:
     """Evaluate one model on the held-out set (and the configured extra sets).
 
@@ -109,6 +111,9 @@ def evaluate(
             configured judge or ``model``'s base model, never a fine-tuned ``model`` itself; pass one
             fixed judge so that two evaluations are scored by the same judge).
         trust_remote_code: passed to the model loader.
+        both_ways: when the held-out prompts carry a seed tag (``sets.common_system_tag``), evaluate
+            them once more without it, as the served model is prompted (``passes.both_ways``:
+            ``untagged_*`` metrics and ``serve_with_tag``, which way evaluated better).
 
     Returns:
         EvalResult with unprefixed metrics and the per-row samples.
@@ -152,6 +157,11 @@ def evaluate(
             fits=[n <= bound for n in ref_len],
         )
         metrics.update({prefix + k: v for k, v in gm.items()})
+        tag = common_system_tag(rows) if both_ways and set_name == HELDOUT_SET and prompts else None
+        if tag:
+            metrics.update(both_ways_pass(handle, prompts=list(prompts), refs=list(refs), tag=tag, tagged=gm,
+                                          ref_len=ref_len, tools=tools, template=tmpl, cfg=cfg, max_new_tokens=bound,
+                                          on_progress=progress_callback(f"evaluate.{label} untagged")))
         answers = [r.get("answer", "") for r in rows]
         acc, pred_answers, correct = answer_accuracy(outputs=outputs, answers=answers)
         metrics.update({prefix + k: v for k, v in acc.items()})
@@ -278,7 +288,7 @@ def evaluate_task(
             mlflow.log_params({"judge_model": judge.name or judge.path, "judge_sha256": scorer_digest(judge)})
         result = evaluate(model=model, heldout=heldout, cfg=cfg, label=label, template=training.template,
                           out_dir=out_dir, max_seq_len=training.max_seq_len, overlong=training.overlong, judge=judge,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, both_ways=label == "tuned")
         mlflow.set_tags({"sftflow.eval.heldout_sha256": result.heldout_sha256, "sftflow.eval.key": result.eval_key,
                          "sftflow.eval.judge_sha256": result.judge_sha256})
         log_eval_metrics(result, parent_run_id=ctx.parent_run_id)
@@ -292,6 +302,11 @@ def evaluate_task(
         log_json(dict(result.metrics), f"eval/metrics_{label}.json")
         lines = [f"### Evaluation: {label}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in result.metrics]
+        m = dict(result.metrics)
+        if "serve_with_tag" in m:  # issue 24: the served model's prompts vs the evaluated ones
+            lines += ["", f"Served default: {'with' if m['serve_with_tag'] else 'without'} the seed tag "
+                      f"(held-out ROUGE-L with tag {m['rougeL']:.3f}, without {m['untagged_rougeL']:.3f}; "
+                      f"runaway rate {m.get('runaway_rate', float('nan')):.2f} vs {m.get('untagged_runaway_rate', float('nan')):.2f})"]
         markdown_artifact(f"evaluate-{label}", "\n".join(lines), description=f"held-out evaluation of {label}")
         write_marker(ctx.layout.stage_dir(stage), outputs=result, stage=stage)  # last: what a cache hit verifies
         return result

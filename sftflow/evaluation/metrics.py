@@ -118,3 +118,36 @@ def resolve_max_new_tokens(cfg: EvaluationConfig, ref_lengths: list[int]) -> int
     q = ordered[min(len(ordered) - 1, max(0, math.ceil(cfg.auto_quantile * len(ordered)) - 1))]
     return int(min(cfg.auto_max_new_tokens, max(16, -(-q // 8) * 8)))
 
+
+
+# The two ways a tuned model is evaluated (issue 24): prompts as training built them (the seed tag as
+# the system turn) and as a user of the served model sends them (no tag).
+TAGGED, UNTAGGED = "tagged", "untagged"
+
+
+def better_prompt_way(*, tagged: dict[str, float], untagged: dict[str, float]) -> str:
+    """Which way the served model should build prompts: the one with the higher held-out ROUGE-L;
+    on a tie, the lower runaway rate; on a tie again, ``tagged`` (what training saw).
+
+    Args:
+        tagged / untagged: generation metrics (``generation_metrics``) of the two ways.
+
+    Returns:
+        ``"tagged"`` or ``"untagged"``.
+    """
+    def key(m: dict[str, float]) -> tuple[float, float]:
+        rl, ra = m.get("rougeL", math.nan), m.get("runaway_rate", math.nan)
+        return (round(rl, 9) if rl == rl else -math.inf, -(round(ra, 9) if ra == ra else math.inf))
+
+    return UNTAGGED if key(untagged) > key(tagged) else TAGGED
+
+
+def served_system_prompt(metrics: dict[str, float], tag: str | None) -> str | None:
+    """The served model's default system prompt: ``tag`` when the tagged way evaluated better (or only
+    one way was evaluated: the way training and evaluation prompt), else None (plain messages).
+
+    Args:
+        metrics: the tuned model's evaluation metrics (``serve_with_tag`` from ``passes.both_ways``).
+        tag: the seed tag the held-out prompts carried (``sets.common_system_tag``).
+    """
+    return tag if tag and metrics.get("serve_with_tag", 1.0) >= 0.5 else None

@@ -145,3 +145,40 @@ def format_robustness(model: ModelHandle, *, prompts: list[list[dict[str, str]]]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pd.concat(frames, ignore_index=True).to_parquet(out_path, index=False)
     return metrics
+
+
+# The untagged way's metrics, flat (``untagged_<metric>``: a ``/`` would read as an extra set's name).
+UNTAGGED_METRICS = ("rougeL", "runaway_rate", "mean_new_tokens", "empty_rate")
+
+
+def both_ways(model: ModelHandle, *, prompts: list[list[dict[str, str]]], refs: list[str], tag: str,
+              tagged: dict[str, float], ref_len: list[int], tools: list[str] | None, template: str,
+              cfg: EvaluationConfig, max_new_tokens: int,
+              on_progress: ProgressCallback | None = None) -> dict[str, float]:
+    """The held-out set evaluated without the seed tag, as a user of the served model prompts it (issue 24).
+
+    Training and the main evaluation prompt with the seed tag as the system turn; a served model
+    gets plain messages. This generates again with the tag removed (``sets.without_tag``), same
+    bound and decoding, and says which way evaluated better (``metrics.better_prompt_way``).
+
+    Args:
+        tagged: the tagged way's generation metrics (already computed).
+        (the rest as in ``generate_outputs``; ``ref_len`` as for the tagged way.)
+
+    Returns:
+        ``untagged_<metric>`` for ``UNTAGGED_METRICS``, ``tagged_minus_untagged_rougeL`` and
+        ``serve_with_tag`` (1.0: the served default should carry the tag, 0.0: plain messages).
+    """
+    from sftflow.evaluation.metrics import TAGGED, better_prompt_way, generation_metrics
+    from sftflow.evaluation.sets import without_tag
+
+    plain = [without_tag(p, tag) for p in prompts]
+    gens = generate_outputs(model, plain, template=template, cfg=cfg, max_new_tokens=max_new_tokens, tools=tools,
+                            on_progress=on_progress)
+    gm, _ = generation_metrics(outputs=[g.text for g in gens], references=refs,
+                               num_tokens=[int(g.num_tokens) for g in gens], finished=[bool(g.finished) for g in gens],
+                               fits=[n <= max_new_tokens for n in ref_len])
+    out = {f"untagged_{k}": float(gm[k]) for k in UNTAGGED_METRICS if k in gm}
+    out["tagged_minus_untagged_rougeL"] = float(tagged["rougeL"] - gm["rougeL"])
+    out["serve_with_tag"] = 1.0 if better_prompt_way(tagged=tagged, untagged=gm) == TAGGED else 0.0
+    return out

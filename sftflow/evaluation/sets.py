@@ -124,3 +124,31 @@ def eval_key(*, heldout: DatasetRef, cfg: EvaluationConfig, template: str | None
             "dtype": cfg.dtype,
         }
     )
+
+
+def common_system_tag(rows: list[dict[str, Any]]) -> str | None:
+    """The system-turn tag every row's prompt starts with (``sftflow.data.tags.tag_records``), else None.
+
+    A tagged row's first turn is the system turn ``<tag>`` or ``<tag>\\n\\n<its own system prompt>``;
+    the tag is the shortest such first turn when every row's system turn is it or starts with it.
+    Caveat: a set whose rows all share one genuine system prompt (and no tag) reads as tagged.
+    """
+    firsts = [r["messages"][0]["content"] if r.get("messages") and r["messages"][0]["role"] == "system" else None
+              for r in rows]
+    if not firsts or any(not f for f in firsts):
+        return None
+    tag = min(firsts, key=len)
+    return tag if all(f == tag or f.startswith(tag + "\n\n") for f in firsts) else None
+
+
+def without_tag(messages: list[dict[str, str]], tag: str | None) -> list[dict[str, str]]:
+    """``messages`` as a user of the served model sends them: the tag (and its system turn, when it
+    is all of it) removed; a row's own system prompt after the tag stays."""
+    if not tag or not messages or messages[0]["role"] != "system":
+        return list(messages)
+    content = messages[0]["content"]
+    if content == tag:
+        return list(messages[1:])
+    if content.startswith(tag + "\n\n"):
+        return [{**messages[0], "content": content[len(tag) + 2:]}, *messages[1:]]
+    return list(messages)

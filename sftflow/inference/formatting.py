@@ -449,3 +449,22 @@ def _tool_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], 
         kwargs = native_tool_render_kwargs(tokenizer, msgs, tools)
         return _native_ids(tokenizer, hf_tool_messages(msgs), add_generation_prompt=True, render_kwargs=kwargs)[0]
     return build_generation_prompt(tokenizer, tool_text_fallback(msgs, tools), template=template)
+
+
+def with_default_system(chat_template: str, system: str | None) -> str:
+    """A Jinja chat template that renders a conversation without a system turn as if it began with
+    ``system`` (issue 24: a served model gets plain messages, while it was trained and evaluated with
+    the seed tag as its system turn). A conversation with its own system turn renders unchanged.
+
+    Args:
+        chat_template: a chat template that reads ``messages`` (e.g. the registry's serving template).
+        system: the default system prompt; None or empty returns ``chat_template`` as it is.
+    """
+    if not system:
+        return chat_template
+    import json
+
+    # A JSON string is a valid Jinja string literal (quotes and newlines escaped).
+    return ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+            "{%- set messages = [{'role': 'system', 'content': " + json.dumps(system) + "}] + messages -%}"
+            "{%- endif -%}" + chat_template)

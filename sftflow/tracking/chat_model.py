@@ -35,6 +35,8 @@ with warnings.catch_warnings():
             self.ref = ref
             self.model, self.tokenizer = load_model(ref)
             self.template = cfg.get("template") or None
+            # The default system turn the version was evaluated best with (issue 24: the seed tag, or none).
+            self.system = cfg.get("system_prompt") or None
 
         def predict(self, context, model_input, params=None):  # MLflow hook
             from sftflow.inference.formatting import build_generation_prompt, resolve_template, stop_token_ids
@@ -43,7 +45,8 @@ with warnings.catch_warnings():
             params = params or {}
             prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
             template = resolve_template(self.tokenizer, self.template)
-            ids = [build_generation_prompt(self.tokenizer, [{"role": "user", "content": str(p)}], template=template)
+            head = [{"role": "system", "content": self.system}] if getattr(self, "system", None) else []
+            ids = [build_generation_prompt(self.tokenizer, [*head, {"role": "user", "content": str(p)}], template=template)
                    for p in prompts]
             # The one batch inference API, on the model loaded here (transformers: a server process has no engine).
             handle = ModelHandle(self.ref, loaded=(self.model, self.tokenizer))
