@@ -368,7 +368,6 @@ def humpback(
         if choice is None:  # auto picks by the first curator's AUCs and keeps its pick for later iterations
             choice = choose_method(q, cfg.curation)
             cur = resolved(cfg.curation, choice.method)
-            run_logger("sftflow.backtranslate").info("curation method: %s", choice.reason)
         q = with_chosen(q, cur.method)
         per_iteration.append(q)
         check = check_curator(q, cur, iteration=it)  # raises CuratorBelowMinAuc with fail
@@ -422,6 +421,10 @@ def humpback(
 
     # 6. quality of the helpers: does M_yx end its instructions, can the curator (the last one that
     #    curated, or the one that was refused) tell a true answer from another question's answer?
+    # Logged here, not when chosen: a module logger created before the training stack configures
+    # logging (dictConfig disables existing loggers) would swallow the min_auc warnings above.
+    if choice is not None:
+        run_logger("sftflow.backtranslate").info("curation method: %s", choice.reason)
     quality: dict[str, float] = {}
     if generated:
         quality["backward_finished_rate"] = sum(bool(r["finished"]) for r in generated) / len(generated)

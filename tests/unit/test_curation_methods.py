@@ -207,6 +207,11 @@ def test_below_min_auc_warn_skip_fail(sftflow_home: Path, caplog: pytest.LogCapt
     assert (frame.reason[frame.status == NOT_CURATED] == "curator_below_min_auc").all()
     assert "below_min_auc: skip" in frame.detail[frame.status == NOT_CURATED].iloc[0]
     assert json.loads(Path(skipped.report).read_text())["curation"]["skipped"] is True
+    # What the model version's description and its sftflow.data.note tag carry (promote_task(note=...)).
+    from sftflow.augment.report import curation_note
+
+    assert "no pair curated (below_min_auc: skip)" in curation_note(skipped.report)
+    assert "curating anyway (below_min_auc: warn)" in curation_note(warned.report)
 
     fail_kw = {**kw, "cfg": kw["cfg"].model_copy(update={"curation": kw["cfg"].curation.model_copy(
         update={"below_min_auc": "fail"})})}
