@@ -5,7 +5,7 @@ The method, step by step, is ``sftflow.augment.humpback``: segments of an unlabe
 model M_yx trained on the reversed seed writes an instruction for each; a curation model (M0
 trained on the seed, the base model, or a named model) scores each pair with ``curation.method``
 (``sftflow.augment.curation``: the paper's 1-5 ``rubric``, per-token ``pmi`` of answer and
-instruction, or ``loglik``) and the best are kept, tagged with ``augmented_system_prompt`` (the
+instruction, ``loglik``, or ``auto``: the one of highest held-out AUC) and the best are kept, tagged with ``augmented_system_prompt`` (the
 seed gets ``seed_system_prompt``). Every method's AUC on held-out true vs mismatched pairs is
 measured and logged (``curation/auc/<method>``); the chosen one below ``curation.min_auc`` warns,
 skips curation or fails, per ``curation.below_min_auc``. Every segment

@@ -15,10 +15,13 @@
    (``sftflow.augment.curation``: ``rubric`` = the paper's 1-5 rating from digit logits, ``pmi`` =
    per-token PMI of answer and instruction, ``loglik``); ``curation.keep_decision`` keeps them.
    Before it curates, the curator is measured on held-out rows (AUC of true vs mismatched answers,
-   every method) and checked against ``curation.min_auc`` (``below_min_auc``: warn, skip, fail);
+   every method); ``method: auto`` (the default) curates with the method of highest AUC
+   (``curation.choose_method``, the reason in ``report.json``); the chosen method is checked
+   against ``curation.min_auc`` (``below_min_auc``: warn, skip, fail);
    the check of M0 runs before any instruction is generated, so ``fail``/``skip`` cost no generation.
 5. **Iterations** (``iterations`` > 1): M_k trained on tagged seed + curated pairs, measured and
-   checked the same way, rescores (a ``skip`` there keeps the previous iteration's pairs).
+   checked the same way (with the method chosen at iteration 1), rescores (a ``skip`` there keeps
+   the previous iteration's pairs); ``report.json`` has AUC, kept count and mean scores per iteration.
 6. **Quality and outputs**: backward-model finished rate, curator AUCs; the candidate table
    (``candidates.parquet``, accounting checked), the tagged curated records and ``report.json``.
 
