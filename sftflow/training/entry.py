@@ -130,5 +130,11 @@ def run_training(
 
             output = train_in_process(train=train, heldout=heldout, base=base, cfg=cfg, out_dir=work_dir,
                                       trust_remote_code=trust_remote_code, on_metrics=on_metrics)
+            # The trained model, its optimizer and peft wrappers form reference cycles: without a
+            # collection and a malloc_trim their ~2 GB stay resident into whatever runs next in
+            # this process (backtranslation trains M_yx then M0, then generates and scores).
+            from sftflow.inference.models import release_memory
+
+            release_memory()
         reused = before is not None and done_file.exists() and done_file.stat().st_mtime_ns == before
     return TrainingRun(output=output, work_dir=work_dir, key=key, components=comps, reused=reused)

@@ -22,9 +22,11 @@ from sftflow.inference.token_rows import token_rows_of
 
 log = logging.getLogger("sftflow.train")
 
-# Rows of the fused LM head + cross-entropy computed at once: bounds the logits buffer
-# (rows x vocab floats) to ~256 MB for Gemma's 262k vocabulary.
-_HEAD_CHUNK_ELEMS = 64 * 1024 * 1024
+# Rows of the fused LM head + cross-entropy computed at once: bounds each fp32 logits buffer
+# (rows x vocab floats) to ~128 MB for Gemma's 262k vocabulary (128 rows). At most two such buffers
+# plus logsumexp's temporary are alive per chunk (the softcap and the gradient work in place); at
+# 64M elements with out-of-place softcap the head alone added ~1.1 GB to the training peak.
+_HEAD_CHUNK_ELEMS = 32 * 1024 * 1024
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -61,8 +63,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 logits[:, row_ids] = (h @ rw.T).float()
             if bias is not None:
                 logits += bias.float()
+            tanh = None
             if softcap:
-                tanh = torch.tanh(logits / softcap)
+                # In place, same operations and values as tanh(logits / softcap) * softcap: the
+                # buffer becomes tanh (kept for the gradient) and one new buffer the capped logits.
+                tanh = logits.div_(softcap).tanh_()
                 logits = tanh * softcap
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -70,8 +75,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 # d(lse - logit_t)/d logits = softmax - onehot (computed in place, one buffer)
                 g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(t), device=g.device), t] -= 1.0
-                if softcap:
-                    g *= 1.0 - tanh * tanh
+                if tanh is not None:
+                    g *= tanh.mul_(tanh).neg_().add_(1.0)  # 1 - tanh^2, in the tanh buffer
+                    tanh = None  # its buffer is free before the gradient matmuls
                 if need_b:
                     grad_b += g.sum(0)
                 gc = g.to(compute_dtype)
