@@ -3,9 +3,12 @@
 Shared by backtranslation (candidate instructions from the backward model), rejection sampling
 (k samples per prompt) and evaluation (held-out generations), all through ``sftflow.inference.batch``.
 
-``generate_batch`` left-pads length-sorted batches of prompt ids and calls ``model.generate``
-(KV cache, per-row attention mask and position ids), so a batch of prompts costs about as much
-as its longest member instead of one full decode loop per prompt. Results come back in input order.
+``generate_batch`` left-pads length-sorted batches of prompt ids and decodes them with the lean
+KV-cache loop of ``sftflow.inference.decode`` (per-row attention mask and position ids, logits at
+the last position only), so a batch of prompts costs about as much as its longest member instead of
+one full decode loop per prompt. Results come back in input order. The loop replaced
+``model.generate`` (kept as ``decode_reference``): greedy output is token-identical to it in fp32
+and sampled draws are the same for the same seed (``tests/unit/test_generation_speed.py``).
 
 ``sample_k`` draws k samples per prompt from ONE prefill of the prompt: the prompt's KV cache is
 repeated k times along the batch and decoding starts from it (rejection sampling / best-of-n).
@@ -27,6 +30,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+from sftflow.inference.decode import decode_loop, greedy_pick, model_cache
 
 # ``on_progress(done, total)``: generation reports progress through a plain callback, so this
 # module stays free of console/orchestration imports (the stage adapts it to ``ops.progress_report.Progress``).
@@ -60,14 +65,6 @@ def _device(model: Any) -> Any:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
-
-
-def _base_gen_kwargs(*, max_new_tokens: int, sample: bool, stops: list[int], pad_id: int) -> dict[str, Any]:
-    """``generate`` arguments every caller sets. Explicit values override anything in the model's
-    generation_config (e.g. Gemma ships do_sample with top_k=64/top_p=0.95; a global default
-    top_k=50 would apply otherwise)."""
-    return {"max_new_tokens": max_new_tokens, "do_sample": sample, "repetition_penalty": 1.0,
-            "eos_token_id": stops or None, "pad_token_id": pad_id, "use_cache": True}
 
 
 def _pad_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
@@ -181,12 +178,8 @@ def generate_batch(
     stop_set = set(stops)
     pad_id = _pad_id(tokenizer, stops)
     device = _device(model)
-    sample = temperature > 0
-    gen_kwargs = _base_gen_kwargs(max_new_tokens=max_new_tokens, sample=sample, stops=stops, pad_id=pad_id)
-    if sample:
-        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
-    if min_new_tokens > 0:
-        gen_kwargs["min_new_tokens"] = int(min_new_tokens)
+    cache_arg = _cache_kwarg(model) or "cache"
+    pick = _picker(temperature=temperature, top_p=top_p, exact_hf=True)
 
     results: list[Generated | None] = [None] * len(rows)
     done = 0
@@ -194,17 +187,13 @@ def generate_batch(
     model.eval()
     try:
         for b, idx in enumerate(_length_sorted_batches([len(r) for r in rows], batch_size)):
-            ids, mask, _ = _left_pad([rows[i] for i in idx], pad_id, device)
+            ids, mask, pos = _left_pad([rows[i] for i in idx], pad_id, device)
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 torch.manual_seed(seed + b)
-                out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
-            new = out[:, ids.shape[1]:].tolist()
+                new = decode_loop(model, ids, mask, pos, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad_id,
+                                  pick=pick, min_new_tokens=min_new_tokens, cache_arg=cache_arg).tolist()
             for j, i in enumerate(idx):
-                toks = new[j]
-                cut = next((k for k, t in enumerate(toks) if t in stop_set), None)
-                content = toks if cut is None else toks[:cut]
-                text = tokenizer.decode(content, skip_special_tokens=True)
-                results[i] = Generated(text=text, num_tokens=len(content), finished=cut is not None)
+                results[i] = _finish(tokenizer, new[j], stop_set)
             done += len(idx)
             if on_progress is not None:
                 on_progress(done, len(rows))
@@ -301,22 +290,44 @@ def nucleus_sample(scores: Any, *, temperature: float, top_p: float, candidates:
     return choice
 
 
-def _nucleus_processor(temperature: float, top_p: float) -> Any:
-    """A logits processor that samples (``nucleus_sample``) and leaves only the drawn token finite.
+def hf_sample(scores: Any, *, temperature: float, top_p: float) -> Any:
+    """One token per row, drawn exactly as transformers' ``generate(do_sample=True, top_k=0)`` draws it.
 
-    ``generate`` then runs in greedy mode and takes exactly that token: its own softmax +
-    multinomial over the full vocabulary never runs.
+    The same operations in the same order (temperature, the ascending-sort top-p warper, softmax,
+    ``torch.multinomial``), so with the same seed the same tokens come out as from ``generate``:
+    ``generate_batch`` samples this way so the pipeline's sampled generations (backtranslation)
+    did not change when ``generate`` was replaced. ``nucleus_sample`` is the faster draw from the
+    same distribution (no full sort), used by ``sample_k``.
     """
     import torch
-    from transformers.generation import LogitsProcessor
 
-    class _NucleusSampler(LogitsProcessor):
-        def __call__(self, input_ids: Any, scores: Any) -> Any:
-            choice = nucleus_sample(scores, temperature=temperature, top_p=top_p)
-            out = torch.full_like(scores, float("-inf"))
-            return out.scatter_(1, choice.unsqueeze(1), 0.0)
+    if temperature != 1.0:
+        scores = scores / float(temperature)
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - float(top_p))
+        remove[..., -1:] = 0
+        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
-    return _NucleusSampler()
+
+def _picker(*, temperature: float, top_p: float, exact_hf: bool = False) -> Any:
+    """The per-step token choice: greedy at temperature 0; else ``hf_sample`` (``exact_hf``: the draws
+    of the former ``generate`` path) or ``nucleus_sample`` (temperature + top-p, top-k off). Both use
+    the global torch generator, which the callers seed per batch."""
+    if temperature <= 0:
+        return greedy_pick
+    if exact_hf:
+        return lambda scores: hf_sample(scores, temperature=float(temperature), top_p=float(top_p))
+    return lambda scores: nucleus_sample(scores, temperature=float(temperature), top_p=float(top_p))
+
+
+def _finish(tokenizer: Any, toks: list[int], stop_set: set[int]) -> Generated:
+    """One row's new tokens as a ``Generated``: cut at the first stop id, decoded without special tokens."""
+    cut = next((k for k, t in enumerate(toks) if t in stop_set), None)
+    content = toks if cut is None else toks[:cut]
+    return Generated(text=tokenizer.decode(content, skip_special_tokens=True), num_tokens=len(content),
+                     finished=cut is not None)
 
 
 def sample_k(
@@ -338,7 +349,7 @@ def sample_k(
 
     Each batch of prompts is left-padded and prefilled once (all prompt tokens but the last, with
     the KV cache); the cache is then repeated ``num_samples`` times along the batch
-    (``batch_repeat_interleave``) and ``model.generate`` decodes the ``batch * num_samples`` rows
+    (``batch_repeat_interleave``) and ``decode.decode_loop`` decodes the ``batch * num_samples`` rows
     from it. The prompt is thus never recomputed per sample: k samples cost one prefill plus a
     decode loop over k times the rows (which a batched forward absorbs far better than k loops).
 
@@ -385,14 +396,7 @@ def sample_k(
     pad_id = _pad_id(tokenizer, stops)
     device = _device(model)
     cache_arg = _cache_kwarg(model)
-    sample = temperature > 0
-    # Sampling happens in one processor (temperature, then top-p, then the draw); generate decodes
-    # greedily and so takes the drawn token: nothing from the model's generation_config adds to it.
-    gen_kwargs = _base_gen_kwargs(max_new_tokens=max_new_tokens, sample=False, stops=stops, pad_id=pad_id)
-    if sample:
-        gen_kwargs["logits_processor"] = [_nucleus_processor(float(temperature), float(top_p))]
-    if min_new_tokens > 0:
-        gen_kwargs["min_new_tokens"] = int(min_new_tokens)
+    pick = _picker(temperature=temperature, top_p=top_p)
 
     results: list[list[Generated] | None] = [None] * len(rows)
     was_training = getattr(model, "training", False)
@@ -403,29 +407,24 @@ def sample_k(
             ids, mask, pos = _left_pad([rows[i] for i in idx], pad_id, device)
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 torch.manual_seed(seed + b)
-                kwargs: dict[str, Any] = {}
+                cache = None
                 if ids.shape[1] > 1 and cache_arg is not None:
-                    # The shared prefill: every prompt token but the last (generate feeds the last
-                    # one itself, and needs at least one uncached token to start from).
+                    # The shared prefill: every prompt token but the last (the decode loop feeds the
+                    # last one, so each of the k rows starts from one uncached token).
                     pre = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
                                 use_cache=True, logits_to_keep=1)
-                    cache = getattr(pre, "past_key_values", None) or getattr(pre, "cache", None)
+                    cache = model_cache(pre)
+                    del pre
                     if cache is not None and hasattr(cache, "batch_repeat_interleave"):
                         cache.batch_repeat_interleave(num_samples)
-                        kwargs[cache_arg] = cache  # transformers 5.x: ``cache`` (was past_key_values)
-                out = model.generate(input_ids=ids.repeat_interleave(num_samples, dim=0),
-                                     attention_mask=mask.repeat_interleave(num_samples, dim=0),
-                                     **gen_kwargs, **kwargs)
-            new = out[:, ids.shape[1]:].tolist()
+                    else:
+                        cache = None
+                k_ids, k_mask, k_pos = (t.repeat_interleave(num_samples, dim=0) for t in (ids, mask, pos))
+                new = decode_loop(model, k_ids, k_mask, k_pos, max_new_tokens=max_new_tokens, stop_ids=stops,
+                                  pad_id=pad_id, pick=pick, min_new_tokens=min_new_tokens, cache=cache,
+                                  cache_arg=cache_arg or "cache").tolist()
             for j, i in enumerate(idx):
-                samples = []
-                for s in range(num_samples):
-                    toks = new[j * num_samples + s]
-                    cut = next((k for k, t in enumerate(toks) if t in stop_set), None)
-                    content = toks if cut is None else toks[:cut]
-                    samples.append(Generated(text=tokenizer.decode(content, skip_special_tokens=True),
-                                             num_tokens=len(content), finished=cut is not None))
-                results[i] = samples
+                results[i] = [_finish(tokenizer, new[j * num_samples + s], stop_set) for s in range(num_samples)]
             done += len(idx)
             if on_progress is not None:
                 on_progress(done, len(rows))
