@@ -211,7 +211,19 @@ def _warn(lines: list[str]) -> None:
         print(f"sftflow: warning: {line}", file=sys.stderr)
 
 
+def _mark(phase: str) -> None:
+    """Record when a start-up phase of ``sftflow run`` ended, for ``bench/startup.py`` (only when
+    ``SFTFLOW_STARTUP_TRACE`` names a file: one ``<phase> <unix time>`` line each)."""
+    path = os.environ.get("SFTFLOW_STARTUP_TRACE")
+    if path:
+        import time
+
+        with open(path, "a") as fh:
+            fh.write(f"{phase} {time.time():.3f}\n")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    _mark("cli_imported")
     from sftflow.config import resolve_pipeline
     from sftflow.ops.preflight import check_home, preflight
     from sftflow.tracking.runs import resolve_tracking_uri
@@ -219,7 +231,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Fail on a bad config, an impossible size, an unusable $SFTFLOW_HOME, or servers the user asked
     # for that do not answer, before anything is created (no folder, no MLflow run, no model).
     cfg = resolve_pipeline(args.pipeline, overrides=args.overrides, path=args.pipelines_file)
+    _mark("config_resolved")
     warnings = preflight(cfg, pipeline=args.pipeline)
+    _mark("preflight_done")
     check_home()
     _check_inputs_readable(cfg, pipeline=args.pipeline)
     _check_tracking(resolve_tracking_uri(cfg.tracking.tracking_uri))
@@ -229,9 +243,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         check_prefect_server(os.environ["PREFECT_API_URL"])
     _warn(warnings)
+    _mark("checks_done")
     _prepare_environment(args)
     if args.no_cache:  # before anything imports prefect: it reads its settings once
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        from sftflow.ops.prefect_server import start_temporary_server
+
+        # Prefect's temporary server (dies with this process), started now so that its ~10 s start
+        # overlaps the imports below instead of following them; sets PREFECT_API_URL before prefect loads.
+        server = start_temporary_server()
+        _mark("server_spawned")
     from sftflow.ops.console import RunConsole
 
     # Quiet console + the run's log file (third-party warnings, bars); imports prefect, so after the env above.
@@ -239,10 +262,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
                          experiment=cfg.tracking.experiment or f"sftflow-{args.pipeline}").install()
     try:
-        from sftflow.ops.recovery import guard_ephemeral_server
-
-        guard_ephemeral_server()  # Prefect's temporary server dies with this process; its start is serialised
+        _mark("console_installed")  # prefect is imported by now
         from flows.pipeline import sftflow_pipeline
+
+        _mark("pipeline_imported")
+        if server is not None:
+            server.wait()
+            _mark("server_ready")
+            import logging
+
+            logging.getLogger("sftflow.cli").info(
+                "Prefect: temporary server on %s (started at launch; its log: %s/server.log)",
+                server.api_url, os.environ["PREFECT_HOME"])
 
         # Pass the raw value strings: the flow parses them once, exactly as the UI's form values
         # (parsing here too would turn a quoted "123" into the int 123 on the second pass).
@@ -255,7 +286,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             console.line(f"Log: {console.log_path}")
         raise
     finally:
-        console.close(keep_log=True)  # late records (the temporary server's shutdown) go to the log
+        console.close(keep_log=True)  # late records go to the log
+        if server is not None:
+            server.stop()
     return 0
 
 

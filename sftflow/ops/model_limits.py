@@ -134,10 +134,80 @@ def targeted(layers: dict[str, tuple[int, int]], targets: list[str] | str) -> di
 
 
 # --------------------------------------------------------------------------- the template's overhead
+# Files whose bytes decide the overhead: the tokenizer's, the model's config (its template name) and
+# the code that formats a conversation. A change to any of them invalidates a remembered value.
+_OVERHEAD_INPUTS = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
 @functools.lru_cache(maxsize=16)
 def template_overhead(model_dir: str, *, template: str | None, system: str | None) -> tuple[int, str]:
     """Tokens the prompt template spends on a minimal conversation before the answer, and the
-    resolved template name (the real tokenizer and template of ``model_dir``)."""
+    resolved template name (the real tokenizer and template of ``model_dir``).
+
+    Remembered in ``$SFTFLOW_HOME/cache/template_overhead.json`` under a key of the tokenizer files'
+    sizes and mtimes, the formatting code and the transformers version: measuring needs transformers
+    and torch (10-20 s of imports), which a warm home's ``sftflow run`` should not pay before the
+    first stage starts.
+    """
+    key = _overhead_key(model_dir, template=template, system=system)
+    remembered = _overhead_cache().get(key)
+    if isinstance(remembered, list) and len(remembered) == 2:
+        return int(remembered[0]), str(remembered[1])
+    measured = _measure_template_overhead(model_dir, template=template, system=system)
+    _remember_overhead(key, measured)
+    return measured
+
+
+def _overhead_key(model_dir: str, *, template: str | None, system: str | None) -> str:
+    import hashlib
+    import importlib.metadata
+
+    from sftflow.inference import formatting
+
+    parts: list[Any] = [str(Path(model_dir).resolve()), template, system,
+                        importlib.metadata.version("transformers"),
+                        hashlib.sha256(Path(formatting.__file__).read_bytes()).hexdigest()]
+    for name in _OVERHEAD_INPUTS:
+        f = Path(model_dir) / name
+        st = f.stat() if f.is_file() else None
+        parts.append([name, st.st_size, st.st_mtime_ns] if st else [name, None])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _overhead_cache_path() -> Path:
+    return layout.cache_dir() / "template_overhead.json"
+
+
+def _overhead_cache() -> dict[str, Any]:
+    try:
+        data = json.loads(_overhead_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_overhead(key: str, value: tuple[int, str]) -> None:
+    # Only in an existing home (preflight creates nothing); a lost write is only a slower next start.
+    if not layout.sftflow_home().is_dir():
+        return
+    import os
+    import tempfile
+
+    path = _overhead_cache_path()
+    try:
+        path.parent.mkdir(exist_ok=True)
+        data = _overhead_cache()
+        data[key] = list(value)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".overhead-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _measure_template_overhead(model_dir: str, *, template: str | None, system: str | None) -> tuple[int, str]:
     from transformers import AutoTokenizer
 
     from sftflow.inference.formatting import IGNORE_INDEX, encode_for_training, resolve_template

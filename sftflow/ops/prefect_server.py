@@ -5,7 +5,9 @@
 the terminal reaches the flow, which can still report its final state), writing to
 ``$PREFECT_HOME/server.log`` instead of the terminal, and serialises its start
 (database creation and migrations) across processes with a file lock. ``sftflow.ops.recovery``
-re-exports it (the flows import it from there). Nothing here runs at import time.
+re-exports it (the flows import it from there). ``start_temporary_server()`` starts that same
+server early, in the background, for ``sftflow run`` (its start overlaps the CLI's imports and
+checks). Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -25,6 +27,132 @@ def _prefect_home() -> Path:
     from prefect.settings import get_current_settings
 
     return Path(get_current_settings().home).expanduser()
+
+
+# Set in the environment of a process whose PREFECT_API_URL is the temporary server it started
+# itself (``start_temporary_server``): recovery records such a run as "temporary server on this
+# database", not as a reachable API URL.
+TEMPORARY_API_ENV = "SFTFLOW_TEMPORARY_PREFECT_API"
+
+
+def _spawn_server(port: int, settings_env: dict[str, str]) -> subprocess.Popen[Any]:
+    """Prefect's server command (prefect 3.x ``SubprocessASGIServer``'s) on ``port``, but (1) SIGKILL
+    when this process dies, even by kill -9, (2) in its own session, so a Ctrl-C in the terminal
+    reaches the flow (which still reports its final state to the server) and not the server first,
+    (3) its output to ``$PREFECT_HOME/server.log`` (0600), not the user's terminal: a server error
+    (e.g. its SQLite on a full disk) is a traceback per request, while the flow already says what
+    went wrong in one line. If the log cannot be opened, the output is inherited."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("prefect")  # the package's location without importing it
+    assert spec is not None and spec.submodule_search_locations
+    app_dir = str(Path(list(spec.submodule_search_locations)[0]).parent)
+    argv = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir,
+            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1", **settings_env}
+    env.pop(TEMPORARY_API_ENV, None)
+    if os.environ.get(TEMPORARY_API_ENV) and env.get("PREFECT_API_URL") == os.environ[TEMPORARY_API_ENV]:
+        env.pop("PREFECT_API_URL")  # the server is not a client of itself
+    try:
+        log = open(_prefect_home_from_env() / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+        os.chmod(log.name, 0o600)
+    except OSError:
+        log = None
+    out = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
+    try:
+        return call_in_lifetime_thread(
+            lambda: subprocess.Popen(die_with_parent(argv), env=env, start_new_session=True, **out))
+    finally:
+        if log is not None:
+            log.close()  # the child has its own descriptor
+
+
+def _prefect_home_from_env() -> Path:
+    # PREFECT_HOME as ``configure_environment`` set it; no prefect import (that costs seconds).
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+class TemporaryServer:
+    """Prefect's temporary server started by ``start_temporary_server``: starting in the background
+    while the CLI does its other start-up work; ``wait()`` before the first flow run, ``stop()`` after."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.port = port
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.proc: subprocess.Popen[Any] | None = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._start, name="prefect-temporary-server", daemon=True)
+
+    def _start(self) -> None:
+        import time
+
+        from filelock import FileLock
+
+        from sftflow.ops.servers import http_ok
+
+        home = _prefect_home_from_env()
+        timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            # Creating/migrating the database happens in the server's startup, before /health answers:
+            # two first runs at once would migrate one SQLite file concurrently.
+            with FileLock(str(home / ".server-start.lock"), timeout=900):
+                self.proc = _spawn_server(self.port, {})
+                deadline = time.monotonic() + timeout
+                while not http_ok(self.api_url + "/health", timeout=2):
+                    if self.proc.poll() is not None:
+                        self.error = (f"Prefect's temporary server exited ({self.proc.returncode}) before it "
+                                      f"answered; its log: {home / 'server.log'}")
+                        return
+                    if time.monotonic() > deadline:
+                        self.error = (f"Prefect's temporary server did not answer within {timeout:.0f} s "
+                                      f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); its log: "
+                                      f"{home / 'server.log'}")
+                        return
+                    time.sleep(0.1)
+        except Exception as e:  # noqa: BLE001 - reported by wait() in the main thread
+            self.error = f"Prefect's temporary server could not start: {e}"
+
+    def wait(self) -> None:
+        """Block until the server answers; ``RuntimeError`` naming its log when it cannot."""
+        self._thread.join()
+        if self.error:
+            self.stop()
+            raise RuntimeError(self.error)
+
+    def stop(self) -> None:
+        """End the server (SIGTERM, then SIGKILL after 10 s); idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def start_temporary_server() -> TemporaryServer:
+    """Start Prefect's temporary server now, in the background, for this process's flow runs.
+
+    The same server Prefect starts on demand (its command, database and settings; supervised as
+    ``guard_ephemeral_server`` describes), but started before anything imports Prefect, so its
+    ~10 s start overlaps the CLI's own imports and checks instead of following them. Sets
+    ``PREFECT_API_URL`` (and ``SFTFLOW_TEMPORARY_PREFECT_API``) in this process's environment:
+    call after ``configure_environment`` and before the first ``import prefect``.
+    """
+    from sftflow.ops.servers import free_port
+
+    server = TemporaryServer(free_port())
+    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ[TEMPORARY_API_ENV] = server.api_url
+    server._thread.start()
+    return server
 
 
 def _guarded_server_class() -> Any:
@@ -51,33 +179,10 @@ def _guarded_server_class() -> Any:
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             # Same command and environment as Prefect's own (prefect 3.x SubprocessASGIServer),
-            # but (1) SIGKILL when this process dies, even by kill -9, (2) its own session, so a
-            # Ctrl-C in the terminal reaches the flow (which still reports its final state to the
-            # server) and not the server first; Prefect's atexit stop() ends it on a normal exit.
-            import prefect
+            # with the supervision of ``_spawn_server``.
             from prefect.settings import get_current_settings
 
-            argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                    "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                   "PREFECT__SERVER_FINAL": "1",
-                   **get_current_settings().to_environment_variables(exclude_unset=True)}
-            # (3) its output to a log file beside its database, not the user's terminal: a server
-            # error (e.g. its SQLite on a full disk) is a traceback per request, while the flow
-            # already says what went wrong in one line. If the file cannot be opened, inherit.
-            try:
-                log = open(_prefect_home() / "server.log", "ab")  # noqa: SIM115 - the child keeps it
-                os.chmod(log.name, 0o600)
-            except OSError:
-                log = None
-            out = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
-            try:
-                return call_in_lifetime_thread(
-                    lambda: subprocess.Popen(die_with_parent(argv), env=env, start_new_session=True, **out))
-            finally:
-                if log is not None:
-                    log.close()  # the child has its own descriptor
+            return _spawn_server(self.port, get_current_settings().to_environment_variables(exclude_unset=True))
 
     _guard_class = GuardedASGIServer
     return _guard_class

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 from sftflow import layout
 from sftflow.tagnames import TAG_FLOW_RUN, TAG_KIND
-from sftflow.ops.prefect_server import guard_ephemeral_server  # noqa: F401  (re-exported for the flows)
+from sftflow.ops.prefect_server import TEMPORARY_API_ENV, guard_ephemeral_server  # noqa: F401  (re-exported)
 from sftflow.ops.processes import boot_id, is_alive, start_ticks
 
 TAG_TERMINATED_REASON = "sftflow.terminated_reason"
@@ -226,7 +226,7 @@ def _current_prefect() -> tuple[str, str]:
     except Exception:  # noqa: BLE001 - Prefect not importable/configured: nothing to record
         return os.environ.get("PREFECT_API_URL", ""), ""
     url = str(s.api.url or "")
-    if url:
+    if url and url != os.environ.get(TEMPORARY_API_ENV):  # this process's own temporary server: below
         return url, ""
     return "", _prefect_db_digest(s)
 
