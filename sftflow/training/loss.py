@@ -302,7 +302,9 @@ def _target_logprobs(head_mod: CausalLMLoss, hidden: torch.Tensor, targets: torc
     """log p(target) at each position of ``hidden`` (rows x hidden), through the model's head."""
     logits = head_mod.head(hidden).float()
     if head_mod.softcap:
-        logits = torch.tanh(logits / head_mod.softcap) * head_mod.softcap
+        # In place (same operations and values as tanh(logits / c) * c): one (rows x vocab) buffer
+        # instead of three; float() above already copied a lower-precision head's output.
+        logits.div_(head_mod.softcap).tanh_().mul_(head_mod.softcap)
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
