@@ -15,8 +15,16 @@ from pathlib import Path
 METRIC = "peak_rss_mb"
 
 
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark to its current RSS; False where that is not possible."""
+def reset_peak_rss(*, trim: bool = True) -> bool:
+    """Reset this process's RSS high-water mark to its current RSS; False where that is not possible.
+
+    With ``trim`` the garbage of what ran before (models in reference cycles, heap pages glibc keeps
+    mapped) is first given back to the OS, so the stage starts, and its peak counts, from what is
+    really alive: a stage that closes frees its models only once its task function has returned,
+    i.e. after its own ``release_memory``.
+    """
+    if trim:
+        _trim()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -39,3 +47,15 @@ def peak_rss_mb() -> float | None:
         return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20  # kB on Linux, bytes on macOS
     except (ImportError, OSError):
         return None
+
+
+def _trim() -> None:
+    """Collect reference cycles and return freed heap pages to the OS (glibc ``malloc_trim``)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
