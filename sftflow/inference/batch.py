@@ -43,10 +43,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, overload
+from typing import Any, Iterator, Sequence, overload
 
 from sftflow.data.refs import ModelRef
 from sftflow.inference.batch_ray import GenerateActor, LoglikActor, ScoreActor, run_on_ray
@@ -209,6 +211,43 @@ def _engine(engine: Any) -> Any:
     return current_engine()
 
 
+@dataclass(frozen=True)
+class _Session:
+    """What scoring and log-likelihood share: the pairs as strings, the engine, the loaded model and
+    its tokenizer, and the resolved template."""
+
+    pairs: list[tuple[str, str]]
+    engine: Any
+    handle: ModelHandle
+    tok: Any
+    template: str
+
+
+@contextlib.contextmanager
+def _scoring_session(model: ModelRef | ModelHandle, pairs: Sequence[tuple[str, str]], *, template: str | None,
+                     batch_size: int, dtype: str | None, trust_remote_code: bool,
+                     engine: Any) -> Iterator[_Session | None]:
+    """The common prologue of ``score_texts`` and ``loglik_texts``: checks ``batch_size``, loads the
+    model (a ``ModelRef``: closed at the end; a ``ModelHandle``: left open) and resolves the template.
+    Yields None for no pairs, without loading anything."""
+    from sftflow.inference.formatting import resolve_template
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0 (got {batch_size})")
+    as_str = [(str(q), str(a)) for q, a in pairs]
+    if not as_str:
+        yield None
+        return
+    engine = _engine(engine)
+    handle, own = _handle(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        tok = handle.tokenizer
+        yield _Session(pairs=as_str, engine=engine, handle=handle, tok=tok, template=resolve_template(tok, template))
+    finally:
+        if own:
+            handle.close()
+
+
 # --------------------------------------------------------------------------- generation
 def _as_generated(g: Sequence[Any]) -> Generated:
     return Generated(text=str(g[0]), num_tokens=int(g[1]), finished=bool(g[2]))
@@ -358,41 +397,32 @@ def score_texts(
     Returns:
         One ``Score`` per pair, in input order.
     """
-    from sftflow.inference.formatting import resolve_template
     from sftflow.inference.generation import _length_sorted_batches
     from sftflow.inference.rubric import rubric_prompt_ids, score_pairs
 
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0 (got {batch_size})")
-    pairs = [(str(q), str(a)) for q, a in pairs]
-    if not pairs:
-        return []
-    engine = _engine(engine)
-    handle, own = _handle(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    try:
-        tok = handle.tokenizer
-        tmpl = resolve_template(tok, template)
+    with _scoring_session(model, pairs, template=template, batch_size=batch_size, dtype=dtype,
+                          trust_remote_code=trust_remote_code, engine=engine) as s:
+        if s is None:
+            return []
+        pairs, tok, tmpl = s.pairs, s.tok, s.template
         opts = {"template": tmpl, "rubric": rubric, "max_response_tokens": max_response_tokens}
-        if engine.kind == "ray" and len(pairs) > batch_size:
+        if s.engine.kind == "ray" and len(pairs) > batch_size:
             # The batches score_pairs would make here: the prompts' lengths need the tokenizer only.
             lengths = [len(rubric_prompt_ids(tok, q, a, template=tmpl, rubric=rubric,
                                              max_response_tokens=max_response_tokens)) for q, a in pairs]
             batches = _length_sorted_batches(lengths, batch_size)
             items = [{"b": b, "rows": json.dumps(idx), "pairs": json.dumps([pairs[i] for i in idx])}
                      for b, idx in enumerate(batches)]
-            out = run_on_ray(ScoreActor, items, handle=handle, engine=engine, backend="hf", options=opts,
+            out = run_on_ray(ScoreActor, items, handle=s.handle, engine=s.engine, backend="hf", options=opts,
                               total=len(pairs), on_progress=on_progress)
             results: list[Score | None] = [None] * len(pairs)
             for b, idx in enumerate(batches):
-                for i, s in zip(idx, out[b]):
-                    results[i] = Score(probs=tuple(float(p) for p in s[0]), expected=float(s[1]),  # type: ignore[arg-type]
-                                       argmax=int(s[2]), mass=float(s[3]))
+                for i, sc in zip(idx, out[b]):
+                    results[i] = Score(probs=tuple(float(p) for p in sc[0]), expected=float(sc[1]),  # type: ignore[arg-type]
+                                       argmax=int(sc[2]), mass=float(sc[3]))
             return [r for r in results if r is not None]
-        lm, tok = handle.model_and_tokenizer()
+        lm, tok = s.handle.model_and_tokenizer()
         return score_pairs(lm, tok, pairs, batch_size=batch_size, **opts)
-    finally:
-        if own:
-            handle.close()
 
 
 def loglik_texts(
@@ -429,38 +459,29 @@ def loglik_texts(
     Returns:
         One list of per-token log-probabilities per pair, in input order (empty for an empty answer).
     """
-    from sftflow.inference.formatting import resolve_template
     from sftflow.inference.generation import _length_sorted_batches
     from sftflow.inference.loglik import answer_row, token_logprobs
 
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0 (got {batch_size})")
-    pairs = [(str(q), str(a)) for q, a in pairs]
-    if not pairs:
-        return []
-    engine = _engine(engine)
-    handle, own = _handle(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    try:
-        tok = handle.tokenizer
-        tmpl = resolve_template(tok, template)
-        rows = [answer_row(tok, q, a, template=tmpl, max_answer_tokens=max_answer_tokens) for q, a in pairs]
+    with _scoring_session(model, pairs, template=template, batch_size=batch_size, dtype=dtype,
+                          trust_remote_code=trust_remote_code, engine=engine) as s:
+        if s is None:
+            return []
+        tok = s.tok
+        rows = [answer_row(tok, q, a, template=s.template, max_answer_tokens=max_answer_tokens) for q, a in s.pairs]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if engine.kind == "ray" and len(rows) > batch_size:
+        if s.engine.kind == "ray" and len(rows) > batch_size:
             batches = _length_sorted_batches([len(r[0]) for r in rows], batch_size)
             items = [{"b": b, "rows": json.dumps(idx), "items": json.dumps([rows[i] for i in idx])}
                      for b, idx in enumerate(batches)]
-            out = run_on_ray(LoglikActor, items, handle=handle, engine=engine, backend="hf",
+            out = run_on_ray(LoglikActor, items, handle=s.handle, engine=s.engine, backend="hf",
                               options={"pad_id": int(pad_id)}, total=len(rows), on_progress=on_progress)
             results: list[list[float] | None] = [None] * len(rows)
             for b, idx in enumerate(batches):
                 for i, v in zip(idx, out[b]):
                     results[i] = [float(x) for x in v]
             return [r if r is not None else [] for r in results]
-        lm, _ = handle.model_and_tokenizer()
+        lm, _ = s.handle.model_and_tokenizer()
         return token_logprobs(lm, rows, batch_size=batch_size, pad_id=int(pad_id), on_progress=on_progress)
-    finally:
-        if own:
-            handle.close()
 
 
 __all__ = ["BACKENDS", "ModelHandle", "choose_backend", "generate_texts", "load_tokenizer",

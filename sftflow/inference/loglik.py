@@ -19,7 +19,8 @@ actors), never directly.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 from sftflow.inference.generation import ProgressCallback, _length_sorted_batches
 
@@ -50,6 +51,31 @@ def answer_row(tokenizer: Any, instruction: str, answer: str, *, template: str,
     if max_answer_tokens is not None:
         ans = ans[:max_answer_tokens]
     return prompt + ans, len(prompt)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """``model`` in eval mode for the block, its training mode restored after (also on an error):
+    inference inside a training run (a curation or evaluation pass) must not leave it in eval mode."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
+def progress_batches(lengths: list[int], batch_size: int,
+                     on_progress: ProgressCallback | None = None) -> Iterator[list[int]]:
+    """The length-sorted batches of row indices (``_length_sorted_batches``), calling
+    ``on_progress(rows done, rows total)`` once each batch has been processed by the caller."""
+    done = 0
+    for idx in _length_sorted_batches(lengths, batch_size):
+        yield idx
+        done += len(idx)
+        if on_progress is not None:
+            on_progress(done, len(lengths))
 
 
 def _parts(model: Any) -> tuple[Any, Any, float | None]:
@@ -97,45 +123,35 @@ def token_logprobs(model: Any, rows: Sequence[tuple[Sequence[int], int]], *, bat
     vocab = int(head.weight.shape[0])
     chunk = max(16, _HEAD_CHUNK_ELEMS // max(1, vocab))
     device = next(model.parameters()).device
-    was_training = getattr(model, "training", False)
-    model.eval()
-    done = 0
-    try:
-        with torch.inference_mode():
-            for idx in _length_sorted_batches([len(r[0]) for r in rows], batch_size):
-                width = max(len(rows[i][0]) for i in idx)
-                ids = torch.full((len(idx), width), int(pad_id), dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for j, i in enumerate(idx):
-                    n = len(rows[i][0])
-                    ids[j, :n] = torch.tensor(rows[i][0], dtype=torch.long)
-                    mask[j, :n] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                if decoder is not None:
-                    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                    logits_all = None
-                else:  # no separable decoder: the model's own logits (whole vocabulary per position)
-                    hidden, logits_all = None, model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                for j, i in enumerate(idx):
-                    seq, start = rows[i]
-                    n = len(seq)
-                    if start >= n:
-                        continue
-                    # The prediction of token t comes from position t - 1.
-                    target = ids[j, start:n]
-                    values = []
-                    for s in range(start - 1, n - 1, chunk):
-                        e = min(s + chunk, n - 1)
-                        logits = (head(hidden[j, s:e]) if logits_all is None else logits_all[j, s:e]).float()
-                        if softcap:
-                            logits = torch.tanh(logits / softcap) * softcap
-                        lp = torch.log_softmax(logits, dim=-1)
-                        values.append(lp.gather(1, target[s - start + 1:e - start + 1, None]).squeeze(1))
-                    out[i] = [float(v) for v in torch.cat(values).tolist()]
-                done += len(idx)
-                if on_progress is not None:
-                    on_progress(done, len(rows))
-    finally:
-        if was_training:
-            model.train()
+    with eval_mode(model), torch.inference_mode():
+        for idx in progress_batches([len(r[0]) for r in rows], batch_size, on_progress):
+            width = max(len(rows[i][0]) for i in idx)
+            ids = torch.full((len(idx), width), int(pad_id), dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                n = len(rows[i][0])
+                ids[j, :n] = torch.tensor(rows[i][0], dtype=torch.long)
+                mask[j, :n] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            if decoder is not None:
+                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                logits_all = None
+            else:  # no separable decoder: the model's own logits (whole vocabulary per position)
+                hidden, logits_all = None, model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for j, i in enumerate(idx):
+                seq, start = rows[i]
+                n = len(seq)
+                if start >= n:
+                    continue
+                # The prediction of token t comes from position t - 1.
+                target = ids[j, start:n]
+                values = []
+                for s in range(start - 1, n - 1, chunk):
+                    e = min(s + chunk, n - 1)
+                    logits = (head(hidden[j, s:e]) if logits_all is None else logits_all[j, s:e]).float()
+                    if softcap:
+                        logits = torch.tanh(logits / softcap) * softcap
+                    lp = torch.log_softmax(logits, dim=-1)
+                    values.append(lp.gather(1, target[s - start + 1:e - start + 1, None]).squeeze(1))
+                out[i] = [float(v) for v in torch.cat(values).tolist()]
     return out

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from sftflow.tracking.history import fmt_seconds  # noqa: F401  (the console imports it from here too)
+
 # Metrics shown in the base-vs-tuned table (those present, in this order; the gate's metric first).
 TABLE_METRICS = ("rougeL", "eval_loss", "perplexity", "runaway_rate", "empty_rate", "judge_score")
 
@@ -129,16 +131,6 @@ def stage_row(stage: str, metrics: dict[str, float], *, state: str = "Completed"
         note = "served from cache" if state == "Cached" else ""
     return StageRow(name=stage, state=state, seconds=seconds, rows_in=rin, rows_out=rout, note=note,
                     peak_rss_mb=m.get("peak_rss_mb"))
-
-
-def fmt_seconds(s: float | None) -> str:
-    """A duration for people: ``12.3s``, ``4m05s``, ``1h02m``; ``-`` when unknown."""
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(int(round(s)), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{sec:02d}s"
 
 
 def _fmt_value(v: Any) -> str:

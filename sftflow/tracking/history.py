@@ -141,11 +141,13 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _duration(s: float | None) -> str:
+def fmt_seconds(s: float | None, *, decimals: int = 1) -> str:
+    """A duration for people: ``12.3s`` (``decimals`` below a minute), ``4m05s``, ``1h02m``; ``-``
+    when unknown. The one formatter of the run table here and the stage summary (``ops.summary``)."""
     if s is None:
         return "-"
     if s < 60:
-        return f"{s:.0f}s"
+        return f"{s:.{decimals}f}s"
     m, sec = divmod(int(round(s)), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{sec:02d}s"
 
@@ -167,7 +169,7 @@ def format_runs(entries: list[dict[str, Any]], *, tracking_uri: str | None = Non
         rows = []
         for r in e["runs"]:
             started = (r["start_time"] or "-").replace("T", " ").removesuffix("+00:00")
-            rows.append([r["run_id"][:12], started, r["status"], _duration(r["duration_s"]), _cell(r["base_rougeL"]),
+            rows.append([r["run_id"][:12], started, r["status"], fmt_seconds(r["duration_s"], decimals=0), _cell(r["base_rougeL"]),
                          _cell(r["tuned_rougeL"]), _cell(r["eval_loss"]), _cell(r["promoted"]),
                          _cell(r["model_version"])])
         widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
