@@ -188,8 +188,11 @@ def _convert_gguf(spec: EmbeddedModel, tmp: Path, *, dtype: str) -> dict[str, An
     actual = file_sha256(gguf)
     if actual != expected:
         raise ModelError(f"{gguf}: sha256 {actual} != expected {expected}; reinstall with {spec.install_hint()}")
-    print(f"[sftflow.inference.models] {spec.name}: dequantizing GGUF -> transformers (float32)...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    print(f"[sftflow.inference.models] {spec.name}: dequantizing GGUF -> transformers ({dtype})...", flush=True)
+    # Straight to the storage dtype: transformers dequantizes each tensor to float32 and casts it as
+    # it loads, so the weights are the same bits as a float32 load followed by ``.to(dtype)``, without
+    # a whole float32 model (1.1 GB) beside its bf16 copy (the pull peaked at 3.3 GB).
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     print(f"[sftflow.inference.models] {spec.name}: loaded in {time.monotonic() - t0:.1f}s; saving safetensors ({dtype})", flush=True)
     # A GGUF-loaded model carries a (dequantizing) quantizer; save_pretrained refuses it, and
