@@ -8,52 +8,36 @@ the split, so each run takes seconds, not a training run.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from sftflow import errors
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def _cli(home: Path, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_")) and k not in ("SFTFLOW_DEBUG", "SFTFLOW_PIPELINES")}
-    env.update(SFTFLOW_HOME=str(home), PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _pipeline(tmp_path: Path, source: str, extra: str = "") -> Path:
-    p = tmp_path / "pipelines.yaml"
-    p.write_text(textwrap.dedent(f"""
-        pipelines:
-          p:
-            base_model: tiny-gemma
-            sources: [{{name: s, path: {source}}}]
-            evaluation: {{enabled: false}}
-            promotion: {{enabled: false}}
-            training: {{max_steps: 1, batch_size: 2}}
-        """) + extra)
-    return p
+@pytest.fixture()
+def cli(cli_env):
+    """``cli(home, *args, cwd=, timeout=600)``: `sftflow <args>` as a user runs it, under ``home``."""
+    def run(home: Path, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=cli_env(home),
+                              capture_output=True, text=True, timeout=timeout)
+    return run
 
 
 def _sftflow_lines(res: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in res.stderr.splitlines() if line.startswith("sftflow:")]
 
 
-def test_bad_data_file_is_one_line_exit_4(tmp_path: Path) -> None:
+def test_bad_data_file_is_one_line_exit_4(tmp_path: Path, cli, tiny_pipeline) -> None:
     # A missing comma on line 2.
     (tmp_path / "broken.json").write_text('[{"instruction": "q", "output": "a"},\n'
                                           ' {"instruction": "q2" "output": "a2"}]\n')
-    f = _pipeline(tmp_path, "broken.json")
+    f = tiny_pipeline(tmp_path, "broken.json")
     home = tmp_path / "home"
-    res = _cli(home, "run", "p", "-f", str(f), cwd=tmp_path)
+    res = cli(home, "run", "p", "-f", str(f), cwd=tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == errors.EXIT_DATA, out[-4000:]
     assert "Traceback" not in out, out[-6000:]
@@ -62,25 +46,25 @@ def test_bad_data_file_is_one_line_exit_4(tmp_path: Path) -> None:
     assert lines[0].startswith("sftflow: bad input data: ") and "broken.json" in lines[0] and "line 2" in lines[0]
 
     # The same failure with --debug: the tracebacks are back (Prefect's and ours).
-    res = _cli(home, "--debug", "run", "p", "-f", str(f), cwd=tmp_path)
+    res = cli(home, "--debug", "run", "p", "-f", str(f), cwd=tmp_path)
     assert res.returncode == errors.EXIT_DATA
     assert "Traceback (most recent call last)" in res.stderr
     assert _sftflow_lines(res)[-1].startswith("sftflow: bad input data: ")
 
     # Lineage of a model this store does not have: one line, exit 2 (the failed run created the store).
-    res = _cli(home, "lineage", "sftflow-nope@champion", cwd=tmp_path, timeout=120)
+    res = cli(home, "lineage", "sftflow-nope@champion", cwd=tmp_path, timeout=120)
     assert res.returncode == errors.EXIT_CONFIG, res.stderr
     assert res.stderr.strip().splitlines() == ["sftflow: not found: no registered model 'sftflow-nope'; "
                                                "registered models: none"]
 
 
-def test_too_few_rows_after_dedup_is_one_line_exit_4(tmp_path: Path) -> None:
+def test_too_few_rows_after_dedup_is_one_line_exit_4(tmp_path: Path, cli, tiny_pipeline) -> None:
     # 6 rows pass the preflight bound for heldout_size=2, but 5 are the same pair: dedup leaves 2.
     rows = ['{"instruction": "What is the capital of France?", "output": "Paris is the capital of France."}'] * 5
     rows.append('{"instruction": "Name a large ocean.", "output": "The Pacific Ocean."}')
     (tmp_path / "dup.jsonl").write_text("\n".join(rows) + "\n")
-    f = _pipeline(tmp_path, "dup.jsonl", "    split: {heldout_size: 2}\n")
-    res = _cli(tmp_path / "home", "run", "p", "-f", str(f), cwd=tmp_path)
+    f = tiny_pipeline(tmp_path, "dup.jsonl", "    split: {heldout_size: 2}\n")
+    res = cli(tmp_path / "home", "run", "p", "-f", str(f), cwd=tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == errors.EXIT_DATA, out[-4000:]
     assert "Traceback" not in out, out[-6000:]

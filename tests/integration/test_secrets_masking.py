@@ -9,16 +9,13 @@ $SFTFLOW_HOME, the server's store (params, tags) and artifacts. The run log is o
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 PASSWORD = "Zk9-tracking-s3cret"
 
@@ -27,8 +24,8 @@ def _grep(root: Path, needle: bytes) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-def test_tracking_password_is_masked_in_console_log_store_and_artifacts(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tracking_password_is_masked_in_console_log_store_and_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                         cli_env, tiny_pipeline, qa_rows) -> None:
     from sftflow.ops import servers, services
 
     server_home = tmp_path / "server"
@@ -38,24 +35,9 @@ def test_tracking_password_is_masked_in_console_log_store_and_artifacts(tmp_path
     state.mkdir(parents=True)
     svc = services.start_mlflow_server(port=port, state=state)
     try:
-        (tmp_path / "d.jsonl").write_text("".join(
-            f'{{"instruction": "question number {i} about topic {i * 7}", "output": "answer {i} is {i * 13}"}}\n'
-            for i in range(16)))
-        f = tmp_path / "pipelines.yaml"
-        f.write_text(textwrap.dedent(f"""
-            pipelines:
-              p:
-                base_model: tiny-gemma
-                sources: [{{name: s, path: {tmp_path / 'd.jsonl'}}}]
-                evaluation: {{enabled: false}}
-                promotion: {{enabled: false}}
-                training: {{max_steps: 1, batch_size: 2}}
-            """))
+        f = tiny_pipeline(tmp_path, qa_rows(tmp_path / "d.jsonl", 16))
         home = tmp_path / "home"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PREFECT_", "MLFLOW_")) and k not in ("SFTFLOW_DEBUG", "SFTFLOW_PIPELINES")}
-        env.update(SFTFLOW_HOME=str(home), PYTHONPATH=str(REPO),
-                   MLFLOW_TRACKING_URI=f"http://alice:{PASSWORD}@127.0.0.1:{port}")
+        env = cli_env(home, MLFLOW_TRACKING_URI=f"http://alice:{PASSWORD}@127.0.0.1:{port}")
         res = subprocess.run([sys.executable, "-m", "flows.cli", "run", "p", "-f", str(f)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

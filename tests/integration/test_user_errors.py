@@ -9,54 +9,26 @@ as it does when something else eats the space while a run is going.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from sftflow import errors
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def small_tmpfs(tmp_path: Path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a small tmpfs needs root")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=11m", "tmpfs", str(mnt)], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_tmpfs(mount_tmpfs) -> Path:
+    return mount_tmpfs("11m")
 
 
-def test_disk_full_mid_run_is_one_line_exit_5(tmp_path: Path, small_tmpfs: Path) -> None:
-    (tmp_path / "d.jsonl").write_text("".join(
-        f'{{"instruction": "question number {i} about topic {i * 7}", "output": "answer {i} is {i * 13}"}}\n'
-        for i in range(20)))
-    f = tmp_path / "pipelines.yaml"
-    f.write_text(textwrap.dedent(f"""
-        pipelines:
-          p:
-            base_model: tiny-gemma
-            sources: [{{name: s, path: {tmp_path / 'd.jsonl'}}}]
-            evaluation: {{enabled: false}}
-            promotion: {{enabled: false}}
-            training: {{max_steps: 1, batch_size: 2}}
-        """))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_")) and k not in ("SFTFLOW_DEBUG", "SFTFLOW_PIPELINES")}
-    env.update(SFTFLOW_HOME=str(small_tmpfs / "home"), PYTHONPATH=str(REPO), SFTFLOW_DISK_NEEDED="0")
+def test_disk_full_mid_run_is_one_line_exit_5(tmp_path: Path, small_tmpfs: Path, cli_env, tiny_pipeline,
+                                              qa_rows) -> None:
+    f = tiny_pipeline(tmp_path, qa_rows(tmp_path / "d.jsonl", 20))
+    env = cli_env(small_tmpfs / "home", SFTFLOW_DISK_NEEDED="0")
     res = subprocess.run([sys.executable, "-m", "flows.cli", "run", "p", "-f", str(f)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=900)
     out = res.stdout + res.stderr
