@@ -70,7 +70,8 @@ def test_auto_is_the_default_and_refuses_a_single_scale_keep_rule() -> None:
     from sftflow.config import load_pipelines
 
     demo = load_pipelines(REPO / "pipelines.yaml")["demo"].augmentation
-    assert demo.curation.method == "auto" and demo.max_segments >= 400 and demo.ablation and demo.keep_if_helps
+    # The demo curates with auto; 48 leads and no ablation until generation fits its time budget (pipelines.yaml).
+    assert demo.curation.method == "auto" and demo.keep_if_helps
 
 
 # --------------------------------------------------------------------------- a planted set, a tiny curator
