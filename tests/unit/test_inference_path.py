@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 from pathlib import Path
 
@@ -32,7 +33,10 @@ PRIMITIVES = frozenset({"generate_batch", "score_pairs", "sample_k", "token_logp
 # Where they are defined, dispatched to, or where transformers/vLLM ``.generate`` is driven.
 ALLOWED = frozenset({"sftflow/inference/batch.py", "sftflow/inference/batch_ray.py",
                      "sftflow/inference/generation.py", "sftflow/inference/rubric.py",
-                     "sftflow/inference/loglik.py", "sftflow/inference/vllm_backend.py"})
+                     "sftflow/inference/loglik.py", "sftflow/inference/vllm_backend.py",
+                     # The transformers-generate() reference the lean decode loop is checked against (tests,
+                     # bench/generate.py); no product module may use it (test below).
+                     "sftflow/inference/decode_reference.py"})
 
 
 GENERATION = "sftflow.inference.generation"
@@ -306,3 +310,12 @@ def test_backtranslation_curation_model_uses_the_resolver(sftflow_home: Path, tm
     assert ref.path == str(named.resolve()) and trained == []
     with pytest.raises(ScorerUnavailable, match="augmentation.curation.model"):
         curation_model(cfg=AugmentationConfig(curation={"model": str(tmp_path / "no-curator")}), **kw)
+
+
+def test_the_generate_reference_is_only_an_oracle():
+    # decode_reference keeps the old model.generate() path for equality tests and the benchmark; a stage
+    # or library module that imported it would bypass the batch API's decode loop.
+    users = sorted(p.relative_to(ROOT).as_posix() for d in ("tasks", "flows", "sftflow") for p in (ROOT / d).rglob("*.py")
+                   if re.search(r"decode_reference import|import .*decode_reference", p.read_text(encoding="utf-8"))
+                   and p.name != "decode_reference.py")
+    assert users == []
