@@ -288,26 +288,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         console.close(keep_log=True)  # late records go to the log
         if server is not None:
-            _detach_prefect_api_logs()
             server.stop()
     return 0
-
-
-def _detach_prefect_api_logs() -> None:
-    """Send Prefect's queued API log records now, then stop sending any: the temporary server is about to stop.
-
-    Prefect's log worker otherwise drains at interpreter exit, after the server is gone, and prints
-    '--- Error logging to API --- All connection attempts failed' on stderr (the records are in the run's log file).
-    """
-    import logging
-
-    from prefect.logging.handlers import APILogHandler, APILogWorker
-
-    APILogWorker.drain_all(timeout=5)  # blocks (5 s at most) until the worker has sent what is queued
-    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-    for lg in loggers:
-        for handler in [h for h in lg.handlers if isinstance(h, APILogHandler)]:
-            lg.removeHandler(handler)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

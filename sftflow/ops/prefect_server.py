@@ -125,16 +125,38 @@ class TemporaryServer:
             raise RuntimeError(self.error)
 
     def stop(self) -> None:
-        """End the server (SIGTERM, then SIGKILL after 10 s); idempotent."""
+        """End the server (SIGTERM, then SIGKILL after 10 s), once this process's queued Prefect log records
+        are sent; idempotent."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
+        _detach_api_logs()
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def _detach_api_logs() -> None:
+    """Send Prefect's queued API log records now, then stop sending any: the server is about to stop.
+
+    Prefect's log worker otherwise drains at interpreter exit, after the server is gone, and prints
+    '--- Error logging to API --- All connection attempts failed' on stderr (the records are in the run's log file).
+    """
+    import logging
+    import sys
+
+    if "prefect.logging.handlers" not in sys.modules:  # nothing of Prefect's logging was set up: nothing queued
+        return
+    from prefect.logging.handlers import APILogHandler, APILogWorker
+
+    APILogWorker.drain_all(timeout=5)  # blocks (5 s at most) until the worker has sent what is queued
+    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for lg in loggers:
+        for handler in [h for h in lg.handlers if isinstance(h, APILogHandler)]:
+            lg.removeHandler(handler)
 
 
 def start_temporary_server() -> TemporaryServer:
