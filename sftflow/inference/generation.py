@@ -27,9 +27,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from sftflow.inference.decode import decode_loop, greedy_pick, model_cache
 
@@ -126,6 +127,31 @@ def _length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int
 
 
 # --------------------------------------------------------------------------- generation
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """``model`` in eval mode for the block, its training mode restored after (also on an error):
+    inference inside a training run (a curation or evaluation pass) must not leave it in eval mode."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
+def progress_batches(lengths: list[int], batch_size: int,
+                     on_progress: ProgressCallback | None = None) -> Iterator[list[int]]:
+    """The length-sorted batches of row indices (``_length_sorted_batches``), calling
+    ``on_progress(rows done, rows total)`` once each batch has been processed by the caller."""
+    done = 0
+    for idx in _length_sorted_batches(lengths, batch_size):
+        yield idx
+        done += len(idx)
+        if on_progress is not None:
+            on_progress(done, len(lengths))
+
+
 def generate_batch(
     model: Any,
     tokenizer: Any,
@@ -182,11 +208,8 @@ def generate_batch(
     pick = _picker(temperature=temperature, top_p=top_p, exact_hf=True)
 
     results: list[Generated | None] = [None] * len(rows)
-    done = 0
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        for b, idx in enumerate(_length_sorted_batches([len(r) for r in rows], batch_size)):
+    with eval_mode(model):
+        for b, idx in enumerate(progress_batches([len(r) for r in rows], batch_size, on_progress)):
             ids, mask, pos = _left_pad([rows[i] for i in idx], pad_id, device)
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 torch.manual_seed(seed + b)
@@ -194,12 +217,6 @@ def generate_batch(
                                   pick=pick, min_new_tokens=min_new_tokens, cache_arg=cache_arg).tolist()
             for j, i in enumerate(idx):
                 results[i] = _finish(tokenizer, new[j], stop_set)
-            done += len(idx)
-            if on_progress is not None:
-                on_progress(done, len(rows))
-    finally:
-        if was_training:
-            model.train()
     return [r for r in results if r is not None]
 
 
@@ -399,11 +416,8 @@ def sample_k(
     pick = _picker(temperature=temperature, top_p=top_p)
 
     results: list[list[Generated] | None] = [None] * len(rows)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    done = 0
-    try:
-        for b, idx in enumerate(_length_sorted_batches([len(r) for r in rows], batch_size)):
+    with eval_mode(model):
+        for b, idx in enumerate(progress_batches([len(r) for r in rows], batch_size, on_progress)):
             ids, mask, pos = _left_pad([rows[i] for i in idx], pad_id, device)
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 torch.manual_seed(seed + b)
@@ -425,10 +439,4 @@ def sample_k(
                                   cache_arg=cache_arg or "cache").tolist()
             for j, i in enumerate(idx):
                 results[i] = [_finish(tokenizer, new[j * num_samples + s], stop_set) for s in range(num_samples)]
-            done += len(idx)
-            if on_progress is not None:
-                on_progress(done, len(rows))
-    finally:
-        if was_training:
-            model.train()
     return [r for r in results if r is not None]

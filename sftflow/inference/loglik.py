@@ -19,10 +19,9 @@ actors), never directly.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from sftflow.inference.generation import ProgressCallback, _length_sorted_batches
+from sftflow.inference.generation import ProgressCallback, eval_mode, progress_batches
 
 # Rows of LM-head logits computed at once: bounds the logits buffer (rows x vocab floats) to ~256 MB
 # for Gemma's 262k vocabulary (as the training loss does).
@@ -51,31 +50,6 @@ def answer_row(tokenizer: Any, instruction: str, answer: str, *, template: str,
     if max_answer_tokens is not None:
         ans = ans[:max_answer_tokens]
     return prompt + ans, len(prompt)
-
-
-@contextlib.contextmanager
-def eval_mode(model: Any) -> Iterator[Any]:
-    """``model`` in eval mode for the block, its training mode restored after (also on an error):
-    inference inside a training run (a curation or evaluation pass) must not leave it in eval mode."""
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        yield model
-    finally:
-        if was_training:
-            model.train()
-
-
-def progress_batches(lengths: list[int], batch_size: int,
-                     on_progress: ProgressCallback | None = None) -> Iterator[list[int]]:
-    """The length-sorted batches of row indices (``_length_sorted_batches``), calling
-    ``on_progress(rows done, rows total)`` once each batch has been processed by the caller."""
-    done = 0
-    for idx in _length_sorted_batches(lengths, batch_size):
-        yield idx
-        done += len(idx)
-        if on_progress is not None:
-            on_progress(done, len(lengths))
 
 
 def _parts(model: Any) -> tuple[Any, Any, float | None]:

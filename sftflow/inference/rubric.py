@@ -20,7 +20,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from sftflow.inference.generation import _cache_kwarg, _device, _left_pad, _length_sorted_batches, _pad_id
+from sftflow.inference.generation import _cache_kwarg, _device, _left_pad, _length_sorted_batches, _pad_id, eval_mode
 
 
 # Humpback's self-curation rubric (Li et al. 2023, table 19), adapted: the model answers with the
@@ -199,17 +199,12 @@ def score_pairs(
                           max_response_tokens=max_response_tokens)
         for q, a in pairs
     ]
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
+    with eval_mode(model):
         results = None
         if share_prefix:
             results = _score_with_shared_prefix(model, tokenizer, rows, digit_ids, batch_size=batch_size)
         if results is None:
             results = _score_left_padded(model, tokenizer, rows, digit_ids, batch_size=batch_size)
-    finally:
-        if was_training:
-            model.train()
     return results
 
 
