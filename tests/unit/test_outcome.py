@@ -134,7 +134,8 @@ def test_auc() -> None:
 def test_curator_auc_on_heldout_rows(sftflow_home: Path, tiny) -> None:
     from sftflow.augment.curation import curator_auc
 
-    cfg = AugmentationConfig(curation={"batch_size": 4})
+    # The unsuffixed keys are the configured method's (the default, auto, chooses later): rubric's 1-5 scale.
+    cfg = AugmentationConfig(curation={"batch_size": 4, "method": "rubric"})
     got = curator_auc(tiny, _records(5), cfg=cfg, training=TrainingConfig())
     assert got["curator_auc_pairs"] == 5 and 0.0 <= got["curator_auc"] <= 1.0
     assert 1.0 <= got["curator_true_mean"] <= 5.0 and 1.0 <= got["curator_mismatched_mean"] <= 5.0
