@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -61,22 +60,6 @@ def _one_line(res: subprocess.CompletedProcess[str], code: int, *needles: str) -
     return lines[0]
 
 
-def _pipelines(tmp_path: Path, source: Path) -> Path:
-    source.write_text("".join(f'{{"instruction": "question number {i}", "output": "answer {i}"}}\n'
-                              for i in range(12)))
-    p = tmp_path / "pipelines.yaml"
-    p.write_text(textwrap.dedent(f"""
-        pipelines:
-          p:
-            base_model: tiny-gemma
-            sources: [{{name: s, path: {source}}}]
-            evaluation: {{enabled: false}}
-            promotion: {{enabled: false}}
-            training: {{max_steps: 1, batch_size: 2}}
-        """))
-    return p
-
-
 def _real_store(home: Path) -> Path:
     """A real MLflow SQLite store (tables created by MLflow itself) under ``home``."""
     db = home / "mlflow" / "mlflow.db"
@@ -90,12 +73,12 @@ def _real_store(home: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- a damaged mlflow.db
-def test_damaged_store_is_one_line_exit_3_naming_the_file(tmp_path: Path) -> None:
+def test_damaged_store_is_one_line_exit_3_naming_the_file(tmp_path: Path, tiny_pipeline, qa_rows) -> None:
     home = tmp_path / "home"
     db = _real_store(home)
     with open(db, "r+b") as f:  # junk over SQLite's header: "file is not a database"
         f.write(os.urandom(512))
-    f = _pipelines(tmp_path, tmp_path / "d.jsonl")
+    f = tiny_pipeline(tmp_path, qa_rows(tmp_path / "d.jsonl", 12))
     for argv in (["lineage", "sftflow-p@champion"], ["runs", "p", "-f", str(f)]):
         line = _one_line(_cli(tmp_path, home, *argv), errors.EXIT_SERVICE, "damaged store", str(db),
                          "file is not a database", "move it aside")
@@ -114,10 +97,10 @@ def test_store_that_is_not_sqlite_at_all(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- an unreadable source
-def test_unreadable_source_is_one_line_exit_4_before_any_stage(tmp_path: Path) -> None:
+def test_unreadable_source_is_one_line_exit_4_before_any_stage(tmp_path: Path, tiny_pipeline, qa_rows) -> None:
     pre = _as_plain_user()
     src = tmp_path / "d.jsonl"
-    f = _pipelines(tmp_path, src)
+    f = tiny_pipeline(tmp_path, qa_rows(src, 12))
     src.chmod(0)
     home = tmp_path / "home"
     try:
@@ -129,7 +112,7 @@ def test_unreadable_source_is_one_line_exit_4_before_any_stage(tmp_path: Path) -
 
 
 # ----------------------------------------------------------------------------- lineage, read-only home
-def test_lineage_on_a_read_only_home_reads_the_store(tmp_path: Path) -> None:
+def test_lineage_on_a_read_only_home_reads_the_store(tmp_path: Path, tiny_pipeline, qa_rows) -> None:
     pre = _as_plain_user()
     home = tmp_path / "home"
     db = _real_store(home)
@@ -138,7 +121,8 @@ def test_lineage_on_a_read_only_home_reads_the_store(tmp_path: Path) -> None:
         p.chmod(0o555 if p.is_dir() else 0o444)
     try:
         res = _cli(tmp_path, home, "lineage", "sftflow-nope@champion", pre=pre)
-        runs = _cli(tmp_path, home, "runs", "p", "-f", str(_pipelines(tmp_path, tmp_path / "d.jsonl")), pre=pre)
+        f = tiny_pipeline(tmp_path, qa_rows(tmp_path / "d.jsonl", 12))
+        runs = _cli(tmp_path, home, "runs", "p", "-f", str(f), pre=pre)
     finally:
         for p in [home, *home.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
